@@ -1,0 +1,34 @@
+# Quickstart: `make demo` (set up + small CPU pretraining run) and `make test` (set up + test suite).
+# Set-up pins the CPU torch wheel so no CUDA build is downloaded on a CPU machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+RUN_DIR ?= runs/demo
+DATA_DIR ?= data/demo
+
+.PHONY: setup demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(DATA_DIR)/corpus_text_document.idx: $(VENV)/.installed
+	$(PY) -m megatron_moe.data.demo_corpus --output-dir $(DATA_DIR)
+
+demo: $(VENV)/.installed $(DATA_DIR)/corpus_text_document.idx
+	$(PY) pretrain_moe.py --config examples/tiny_cpu.toml --save $(RUN_DIR)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) runs data/demo

@@ -1,0 +1,204 @@
+"""Decoder-only transformer with MoE feed-forward layers. Single-device code only.
+
+Pre-norm blocks: RMSNorm -> grouped-query causal attention (rotary embeddings, SDPA) -> residual,
+RMSNorm -> SwiGLU FFN or MoE layer -> residual. Layers live in a ``ModuleDict`` keyed by their
+global index and the embedding/norm/output may be ``None``, so pipeline stages can be cut from
+the same class (torchtitan's layout). Parallelism is applied from outside.
+
+Weight initialisation (:meth:`MoETransformer.init_weights`), deterministic for a generator:
+- embeddings, every input projection (q, k, v, SwiGLU gate/up, expert gate/up) and the output
+  layer: normal(0, init_std);
+- output projections of each residual branch (attention ``wo``, SwiGLU ``w2``, expert ``w2``):
+  normal(0, init_std / sqrt(2 * num_layers)) (GPT-2 / Megatron-LM scaled init), so the residual
+  stream's variance does not grow with depth;
+- router gates: normal(0, init_std); RMSNorm weights: 1.
+Build large models with ``torch.device("meta")`` and call :func:`materialize` (to_empty + init).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_moe.config import Config, default_ffn_hidden_size
+from megatron_moe.model.moe import MoELayer
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm over the last dimension, with a learned scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [seq_len, head_dim] for rotary embeddings (half-split "rotate_half" layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, S, heads, head_dim] by position; cos/sin [S, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos = cos[None, :, None, :].to(x.dtype)
+    sin = sin[None, :, None, :].to(x.dtype)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention. Head counts are read from the (possibly sharded) weights."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int):
+        super().__init__()
+        self.head_dim = hidden_size // num_heads
+        self.wq = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, S, hidden] -> [B, S, hidden]."""
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, -1, self.head_dim)
+        k = self.wk(x).view(b, s, -1, self.head_dim)
+        v = self.wv(x).view(b, s, -1, self.head_dim)
+        q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.w3 = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.w2 = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm decoder block; ``feed_forward`` is a dense SwiGLU or an :class:`MoELayer`."""
+
+    def __init__(self, cfg: Config, layer_idx: int):
+        super().__init__()
+        m, e = cfg.model, cfg.moe
+        self.layer_idx = layer_idx
+        self.attention_norm = RMSNorm(m.hidden_size, m.norm_eps)
+        self.attention = Attention(m.hidden_size, m.num_attention_heads, m.num_query_groups or m.num_attention_heads)
+        self.ffn_norm = RMSNorm(m.hidden_size, m.norm_eps)
+        ffn = m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size)
+        if is_moe_layer(cfg, layer_idx):
+            self.feed_forward: nn.Module = MoELayer(m.hidden_size, e.expert_ffn_hidden_size or ffn, e)
+        else:
+            self.feed_forward = FeedForward(m.hidden_size, ffn)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def is_moe_layer(cfg: Config, layer_idx: int) -> bool:
+    """Whether layer ``layer_idx`` (0-based) has an MoE feed-forward: after the first k dense, every freq-th."""
+    e = cfg.moe
+    return e.num_experts > 0 and layer_idx >= e.first_k_dense and (layer_idx - e.first_k_dense) % e.layer_freq == 0
+
+
+class MoETransformer(nn.Module):
+    """Token ids [B, S] -> logits [B, S, vocab]; pipeline stages may drop embedding/norm/output."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m = cfg.model
+        if m.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (resolve it from the tokenizer first)")
+        self.cfg = cfg
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(m.vocab_size, m.hidden_size)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(m.num_layers)})
+        self.norm: RMSNorm | None = RMSNorm(m.hidden_size, m.norm_eps)
+        self.output: nn.Linear | None = None if m.tie_embeddings else nn.Linear(m.hidden_size, m.vocab_size, bias=False)
+        head_dim = m.hidden_size // m.num_attention_heads
+        cos, sin = rope_tables(cfg.data.seq_length, head_dim, m.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: int64 [B, S] (or hidden states [B, S, hidden] on a later pipeline stage)."""
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        for layer in self.layers.values():
+            h = layer(h, self.rope_cos, self.rope_sin)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is not None:
+            return self.output(h)
+        if self.cfg.model.tie_embeddings and self.tok_embeddings is not None:
+            return F.linear(h, self.tok_embeddings.weight)
+        return h
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """(Re)initialise every parameter and buffer deterministically (scheme in the module docstring)."""
+        m = self.cfg.model
+        std, out_std = m.init_std, m.init_std / math.sqrt(2 * m.num_layers)
+        head_dim = m.hidden_size // m.num_attention_heads
+        cos, sin = rope_tables(self.cfg.data.seq_length, head_dim, m.rope_theta, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        for name, p in self.named_parameters():
+            parts = name.split(".")
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif parts[-1] == "w2" or parts[-2:-1] in (["wo"], ["w2"]):  # residual-branch outputs
+                p.normal_(0.0, out_std, generator=generator)
+            else:
+                p.normal_(0.0, std, generator=generator)
+
+
+def materialize(model: nn.Module, device: torch.device | str, seed: int) -> nn.Module:
+    """Allocate a (meta-device) model on ``device`` and initialise it from ``seed``."""
+    model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    model.init_weights(generator)
+    return model
+
+
+def build_model(cfg: Config, device: torch.device | str = "cpu", seed: int | None = None) -> MoETransformer:
+    """Construct on the meta device (no memory), then allocate on ``device`` and initialise."""
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    return materialize(model, device, cfg.training.seed if seed is None else seed)
+
+
+def padded_vocab_size(tokenizer_vocab: int, divisible_by: int, tp_size: int = 1) -> int:
+    """Megatron-LM's vocabulary padding: round up to a multiple of ``divisible_by * tp_size``."""
+    multiple = divisible_by * tp_size
+    return int(math.ceil(tokenizer_vocab / multiple) * multiple)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Total parameters and those active per token (one expert's share times top-K)."""
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    e = model.cfg.moe if hasattr(model, "cfg") else None
+    active = total - expert
+    if e is not None and e.num_experts:
+        active += expert * e.topk // e.num_experts
+    return {"total": total, "active": active}

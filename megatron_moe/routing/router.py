@@ -1,0 +1,125 @@
+"""The router module: fp32 gate, optional logit normalisation, top-K or SparseMixer-v2 routing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megatron_moe.routing.normalization import normalize_gate_logits
+from megatron_moe.routing.sparsemixer import sparsemixer_v2_routing
+from megatron_moe.routing.topk import topk_softmax_routing
+
+ROUTER_KINDS = ("topk", "sparsemixer")
+
+
+@dataclass
+class RouterOutput:
+    """What a router returns for T tokens.
+
+    Attributes:
+        indices: [T, K] int64 chosen experts (sampled ones for SparseMixer in training).
+        weights: [T, K] float32 combine weights (differentiable w.r.t. the gate).
+        logits: [T, E] float32 logits after normalisation if enabled (z-loss input).
+        probs: [T, E] float32 full, unmasked softmax(logits) (balance-loss input).
+    """
+
+    indices: Tensor
+    weights: Tensor
+    logits: Tensor
+    probs: Tensor
+
+
+class Router(nn.Module):
+    """Bias-free linear gate computed in fp32, then top-K softmax (spec 1) or SparseMixer-v2 (spec 3).
+
+    Args:
+        hidden_size: H.
+        num_experts: E.
+        topk: K (must be 2 for ``kind="sparsemixer"``).
+        kind: ``"topk"`` or ``"sparsemixer"``.
+        renormalize: top-K only: renormalise the K weights to sum 1.
+        logit_norm: apply Skywork's gating logit normalisation (spec 2) before routing.
+        logit_norm_scale: its lambda.
+        jitter_eps: SparseMixer's relative masking window eps (GRIN: 0.01).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        topk: int,
+        kind: str = "topk",
+        renormalize: bool = True,
+        logit_norm: bool = False,
+        logit_norm_scale: float = 1.0,
+        jitter_eps: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if kind not in ROUTER_KINDS:
+            raise ValueError(f"moe.router must be one of {ROUTER_KINDS}, got {kind!r}")
+        if hidden_size < 1:
+            raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
+        if num_experts < 1:
+            raise ValueError(f"moe.num_experts must be >= 1, got {num_experts}")
+        if not 1 <= topk <= num_experts:
+            raise ValueError(f"moe.topk must be in [1, moe.num_experts={num_experts}], got {topk}")
+        if kind == "sparsemixer" and topk != 2:
+            raise ValueError(f"moe.topk must be 2 for the sparsemixer router, got {topk}")
+        if logit_norm and num_experts < 2:
+            raise ValueError("moe.logit_norm needs moe.num_experts >= 2")
+        if not jitter_eps >= 0:
+            raise ValueError(f"moe.router_jitter_eps must be >= 0, got {jitter_eps}")
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.topk = topk
+        self.kind = kind
+        self.renormalize = renormalize
+        self.logit_norm = logit_norm
+        self.logit_norm_scale = float(logit_norm_scale)
+        self.jitter_eps = float(jitter_eps)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+
+    def reset_parameters(self, std: float, generator: torch.Generator | None = None) -> None:
+        """Initialise the gate weight [E, H] from N(0, std^2)."""
+        with torch.no_grad():
+            self.gate.weight.normal_(0.0, std, generator=generator)
+
+    def gate_logits(self, x: Tensor) -> Tensor:
+        """fp32 logits [T, E] of x [T, H], autocast disabled; normalised if ``logit_norm``."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.to(torch.float32), self.gate.weight.to(torch.float32))
+            if self.logit_norm:
+                logits = normalize_gate_logits(logits, scale=self.logit_norm_scale)
+        return logits
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> RouterOutput:
+        """Route T tokens.
+
+        Args:
+            x: [T, H] hidden states (any float dtype).
+            generator: SparseMixer's sampling generator (training only); default generator if None.
+
+        Returns:
+            :class:`RouterOutput` with indices/weights [T, K] and logits/probs [T, E], all fp32.
+        """
+        if x.dim() != 2 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"router input must have shape [T, {self.hidden_size}], got {tuple(x.shape)}")
+        logits = self.gate_logits(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            probs = torch.softmax(logits, dim=-1)
+            if self.kind == "topk":
+                weights, indices = topk_softmax_routing(logits, self.topk, self.renormalize)
+            else:
+                weights, indices = sparsemixer_v2_routing(
+                    logits, self.jitter_eps, self.training, generator=generator
+                )
+        return RouterOutput(indices=indices, weights=weights, logits=logits, probs=probs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, topk={self.topk}, "
+            f"kind={self.kind}, renormalize={self.renormalize}, logit_norm={self.logit_norm}"
+        )

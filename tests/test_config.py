@@ -1,0 +1,76 @@
+import pytest
+
+from megatron_moe.config import Config, ConfigError, check_batch_sizes, load_toml, parse_args
+
+
+def test_defaults_validate():
+    cfg, extras = parse_args([])
+    assert cfg == Config() and extras == {"eval_only": False}
+
+
+def test_toml_then_dotted_and_megatron_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\nhidden_size = 64\nnum_attention_heads = 4\n[moe]\nrouter = "sparsemixer"\n'
+                    '[data]\ndata_path = ["a", "b"]\n')
+    cfg, _ = parse_args(["--config", str(path), "--model.num_layers", "3", "--tensor-model-parallel-size", "2",
+                         "--num-experts", "16", "--moe-router-topk", "2", "--lr", "1e-3", "--bf16",
+                         "--data-path", "0.3", "x", "0.7", "y", "--save", "out", "--eval-only"])
+    assert cfg.model.hidden_size == 64 and cfg.model.num_layers == 3
+    assert cfg.moe.router == "sparsemixer" and cfg.moe.num_experts == 16 and cfg.moe.topk == 2
+    assert cfg.parallel.tensor_model_parallel_size == 2
+    assert cfg.optimizer.lr == pytest.approx(1e-3) and cfg.training.bf16 is True
+    assert cfg.data.data_path == ["0.3", "x", "0.7", "y"] and cfg.checkpoint.save == "out"
+    assert parse_args(["--eval-only"])[1]["eval_only"] is True
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--model.hiden_size", "3"], "model.hiden_size"),
+        (["--nope.x", "3"], "nope"),
+        (["--model.hidden_size", "abc"], "model.hidden_size"),
+        (["--training.bf16", "maybe"], "training.bf16"),
+        (["--num-experts", "2", "--moe-router-topk", "3"], "moe.topk"),
+        (["--model.hidden_size", "100", "--model.num_attention_heads", "3"], "model.num_attention_heads"),
+        (["--model.num_query_groups", "3"], "model.num_query_groups"),
+        (["--moe.router", "sparsemixer", "--moe-router-topk", "1"], "moe.topk"),
+        (["--moe.router", "hash"], "moe.router"),
+        (["--moe.balance_scope", "world"], "moe.balance_scope"),
+        (["--lr", "1e-4", "--min-lr", "1e-3"], "optimizer.min_lr"),
+        (["--data-path", "0.5", "a", "0.5"], "data.data_path"),
+        (["--split", "a,b"], "data.split"),
+        (["--train-iters", "0"], "training.train_iters"),
+        (["--unknown-flag", "1"], "--unknown-flag"),
+        (["--lr", "1", "2"], "--lr"),
+    ],
+)
+def test_errors_name_the_setting(argv, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        parse_args(argv)
+
+
+def test_toml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_toml(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nhidden_size = 'big'\n")
+    with pytest.raises(ConfigError, match="model.hidden_size"):
+        load_toml(bad)
+    bad.write_text("[model]\ncolour = 1\n")
+    with pytest.raises(ConfigError, match="model.colour"):
+        load_toml(bad)
+
+
+def test_example_configs_load():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].joinpath("examples").glob("*.toml")):
+        parse_args(["--config", str(path)])
+
+
+def test_micro_batches_follow_megatron_rule():
+    cfg = Config()
+    cfg.training.micro_batch_size, cfg.training.global_batch_size = 2, 16
+    assert check_batch_sizes(cfg, data_parallel_size=2) == 4
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        check_batch_sizes(cfg, data_parallel_size=3)
