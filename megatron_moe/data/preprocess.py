@@ -29,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -56,6 +57,15 @@ class PreprocessResult:
     num_documents: int
     num_tokens: int
     dtype: str
+
+
+def _indexed_dataset_module():
+    # Imported on first use: importing megatron.core takes seconds and warns that the GPU-only
+    # Transformer Engine / apex are absent.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
 
 
 def _is_jsonl(path: str) -> bool:
@@ -86,9 +96,7 @@ def iter_documents(path: str, *, json_key: str = "text", txt_mode: str = "paragr
                     raise ValueError(f"{path}:{line_no}: JSON object has no key {json_key!r}")
                 text = record[json_key]
                 if not isinstance(text, str):
-                    raise ValueError(
-                        f"{path}:{line_no}: value of {json_key!r} is {type(text).__name__}, expected str"
-                    )
+                    raise ValueError(f"{path}:{line_no}: value of {json_key!r} is {type(text).__name__}, expected str")
                 if text.strip():
                     yield text
         return
@@ -110,9 +118,7 @@ def iter_documents(path: str, *, json_key: str = "text", txt_mode: str = "paragr
             yield "\n".join(lines)
 
 
-def iter_all_documents(
-    input_files: list[str], *, json_key: str = "text", txt_mode: str = "paragraph"
-) -> Iterator[str]:
+def iter_all_documents(input_files: list[str], *, json_key: str = "text", txt_mode: str = "paragraph") -> Iterator[str]:
     """Yield the documents of all ``input_files`` in order (see :func:`iter_documents`)."""
     for path in input_files:
         yield from iter_documents(path, json_key=json_key, txt_mode=txt_mode)
@@ -120,11 +126,9 @@ def iter_all_documents(
 
 def token_dtype(vocab_size: int) -> type[np.number]:
     """Smallest numpy integer dtype megatron-core stores ``vocab_size`` distinct ids in."""
-    from megatron.core.datasets.indexed_dataset import DType
-
     if vocab_size <= 0:
         raise ValueError(f"vocab_size must be positive, got {vocab_size}")
-    return DType.optimal_dtype(vocab_size)
+    return _indexed_dataset_module().DType.optimal_dtype(vocab_size)
 
 
 def train_tokenizer_on_files(
@@ -177,8 +181,6 @@ def preprocess_files(
         A :class:`PreprocessResult`. The files are written under temporary names and renamed at
         the end, so an interrupted run leaves no half-written dataset behind.
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     if not input_files:
         raise ValueError("preprocess_files: input_files is empty")
     for path in input_files:
@@ -197,7 +199,7 @@ def preprocess_files(
     bin_path, idx_path = prefix + ".bin", prefix + ".idx"
     tmp_bin, tmp_idx = bin_path + ".tmp", idx_path + ".tmp"
 
-    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+    builder = _indexed_dataset_module().IndexedDatasetBuilder(tmp_bin, dtype=dtype)
     num_docs = 0
     num_tokens = 0
     num_chars = 0
@@ -214,10 +216,7 @@ def preprocess_files(
         num_chars += sum(len(doc) for doc in chunk)
         if log is not None and num_docs >= next_log:
             elapsed = max(time.time() - t0, 1e-9)
-            log(
-                f"[preprocess] {num_docs} documents, {num_tokens} tokens, "
-                f"{num_chars / elapsed / 1e6:.2f} M chars/s"
-            )
+            log(f"[preprocess] {num_docs} documents, {num_tokens} tokens, {num_chars / elapsed / 1e6:.2f} M chars/s")
             while next_log <= num_docs:
                 next_log += log_interval
 

@@ -45,7 +45,8 @@ def train_sentencepiece(
     """Train a SentencePiece model on plain-text files and write ``model_prefix + ".model"``.
 
     Each line of each input file is one training sentence. Training is deterministic: the same
-    inputs and arguments give a byte-identical ``.model`` file (no vocabulary file is written).
+    text and arguments give a byte-identical ``.model`` file, wherever the files lie (no
+    vocabulary file is written).
 
     Args:
         input_files: UTF-8 text files to train on.
@@ -79,10 +80,17 @@ def train_sentencepiece(
     parent = os.path.dirname(os.path.abspath(model_path))
     os.makedirs(parent, exist_ok=True)
 
+    def _lines():
+        for path in input_files:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    yield line.rstrip("\r\n")
+
     spm.set_random_generator_seed(_TRAIN_SEED)
     writer = io.BytesIO()
+    # Sentences come from an iterator so that no input path is stored in the model file.
     spm.SentencePieceTrainer.train(
-        input=list(input_files),
+        sentence_iterator=_lines(),
         model_writer=writer,
         vocab_size=vocab_size,
         model_type=model_type,
@@ -143,9 +151,7 @@ class SentencePieceTokenizer:
         if processor.get_piece_size() <= 0:
             raise ValueError(f"SentencePiece model file has an empty vocabulary: {model_path}")
         if processor.eos_id() < 0:
-            raise ValueError(
-                f"SentencePiece model {model_path} defines no eos id; it is needed as end-of-document"
-            )
+            raise ValueError(f"SentencePiece model {model_path} defines no eos id; it is needed as end-of-document")
         self.model_path = model_path
         self._sp = processor
         self._sha256 = hashlib.sha256(blob).hexdigest()

@@ -32,6 +32,7 @@ from megatron_moe.routing.balance import (
     token_drop_rate,
 )
 from megatron_moe.routing.router import Router
+from megatron_moe.routing.sparsemixer import apply_input_jitter
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -143,6 +144,12 @@ class MoELayer(nn.Module):
         # Optional callback(event: str) used by tests to observe the order of communication and compute.
         self.trace = None
 
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Buffers are not parameters: after ``to_empty`` (meta-device build) they must be set again."""
+        self.aux_coeff.fill_(float(self.cfg.aux_loss_coeff))
+        self.stats = MoEStats(self.num_experts, self.aux_coeff.device)
+
     def _event(self, name: str) -> None:
         if self.trace is not None:
             self.trace(name)
@@ -150,10 +157,9 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        if self.training and self.cfg.input_jitter_eps > 0:
+        if self.training:
             # GRIN: multiplicative input jitter before the gate; the experts see the same jittered input.
-            eps = self.cfg.input_jitter_eps
-            x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+            x = apply_input_jitter(x, self.cfg.input_jitter_eps)
         num_tokens = x.shape[0]
         route = self.router(x)
         counts = expert_counts(route.indices, self.num_experts)
@@ -163,7 +169,7 @@ class MoELayer(nn.Module):
         use_global = self.cfg.balance_loss == "switch" and self.cfg.balance_scope == "global"
         if use_global:
             # Launched as soon as routing exists; waited on after the experts ran (overlap).
-            pending = AsyncAllReduce.start(counts.clone(), self.balance_group)
+            pending = AsyncAllReduce.start(counts, self.balance_group)
             self._event("counts_allreduce_start")
 
         weights = route.weights

@@ -162,6 +162,9 @@ class MoETransformer(nn.Module):
         cos, sin = rope_tables(self.cfg.data.seq_length, head_dim, m.rope_theta, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+        for module in self.modules():
+            if isinstance(module, MoELayer):
+                module.reset_buffers()
         for name, p in self.named_parameters():
             parts = name.split(".")
             if name.endswith("norm.weight"):

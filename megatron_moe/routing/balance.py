@@ -45,10 +45,10 @@ def switch_balance_loss(probs: Tensor, counts: Tensor) -> Tensor:
         scalar fp32 loss; the gradient flows through ``probs`` only.
     """
     num_experts = probs.shape[-1]
-    counts = counts.detach().to(torch.float32)
-    f = counts / counts.sum().clamp(min=1.0)
     p_mean = probs.to(torch.promote_types(probs.dtype, torch.float32)).mean(dim=0)
-    return num_experts * (f.to(p_mean.dtype) * p_mean).sum()
+    counts = counts.detach().to(p_mean.dtype)
+    f = counts / counts.sum().clamp(min=1.0)
+    return num_experts * (f * p_mean).sum()
 
 
 def skywork_balance_loss(probs: Tensor) -> Tensor:

@@ -70,9 +70,7 @@ def _gumbel_argmax(masked: Tensor, generator: torch.Generator | None) -> Tensor:
     return (masked - noise.to(masked.dtype)).argmax(dim=-1, keepdim=True)
 
 
-def _heun_multiplier(
-    index: Tensor, probs: Tensor, generator: torch.Generator | None
-) -> Tensor:
+def _heun_multiplier(index: Tensor, probs: Tensor, generator: torch.Generator | None) -> Tensor:
     """c_r = 1 if D_r == argmax(p_r) or with probability 1/4, else 1/3 (spec 3, step 4). [T, 1]."""
     top = probs.argmax(dim=-1, keepdim=True)
     uniform = torch.rand(index.shape, dtype=torch.float32, device=index.device, generator=generator)

@@ -258,5 +258,6 @@ def train(cfg: Config, eval_only: bool = False) -> dict:
     writer.close()
     if summary["valid"]:
         first, last = summary["valid"][0]["loss"], summary["valid"][-1]["loss"]
-        print(f"done: {t.train_iters} steps in {summary['wall_time_s']:.1f}s; validation loss {first:.4f} -> {last:.4f}")
+        wall = summary["wall_time_s"]
+        print(f"done: {t.train_iters} steps in {wall:.1f}s; validation loss {first:.4f} -> {last:.4f}")
     return summary

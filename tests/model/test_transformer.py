@@ -34,7 +34,10 @@ def test_meta_then_init_equals_eager_build():
     assert eager_state.keys() == meta_state.keys()
     for k in eager_state:
         torch.testing.assert_close(meta_state[k], eager_state[k], rtol=0, atol=0, msg=k)
-    torch.testing.assert_close(meta.rope_cos, eager.rope_cos, rtol=0, atol=0)
+    eager_buffers, meta_buffers = dict(eager.named_buffers()), dict(meta.named_buffers())  # incl. non-persistent
+    assert eager_buffers.keys() == meta_buffers.keys() and any("aux_coeff" in k for k in meta_buffers)
+    for k in eager_buffers:
+        torch.testing.assert_close(meta_buffers[k], eager_buffers[k], rtol=0, atol=0, msg=k)
     tokens = torch.randint(0, 96, (2, 16))
     torch.testing.assert_close(meta.eval()(tokens), eager.eval()(tokens), rtol=0, atol=0)
     other = build_model(cfg, "cpu", seed=8)

@@ -187,12 +187,28 @@ def test_round2_uses_original_logits_not_round1_masked_copy():
     assert idx.tolist() == [[0, 1]]
     expected2 = 1 / (1 + math.exp(-0.1))
     torch.testing.assert_close(w, torch.tensor([[1.0, expected2]], dtype=torch.float64))
-    # negative maxima: factor is |z_i|: (-1 - -1.05) / 1.05 = 0.048 <= 0.1 kept, -3 masked
-    z = torch.tensor([[-1.0, -1.05, -3.0]], dtype=torch.float64)
+    # negative maxima: the factor is max(|z_i|, zmax) = |z_i|, not |zmax|:
+    # (-1 - -1.105) / 1.105 = 0.095 <= 0.1 kept (with |zmax| = 1 as factor it would be 0.105: masked)
+    z = torch.tensor([[-1.0, -1.105, -3.0]], dtype=torch.float64)
     w, idx = sparsemixer_v2_routing(z, 0.05, training=False)
     assert idx.tolist() == [[0, 1]]
-    torch.testing.assert_close(w[0, 0], torch.tensor(1 / (1 + math.exp(-0.05)), dtype=torch.float64))
+    torch.testing.assert_close(w[0, 0], torch.tensor(1 / (1 + math.exp(-0.105)), dtype=torch.float64))
     torch.testing.assert_close(w[0, 1], torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_eval_kept_sets_match_naive_on_mixed_sign_logits():
+    """Random logits of both signs (and zeros) with a wide window: weights equal the naive reference."""
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    z[::7, 2] = 0.0
+    z[::11] = 0.0  # all-zero rows: 0/0 ratios count as kept
+    for eps in (0.05, 0.3):
+        w, idx = sparsemixer_v2_routing(z, eps, training=False)
+        ref = _ref_round_probs(z, idx[:, 0], eps)
+        ref_w = torch.stack(
+            [torch.stack([p1[idx[t, 0]], p2[idx[t, 1]]]) for t, (_, p1, _, p2) in enumerate(ref)]
+        )
+        torch.testing.assert_close(w, ref_w, rtol=1e-12, atol=1e-14)
 
 
 def test_training_with_one_kept_expert_gives_exact_ones():

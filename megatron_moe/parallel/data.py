@@ -1,0 +1,86 @@
+"""Data parallelism and gradient bookkeeping across the (pp, dp, tp) mesh.
+
+Two data-parallel modes:
+- replicate (default): every dp rank holds all parameters of its (pp, tp) slice; after backward the
+  gradients are averaged over dp with one bucketed all-reduce (:func:`allreduce_gradients`);
+- shard: FSDP2 :func:`fully_shard` per transformer block and on the root over the dp mesh (with TP,
+  the 2-D (dp, tp) layout); parameters, gradients and optimizer state are sharded over dp and FSDP
+  reduce-scatters the (averaged) gradients itself.
+
+:func:`global_grad_norm` is the L2 norm over every parameter element of the whole model exactly
+once, whatever the layout, and :func:`clip_gradients` applies torch's clipping rule with it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def apply_fsdp(part: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool = True) -> nn.Module:
+    """Shard ``part`` (a model or pipeline stage) over ``dp_mesh`` with FSDP2, one unit per block."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in part.layers.values():
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(part, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    return part
+
+
+def allreduce_gradients(params: list[nn.Parameter], group: dist.ProcessGroup | None, average: bool = True) -> None:
+    """All-reduce the (local shards of the) gradients of ``params`` over ``group`` in one flat bucket."""
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    grads = [_local(p.grad) for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    if average:
+        flat /= dist.get_world_size(group)
+    for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        g.copy_(reduced)
+
+
+def _copies(p: torch.Tensor, world: int, pp: int) -> int:
+    """On how many ranks each element of ``p``'s local data also lives (pipeline stages are disjoint)."""
+    shards = 1
+    if isinstance(p, DTensor):
+        for dim, placement in enumerate(p.placements):
+            if placement.is_shard():
+                shards *= p.device_mesh.size(dim)
+    return max(1, world // (pp * shards))
+
+
+def global_grad_norm(params: list[nn.Parameter], pp_size: int, device: torch.device) -> torch.Tensor:
+    """L2 norm of all gradients of the whole model (every element once), identical on every rank.
+
+    Each rank sums the squares of its local gradient data, weighted by 1 / (ranks holding a copy),
+    and one all-reduce over the world adds them up.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for p in params:
+        if p.grad is None:
+            continue
+        g = _local(p.grad).float()
+        total += g.pow(2).sum() / _copies(p, world, pp_size)
+    if world > 1:
+        dist.all_reduce(total)
+    return total.sqrt()
+
+
+@torch.no_grad()
+def clip_gradients(params: list[nn.Parameter], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale gradients by ``min(1, max_norm / (total_norm + 1e-6))`` (torch.nn.utils.clip_grad_norm_'s rule)."""
+    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    for p in params:
+        if p.grad is not None:
+            _local(p.grad).mul_(coef.to(p.grad.dtype))

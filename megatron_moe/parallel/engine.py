@@ -1,0 +1,330 @@
+"""The distributed engine the training loop drives: mesh, parallelized model parts, train / eval steps.
+
+One code path for every layout; a single process is the degenerate case tp = pp = dp = 1 (no
+process group needed, every collective is skipped). Per optimizer step on each rank:
+
+1. the rank's ``num_microbatches = global / (micro x dp)`` micro-batches run forward/backward,
+   through the pipelining schedule when pp > 1, else one after the other;
+2. gradients: router gates summed over TP (:mod:`.tensor`), all gradients averaged over dp
+   (replicate mode; FSDP2 does it itself in shard mode);
+3. grad norm over the whole model (every element once), clipping, optimizer step;
+4. LM loss (mean over the global batch's micro-batches, as the single process) and per-layer MoE
+   statistics (summed over micro-batches and dp ranks) are all-reduced so that EVERY rank sees the
+   same values: the adaptive aux-loss coefficients are updated identically everywhere.
+
+Precision: fp32 parameters, gradients and optimizer state (master weights); with ``bf16`` the
+forward runs under ``torch.autocast(bfloat16)`` (the router stays fp32). Gradients are reduced in
+fp32.
+
+Initialisation: the full model is built on CPU from the seed on every rank, then cut into stages
+and sharded, so every layout starts from exactly the single-process weights (fine for small and
+medium models; for very large ones construct stages on the meta device and ``materialize`` each).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_moe.config import Config, ConfigError
+from megatron_moe.model.moe import MoELayer, MoEStats
+from megatron_moe.model.transformer import build_model
+from megatron_moe.parallel.data import allreduce_gradients, apply_fsdp, clip_gradients, global_grad_norm
+from megatron_moe.parallel.loss import lm_loss_from_target, loss_context, loss_target
+from megatron_moe.parallel.mesh import ParallelSizes, build_mesh, parallel_sizes
+from megatron_moe.parallel.pipeline import SCHEDULES, Pipeline, build_stage_module, split_layers, stage_indices
+from megatron_moe.parallel.tensor import apply_tensor_parallel, tp_partial_sum_params
+
+
+@dataclass
+class PipelineOptions:
+    """Engine settings not (yet) in :class:`~megatron_moe.config.ParallelConfig`.
+
+    :meth:`from_config` reads a field of the same name from ``cfg.parallel`` when it exists.
+    """
+
+    pipeline_schedule: str = "1f1b"  # "1f1b" | "interleaved_1f1b" | "gpipe"
+    virtual_pipeline_stages: int = 1  # stages per pipeline rank (interleaved 1F1B)
+    pipeline_first_last_fewer_layers: bool = False  # embedding / head count as one layer each
+    data_parallel_shard: bool = False  # FSDP2 over dp instead of replicated parameters
+    activation_checkpointing: bool = False  # recompute each transformer block in backward
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> PipelineOptions:
+        values = {f.name: getattr(cfg.parallel, f.name) for f in dataclasses.fields(cls) if hasattr(cfg.parallel, f.name)}
+        return cls(**values)
+
+    def validate(self, pp: int) -> None:
+        if self.pipeline_schedule not in SCHEDULES:
+            raise ConfigError(f"parallel.pipeline_schedule = {self.pipeline_schedule!r}; expected one of {SCHEDULES}")
+        if self.virtual_pipeline_stages > 1 and self.pipeline_schedule != "interleaved_1f1b":
+            raise ConfigError(
+                f"parallel.virtual_pipeline_stages = {self.virtual_pipeline_stages} needs "
+                f"parallel.pipeline_schedule = 'interleaved_1f1b' (got {self.pipeline_schedule!r})"
+            )
+        if self.virtual_pipeline_stages > 1 and pp == 1:
+            raise ConfigError("parallel.virtual_pipeline_stages > 1 needs pipeline_model_parallel_size > 1")
+
+
+@dataclass
+class StepResult:
+    """Device tensors of one optimizer step, identical on every rank (read on the host only when logging)."""
+
+    lm_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    grad_norm: torch.Tensor
+    layer_stats: list  # MoEStats per MoE layer of the whole model, summed over micro-batches and dp
+
+
+def init_distributed_from_env(device_type: str) -> bool:
+    """Initialise the default process group from torchrun's environment (WORLD_SIZE > 1); True if initialised.
+
+    NCCL on CUDA (and ``cuda:LOCAL_RANK`` becomes the current device), gloo on CPU.
+    """
+    if dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return True
+
+
+def seed_runtime_rng(seed: int, dp_rank: int) -> None:
+    """Seed the default generators for run-time sampling (SparseMixer, input jitter).
+
+    TP and PP ranks of one data-parallel replica share the seed (TP ranks route the same tokens and
+    so draw the same samples); dp replicas differ. dp rank 0 uses ``seed`` itself (= single process).
+    """
+    torch.manual_seed(seed + dp_rank)
+
+
+class ParallelEngine:
+    """Mesh + this rank's model parts + train/eval steps. See the module docstring.
+
+    Args:
+        cfg: the run configuration (``model.vocab_size`` resolved).
+        options: engine options; default from ``cfg.parallel``.
+        device: this rank's device (default CPU).
+
+    Raises ConfigError before any communication if the layout does not fit.
+    """
+
+    def __init__(self, cfg: Config, options: PipelineOptions | None = None, device: torch.device | None = None):
+        self.cfg = cfg
+        self.options = options or PipelineOptions.from_config(cfg)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.sizes: ParallelSizes = parallel_sizes(cfg, world, self.options.virtual_pipeline_stages)
+        self.options.validate(self.sizes.pp)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.mesh = build_mesh(self.sizes, self.device.type) if dist.is_initialized() else None
+        s = self.sizes
+
+        def group(name: str, size: int):
+            return self.mesh[name].get_group() if self.mesh is not None and size > 1 else None
+
+        self.pp_group, self.dp_group, self.tp_group = group("pp", s.pp), group("dp", s.dp), group("tp", s.tp)
+        self.pp_rank = self.mesh["pp"].get_local_rank() if self.mesh is not None else 0
+        self.dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        self.parts: list[nn.Module] = []
+        self.module = nn.ModuleList()
+        self.pipeline: Pipeline | None = None
+        self.local_moe: list[tuple[int, MoELayer]] = []
+        self.num_moe_layers = 0
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """Only global rank 0 prints progress and writes metrics (it sees the reduced values)."""
+        return self.rank == 0
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, seed: int | None = None) -> nn.ModuleList:
+        """Build the full model from ``seed`` (default training.seed), keep and parallelize this rank's parts.
+
+        Returns an ``nn.ModuleList`` of the parts (give it to the optimizer).
+        """
+        cfg, s, o = self.cfg, self.sizes, self.options
+        full = build_model(cfg, "cpu", cfg.training.seed if seed is None else seed)
+        moe_names = [name for name, block in full.layers.items() if isinstance(block.feed_forward, MoELayer)]
+        moe_index = {name: i for i, name in enumerate(moe_names)}
+        self.num_moe_layers = len(moe_names)
+        num_stages = s.pp * s.virtual_stages
+        if num_stages == 1:
+            parts, indices = [full], [0]
+        else:
+            split = split_layers(cfg.model.num_layers, num_stages, o.pipeline_first_last_fewer_layers)
+            indices = stage_indices(self.pp_rank, s.pp, s.virtual_stages)
+            parts = [build_stage_module(full, split[i], i == 0, i == num_stages - 1) for i in indices]
+            del full
+        self.local_moe = []
+        for part in parts:
+            part.to(self.device)
+            for name, block in part.layers.items():
+                if isinstance(block.feed_forward, MoELayer):
+                    block.feed_forward.balance_group = self.dp_group  # TP ranks route the same tokens
+                    self.local_moe.append((moe_index[name], block.feed_forward))
+            if s.tp > 1:
+                apply_tensor_parallel(part, self.mesh["tp"])
+            if o.activation_checkpointing:
+                _checkpoint_blocks(part)
+            if o.data_parallel_shard and s.dp > 1:
+                dp_mesh = self.mesh["dp"] if s.tp == 1 else self.mesh["dp", "tp"]
+                apply_fsdp(part, dp_mesh["dp"] if s.tp > 1 else dp_mesh)
+        self.parts = parts
+        self.module = nn.ModuleList(parts)
+        seed_runtime_rng(cfg.training.seed, self.dp_rank)
+        if s.pp > 1:
+            self.pipeline = Pipeline(
+                parts, indices, num_stages, self.pp_group, self.device, o.pipeline_schedule,
+                s.num_microbatches, self._loss_fn,
+            )
+        return self.module
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def autocast(self):
+        """bf16 autocast context when ``training.bf16`` (fp32 master weights), else a no-op."""
+        if self.cfg.training.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return lm_loss_from_target(logits, target) / self.sizes.num_microbatches
+
+    # ------------------------------------------------------------------ steps
+    def _stack(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.cat([b["tokens"] for b in batches]).to(self.device)
+        target = torch.cat([loss_target(b["labels"], b["loss_mask"]) for b in batches]).to(self.device)
+        return tokens, target
+
+    def _forward_backward(self, batches: list[dict], train: bool) -> torch.Tensor | None:
+        """Sum over micro-batches of loss / num_microbatches (None on ranks without the last stage)."""
+        tokens, target = self._stack(batches)
+        tp_loss = loss_context(self.sizes.tp > 1)
+        if self.pipeline is not None:
+            with self.autocast(), tp_loss:
+                return self.pipeline.run(tokens, target, train)
+        (part,) = self.parts
+        total = torch.zeros((), device=self.device)
+        b = batches[0]["tokens"].shape[0]
+        for i in range(len(batches)):
+            with self.autocast():
+                logits = part(tokens[i * b : (i + 1) * b])
+            with tp_loss:
+                loss = self._loss_fn(logits, target[i * b : (i + 1) * b])
+                if train:
+                    loss.backward()
+            total += loss.detach()
+        return total
+
+    def train_step(self, batches: list[dict], optimizer: torch.optim.Optimizer, clip_grad: float) -> StepResult:
+        """One optimizer step over this rank's ``num_microbatches`` micro-batches (dicts of [B, S] tensors)."""
+        s = self.sizes
+        if len(batches) != s.num_microbatches:
+            raise ValueError(f"train_step got {len(batches)} micro-batches; this layout needs {s.num_microbatches}")
+        for _, layer in self.local_moe:
+            # 1/tp: every TP rank computes the same aux loss and the gate gradients are summed over TP.
+            layer.aux_loss_scale = 1.0 / (s.num_microbatches * s.tp)
+        self.module.train()
+        total = self._forward_backward(batches, train=True)
+        params = self.parameters()
+        for part in self.parts:
+            allreduce_gradients(tp_partial_sum_params(part), self.tp_group, average=False)
+        if not self.options.data_parallel_shard:
+            allreduce_gradients(params, self.dp_group, average=True)
+        grad_norm = global_grad_norm(params, s.pp, self.device)
+        if clip_grad > 0:
+            clip_gradients(params, clip_grad, grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lm = self._reduce_loss(total)
+        stats = self._reduce_stats()
+        aux = sum((st.aux_loss / max(1, st.num_micro_batches) for st in stats), torch.zeros((), device=self.device))
+        return StepResult(lm, aux, grad_norm.detach(), stats)
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[dict]) -> dict:
+        """Mean LM loss / perplexity over this rank's ``batches`` and dp; per-layer expert load fractions."""
+        was_training = self.module.training
+        self.module.eval()
+        for _, layer in self.local_moe:
+            layer.reset_stats()
+        n = self.sizes.num_microbatches if self.pipeline is not None else len(batches)
+        if len(batches) % n:
+            raise ValueError(f"evaluate needs a multiple of {n} micro-batches under pipeline parallelism")
+        chunks = [batches[i : i + n] for i in range(0, len(batches), n)]
+        total = None
+        for chunk in chunks:
+            part_total = self._forward_backward(chunk, train=False)
+            if part_total is not None:
+                # _loss_fn divides by num_microbatches; rescale to a mean over the chunk.
+                part_total = part_total * self.sizes.num_microbatches / len(chunk)
+                total = part_total if total is None else total + part_total
+        if total is not None:
+            total = total / len(chunks)
+        loss = self._reduce_loss(total).item()
+        loads = [_load_fractions(st.counts) for st in self._reduce_stats()]
+        self.module.train(was_training)
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "expert_load": loads}
+
+    # ------------------------------------------------------------------ reductions
+    def _reduce_loss(self, total: torch.Tensor | None) -> torch.Tensor:
+        """Mean over dp of the last stage's loss, on every rank."""
+        value = torch.zeros((), device=self.device) if total is None else total.detach().float().clone()
+        if dist.is_initialized() and self.sizes.world > 1:
+            dist.all_reduce(value)
+            value /= self.sizes.dp * self.sizes.tp
+        return value
+
+    def _reduce_stats(self) -> list[MoEStats]:
+        """Per-layer MoE statistics of the whole model, summed over micro-batches and dp, on every rank."""
+        num_experts = self.cfg.moe.num_experts
+        rows = torch.zeros(self.num_moe_layers, num_experts + 4, device=self.device)
+        for idx, layer in self.local_moe:
+            st = layer.reset_stats()
+            rows[idx, :num_experts] = st.counts
+            rows[idx, num_experts] = st.aux_loss
+            rows[idx, num_experts + 1] = st.drop_rate
+            rows[idx, num_experts + 2] = st.entropy
+            rows[idx, num_experts + 3] = st.num_micro_batches
+        if dist.is_initialized() and self.sizes.world > 1:
+            dist.all_reduce(rows)
+            rows /= self.sizes.tp  # TP ranks hold identical copies
+        micro = rows[:, -1].round().long().tolist()
+        out = []
+        for i in range(self.num_moe_layers):
+            st = MoEStats(num_experts, self.device)
+            st.counts = rows[i, :num_experts].clone()
+            st.aux_loss, st.drop_rate, st.entropy = rows[i, num_experts], rows[i, num_experts + 1], rows[i, num_experts + 2]
+            st.num_micro_batches = micro[i]
+            out.append(st)
+        return out
+
+
+def _load_fractions(counts: torch.Tensor) -> list[float]:
+    return (counts / counts.sum().clamp_min(1.0)).tolist()
+
+
+def _checkpoint_blocks(part: nn.Module) -> None:
+    """Recompute every transformer block in backward (non-reentrant; RNG state restored, so
+    SparseMixer draws the same samples again). MoE statistics are then accumulated twice per
+    micro-batch (forward + recompute); their means are unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in part.layers.values():
+        forward = block.forward
+
+        def checkpointed(*args, _forward=forward):
+            return checkpoint(_forward, *args, use_reentrant=False)
+
+        block.forward = checkpointed

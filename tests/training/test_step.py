@@ -1,0 +1,80 @@
+import torch
+
+from megatron_moe.model.moe import moe_layers
+from megatron_moe.model.transformer import build_model
+from megatron_moe.training.loop import lm_loss, train_step
+from tests.model.test_transformer import tiny_config
+
+NO_AUTOCAST = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+
+
+class RecordingOptimizer:
+    """Stands in for AdamW: records the gradients it would apply."""
+
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def step(self):
+        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+def batch(tokens):
+    return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones_like(tokens[:, 1:]).float()}
+
+
+def test_lm_loss_matches_masked_mean_reference():
+    logits = torch.randn(2, 5, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, 5))
+    mask = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.float64)
+    logp = logits.log_softmax(-1)
+    ref = -sum(logp[b, s, labels[b, s]] * mask[b, s] for b in range(2) for s in range(5)) / mask.sum()
+    torch.testing.assert_close(lm_loss(logits, labels, mask), ref.float(), rtol=1e-6, atol=1e-6, check_dtype=False)
+
+
+def test_gradient_accumulation_equals_one_big_batch_without_aux():
+    cfg = tiny_config(balance_loss="none")
+    tokens = torch.randint(0, 96, (4, 17), generator=torch.Generator().manual_seed(0))
+    results = []
+    for split in ([tokens], [tokens[:2], tokens[2:]]):
+        model = build_model(cfg, seed=3).eval()  # eval: deterministic routing, same function for both
+        opt = RecordingOptimizer(model)
+        out = train_step(model, [batch(t) for t in split], opt, clip_grad=0.0, autocast=NO_AUTOCAST)
+        results.append((out.lm_loss, opt.grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(g, results[1][1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_aux_losses_are_averaged_over_micro_batches():
+    cfg = tiny_config(aux_loss_coeff=0.3, z_loss_coeff=0.05)
+    tokens = torch.randint(0, 96, (4, 17), generator=torch.Generator().manual_seed(1))
+    micro = [batch(tokens[:2]), batch(tokens[2:])]
+    model = build_model(cfg, seed=5).eval()
+    opt = RecordingOptimizer(model)
+    out = train_step(model, micro, opt, clip_grad=0.0, autocast=NO_AUTOCAST)
+    # Reference: explicit mean over micro-batches of (lm + sum of layer aux), aux formed by hand.
+    model.zero_grad()
+    for layer in moe_layers(model):
+        layer.aux_loss_scale = 0.0
+    total, total_aux = 0.0, 0.0
+    for b in micro:
+        aux_terms: list = []
+        hooks = [layer.router.register_forward_hook(lambda m, i, o, acc=aux_terms: acc.append(o))
+                 for layer in moe_layers(model)]
+        loss = lm_loss(model(b["tokens"]), b["labels"], b["loss_mask"])
+        for h in hooks:
+            h.remove()
+        aux = 0.0
+        for route in aux_terms:
+            f = torch.bincount(route.indices.flatten(), minlength=4).float() / route.indices.numel()
+            aux = aux + 0.3 * 4 * (f * route.probs.mean(0)).sum()
+            aux = aux + 0.05 * (torch.logsumexp(route.logits, -1) ** 2).mean()
+        ((loss + aux) / 2).backward()
+        total, total_aux = total + loss.detach() / 2, total_aux + aux.detach() / 2
+    torch.testing.assert_close(out.lm_loss, total)
+    torch.testing.assert_close(out.aux_loss, total_aux, rtol=1e-5, atol=1e-7)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(opt.grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
