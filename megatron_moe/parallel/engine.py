@@ -177,8 +177,7 @@ class ParallelEngine:
             if o.activation_checkpointing:
                 _checkpoint_blocks(part)
             if o.data_parallel_shard and s.dp > 1:
-                dp_mesh = self.mesh["dp"] if s.tp == 1 else self.mesh["dp", "tp"]
-                apply_fsdp(part, dp_mesh["dp"] if s.tp > 1 else dp_mesh)
+                apply_fsdp(part, self.mesh["dp"])
         self.parts = parts
         self.module = nn.ModuleList(parts)
         seed_runtime_rng(cfg.training.seed, self.dp_rank)
@@ -210,9 +209,9 @@ class ParallelEngine:
     def _forward_backward(self, batches: list[dict], train: bool) -> torch.Tensor | None:
         """Sum over micro-batches of loss / num_microbatches (None on ranks without the last stage)."""
         tokens, target = self._stack(batches)
-        tp_loss = loss_context(self.sizes.tp > 1)
+        tp = self.sizes.tp > 1
         if self.pipeline is not None:
-            with self.autocast(), tp_loss:
+            with self.autocast(), loss_context(tp):
                 return self.pipeline.run(tokens, target, train)
         (part,) = self.parts
         total = torch.zeros((), device=self.device)
@@ -220,7 +219,7 @@ class ParallelEngine:
         for i in range(len(batches)):
             with self.autocast():
                 logits = part(tokens[i * b : (i + 1) * b])
-            with tp_loss:
+            with loss_context(tp):
                 loss = self._loss_fn(logits, target[i * b : (i + 1) * b])
                 if train:
                     loss.backward()
@@ -228,14 +227,16 @@ class ParallelEngine:
         return total
 
     def train_step(self, batches: list[dict], optimizer: torch.optim.Optimizer, clip_grad: float) -> StepResult:
-        """One optimizer step over this rank's ``num_microbatches`` micro-batches (dicts of [B, S] tensors)."""
+        """One optimizer step over this rank's ``num_microbatches`` micro-batches (dicts of [B, S] tensors).
+
+        Runs the modules in their current mode (the caller sets ``module.train()``).
+        """
         s = self.sizes
         if len(batches) != s.num_microbatches:
             raise ValueError(f"train_step got {len(batches)} micro-batches; this layout needs {s.num_microbatches}")
         for _, layer in self.local_moe:
             # 1/tp: every TP rank computes the same aux loss and the gate gradients are summed over TP.
             layer.aux_loss_scale = 1.0 / (s.num_microbatches * s.tp)
-        self.module.train()
         total = self._forward_backward(batches, train=True)
         params = self.parameters()
         for part in self.parts:

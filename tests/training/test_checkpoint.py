@@ -1,0 +1,149 @@
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_moe.training import checkpoint as ck
+from megatron_moe.training.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+
+
+def state(seed: int, n: int = 64) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"model": {"a.weight": torch.randn(n, 8, generator=g), "b": torch.randn(3, generator=g)},
+            "train_state": {"step": torch.tensor(seed)}}
+
+
+def zeros_like(s: dict) -> dict:
+    return {k: zeros_like(v) if isinstance(v, dict) else torch.zeros_like(v) for k, v in s.items()}
+
+
+def assert_equal(a: dict, b: dict) -> None:
+    for k in a:
+        if isinstance(a[k], dict):
+            assert_equal(a[k], b[k])
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_round_trip_latest_and_keep_last(tmp_path):
+    for step in (10, 20, 30):
+        save_checkpoint(tmp_path, step, state(step), {"config": {"x": step}}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["iter_0000020", "iter_0000030"]
+    latest = resolve_checkpoint(tmp_path)
+    assert latest.name == "iter_0000030" and read_meta(latest)["config"] == {"x": 30}
+    target = zeros_like(state(0))
+    load_checkpoint(latest, target)
+    assert_equal(target, state(30))
+    assert resolve_checkpoint(tmp_path / "iter_0000020") == tmp_path / "iter_0000020"
+
+
+def test_failure_mid_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, state(1), {})
+    real_save = ck.dcp.save
+
+    def crash_during_write(sd, checkpoint_id, **kw):
+        real_save(sd, checkpoint_id=checkpoint_id, **kw)
+        Path(checkpoint_id, "__0_0.distcp").write_bytes(b"half")  # a torn shard
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(ck.dcp, "save", crash_during_write)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, state(2), {})
+    monkeypatch.undo()
+    assert (tmp_path / "iter_0000002.tmp").exists() and not (tmp_path / "iter_0000002").exists()
+    target = zeros_like(state(0))
+    load_checkpoint(resolve_checkpoint(tmp_path), target)
+    assert_equal(target, state(1))
+    save_checkpoint(tmp_path, 2, state(2), {})  # the debris is cleaned up by the next save
+    assert not (tmp_path / "iter_0000002.tmp").exists() and resolve_checkpoint(tmp_path).name == "iter_0000002"
+
+
+_KILL_SCRIPT = """
+import sys, torch
+from megatron_moe.training.checkpoint import save_checkpoint
+big = {"model": {"w": torch.randn(4096, 1024)}}
+print("ready", flush=True)
+step = 2
+while True:
+    save_checkpoint(sys.argv[1], step, big, {})
+    step += 1
+"""
+
+
+def test_sigkill_during_saves_never_breaks_latest(tmp_path):
+    save_checkpoint(tmp_path, 1, state(1), {})
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE,
+                            cwd=Path(__file__).parents[2])
+    assert proc.stdout.readline().strip() == b"ready"
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = resolve_checkpoint(tmp_path)
+    if latest.name == "iter_0000001":
+        target = zeros_like(state(0))
+    else:
+        target = {"model": {"w": torch.zeros(4096, 1024)}}
+    load_checkpoint(latest, target)  # whatever `latest` names is complete
+
+
+def test_incompatible_state_is_a_clear_error(tmp_path):
+    save_checkpoint(tmp_path, 1, state(1), {})
+    with pytest.raises(CheckpointError, match=r"a\.weight has shape \(64, 8\).*expects \(32, 8\)"):
+        load_checkpoint(resolve_checkpoint(tmp_path), zeros_like(state(0, n=32)))
+    extra = zeros_like(state(0))
+    extra["model"]["c"] = torch.zeros(2)
+    with pytest.raises(CheckpointError, match="lacks 1 entries.*model.c"):
+        load_checkpoint(resolve_checkpoint(tmp_path), extra)
+
+
+def test_corrupt_incomplete_and_missing(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        resolve_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        resolve_checkpoint(tmp_path / "empty")
+    path = save_checkpoint(tmp_path / "run", 1, state(1), {})
+    (path / ".metadata").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path, zeros_like(state(0)))
+    path = save_checkpoint(tmp_path / "run2", 1, state(1), {})
+    os.remove(path / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match="could not be read"):
+        load_checkpoint(path, zeros_like(state(0)))
+    (path / "meta.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="meta.json is corrupt"):
+        read_meta(path)
+    (tmp_path / "run2" / "latest").write_text("iter_0000009\n")
+    with pytest.raises(CheckpointError, match="points to iter_0000009"):
+        resolve_checkpoint(tmp_path / "run2")
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_loading_never_unpickles_arbitrary_objects(tmp_path):
+    path = save_checkpoint(tmp_path, 1, state(1), {})
+    (path / ".metadata").write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(CheckpointError, match="refusing to unpickle posix.system|refusing to unpickle os.system"):
+        load_checkpoint(path, zeros_like(state(0)))
+    # A checkpoint holding a pickled (non-tensor) object is refused before anything is read.
+    bad = tmp_path / "objs"
+    ck.dcp.save({"x": {"y": 3}}, checkpoint_id=str(bad), no_dist=True)
+    (bad / "meta.json").write_text('{"format_version": 1, "step": 0}')
+    with pytest.raises(CheckpointError, match="pickled objects"):
+        ck.checkpoint_keys(bad)
