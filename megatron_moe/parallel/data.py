@@ -34,6 +34,15 @@ def apply_fsdp(part: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool
     return part
 
 
+def materialize_partial_grads(params: list[nn.Parameter]) -> None:
+    """Give every DTensor gradient its parameter's placements (DTensor may leave e.g. sequence-parallel
+    norm weight gradients as ``Partial`` sums, pending a reduction over TP)."""
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and tuple(g.placements) != tuple(p.placements):
+            p.grad = g.redistribute(p.device_mesh, p.placements)
+
+
 def allreduce_gradients(params: list[nn.Parameter], group: dist.ProcessGroup | None, average: bool = True) -> None:
     """All-reduce the (local shards of the) gradients of ``params`` over ``group`` in one flat bucket."""
     if group is None or dist.get_world_size(group) == 1:

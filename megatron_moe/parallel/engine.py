@@ -36,7 +36,13 @@ from torch import nn
 from megatron_moe.config import Config, ConfigError
 from megatron_moe.model.moe import MoELayer, MoEStats
 from megatron_moe.model.transformer import build_model
-from megatron_moe.parallel.data import allreduce_gradients, apply_fsdp, clip_gradients, global_grad_norm
+from megatron_moe.parallel.data import (
+    allreduce_gradients,
+    apply_fsdp,
+    clip_gradients,
+    global_grad_norm,
+    materialize_partial_grads,
+)
 from megatron_moe.parallel.loss import lm_loss_from_target, loss_context, loss_target
 from megatron_moe.parallel.mesh import ParallelSizes, build_mesh, parallel_sizes
 from megatron_moe.parallel.pipeline import SCHEDULES, Pipeline, build_stage_module, split_layers, stage_indices
@@ -239,6 +245,7 @@ class ParallelEngine:
             layer.aux_loss_scale = 1.0 / (s.num_microbatches * s.tp)
         total = self._forward_backward(batches, train=True)
         params = self.parameters()
+        materialize_partial_grads(params)
         for part in self.parts:
             allreduce_gradients(tp_partial_sum_params(part), self.tp_group, average=False)
         if not self.options.data_parallel_shard:

@@ -1,0 +1,74 @@
+"""A dense model to convert: its project Config and its weights under this project's parameter names.
+
+Readers (:mod:`.hf`, :mod:`.megatron_format`, :mod:`.native`) return a :class:`DenseSource`
+whose tensors are loaded on demand (one at a time), so a converter holds at most the tensors it is
+working on plus its output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_moe.config import Config
+from megatron_moe.model.transformer import MoETransformer
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file, tensor or setting at fault."""
+
+
+def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of ``MoETransformer(cfg)`` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+@dataclass
+class DenseSource:
+    """A dense (``moe.num_experts == 0``) model: config plus lazily loaded weights.
+
+    Attributes:
+        cfg: the project configuration of the dense model.
+        loaders: parameter name (``layers.0.attention.wq.weight``, ...) -> zero-argument function
+            returning the tensor, in the layout of :class:`MoETransformer` (nn.Linear ``[out, in]``).
+        origin: a short description for messages and meta.json (``"hf:/path"``...).
+    """
+
+    cfg: Config
+    loaders: dict[str, Callable[[], torch.Tensor]]
+    origin: str
+    _shapes: dict[str, tuple[int, ...]] | None = field(default=None, repr=False)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The float32 tensor ``name``; raises ConversionError if it is absent or has the wrong shape."""
+        if name not in self.loaders:
+            raise ConversionError(f"{self.origin}: no tensor for parameter {name}")
+        if self._shapes is None:
+            self._shapes = expected_shapes(self.cfg)
+        tensor = self.loaders[name]()
+        want = self._shapes.get(name)
+        if want is not None and tuple(tensor.shape) != want:
+            raise ConversionError(f"{self.origin}: {name} has shape {tuple(tensor.shape)}, the config "
+                                  f"implies {want}")
+        return tensor.to(torch.float32).contiguous()
+
+    def check(self) -> None:
+        """Raise ConversionError unless the source provides exactly the dense model's parameters."""
+        if self.cfg.moe.num_experts != 0:
+            raise ConversionError(f"{self.origin}: expected a dense model, config has moe.num_experts = "
+                                  f"{self.cfg.moe.num_experts}")
+        want = expected_shapes(self.cfg)
+        missing = sorted(set(want) - set(self.loaders))
+        extra = sorted(set(self.loaders) - set(want))
+        if missing:
+            raise ConversionError(f"{self.origin}: missing {len(missing)} weights, e.g. {missing[:4]}")
+        if extra:
+            raise ConversionError(f"{self.origin}: weights this model has no place for, e.g. {extra[:4]}")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor, loaded (float32). Holds the whole dense model in memory."""
+        return {name: self.get(name) for name in self.loaders}
