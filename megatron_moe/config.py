@@ -131,6 +131,7 @@ class LoggingConfig:
     log_interval: int = 10
     wandb_project: str = ""
     wandb_mode: str = "offline"  # "offline" | "online" | "disabled"
+    tensorboard_dir: str = ""  # "" = no TensorBoard
     run_name: str = ""
 
 
@@ -196,6 +197,7 @@ MEGATRON_FLAGS: dict[str, str] = {
     "save-interval": "checkpoint.save_interval",
     "log-interval": "logging.log_interval",
     "wandb-project": "logging.wandb_project",
+    "tensorboard-dir": "logging.tensorboard_dir",
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {

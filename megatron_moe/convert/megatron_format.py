@@ -1,0 +1,365 @@
+"""Read a dense Megatron-LM GPT checkpoint in its legacy torch format as a :class:`DenseSource`.
+
+Layout on disk (Megatron-LM ``--ckpt-format torch``)::
+
+    <save>/latest_checkpointed_iteration.txt      "100" or "release"
+    <save>/iter_0000100/mp_rank_00/model_optim_rng.pt    tensor-parallel rank 0
+    <save>/iter_0000100/mp_rank_01/model_optim_rng.pt    tensor-parallel rank 1 ...
+
+``--input`` may be the save directory, an ``iter_*``/``release`` directory or a single ``.pt`` file.
+Pipeline-parallel checkpoints (``mp_rank_XX_YYY``) are refused: merge them to PP=1 with Megatron-LM's
+``tools/checkpoint/convert.py`` first.
+
+Both model layouts are read: megatron-core (``decoder.layers.N.self_attention.linear_qkv.weight``,
+Transformer Engine fused norms ``...linear_qkv.layer_norm_weight`` or local ``input_layernorm``) and
+the older ``language_model.encoder.layers.N.self_attention.query_key_value.weight`` one.
+
+Tensor layouts (per tensor-parallel shard, then concatenated over shards):
+
+- fused QKV ``[groups_per_shard * (heads_per_group + 2) * head_dim, hidden]``: for each query group,
+  its query heads, then its key head, then its value head (Megatron's interleaved GQA layout);
+- fc1 (SwiGLU) ``[2 * ffn / tp, hidden]``: this shard's gate rows then its up rows, so the halves are
+  split per shard before concatenating over shards;
+- column-parallel (QKV, fc1, embedding, output layer) concatenate along dim 0; row-parallel
+  (attention output ``linear_proj``/``dense``, ``linear_fc2``/``dense_4h_to_h``) along dim 1;
+  norms are replicated (checked equal across shards).
+
+Loading runs no pickled code: ``torch.load(weights_only=True)`` with ``argparse.Namespace`` allowed
+(Megatron stores its arguments as one) and every other non-tensor global of the file (numpy RNG
+state, Megatron enums inside ``args``...) replaced by an inert placeholder that only records its
+arguments. The architecture comes from ``args``; a checkpoint without it needs ``overrides`` (the
+CLI's ``--megatron-args FILE.json``: a JSON object of Megatron argument names, which also override
+fields of ``args``). Files are memory-mapped (``mmap=True``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_moe.config import Config
+from megatron_moe.convert.source import ConversionError, DenseSource
+
+TRACKER = "latest_checkpointed_iteration.txt"
+SHARD_FILE = "model_optim_rng.pt"
+
+
+class OpaqueObject:
+    """Stands in for any non-allowed global found in a checkpoint: stores its constructor arguments and
+    state, runs nothing. ``qualname`` says what it replaced."""
+
+    qualname = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = super().__new__(cls)
+        obj.args = args
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<opaque {self.qualname}{self.args!r}>"
+
+
+def _placeholder(qualname: str) -> type:
+    return type("Opaque_" + re.sub(r"\W", "_", qualname), (OpaqueObject,), {"qualname": qualname})
+
+
+def safe_torch_load(file: Path) -> dict[str, Any]:
+    """``torch.load`` a Megatron checkpoint file without executing pickled code (see module docstring)."""
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
+    except Exception as e:
+        raise ConversionError(f"{file}: not a readable torch checkpoint: {e}") from None
+    allowed: list = []
+    for qualname in unsafe:
+        if qualname == "argparse.Namespace":
+            allowed.append(argparse.Namespace)
+        else:
+            allowed.append((_placeholder(qualname), qualname))
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ConversionError(f"{file}: cannot be loaded safely: {str(e).splitlines()[0]}") from None
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    """The directory holding mp_rank_* subdirectories for input ``path``."""
+    tracker = path / TRACKER
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        sub = path / ("release" if text == "release" else f"iter_{int(text):07d}")
+        if not sub.is_dir():
+            raise ConversionError(f"{tracker} says {text!r} but {sub} is missing")
+        return sub
+    return path
+
+
+def shard_files(path: str | Path) -> list[Path]:
+    """The tensor-parallel shard files of a Megatron checkpoint, rank order; ConversionError if gaps."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ConversionError(f"{path}: no such Megatron checkpoint file or directory")
+    ckpt = _checkpoint_dir(path)
+    ranks = sorted(p for p in ckpt.iterdir() if p.is_dir() and p.name.startswith("mp_rank_"))
+    if not ranks:
+        raise ConversionError(f"{ckpt}: no mp_rank_* directories (and no {TRACKER}); not a Megatron checkpoint")
+    if any(len(p.name.split("_")) > 3 for p in ranks):
+        raise ConversionError(f"{ckpt}: pipeline-parallel shards ({ranks[0].name}...) are not supported; merge to "
+                              "pipeline size 1 with Megatron-LM tools/checkpoint/convert.py first")
+    found = {int(p.name.split("_")[2]): p for p in ranks}
+    files = []
+    for r in range(len(found)):
+        if r not in found:
+            raise ConversionError(f"{ckpt}: tensor-parallel shard mp_rank_{r:02d} is missing "
+                                  f"(found {sorted(found)})")
+        file = found[r] / SHARD_FILE
+        if not file.is_file():
+            raise ConversionError(f"{found[r]}: {SHARD_FILE} is missing")
+        files.append(file)
+    return files
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# Megatron key (regex) -> (role, per-layer). Roles: emb, out, final_norm, norm1, norm2, qkv, proj, fc1, fc2.
+_KEY_PATTERNS = [
+    (r"embedding\.word_embeddings\.weight", "emb"),
+    (r"language_model\.embedding\.word_embeddings\.weight", "emb"),
+    (r"output_layer\.weight", "out"),
+    (r"language_model\.output_layer\.weight", "out"),
+    (r"decoder\.final_layernorm\.weight", "final_norm"),
+    (r"language_model\.(?:encoder|transformer)\.final_(?:layer)?norm\.weight", "final_norm"),
+    (r"decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.layer_norm_weight", "norm1"),
+    (r"decoder\.layers\.(\d+)\.input_layernorm\.weight", "norm1"),
+    (r"decoder\.layers\.(\d+)\.mlp\.linear_fc1\.layer_norm_weight", "norm2"),
+    (r"decoder\.layers\.(\d+)\.pre_mlp_layernorm\.weight", "norm2"),
+    (r"decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.weight", "qkv"),
+    (r"decoder\.layers\.(\d+)\.self_attention\.linear_proj\.weight", "proj"),
+    (r"decoder\.layers\.(\d+)\.mlp\.linear_fc1\.weight", "fc1"),
+    (r"decoder\.layers\.(\d+)\.mlp\.linear_fc2\.weight", "fc2"),
+    (r"language_model\.(?:encoder|transformer)\.layers\.(\d+)\.input_(?:layer)?norm\.weight", "norm1"),
+    (r"language_model\.(?:encoder|transformer)\.layers\.(\d+)\.post_attention_(?:layer)?norm\.weight", "norm2"),
+    (r"language_model\.(?:encoder|transformer)\.layers\.(\d+)\.self_attention\.query_key_value\.weight", "qkv"),
+    (r"language_model\.(?:encoder|transformer)\.layers\.(\d+)\.self_attention\.dense\.weight", "proj"),
+    (r"language_model\.(?:encoder|transformer)\.layers\.(\d+)\.mlp\.dense_h_to_4h\.weight", "fc1"),
+    (r"language_model\.(?:encoder|transformer)\.layers\.(\d+)\.mlp\.dense_4h_to_h\.weight", "fc2"),
+]
+_COMPILED = [(re.compile(p + r"$"), role) for p, role in _KEY_PATTERNS]
+
+
+def _classify(key: str) -> tuple[str, int | None] | None:
+    for pattern, role in _COMPILED:
+        m = pattern.match(key)
+        if m:
+            return role, (int(m.group(1)) if m.groups() else None)
+    return None
+
+
+def _arg(args: dict[str, Any], name: str, default: Any = None) -> Any:
+    value = args.get(name, default)
+    return default if value is None else value
+
+
+def config_from_megatron_args(args: dict[str, Any], where: str) -> Config:
+    """Map Megatron-LM arguments (a dict of ``args``' fields) to a dense project Config.
+
+    Raises ConversionError naming the Megatron argument when the architecture is not representable.
+    """
+    required = ("hidden_size", "num_layers", "num_attention_heads")
+    for name in required:
+        if not isinstance(args.get(name), int):
+            raise ConversionError(f"{where}: Megatron argument {name} is missing; pass --megatron-args FILE.json")
+    checks = [
+        ("swiglu", True, "only SwiGLU MLPs are supported"),
+        ("normalization", "RMSNorm", "only RMSNorm is supported"),
+        ("position_embedding_type", "rope", "only rotary position embeddings are supported"),
+        ("add_bias_linear", False, "linear-layer biases are not supported"),
+        ("add_qkv_bias", False, "QKV biases are not supported"),
+        ("rotary_interleaved", False, "interleaved rotary embeddings are not supported"),
+        ("qk_layernorm", False, "QK layer norm is not supported"),
+        ("apply_layernorm_1p", False, "1p norms are not supported"),
+        ("use_rope_scaling", False, "rope scaling is not supported"),
+    ]
+    defaults = {"swiglu": False, "normalization": "LayerNorm", "position_embedding_type": "learned_absolute",
+                "add_bias_linear": True, "add_qkv_bias": False, "rotary_interleaved": False,
+                "qk_layernorm": False, "apply_layernorm_1p": False, "use_rope_scaling": False}
+    for name, want, why in checks:
+        got = _arg(args, name, defaults[name])
+        if name == "position_embedding_type" and args.get("use_rotary_position_embeddings"):
+            got = "rope"
+        if got != want:
+            raise ConversionError(f"{where}: Megatron argument {name} = {got!r}; {why} (need {want!r})")
+    if float(_arg(args, "rotary_percent", 1.0)) != 1.0:
+        raise ConversionError(f"{where}: Megatron argument rotary_percent = {args['rotary_percent']}; only 1.0 "
+                              "is supported")
+    if _arg(args, "rotary_seq_len_interpolation_factor") not in (None, 1):
+        raise ConversionError(f"{where}: Megatron argument rotary_seq_len_interpolation_factor is set; rope "
+                              "scaling is not supported")
+    if _arg(args, "num_experts"):
+        raise ConversionError(f"{where}: Megatron argument num_experts = {args['num_experts']}; the input must "
+                              "be a dense model")
+    hidden, heads = args["hidden_size"], args["num_attention_heads"]
+    kv_channels = _arg(args, "kv_channels", hidden // heads)
+    if hidden % heads or kv_channels != hidden // heads:
+        raise ConversionError(f"{where}: Megatron argument kv_channels = {kv_channels} differs from hidden_size / "
+                              f"num_attention_heads = {hidden / heads}; not supported")
+    if int(_arg(args, "pipeline_model_parallel_size", 1)) != 1:
+        raise ConversionError(f"{where}: pipeline_model_parallel_size = {args['pipeline_model_parallel_size']}; "
+                              "merge to pipeline size 1 with Megatron-LM tools/checkpoint/convert.py first")
+    cfg = Config()
+    m = cfg.model
+    m.hidden_size, m.num_layers, m.num_attention_heads = hidden, args["num_layers"], heads
+    m.num_query_groups = int(_arg(args, "num_query_groups", heads)) if args.get("group_query_attention") else heads
+    m.ffn_hidden_size = int(_arg(args, "ffn_hidden_size", 4 * hidden))
+    m.rope_theta = float(_arg(args, "rotary_base", 10000))
+    m.norm_eps = float(_arg(args, "norm_epsilon", 1e-5))
+    m.tie_embeddings = not bool(_arg(args, "untie_embeddings_and_output_weights", False))
+    m.init_std = float(_arg(args, "init_method_std", m.init_std))
+    vocab = args.get("padded_vocab_size")
+    if vocab:
+        m.vocab_size = int(vocab)
+        m.make_vocab_size_divisible_by = math.gcd(m.vocab_size, 128)
+    cfg.moe.num_experts = 0
+    cfg.data.seq_length = int(_arg(args, "seq_length", cfg.data.seq_length))
+    return cfg
+
+
+def _split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int, where: str):
+    """Fused interleaved QKV [groups * (heads/groups + 2) * head_dim, hidden] -> q, k, v weights."""
+    per = heads // groups
+    if qkv.shape[0] != groups * (per + 2) * head_dim:
+        raise ConversionError(f"{where}: fused QKV has {qkv.shape[0]} rows; expected {groups} groups x "
+                              f"({per} + 2) heads x {head_dim}")
+    grouped = qkv.reshape(groups, per + 2, head_dim, qkv.shape[-1])
+    q = grouped[:, :per].reshape(heads * head_dim, -1)
+    k = grouped[:, per].reshape(groups * head_dim, -1)
+    v = grouped[:, per + 1].reshape(groups * head_dim, -1)
+    return q, k, v
+
+
+def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> DenseSource:
+    """A :class:`DenseSource` for a Megatron-LM legacy torch checkpoint (all TP shards merged).
+
+    The shards are loaded memory-mapped; the merged tensors are computed on demand.
+    """
+    files = shard_files(path)
+    shards = [safe_torch_load(f) for f in files]
+    where = str(files[0])
+    first = shards[0]
+    if not isinstance(first, dict) or "model" not in first:
+        extra = " (virtual pipeline stages: model0, model1...)" if isinstance(first, dict) and "model0" in first else ""
+        raise ConversionError(f"{where}: no 'model' entry{extra}; not a supported Megatron GPT checkpoint")
+    version = first.get("checkpoint_version", 3.0)
+    if version is not None and float(version) < 3.0:
+        raise ConversionError(f"{where}: checkpoint_version = {version}; versions before 3.0 store QKV in an "
+                              "older layout that is not supported")
+    args_obj = first.get("args")
+    args = dict(vars(args_obj)) if isinstance(args_obj, argparse.Namespace) else {}
+    args.update(overrides or {})
+    cfg = config_from_megatron_args(args, where)
+    tp = len(files)
+    declared_tp = int(_arg(args, "tensor_model_parallel_size", tp))
+    if declared_tp != tp:
+        raise ConversionError(f"{files[0].parent.parent}: args say tensor_model_parallel_size = {declared_tp} but "
+                              f"{tp} mp_rank_* shards were found")
+
+    roles: list[dict[tuple[str, int | None], torch.Tensor]] = []
+    for file, shard in zip(files, shards, strict=True):
+        table: dict[tuple[str, int | None], torch.Tensor] = {}
+        for key, value in _flatten(shard["model"]).items():
+            if key.endswith("_extra_state") or not isinstance(value, torch.Tensor):
+                continue
+            found = _classify(key)
+            if found is None:
+                raise ConversionError(f"{file}: tensor {key} has no counterpart in this project's model")
+            table[found] = value
+        roles.append(table)
+    m = cfg.model
+    if not m.vocab_size:
+        emb_rows = sum(t[("emb", None)].shape[0] for t in roles if ("emb", None) in t)
+        m.vocab_size = emb_rows
+        m.make_vocab_size_divisible_by = math.gcd(max(emb_rows, 1), 128)
+    head_dim = m.hidden_size // m.num_attention_heads
+    groups = m.num_query_groups or m.num_attention_heads
+
+    def shard_list(role: str, layer: int | None) -> list[torch.Tensor]:
+        out = []
+        for file, table in zip(files, roles, strict=True):
+            if (role, layer) not in table:
+                name = role if layer is None else f"layer {layer} {role}"
+                raise ConversionError(f"{file}: no tensor for {name}")
+            out.append(table[(role, layer)])
+        return out
+
+    def replicated(role: str, layer: int | None):
+        def load() -> torch.Tensor:
+            parts = shard_list(role, layer)
+            for r, p in enumerate(parts[1:], 1):
+                if not torch.equal(p, parts[0]):
+                    raise ConversionError(f"{files[r]}: replicated tensor {role} (layer {layer}) differs from rank 0")
+            return parts[0]
+        return load
+
+    def cat(role: str, layer: int | None, dim: int):
+        return lambda: torch.cat(shard_list(role, layer), dim=dim)
+
+    def qkv_part(layer: int, which: int):
+        def load() -> torch.Tensor:
+            full = torch.cat(shard_list("qkv", layer), dim=0)
+            return _split_qkv(full, m.num_attention_heads, groups, head_dim, f"{where} layer {layer}")[which]
+        return load
+
+    def fc1_part(layer: int, which: int):
+        def load() -> torch.Tensor:
+            halves = []
+            for file, p in zip(files, shard_list("fc1", layer), strict=True):
+                if p.shape[0] % 2:
+                    raise ConversionError(f"{file}: layer {layer} fc1 has an odd number of rows ({p.shape[0]}); "
+                                          "expected [gate; up] for SwiGLU")
+                halves.append(p.chunk(2, dim=0)[which])
+            return torch.cat(halves, dim=0)
+        return load
+
+    loaders = {"tok_embeddings.weight": cat("emb", None, 0), "norm.weight": replicated("final_norm", None)}
+    if not m.tie_embeddings:
+        loaders["output.weight"] = cat("out", None, 0)
+    for i in range(m.num_layers):
+        p = f"layers.{i}."
+        loaders[p + "attention_norm.weight"] = replicated("norm1", i)
+        loaders[p + "ffn_norm.weight"] = replicated("norm2", i)
+        loaders[p + "attention.wq.weight"] = qkv_part(i, 0)
+        loaders[p + "attention.wk.weight"] = qkv_part(i, 1)
+        loaders[p + "attention.wv.weight"] = qkv_part(i, 2)
+        loaders[p + "attention.wo.weight"] = cat("proj", i, 1)
+        loaders[p + "feed_forward.w1.weight"] = fc1_part(i, 0)
+        loaders[p + "feed_forward.w3.weight"] = fc1_part(i, 1)
+        loaders[p + "feed_forward.w2.weight"] = cat("fc2", i, 1)
+    layers_found = {layer for table in roles for (_, layer) in table if layer is not None}
+    beyond = sorted(x for x in layers_found if x >= m.num_layers)
+    if beyond:
+        raise ConversionError(f"{where}: holds layer {beyond[0]} but args say num_layers = {m.num_layers}")
+    source = DenseSource(cfg, loaders, f"megatron:{path}", extra={"megatron_args": sorted(args)})
+    source.check()
+    return source

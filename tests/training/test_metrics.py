@@ -1,0 +1,32 @@
+from megatron_moe.training.metrics import MetricsWriter, read_metrics
+
+RECORD = {"step": 3, "loss": 2.5, "lm_loss": 2.4, "aux_loss": 0.1, "lr": 1e-3, "grad_norm": 0.5,
+          "tokens_per_sec": 100.0, "moe": [{"layer": 0, "aux_coeff": 0.01, "drop_rate": 0.2, "load": [0.5, 0.5]}]}
+
+
+def test_jsonl_records_round_trip(tmp_path):
+    writer = MetricsWriter(str(tmp_path))
+    writer.log(RECORD)
+    writer.log({"step": 3, "valid_loss": 2.0})
+    writer.close()
+    assert read_metrics(str(tmp_path)) == [RECORD, {"step": 3, "valid_loss": 2.0}]
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    writer = MetricsWriter(str(tmp_path / "run"), enabled=False)
+    writer.log(RECORD)
+    assert not (tmp_path / "run").exists()
+
+
+def test_wandb_offline_run_directory_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    writer = MetricsWriter(str(tmp_path), wandb_project="megatron-moe-test", wandb_mode="offline",
+                           config={"model": {"hidden_size": 8}})
+    writer.log(RECORD)
+    writer.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    (log,) = runs[0].glob("run-*.wandb")  # wandb's binary record log of the offline run
+    data = log.read_bytes()
+    assert b"moe/layer0/drop_rate" in data and b"lm_loss" in data and b"hidden_size" in data
