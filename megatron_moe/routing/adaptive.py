@@ -51,14 +51,14 @@ class AdaptiveAuxLossCoefficients:
     ) -> None:
         _check_num_layers(num_layers)
         if not xi >= 0:
-            raise ValueError(f"moe.aux_loss_xi must be >= 0, got {xi}")
+            raise ValueError(f"moe.adaptive_xi must be >= 0, got {xi}")
         if not alpha_max >= 0:
-            raise ValueError(f"moe.aux_loss_alpha_max must be >= 0, got {alpha_max}")
+            raise ValueError(f"moe.adaptive_alpha_max must be >= 0, got {alpha_max}")
         if not 0 <= beta < 1:
-            raise ValueError(f"moe.aux_loss_beta must be in [0, 1), got {beta}")
+            raise ValueError(f"moe.adaptive_beta must be in [0, 1), got {beta}")
         alpha_0 = alpha_max if alpha_0 is None else alpha_0
         if not alpha_0 >= 0:
-            raise ValueError(f"moe.aux_loss_alpha_0 must be >= 0, got {alpha_0}")
+            raise ValueError(f"moe.adaptive_alpha_0 must be >= 0, got {alpha_0}")
         self.num_layers = num_layers
         self.xi = float(xi)
         self.alpha_max = float(alpha_max)

@@ -71,7 +71,7 @@ class Router(nn.Module):
         if logit_norm and num_experts < 2:
             raise ValueError("moe.logit_norm needs moe.num_experts >= 2")
         if not jitter_eps >= 0:
-            raise ValueError(f"moe.router_jitter_eps must be >= 0, got {jitter_eps}")
+            raise ValueError(f"moe.jitter_eps must be >= 0, got {jitter_eps}")
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.topk = topk

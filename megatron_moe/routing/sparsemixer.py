@@ -116,7 +116,7 @@ def sparsemixer_v2_routing(
     if logits.shape[-1] < 2:
         raise ValueError(f"the sparsemixer router needs num_experts >= 2, got {logits.shape[-1]}")
     if jitter_eps < 0:
-        raise ValueError(f"moe.router_jitter_eps must be >= 0, got {jitter_eps}")
+        raise ValueError(f"moe.jitter_eps must be >= 0, got {jitter_eps}")
 
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
     neg_inf = float("-inf")

@@ -1,0 +1,114 @@
+"""What a training checkpoint holds, keyed so that any parallel layout can load it.
+
+- ``model``: parameters by their fully-qualified name in the single-device model
+  (``layers.3.attention.wq.weight``): pipeline stages keep the global layer index, tensor-parallel
+  shards are DTensors, so DCP reshards on load;
+- ``optimizer``: AdamW's ``exp_avg``, ``exp_avg_sq`` and ``step`` per parameter, under the
+  parameter's name (the learning rate is a function of the step and is not stored);
+- ``train_state``: step, consumed training samples, the per-layer auxiliary coefficients;
+- ``rng``: every rank's generator states under ``rank{R}``, restored only into the same layout
+  (SparseMixer-v2 then draws exactly the samples of the uninterrupted run).
+
+Non-tensor facts (config, layout, step) live in the checkpoint's meta.json.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron_moe.training.checkpoint import checkpoint_keys, load_checkpoint
+
+
+def model_state(parts: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers of this rank's model parts, by single-device name."""
+    state: dict[str, torch.Tensor] = {}
+    for part in parts:
+        for name, tensor in part.state_dict().items():
+            if name in state:
+                raise ValueError(f"parameter {name} appears in two model parts")
+            state[name] = tensor
+    return state
+
+
+def _new_adam_state(p: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
+    on_device = group.get("fused") or group.get("capturable")
+    return {
+        "step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+    }
+
+
+def optimizer_state(parts: list[nn.Module], optimizer: torch.optim.Optimizer, create: bool = False) -> dict:
+    """AdamW state per parameter name; ``create`` allocates zero state first (the targets of a load)."""
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for part in parts:
+        for name, p in part.named_parameters():
+            if id(p) not in group_of:
+                continue
+            if create and p not in optimizer.state:
+                optimizer.state[p] = _new_adam_state(p, group_of[id(p)])
+            if p in optimizer.state:
+                state[name] = optimizer.state[p]
+    return state
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def training_state(parts, optimizer, step: int, consumed_samples: int, aux_coefficients: torch.Tensor | None,
+                   rank: int, device: torch.device, create_optimizer_state: bool = False) -> dict:
+    """The nested tensor dict a training checkpoint saves (and, as targets, loads into)."""
+    train = {"step": torch.tensor(step, dtype=torch.int64),
+             "consumed_samples": torch.tensor(consumed_samples, dtype=torch.int64)}
+    if aux_coefficients is not None:
+        train["aux_coefficients"] = aux_coefficients.detach().to("cpu", copy=True)
+    return {
+        "model": model_state(parts),
+        "optimizer": optimizer_state(parts, optimizer, create=create_optimizer_state),
+        "train_state": train,
+        "rng": {f"rank{rank}": rng_state(device)},
+    }
+
+
+def load_training_state(checkpoint, parts, optimizer, num_moe_layers: int, rank: int, device: torch.device,
+                        same_layout: bool, group=None) -> dict:
+    """Load a training checkpoint into ``parts`` and ``optimizer`` in place.
+
+    Returns ``{"step", "consumed_samples", "aux_coefficients" (tensor or None), "rng_restored"}``.
+    RNG states are restored only when ``same_layout`` (rank r of the same layout saved them).
+    """
+    stored = checkpoint_keys(checkpoint)
+    state = training_state(parts, optimizer, 0, 0, torch.zeros(num_moe_layers) if num_moe_layers else None,
+                           rank, device, create_optimizer_state=True)
+    rng_key = f"rng.rank{rank}.cpu"
+    restore_rng = same_layout and rng_key in stored
+    if not restore_rng:
+        del state["rng"]
+    load_checkpoint(checkpoint, state, group=group)
+    if restore_rng:
+        set_rng_state(state["rng"][f"rank{rank}"], device)
+    train = state["train_state"]
+    return {
+        "step": int(train["step"]),
+        "consumed_samples": int(train["consumed_samples"]),
+        "aux_coefficients": train.get("aux_coefficients"),
+        "rng_restored": restore_rng,
+    }
+
+
+def load_model_only(checkpoint, parts, group=None) -> None:
+    """Load just the model weights (an upcycled / converted checkpoint, or evaluation)."""
+    load_checkpoint(checkpoint, {"model": model_state(parts)}, group=group)

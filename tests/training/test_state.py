@@ -1,0 +1,52 @@
+import torch
+
+from megatron_moe.training.checkpoint import resolve_checkpoint, save_checkpoint
+from megatron_moe.training.state import load_model_only, load_training_state, training_state
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def step(model, opt):
+    x = torch.randn(5, 6)  # draws from the global generator: resume must restore it
+    model(x).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_resume_continues_bitwise(tmp_path):
+    model, opt = make()
+    for _ in range(3):
+        step(model, opt)
+    coeffs = torch.tensor([0.01, 0.005])
+    save_checkpoint(tmp_path, 3, training_state([model], opt, 3, 96, coeffs, 0, torch.device("cpu")), {})
+    for _ in range(2):
+        step(model, opt)
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    model2, opt2 = make(seed=99)  # different weights, fresh optimizer, different generator state
+    info = load_training_state(resolve_checkpoint(tmp_path), [model2], opt2, 2, 0, torch.device("cpu"),
+                               same_layout=True)
+    assert info["step"] == 3 and info["consumed_samples"] == 96 and info["rng_restored"]
+    torch.testing.assert_close(info["aux_coefficients"], coeffs, rtol=0, atol=0)
+    for _ in range(2):
+        step(model2, opt2)
+    for a, b in zip(expected, model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_other_layout_skips_rng_and_model_only_load(tmp_path):
+    model, opt = make()
+    step(model, opt)
+    save_checkpoint(tmp_path, 1, training_state([model], opt, 1, 8, None, 0, torch.device("cpu")), {})
+    model2, opt2 = make(seed=5)
+    info = load_training_state(resolve_checkpoint(tmp_path), [model2], opt2, 0, 3, torch.device("cpu"),
+                               same_layout=False)
+    assert not info["rng_restored"] and info["aux_coefficients"] is None
+    model3, _ = make(seed=7)
+    load_model_only(resolve_checkpoint(tmp_path), [model3])
+    for a, b in zip(model.parameters(), model3.parameters(), strict=True):
+        assert torch.equal(a, b)
