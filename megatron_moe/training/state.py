@@ -112,3 +112,34 @@ def load_training_state(checkpoint, parts, optimizer, num_moe_layers: int, rank:
 def load_model_only(checkpoint, parts, group=None) -> None:
     """Load just the model weights (an upcycled / converted checkpoint, or evaluation)."""
     load_checkpoint(checkpoint, {"model": model_state(parts)}, group=group)
+
+
+# Settings that decide the shapes and names of the model's tensors: a checkpoint only fits a model
+# that agrees on all of them. (Routing and balancing settings may change between runs.)
+ARCHITECTURE_SETTINGS = (
+    "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_attention_heads",
+    "model.num_query_groups", "model.ffn_hidden_size", "model.tie_embeddings", "model.rope_theta",
+    "moe.num_experts", "moe.topk", "moe.expert_ffn_hidden_size", "moe.layer_freq", "moe.first_k_dense",
+)
+
+
+def check_compatible(saved_config: dict, cfg, checkpoint) -> None:
+    """Raise CheckpointError naming every architecture setting where ``cfg`` differs from the checkpoint.
+
+    ``model.vocab_size = 0`` (derive from the tokenizer) is filled in from the checkpoint instead.
+    """
+    from megatron_moe.training.checkpoint import CheckpointError
+
+    if cfg.model.vocab_size == 0 and "model" in saved_config:
+        cfg.model.vocab_size = int(saved_config["model"].get("vocab_size", 0))
+    diffs = []
+    for dotted in ARCHITECTURE_SETTINGS:
+        group, key = dotted.split(".")
+        if key not in saved_config.get(group, {}):
+            continue
+        saved, mine = saved_config[group][key], getattr(getattr(cfg, group), key)
+        if saved != mine:
+            diffs.append(f"{dotted}: checkpoint {saved!r}, config {mine!r}")
+    if diffs:
+        raise CheckpointError(f"checkpoint {checkpoint} was saved from a different model configuration: "
+                              + "; ".join(diffs))

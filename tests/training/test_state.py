@@ -50,3 +50,23 @@ def test_other_layout_skips_rng_and_model_only_load(tmp_path):
     load_model_only(resolve_checkpoint(tmp_path), [model3])
     for a, b in zip(model.parameters(), model3.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_incompatible_config_names_the_settings():
+    import dataclasses
+
+    import pytest
+
+    from megatron_moe.config import Config
+    from megatron_moe.training.checkpoint import CheckpointError
+    from megatron_moe.training.state import check_compatible
+
+    saved = Config()
+    saved.model.vocab_size, saved.moe.num_experts = 256, 16
+    cfg = Config()
+    cfg.moe.num_experts = 16
+    check_compatible(dataclasses.asdict(saved), cfg, "ckpt")
+    assert cfg.model.vocab_size == 256  # taken from the checkpoint when not set
+    cfg.model.hidden_size, cfg.moe.num_experts = 128, 8
+    with pytest.raises(CheckpointError, match=r"model.hidden_size: checkpoint 256, config 128.*moe.num_experts"):
+        check_compatible(dataclasses.asdict(saved), cfg, "ckpt")
