@@ -11,7 +11,9 @@ Exceptions raised in any rank are re-raised in the caller with the rank's traceb
 
 from __future__ import annotations
 
+import io
 import os
+import queue as queue_module
 import socket
 import traceback
 from collections.abc import Callable
@@ -41,7 +43,11 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Serialise here: tensors sent through a multiprocessing queue live in shared memory that
+        # disappears when this process exits before the parent has read them.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - reported to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -67,11 +73,11 @@ def run_distributed(fn: Callable, world_size: int = 2, args: tuple = (), timeout
     for _ in range(world_size):
         try:
             rank, status, payload = queue.get(timeout=timeout)
-        except Exception:  # queue.Empty
+        except queue_module.Empty:
             errors.append(f"no result from some rank within {timeout}s")
             break
         if status == "ok":
-            results[rank] = payload
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         else:
             errors.append(f"rank {rank} failed:\n{payload}")
             break

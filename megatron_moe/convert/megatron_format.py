@@ -90,7 +90,10 @@ def safe_torch_load(file: Path) -> dict[str, Any]:
         with torch.serialization.safe_globals(allowed):
             return torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise ConversionError(f"{file}: cannot be loaded safely: {str(e).splitlines()[0]}") from None
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "unrecognized" in ln or "Unsupported" in ln or "Can only" in ln),
+                      lines[0] if lines else type(e).__name__)
+        raise ConversionError(f"{file}: cannot be loaded without running pickled code: {detail}") from None
 
 
 def _checkpoint_dir(path: Path) -> Path:

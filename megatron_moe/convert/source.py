@@ -36,11 +36,13 @@ class DenseSource:
         loaders: parameter name (``layers.0.attention.wq.weight``, ...) -> zero-argument function
             returning the tensor, in the layout of :class:`MoETransformer` (nn.Linear ``[out, in]``).
         origin: a short description for messages and meta.json (``"hf:/path"``...).
+        extra: reader-specific details (the HF config dict, Megatron argument names).
     """
 
     cfg: Config
     loaders: dict[str, Callable[[], torch.Tensor]]
     origin: str
+    extra: dict = field(default_factory=dict)
     _shapes: dict[str, tuple[int, ...]] | None = field(default=None, repr=False)
 
     def get(self, name: str) -> torch.Tensor:

@@ -1,0 +1,155 @@
+"""Hugging Face dense models -> upcycled MoE checkpoints: exact function, config mapping, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import upcycle_checkpoint
+from megatron_moe.convert.hf import read_hf
+from megatron_moe.convert.native import load_model
+from megatron_moe.convert.source import ConversionError
+from megatron_moe.convert.upcycle import UpcycleOptions, upcycle
+from megatron_moe.training.checkpoint import read_meta, resolve_checkpoint
+from tests.convert.conftest import make_hf, tokens
+
+# float32 end to end; the MoE sums the same products in a different order (expert GEMMs, weighted combine),
+# so logits agree to rounding: observed ~1e-7 on logits of magnitude ~0.1-1.
+ATOL = 1e-5
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = upcycle_checkpoint.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.parametrize("model_type,tied", [("llama", False), ("mistral", False), ("llama", True)])
+def test_upcycled_logits_equal_transformers_dense_logits(tmp_path, capsys, model_type, tied):
+    hf = make_hf(tmp_path / "hf", model_type, tie_word_embeddings=tied)
+    rc, out, err = run_cli(capsys, "--input", tmp_path / "hf", "--input-format", "hf", "--num-experts", 4,
+                           "--moe-router-topk", 2, "--output", tmp_path / "moe", "--verify")
+    assert rc == 0, err
+    diff = float(out.split("= ")[-1].split()[0])
+    assert diff < ATOL, out
+    model, meta = load_model(tmp_path / "moe")
+    assert meta["contents"] == ["model"] and meta["step"] == 0
+    cfg = model.cfg
+    assert (cfg.moe.num_experts, cfg.moe.topk, cfg.model.num_query_groups, cfg.model.tie_embeddings) == (4, 2, 2, tied)
+    assert cfg.model.norm_eps == 1e-6
+    x = tokens()
+    with torch.no_grad():
+        ref = hf(x).logits
+        ours = model(x)
+    assert ref.abs().max() > 0.05  # a meaningful comparison, not all zeros
+    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
+    # The router is fresh and the experts are identical copies of the dense FFN.
+    w1 = model.layers["1"].feed_forward.experts.w1
+    torch.testing.assert_close(w1[0], hf.model.layers[1].mlp.gate_proj.weight.t(), atol=0, rtol=0)
+    assert all(torch.equal(w1[0], w1[e]) for e in range(4))
+
+
+def test_router_is_seeded_and_noise_breaks_exactness(tmp_path, hf_llama):
+    path, hf = hf_llama
+    source = read_hf(path)
+    _, a = upcycle(source, UpcycleOptions(4, 2, seed=7, router_init_std=0.5))
+    _, b = upcycle(source, UpcycleOptions(4, 2, seed=7, router_init_std=0.5))
+    _, c = upcycle(source, UpcycleOptions(4, 2, seed=8, router_init_std=0.5))
+    gate = "layers.0.feed_forward.router.gate.weight"
+    assert torch.equal(a[gate], b[gate]) and not torch.equal(a[gate], c[gate])
+    assert abs(a[gate].std().item() - 0.5) < 0.15
+    cfg, noisy = upcycle(source, UpcycleOptions(4, 2, expert_noise=0.05, seed=7))
+    w = noisy["layers.0.feed_forward.experts.w1"]
+    assert not torch.equal(w[0], w[1])
+    rel = (w[0] - a["layers.0.feed_forward.experts.w1"][0]).pow(2).mean().sqrt() / w[0].pow(2).mean().sqrt()
+    assert 0.02 < rel.item() < 0.1
+
+
+@pytest.mark.parametrize("experts,topk,g", [(4, 2, 2), (8, 4, 4), (8, 2, 2)])
+def test_granular_upcycling_is_exact(tmp_path, hf_llama, experts, topk, g):
+    path, hf = hf_llama
+    from megatron_moe.convert.native import model_from_state
+
+    cfg, state = upcycle(read_hf(path), UpcycleOptions(experts, topk, granularity=g, router_init_std=1.0))
+    assert cfg.moe.expert_ffn_hidden_size == 64 // g
+    w1 = state["layers.0.feed_forward.experts.w1"]
+    dense_w1 = hf.model.layers[0].mlp.gate_proj.weight.t()
+    for e in range(experts):  # expert e holds slice e mod G
+        s = e % g
+        assert torch.equal(w1[e], dense_w1[:, s * (64 // g):(s + 1) * (64 // g)])
+    model = model_from_state(cfg, state)
+    x = tokens(seq=24)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, atol=ATOL, rtol=0)
+
+
+def test_sharded_index_and_missing_shard(tmp_path, capsys):
+    hf = make_hf(tmp_path / "hf", save_kwargs={"max_shard_size": "20KB"})
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1
+    cfg, state = upcycle(read_hf(tmp_path / "hf"), UpcycleOptions(2, 1))
+    torch.testing.assert_close(state["layers.1.attention.wk.weight"], hf.model.layers[1].self_attn.k_proj.weight)
+    (tmp_path / "hf" / files[-1]).unlink()
+    rc, _, err = run_cli(capsys, "--input", tmp_path / "hf", "--input-format", "hf", "--num-experts", 2,
+                         "--output", tmp_path / "out")
+    assert rc == 2 and files[-1] in err and "missing" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, "rope_type"),
+    ({"head_dim": 16}, "head_dim"),
+])
+def test_unsupported_architectures_name_the_field(tmp_path, overrides, field):
+    make_hf(tmp_path / "hf", **overrides)
+    with pytest.raises(ConversionError, match=field):
+        read_hf(tmp_path / "hf")
+
+
+def test_qwen2_and_sliding_window_refused(tmp_path):
+    make_hf(tmp_path / "m", "mistral", sliding_window=16)
+    with pytest.raises(ConversionError, match="sliding_window = 16"):
+        read_hf(tmp_path / "m")
+    make_hf(tmp_path / "q")
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    cfg["model_type"] = "qwen2"
+    (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match="qwen2.*bias"):
+        read_hf(tmp_path / "q")
+    cfg["model_type"] = "gpt2"
+    (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match="model_type = 'gpt2'"):
+        read_hf(tmp_path / "q")
+
+
+def test_bad_upcycling_options(tmp_path, capsys, hf_llama):
+    path, _ = hf_llama
+    rc, _, err = run_cli(capsys, "--input", path, "--input-format", "hf", "--num-experts", 2, "--moe-router-topk", 4,
+                         "--output", tmp_path / "o")
+    assert rc == 2 and "--moe-router-topk = 4" in err and "--num-experts = 2" in err
+    for argv, msg in ((["--num-experts", 6, "--granularity", 4], "does not divide --num-experts"),
+                      (["--num-experts", 4, "--granularity", 2, "--moe-router-topk", 1], "--moe-router-topk"),
+                      (["--num-experts", 6, "--moe-router-topk", 3, "--granularity", 3], "FFN width 64")):
+        rc, _, err = run_cli(capsys, "--input", path, "--input-format", "hf", *argv, "--output", tmp_path / "o")
+        assert rc == 2 and msg in err, err
+    rc, _, err = run_cli(capsys, "--input", tmp_path / "nowhere", "--input-format", "hf", "--num-experts", 2,
+                         "--output", tmp_path / "o")
+    assert rc == 2 and "config.json" in err
+
+
+def test_output_is_a_step0_model_only_checkpoint(tmp_path, capsys, hf_llama):
+    path, _ = hf_llama
+    rc, _, _ = run_cli(capsys, "--input", path, "--input-format", "hf", "--num-experts", 2, "--moe-router-topk", 1,
+                       "--output", tmp_path / "o")
+    assert rc == 0
+    ckpt = resolve_checkpoint(tmp_path / "o")
+    meta = read_meta(ckpt)
+    assert ckpt.name == "iter_0000000" and meta["step"] == 0 and meta["contents"] == ["model"]
+    assert meta["config"]["moe"]["num_experts"] == 2 and meta["upcycling"]["topk"] == 1
+    assert meta["source"].startswith("upcycled from hf:")

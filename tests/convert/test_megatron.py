@@ -1,0 +1,212 @@
+"""Megatron-LM legacy torch checkpoints (written here, TP=1 and TP=2, mcore and old layouts) -> our model."""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import pathlib
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import upcycle_checkpoint
+from megatron_moe.convert.megatron_format import read_megatron
+from megatron_moe.convert.native import load_model
+from megatron_moe.convert.source import ConversionError
+from tests.convert.conftest import save_native, tiny_config, tokens
+
+
+class AttnBackend(enum.Enum):  # stands for Megatron's enums stored inside `args`
+    auto = 5
+
+
+class Evil:
+    """Would create a file when unpickled by a loader that runs pickled code."""
+
+    def __init__(self, target: pathlib.Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.target,))
+
+
+def megatron_args(cfg, tp: int, **overrides) -> argparse.Namespace:
+    m = cfg.model
+    args = dict(
+        hidden_size=m.hidden_size, num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+        group_query_attention=True, num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
+        kv_channels=m.hidden_size // m.num_attention_heads, padded_vocab_size=m.vocab_size, seq_length=64,
+        swiglu=True, normalization="RMSNorm", position_embedding_type="rope", add_bias_linear=False,
+        add_qkv_bias=False, rotary_interleaved=False, rotary_percent=1.0, rotary_base=int(m.rope_theta),
+        norm_epsilon=m.norm_eps, untie_embeddings_and_output_weights=not m.tie_embeddings, qk_layernorm=False,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, num_experts=None,
+        attention_backend=AttnBackend.auto, params_dtype=torch.float32,
+    )
+    args.update(overrides)
+    return argparse.Namespace(**args)
+
+
+def fused_qkv(state, i, cfg) -> torch.Tensor:
+    """Megatron's interleaved layout: per query group, its q heads, then k, then v."""
+    m = cfg.model
+    hd, groups = m.hidden_size // m.num_attention_heads, m.num_query_groups
+    per = m.num_attention_heads // groups
+    q = state[f"layers.{i}.attention.wq.weight"].reshape(groups, per * hd, -1)
+    k = state[f"layers.{i}.attention.wk.weight"].reshape(groups, hd, -1)
+    v = state[f"layers.{i}.attention.wv.weight"].reshape(groups, hd, -1)
+    return torch.cat([q, k, v], dim=1).reshape(-1, m.hidden_size)
+
+
+def shard_model(state, cfg, tp: int, r: int, layout: str) -> dict:
+    """Rank r's Megatron model dict (mcore flat keys, or the old nested language_model layout)."""
+    m = cfg.model
+
+    def rows(t):
+        n = t.shape[0] // tp
+        return t[r * n:(r + 1) * n].clone()
+
+    def cols(t):
+        n = t.shape[1] // tp
+        return t[:, r * n:(r + 1) * n].clone()
+
+    layers = {}
+    for i in range(m.num_layers):
+        p = f"layers.{i}."
+        w1, w3 = state[p + "feed_forward.w1.weight"], state[p + "feed_forward.w3.weight"]
+        layers[i] = dict(
+            qkv=rows(fused_qkv(state, i, cfg)), proj=cols(state[p + "attention.wo.weight"]),
+            fc1=torch.cat([rows(w1), rows(w3)]), fc2=cols(state[p + "feed_forward.w2.weight"]),
+            norm1=state[p + "attention_norm.weight"].clone(), norm2=state[p + "ffn_norm.weight"].clone(),
+        )
+    emb, final = rows(state["tok_embeddings.weight"]), state["norm.weight"].clone()
+    out = None if m.tie_embeddings else rows(state["output.weight"])
+    if layout == "mcore":  # Transformer Engine names: norms fused into the following linear
+        model = {"embedding.word_embeddings.weight": emb, "decoder.final_layernorm.weight": final}
+        for i, t in layers.items():
+            d = f"decoder.layers.{i}."
+            model.update({
+                d + "self_attention.linear_qkv.weight": t["qkv"],
+                d + "self_attention.linear_qkv.layer_norm_weight": t["norm1"],
+                d + "self_attention.linear_qkv._extra_state": None,
+                d + "self_attention.linear_proj.weight": t["proj"],
+                d + "mlp.linear_fc1.weight": t["fc1"], d + "mlp.linear_fc1.layer_norm_weight": t["norm2"],
+                d + "mlp.linear_fc2.weight": t["fc2"],
+            })
+        if out is not None:
+            model["output_layer.weight"] = out
+        return model
+    encoder = {"final_norm.weight": final}
+    for i, t in layers.items():
+        d = f"layers.{i}."
+        encoder.update({
+            d + "input_norm.weight": t["norm1"], d + "self_attention.query_key_value.weight": t["qkv"],
+            d + "self_attention.dense.weight": t["proj"], d + "post_attention_norm.weight": t["norm2"],
+            d + "mlp.dense_h_to_4h.weight": t["fc1"], d + "mlp.dense_4h_to_h.weight": t["fc2"],
+        })
+    lm = {"embedding": {"word_embeddings": {"weight": emb}}, "encoder": encoder}
+    if out is not None:
+        lm["output_layer"] = {"weight": out}
+    return {"language_model": lm}
+
+
+def write_megatron(root: pathlib.Path, state, cfg, tp: int, layout: str = "mcore", evil_target=None, **arg_overrides):
+    """A Megatron save dir: tracker file + iter_0000010/mp_rank_0R/model_optim_rng.pt for R < tp."""
+    root.mkdir(parents=True)
+    (root / "latest_checkpointed_iteration.txt").write_text("10")
+    for r in range(tp):
+        d = root / "iter_0000010" / f"mp_rank_{r:02d}"
+        d.mkdir(parents=True)
+        ckpt = {
+            "args": megatron_args(cfg, tp, **arg_overrides), "checkpoint_version": 3.0, "iteration": 10,
+            "model": shard_model(state, cfg, tp, r, layout),
+            "rng_state": [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+                           "torch_rng_state": torch.get_rng_state()}],
+        }
+        if evil_target is not None:
+            ckpt["evil"] = Evil(evil_target)
+        torch.save(ckpt, d / "model_optim_rng.pt")
+    return root
+
+
+@pytest.fixture
+def reference(tmp_path):
+    cfg = tiny_config(num_experts=0)
+    model = save_native(tmp_path / "native_dense", cfg, seed=3)
+    return cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}, model
+
+
+@pytest.mark.parametrize("layout", ["mcore", "legacy"])
+def test_tp2_and_tp1_convert_to_the_same_model(tmp_path, reference, layout):
+    cfg, state, _ = reference
+    one = read_megatron(write_megatron(tmp_path / "tp1", state, cfg, 1, layout))
+    two = read_megatron(write_megatron(tmp_path / "tp2", state, cfg, 2, layout))
+    assert one.cfg.model == two.cfg.model
+    assert (two.cfg.model.num_query_groups, two.cfg.model.ffn_hidden_size, two.cfg.model.vocab_size) == (2, 64, 96)
+    a, b = one.state_dict(), two.state_dict()
+    assert set(a) == set(b) == set(state)
+    for name in state:  # bit-exact: the hand-built reference, TP=1 and TP=2 agree
+        assert torch.equal(a[name], state[name]), name
+        assert torch.equal(b[name], state[name]), name
+
+
+def test_upcycle_megatron_tp2_keeps_the_function(tmp_path, capsys, reference):
+    cfg, state, dense = reference
+    write_megatron(tmp_path / "meg", state, cfg, 2)
+    rc = upcycle_checkpoint.main(["--input", str(tmp_path / "meg"), "--input-format", "megatron", "--num-experts",
+                                  "4", "--output", str(tmp_path / "moe"), "--verify"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    moe, meta = load_model(tmp_path / "moe")
+    assert meta["source"].startswith("upcycled from megatron:")
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), dense(x), atol=1e-5, rtol=0)
+
+
+def test_pickled_code_is_never_run(tmp_path, reference):
+    """Enums and numpy RNG state inside a checkpoint load as inert placeholders; a call is refused."""
+    cfg, state, _ = reference
+    evil = tmp_path / "pwned"
+    root = write_megatron(tmp_path / "m", state, cfg, 1, evil_target=evil)
+    with pytest.raises(ConversionError, match="cannot be loaded without running pickled code.*getattr"):
+        read_megatron(root)
+    assert not evil.exists(), "loading ran pickled code"
+    with pytest.raises(ConversionError, match="not a readable torch checkpoint"):
+        (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+        read_megatron(tmp_path / "junk.pt")
+
+
+def test_megatron_bad_inputs(tmp_path, reference):
+    cfg, state, _ = reference
+    root = write_megatron(tmp_path / "a", state, cfg, 2)
+    (root / "iter_0000010" / "mp_rank_01" / "model_optim_rng.pt").unlink()
+    with pytest.raises(ConversionError, match="mp_rank_01.*model_optim_rng.pt is missing"):
+        read_megatron(root)
+    root = write_megatron(tmp_path / "b", state, cfg, 2)
+    import shutil
+
+    shutil.rmtree(root / "iter_0000010" / "mp_rank_00")
+    with pytest.raises(ConversionError, match="mp_rank_00 is missing"):
+        read_megatron(root)
+    with pytest.raises(ConversionError, match="swiglu = False"):
+        read_megatron(write_megatron(tmp_path / "c", state, cfg, 1, swiglu=False))
+    with pytest.raises(ConversionError, match="add_qkv_bias"):
+        read_megatron(write_megatron(tmp_path / "d", state, cfg, 1, add_qkv_bias=True))
+    with pytest.raises(ConversionError, match="tensor_model_parallel_size = 4"):
+        read_megatron(write_megatron(tmp_path / "e", state, cfg, 2, tensor_model_parallel_size=4))
+    root = write_megatron(tmp_path / "f", state, cfg, 1)
+    (root / "iter_0000010" / "mp_rank_00").rename(root / "iter_0000010" / "mp_rank_00_000")
+    with pytest.raises(ConversionError, match="pipeline-parallel"):
+        read_megatron(root)
+
+
+def test_megatron_args_override_file(tmp_path, capsys, reference):
+    """A checkpoint whose args lack the architecture is converted with --megatron-args."""
+    cfg, state, _ = reference
+    root = write_megatron(tmp_path / "m", state, cfg, 1, swiglu=False)
+    (tmp_path / "args.json").write_text('{"swiglu": true}')
+    rc = upcycle_checkpoint.main(["--input", str(root), "--input-format", "megatron", "--megatron-args",
+                                  str(tmp_path / "args.json"), "--num-experts", "2", "--output", str(tmp_path / "o")])
+    assert rc == 0, capsys.readouterr().err
