@@ -43,7 +43,30 @@ def materialize_partial_grads(params: list[nn.Parameter]) -> None:
             p.grad = g.redistribute(p.device_mesh, p.placements)
 
 
-def allreduce_gradients(params: list[nn.Parameter], group: dist.ProcessGroup | None, average: bool = True) -> None:
+def split_param_groups_by_mesh(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Split every param group of a fresh optimizer by device mesh (plain tensors apart from DTensors).
+
+    Multi-tensor (foreach) optimizer kernels refuse lists mixing plain tensors and DTensors (the
+    replicated router gates stay plain under TP) or DTensors of different meshes. Hyperparameters
+    are copied, so the optimizer behaves exactly as before. Call before the first step.
+    """
+    if optimizer.state:
+        raise ValueError("split_param_groups_by_mesh must run before the optimizer has state")
+    groups = []
+    for group in optimizer.param_groups:
+        by_mesh: dict = {}
+        for p in group["params"]:
+            key = p.device_mesh if isinstance(p, DTensor) else None
+            by_mesh.setdefault(key, []).append(p)
+        for params in by_mesh.values():
+            groups.append({**group, "params": params})
+    optimizer.param_groups = groups
+    return optimizer
+
+
+def allreduce_gradients(
+    params: list[nn.Parameter], group: dist.ProcessGroup | None, average: bool = True
+) -> None:
     """All-reduce the (local shards of the) gradients of ``params`` over ``group`` in one flat bucket."""
     if group is None or dist.get_world_size(group) == 1:
         return
@@ -63,7 +86,7 @@ def _copies(p: torch.Tensor, world: int, pp: int) -> int:
     shards = 1
     if isinstance(p, DTensor):
         for dim, placement in enumerate(p.placements):
-            if placement.is_shard():
+            if not placement.is_replicate():  # Shard or FSDP's _StridedShard (params are never Partial)
                 shards *= p.device_mesh.size(dim)
     return max(1, world // (pp * shards))
 
@@ -88,7 +111,7 @@ def global_grad_norm(params: list[nn.Parameter], pp_size: int, device: torch.dev
 
 @torch.no_grad()
 def clip_gradients(params: list[nn.Parameter], max_norm: float, total_norm: torch.Tensor) -> None:
-    """Scale gradients by ``min(1, max_norm / (total_norm + 1e-6))`` (torch.nn.utils.clip_grad_norm_'s rule)."""
+    """Scale gradients by ``min(1, max_norm / (total_norm + 1e-6))`` (clip_grad_norm_'s rule)."""
     coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
     for p in params:
         if p.grad is not None:

@@ -17,8 +17,9 @@ forward runs under ``torch.autocast(bfloat16)`` (the router stays fp32). Gradien
 fp32.
 
 Initialisation: the full model is built on CPU from the seed on every rank, then cut into stages
-and sharded, so every layout starts from exactly the single-process weights (fine for small and
-medium models; for very large ones construct stages on the meta device and ``materialize`` each).
+and sharded, so every layout starts from exactly the single-process weights (small and medium
+models). ``build_model(meta_init=True)`` constructs on the meta device and allocates only this
+rank's stages (each still unsharded over TP before sharding).
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from megatron_moe.config import Config, ConfigError
 from megatron_moe.model.moe import MoELayer, MoEStats
-from megatron_moe.model.transformer import build_model
+from megatron_moe.model.transformer import MoETransformer, build_model, count_parameters, materialize
 from megatron_moe.parallel.data import (
     allreduce_gradients,
     apply_fsdp,
@@ -45,7 +47,13 @@ from megatron_moe.parallel.data import (
 )
 from megatron_moe.parallel.loss import lm_loss_from_target, loss_context, loss_target
 from megatron_moe.parallel.mesh import ParallelSizes, build_mesh, parallel_sizes
-from megatron_moe.parallel.pipeline import SCHEDULES, Pipeline, build_stage_module, split_layers, stage_indices
+from megatron_moe.parallel.pipeline import (
+    SCHEDULES,
+    Pipeline,
+    build_stage_module,
+    split_layers,
+    stage_indices,
+)
 from megatron_moe.parallel.tensor import apply_tensor_parallel, tp_partial_sum_params
 
 
@@ -64,12 +72,15 @@ class PipelineOptions:
 
     @classmethod
     def from_config(cls, cfg: Config) -> PipelineOptions:
-        values = {f.name: getattr(cfg.parallel, f.name) for f in dataclasses.fields(cls) if hasattr(cfg.parallel, f.name)}
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = {n: getattr(cfg.parallel, n) for n in names if hasattr(cfg.parallel, n)}
         return cls(**values)
 
     def validate(self, pp: int) -> None:
         if self.pipeline_schedule not in SCHEDULES:
-            raise ConfigError(f"parallel.pipeline_schedule = {self.pipeline_schedule!r}; expected one of {SCHEDULES}")
+            raise ConfigError(
+                f"parallel.pipeline_schedule = {self.pipeline_schedule!r}; expected one of {SCHEDULES}"
+            )
         if self.virtual_pipeline_stages > 1 and self.pipeline_schedule != "interleaved_1f1b":
             raise ConfigError(
                 f"parallel.virtual_pipeline_stages = {self.virtual_pipeline_stages} needs "
@@ -120,19 +131,35 @@ class ParallelEngine:
         cfg: the run configuration (``model.vocab_size`` resolved).
         options: engine options; default from ``cfg.parallel``.
         device: this rank's device (default CPU).
+        mesh: an existing (pp, dp, tp) mesh of the right shape to reuse (default: built here).
+        autocast: a callable returning the forward's autocast context (default: from training.bf16).
 
     Raises ConfigError before any communication if the layout does not fit.
     """
 
-    def __init__(self, cfg: Config, options: PipelineOptions | None = None, device: torch.device | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        options: PipelineOptions | None = None,
+        device: torch.device | None = None,
+        mesh: DeviceMesh | None = None,
+        autocast=None,
+    ):
         self.cfg = cfg
+        self._autocast = autocast
+        self._num_micro = 1
+        self.param_counts: dict[str, int] = {}
         self.options = options or PipelineOptions.from_config(cfg)
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.sizes: ParallelSizes = parallel_sizes(cfg, world, self.options.virtual_pipeline_stages)
         self.options.validate(self.sizes.pp)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.mesh = build_mesh(self.sizes, self.device.type) if dist.is_initialized() else None
+        if mesh is not None and tuple(mesh.shape) != (self.sizes.pp, self.sizes.dp, self.sizes.tp):
+            raise ConfigError(f"mesh of shape {tuple(mesh.shape)} does not match the layout {self.sizes}")
+        if mesh is None and dist.is_initialized():
+            mesh = build_mesh(self.sizes, self.device.type)
+        self.mesh = mesh
         s = self.sizes
 
         def group(name: str, size: int):
@@ -153,13 +180,34 @@ class ParallelEngine:
         return self.rank == 0
 
     # ------------------------------------------------------------------ model
-    def build_model(self, seed: int | None = None) -> nn.ModuleList:
-        """Build the full model from ``seed`` (default training.seed), keep and parallelize this rank's parts.
+    def build_model(
+        self,
+        seed: int | None = None,
+        model: MoETransformer | None = None,
+        seed_rng: bool = True,
+        meta_init: bool = False,
+    ):
+        """Keep and parallelize this rank's parts of the full model; returns them as an ``nn.ModuleList``.
 
-        Returns an ``nn.ModuleList`` of the parts (give it to the optimizer).
+        The full model is ``model`` if given (e.g. loaded or upcycled weights, identical on every
+        rank; with tp = pp = 1 it is used in place, not copied), else built on CPU from ``seed``
+        (default training.seed): every layout then starts from the single-process weights.
+        ``meta_init`` (big models): the full model is only constructed on the meta device and each
+        stage is allocated on ``device`` and initialised from ``seed + stage index`` (same scheme,
+        different random stream than the single process; identical on the TP/dp ranks of a stage).
+        ``seed_rng`` re-seeds the run-time generators (:func:`seed_runtime_rng`).
+        Give the returned module to the optimizer.
         """
         cfg, s, o = self.cfg, self.sizes, self.options
-        full = build_model(cfg, "cpu", cfg.training.seed if seed is None else seed)
+        seed = cfg.training.seed if seed is None else seed
+        if model is not None:
+            full = model
+        elif meta_init:
+            with torch.device("meta"):
+                full = MoETransformer(cfg)
+        else:
+            full = build_model(cfg, "cpu", seed)
+        self.param_counts = count_parameters(full)
         moe_names = [name for name, block in full.layers.items() if isinstance(block.feed_forward, MoELayer)]
         moe_index = {name: i for i, name in enumerate(moe_names)}
         self.num_moe_layers = len(moe_names)
@@ -172,7 +220,9 @@ class ParallelEngine:
             parts = [build_stage_module(full, split[i], i == 0, i == num_stages - 1) for i in indices]
             del full
         self.local_moe = []
-        for part in parts:
+        for part, index in zip(parts, indices, strict=True):
+            if meta_init and model is None:
+                materialize(part, self.device, seed + index)
             part.to(self.device)
             for name, block in part.layers.items():
                 if isinstance(block.feed_forward, MoELayer):
@@ -186,11 +236,18 @@ class ParallelEngine:
                 apply_fsdp(part, self.mesh["dp"])
         self.parts = parts
         self.module = nn.ModuleList(parts)
-        seed_runtime_rng(cfg.training.seed, self.dp_rank)
+        if seed_rng:
+            seed_runtime_rng(cfg.training.seed, self.dp_rank)
         if s.pp > 1:
             self.pipeline = Pipeline(
-                parts, indices, num_stages, self.pp_group, self.device, o.pipeline_schedule,
-                s.num_microbatches, self._loss_fn,
+                parts,
+                indices,
+                num_stages,
+                self.pp_group,
+                self.device,
+                o.pipeline_schedule,
+                s.num_microbatches,
+                self._loss_fn,
             )
         return self.module
 
@@ -199,12 +256,22 @@ class ParallelEngine:
 
     def autocast(self):
         """bf16 autocast context when ``training.bf16`` (fp32 master weights), else a no-op."""
+        if self._autocast is not None:
+            return self._autocast()
         if self.cfg.training.bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _set_num_micro(self, n: int) -> None:
+        if n < 1 or (self.pipeline is not None and n != self.sizes.num_microbatches):
+            raise ValueError(
+                f"got {n} micro-batches; the pipeline schedule runs {self.sizes.num_microbatches} "
+                "(global batch / (micro batch x dp))"
+            )
+        self._num_micro = n
+
     def _loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return lm_loss_from_target(logits, target) / self.sizes.num_microbatches
+        return lm_loss_from_target(logits, target) / self._num_micro
 
     # ------------------------------------------------------------------ steps
     def _stack(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,17 +299,18 @@ class ParallelEngine:
             total += loss.detach()
         return total
 
-    def train_step(self, batches: list[dict], optimizer: torch.optim.Optimizer, clip_grad: float) -> StepResult:
+    def train_step(
+        self, batches: list[dict], optimizer: torch.optim.Optimizer, clip_grad: float
+    ) -> StepResult:
         """One optimizer step over this rank's ``num_microbatches`` micro-batches (dicts of [B, S] tensors).
 
         Runs the modules in their current mode (the caller sets ``module.train()``).
         """
         s = self.sizes
-        if len(batches) != s.num_microbatches:
-            raise ValueError(f"train_step got {len(batches)} micro-batches; this layout needs {s.num_microbatches}")
+        self._set_num_micro(len(batches))
         for _, layer in self.local_moe:
             # 1/tp: every TP rank computes the same aux loss and the gate gradients are summed over TP.
-            layer.aux_loss_scale = 1.0 / (s.num_microbatches * s.tp)
+            layer.aux_loss_scale = 1.0 / (len(batches) * s.tp)
         total = self._forward_backward(batches, train=True)
         params = self.parameters()
         materialize_partial_grads(params)
@@ -257,7 +325,9 @@ class ParallelEngine:
         optimizer.zero_grad(set_to_none=True)
         lm = self._reduce_loss(total)
         stats = self._reduce_stats()
-        aux = sum((st.aux_loss / max(1, st.num_micro_batches) for st in stats), torch.zeros((), device=self.device))
+        aux = sum(
+            (st.aux_loss / max(1, st.num_micro_batches) for st in stats), torch.zeros((), device=self.device)
+        )
         return StepResult(lm, aux, grad_norm.detach(), stats)
 
     @torch.no_grad()
@@ -273,10 +343,9 @@ class ParallelEngine:
         chunks = [batches[i : i + n] for i in range(0, len(batches), n)]
         total = None
         for chunk in chunks:
-            part_total = self._forward_backward(chunk, train=False)
+            self._set_num_micro(len(chunk))
+            part_total = self._forward_backward(chunk, train=False)  # mean over the chunk
             if part_total is not None:
-                # _loss_fn divides by num_microbatches; rescale to a mean over the chunk.
-                part_total = part_total * self.sizes.num_microbatches / len(chunk)
                 total = part_total if total is None else total + part_total
         if total is not None:
             total = total / len(chunks)
@@ -313,7 +382,7 @@ class ParallelEngine:
         for i in range(self.num_moe_layers):
             st = MoEStats(num_experts, self.device)
             st.counts = rows[i, :num_experts].clone()
-            st.aux_loss, st.drop_rate, st.entropy = rows[i, num_experts], rows[i, num_experts + 1], rows[i, num_experts + 2]
+            st.aux_loss, st.drop_rate, st.entropy = rows[i, num_experts : num_experts + 3].unbind()
             st.num_micro_batches = micro[i]
             out.append(st)
         return out

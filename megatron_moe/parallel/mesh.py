@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from megatron_moe.config import Config, ConfigError, check_batch_sizes, default_ffn_hidden_size
@@ -62,14 +61,15 @@ def parallel_sizes(cfg: Config, world_size: int, virtual_stages: int = 1) -> Par
     ]
     if e.num_experts:
         divisible.append(
-            ("moe.expert_ffn_hidden_size", e.expert_ffn_hidden_size or ffn,
-             "every expert's ffn dimension is split across TP ranks (no expert parallelism)")
+            (
+                "moe.expert_ffn_hidden_size",
+                e.expert_ffn_hidden_size or ffn,
+                "every expert's ffn dimension is split across TP ranks (no expert parallelism)",
+            )
         )
     for name, value, why in divisible:
         if value % tp:
-            raise ConfigError(
-                f"tensor_model_parallel_size = {tp} does not divide {name} = {value}: {why}"
-            )
+            raise ConfigError(f"tensor_model_parallel_size = {tp} does not divide {name} = {value}: {why}")
     if tp > 1 and m.tie_embeddings:
         raise ConfigError("model.tie_embeddings is not supported with tensor_model_parallel_size > 1")
     stages = pp * virtual_stages
@@ -93,10 +93,3 @@ def build_mesh(sizes: ParallelSizes, device_type: str) -> DeviceMesh:
     """DeviceMesh of shape (pp, dp, tp) named ("pp", "dp", "tp") over the initialised default group."""
     return init_device_mesh(device_type, (sizes.pp, sizes.dp, sizes.tp), mesh_dim_names=("pp", "dp", "tp"))
 
-
-def mesh_device(device_type: str) -> torch.device:
-    """This rank's device: ``cuda:LOCAL_RANK`` (set as current) for NCCL, else CPU."""
-    if device_type == "cuda":
-        index = torch.cuda.current_device()
-        return torch.device("cuda", index)
-    return torch.device("cpu")

@@ -1,4 +1,4 @@
-"""Pipeline parallelism: cut :class:`MoETransformer` into stages and run them with torch.distributed.pipelining.
+"""Pipeline parallelism: cut :class:`MoETransformer` into stages, run them with torch.distributed.pipelining.
 
 A stage is a copy of the model with the layers of other stages deleted from its ``ModuleDict`` and
 ``tok_embeddings`` (first stage only) / ``norm`` + ``output`` (last stage only) set to ``None``;
@@ -29,6 +29,7 @@ from torch.distributed.pipelining import (
 )
 
 from megatron_moe.config import ConfigError
+from megatron_moe.model.moe import MoEStats, moe_layers
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
 
@@ -86,18 +87,46 @@ def build_stage_module(model: nn.Module, layer_ids: list[int], is_first: bool, i
     return stage
 
 
-def build_schedule(
-    stages: list[PipelineStage], schedule: str, num_microbatches: int, loss_fn: Callable
-):
+def build_schedule(stages: list[PipelineStage], schedule: str, num_microbatches: int, loss_fn: Callable):
     """The pipelining schedule object for this rank's ``stages`` (one, or ``v`` for interleaved)."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"pipeline schedule {schedule!r}; expected one of {SCHEDULES}")
     if schedule == "interleaved_1f1b":
         return ScheduleInterleaved1F1B(stages, num_microbatches, loss_fn=loss_fn, scale_grads=False)
     if len(stages) != 1:
-        raise ConfigError(f"schedule {schedule!r} takes one stage per rank; virtual stages need 'interleaved_1f1b'")
+        raise ConfigError(
+            f"schedule {schedule!r} takes one stage per rank; virtual stages need 'interleaved_1f1b'"
+        )
     cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
     return cls(stages[0], num_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+def _mute_moe_stats_during_metadata_inference(stage: PipelineStage) -> None:
+    """Keep the MoE statistics free of the stage's metadata-inference passes.
+
+    On its first step a schedule runs each stage once forward (and backward) on placeholder tensors
+    to infer shapes (under ``fork_rng``, so random draws are not consumed). Those passes must not
+    enter the per-layer MoE statistics: the MoE layers' ``stats`` are swapped for throw-away ones
+    around ``_prepare_forward_infra`` / ``_prepare_backward_infra`` (private hooks of
+    torch.distributed.pipelining.PipelineStage, checked to exist here).
+    """
+    layers = moe_layers(stage.submod)
+    for name in ("_prepare_forward_infra", "_prepare_backward_infra"):
+        original = getattr(stage, name, None)
+        if original is None:
+            raise RuntimeError(f"torch.distributed.pipelining.PipelineStage has no {name}; update the engine")
+
+        def muted(*args, _original=original, **kwargs):
+            saved = [layer.stats for layer in layers]
+            for layer in layers:
+                layer.stats = MoEStats(layer.num_experts, layer.stats.counts.device)
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                for layer, stats in zip(layers, saved, strict=True):
+                    layer.stats = stats
+
+        setattr(stage, name, muted)
 
 
 class Pipeline:
@@ -117,8 +146,11 @@ class Pipeline:
     def __init__(self, parts, indices, num_stages, group, device, schedule, num_microbatches, loss_fn):
         self.parts = parts
         self.stages = [
-            PipelineStage(part, idx, num_stages, device, group=group) for part, idx in zip(parts, indices, strict=True)
+            PipelineStage(part, idx, num_stages, device, group=group)
+            for part, idx in zip(parts, indices, strict=True)
         ]
+        for stage in self.stages:
+            _mute_moe_stats_during_metadata_inference(stage)
         self.has_first = any(s.is_first for s in self.stages)
         self.has_last = any(s.is_last for s in self.stages)
         self.schedule = build_schedule(self.stages, schedule, num_microbatches, loss_fn)

@@ -1,4 +1,4 @@
-"""Tensor + sequence parallelism for :class:`~megatron_moe.model.transformer.MoETransformer` (or a stage of it).
+"""Tensor + sequence parallelism for :class:`~megatron_moe.model.transformer.MoETransformer` or a stage.
 
 Applied from outside to an unmodified model with DTensor parallel styles (torchtitan's layout):
 

@@ -1,31 +1,35 @@
-"""Pretraining loop: gradient accumulation up to the global batch, AdamW, aux losses, validation, metrics."""
+"""Pretraining loop: data, AdamW + schedule, adaptive aux coefficients, validation, metrics.
+
+The forward/backward, gradient reductions and the optimizer step of every layout (single process =
+tp = pp = dp = 1) go through :class:`megatron_moe.parallel.engine.ParallelEngine`.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import math
+import os
 import time
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
 
-from megatron_moe.config import Config, check_batch_sizes
+from megatron_moe.config import Config
 from megatron_moe.data.datasets import MicroBatchIterator, build_gpt_datasets
 from megatron_moe.data.tokenizer import SentencePieceTokenizer
-from megatron_moe.model.moe import MoELayer, moe_layers
-from megatron_moe.model.transformer import build_model, count_parameters, padded_vocab_size
+from megatron_moe.model.moe import MoELayer
+from megatron_moe.model.transformer import padded_vocab_size
+from megatron_moe.parallel.data import split_param_groups_by_mesh
+from megatron_moe.parallel.engine import ParallelEngine, StepResult, init_distributed_from_env
+from megatron_moe.parallel.loss import lm_loss_from_target, loss_target
 from megatron_moe.routing.adaptive import AdaptiveAuxLossCoefficients, ConstantAuxLossCoefficients
 from megatron_moe.training.metrics import MetricsWriter
 from megatron_moe.training.optim import build_optimizer, learning_rate, set_learning_rate
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy (nats) over unmasked positions. logits [B,S,V], labels/mask [B,S]."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-    mask = loss_mask.flatten().to(ce.dtype)
-    return (ce * mask).sum() / mask.sum().clamp_min(1.0)
+    """Mean next-token cross entropy (nats) over unmasked positions. logits [B,S,V], labels/0-1 mask [B,S]."""
+    return lm_loss_from_target(logits, loss_target(labels, loss_mask))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,83 +67,47 @@ def build_aux_coefficients(cfg: Config, num_layers: int, device: torch.device):
     return ConstantAuxLossCoefficients(num_layers, e.aux_loss_coeff, device=device)
 
 
-def push_coefficients(layers: list[MoELayer], coefficients: torch.Tensor) -> None:
-    for layer, coeff in zip(layers, coefficients, strict=True):
-        layer.aux_coeff.copy_(coeff)
+def push_coefficients(layers: list[tuple[int, MoELayer]], coefficients: torch.Tensor) -> None:
+    """Copy each (global MoE index, layer) pair's coefficient into the layer (this rank's layers only)."""
+    for idx, layer in layers:
+        layer.aux_coeff.copy_(coefficients[idx])
 
 
-@dataclass
-class StepResult:
-    """Device tensors of one optimizer step (read on the host only when logging)."""
-
-    lm_loss: torch.Tensor
-    aux_loss: torch.Tensor
-    grad_norm: torch.Tensor
-    layer_stats: list  # MoEStats per MoE layer
+def _single_process_engine(model: nn.Module, autocast) -> ParallelEngine:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError("train_step/evaluate(model, ...) are single-process helpers; use ParallelEngine")
+    engine = ParallelEngine(model.cfg, device=next(model.parameters()).device, autocast=autocast)
+    engine.build_model(model=model, seed_rng=False)
+    return engine
 
 
 def train_step(model: nn.Module, batches: list[dict], optimizer, clip_grad: float, autocast) -> StepResult:
-    """Forward/backward over ``batches`` (the micro-batches of one global batch), then an optimizer step."""
-    layers = moe_layers(model)
-    num_micro = len(batches)
-    for layer in layers:
-        layer.aux_loss_scale = 1.0 / num_micro
-    device = next(model.parameters()).device
-    total_lm = torch.zeros((), device=device)
-    for batch in batches:
-        with autocast():
-            logits = model(batch["tokens"].to(device))
-        loss = lm_loss(logits, batch["labels"].to(device), batch["loss_mask"].to(device))
-        (loss / num_micro).backward()
-        total_lm += loss.detach()
-    if clip_grad > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    else:
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
-        )
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    stats = [layer.reset_stats() for layer in layers]
-    aux = sum((s.aux_loss / s.num_micro_batches for s in stats), torch.zeros((), device=device))
-    return StepResult(total_lm / num_micro, aux, grad_norm.detach(), stats)
+    """One optimizer step of a single-process ``model`` over ``batches`` (the engine's degenerate layout)."""
+    return _single_process_engine(model, autocast).train_step(batches, optimizer, clip_grad)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[dict], autocast) -> dict:
-    """Mean LM loss and perplexity over ``batches``; per-layer expert load fractions."""
-    was_training = model.training
-    model.eval()
-    layers = moe_layers(model)
-    for layer in layers:
-        layer.reset_stats()
-    device = next(model.parameters()).device
-    total = torch.zeros((), device=device)
-    for batch in batches:
-        with autocast():
-            logits = model(batch["tokens"].to(device))
-        total += lm_loss(logits, batch["labels"].to(device), batch["loss_mask"].to(device))
-    loss = (total / max(1, len(batches))).item()
-    loads = [_load_fractions(layer.reset_stats().counts) for layer in layers]
-    model.train(was_training)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "expert_load": loads}
+    """Mean LM loss and perplexity over ``batches``; per-layer expert load fractions (single process)."""
+    return _single_process_engine(model, autocast).evaluate(batches)
 
 
 def _load_fractions(counts: torch.Tensor) -> list[float]:
     return (counts / counts.sum().clamp_min(1.0)).tolist()
 
 
-def layer_records(layers: list[MoELayer], stats: list) -> list[dict]:
-    """Per-layer metrics entries (host values) for metrics.jsonl."""
+def layer_records(coefficients: torch.Tensor, stats: list) -> list[dict]:
+    """Per-layer metrics entries (host values) for metrics.jsonl; ``coefficients`` [num MoE layers]."""
     records = []
-    for layer_idx, (layer, s) in enumerate(zip(layers, stats, strict=True)):
+    coeffs = coefficients.tolist()
+    for layer_idx, s in enumerate(stats):
         load = _load_fractions(s.counts)
         n = max(1, s.num_micro_batches)
         records.append(
             {
                 "layer": layer_idx,
                 "aux_loss": (s.aux_loss / n).item(),
-                "aux_coeff": layer.aux_coeff.item(),
+                "aux_coeff": coeffs[layer_idx],
                 "drop_rate": (s.drop_rate / n).item(),
                 "entropy": (s.entropy / n).item(),
                 "load": [round(v, 5) for v in load],
@@ -151,8 +119,9 @@ def layer_records(layers: list[MoELayer], stats: list) -> list[dict]:
 
 def _progress_line(rec: dict) -> str:
     line = (
-        f"step {rec['step']:>6} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f} | aux {rec['aux_loss']:.4f}"
-        f" | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f} | {rec['tokens_per_sec']:.0f} tok/s"
+        f"step {rec['step']:>6} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f}"
+        f" | aux {rec['aux_loss']:.4f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f}"
+        f" | {rec['tokens_per_sec']:.0f} tok/s"
     )
     if rec["moe"]:
         moe = rec["moe"]
@@ -164,23 +133,49 @@ def _progress_line(rec: dict) -> str:
 
 
 def train(cfg: Config, eval_only: bool = False) -> dict:
-    """Run pretraining (single process) as configured; returns a summary with first/last validation loss."""
+    """Run pretraining as configured, single process or under torchrun (any tp x pp x dp layout).
+
+    Every rank runs this; only global rank 0 prints and writes metrics. Returns a summary with the
+    first/last validation loss (identical on every rank).
+    """
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
     device = resolve_device(cfg.training.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    owns_group = not dist.is_initialized() and init_distributed_from_env(device.type)
+    try:
+        return _train(cfg, eval_only, device)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, eval_only: bool, device: torch.device) -> dict:
     torch.manual_seed(cfg.training.seed)
     if not cfg.data.tokenizer_model:
         raise ValueError("data.tokenizer_model (--tokenizer-model) is required")
     if not cfg.data.data_path:
         raise ValueError("data.data_path (--data-path) is required")
     tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
-    resolve_vocab_size(cfg, tokenizer.vocab_size)
-    num_micro = check_batch_sizes(cfg, data_parallel_size=1)
+    resolve_vocab_size(cfg, tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
+    engine = ParallelEngine(cfg, device=device)  # validates the layout before any work
+    log = engine.is_logging_rank
+    sizes = engine.sizes
+    num_micro = sizes.num_microbatches
     t = cfg.training
 
-    model = build_model(cfg, device)
-    params = count_parameters(model)
-    print(f"model: {params['total'] / 1e6:.2f}M parameters, {params['active'] / 1e6:.2f}M active per token")
+    module = engine.build_model()
+    params = engine.param_counts
+    if log:
+        print(
+            f"model: {params['total'] / 1e6:.2f}M parameters, {params['active'] / 1e6:.2f}M active per token"
+        )
+        print(
+            f"layout: tp={sizes.tp} pp={sizes.pp} dp={sizes.dp} ({sizes.world} ranks), "
+            f"{num_micro} micro-batches per rank and step, bf16={t.bf16}",
+            flush=True,
+        )
 
     train_ds, valid_ds = build_gpt_datasets(
         cfg.data.data_path,
@@ -191,33 +186,36 @@ def train(cfg: Config, eval_only: bool = False) -> dict:
         (t.train_iters * t.global_batch_size, max(1, t.eval_iters) * t.global_batch_size),
         blend_cache_dir=cfg.data.cache_dir or None,
     )
-    valid_iter = MicroBatchIterator(valid_ds, t.micro_batch_size)
+    valid_iter = MicroBatchIterator(valid_ds, t.micro_batch_size, dp_rank=engine.dp_rank, dp_size=sizes.dp)
     valid_batches = [next(valid_iter) for _ in range(t.eval_iters * num_micro)]
-    use_bf16 = t.bf16
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
 
     run_dir = cfg.checkpoint.save
-    writer = MetricsWriter(run_dir, True, cfg.logging.wandb_project, cfg.logging.wandb_mode,
-                           cfg.logging.run_name, cfg.to_dict())
+    writer = MetricsWriter(
+        run_dir, log, cfg.logging.wandb_project, cfg.logging.wandb_mode, cfg.logging.run_name, cfg.to_dict()
+    )
     summary: dict = {"valid": []}
     if eval_only:
-        result = evaluate(model, valid_batches, autocast)
-        print(f"eval | loss {result['loss']:.4f} | ppl {result['ppl']:.2f}")
+        result = engine.evaluate(valid_batches)
+        if log:
+            print(f"eval | loss {result['loss']:.4f} | ppl {result['ppl']:.2f}")
         writer.close()
         return {"valid": [result]}
 
-    optimizer = build_optimizer(model, cfg.optimizer, device.type)
-    layers = moe_layers(model)
-    coefficients = build_aux_coefficients(cfg, len(layers), device)
-    push_coefficients(layers, coefficients.coefficients)
-    train_iter = MicroBatchIterator(train_ds, t.micro_batch_size)
+    optimizer = split_param_groups_by_mesh(build_optimizer(module, cfg.optimizer, device.type))
+    coefficients = build_aux_coefficients(cfg, engine.num_moe_layers, device)
+    push_coefficients(engine.local_moe, coefficients.coefficients)
+    train_iter = MicroBatchIterator(train_ds, t.micro_batch_size, dp_rank=engine.dp_rank, dp_size=sizes.dp)
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
 
     def run_eval(step: int) -> None:
-        result = evaluate(model, valid_batches, autocast)
+        result = engine.evaluate(valid_batches)
         summary["valid"].append({"step": step, "loss": result["loss"]})
         writer.log({"step": step, "valid_loss": result["loss"], "valid_ppl": result["ppl"]})
-        print(f"validation | step {step:>6} | loss {result['loss']:.4f} | ppl {result['ppl']:.2f}")
+        if log:
+            print(
+                f"validation | step {step:>6} | loss {result['loss']:.4f} | ppl {result['ppl']:.2f}",
+                flush=True,
+            )
 
     if t.eval_interval:
         run_eval(0)
@@ -227,12 +225,13 @@ def train(cfg: Config, eval_only: bool = False) -> dict:
         lr = learning_rate(step - 1, cfg.optimizer, t.train_iters)
         set_learning_rate(optimizer, lr)
         batches = [next(train_iter) for _ in range(num_micro)]
-        model.train()
-        result = train_step(model, batches, optimizer, cfg.optimizer.clip_grad, autocast)
-        if layers:
-            drop_rates = torch.stack([s.drop_rate / s.num_micro_batches for s in result.layer_stats])
+        module.train()
+        result = engine.train_step(batches, optimizer, cfg.optimizer.clip_grad)
+        if engine.num_moe_layers:
+            # Drop rates averaged over micro-batches and dp ranks: the same on every rank.
+            drop_rates = torch.stack([s.drop_rate / max(1, s.num_micro_batches) for s in result.layer_stats])
             coefficients.update(drop_rates)
-            push_coefficients(layers, coefficients.coefficients)
+            push_coefficients(engine.local_moe, coefficients.coefficients)
         interval_steps += 1
         if step % cfg.logging.log_interval == 0 or step == t.train_iters:
             now = time.perf_counter()
@@ -247,16 +246,17 @@ def train(cfg: Config, eval_only: bool = False) -> dict:
                 "lr": lr,
                 "grad_norm": result.grad_norm.item(),
                 "tokens_per_sec": interval_steps * tokens_per_step / (now - interval_start),
-                "moe": layer_records(layers, result.layer_stats),
+                "moe": layer_records(coefficients.coefficients, result.layer_stats),
             }
             writer.log(record)
-            print(_progress_line(record), flush=True)
+            if log:
+                print(_progress_line(record), flush=True)
             interval_start, interval_steps = now, 0
         if t.eval_interval and (step % t.eval_interval == 0 or step == t.train_iters):
             run_eval(step)
     summary["wall_time_s"] = time.perf_counter() - start
     writer.close()
-    if summary["valid"]:
+    if summary["valid"] and log:
         first, last = summary["valid"][0]["loss"], summary["valid"][-1]["loss"]
         wall = summary["wall_time_s"]
         print(f"done: {t.train_iters} steps in {wall:.1f}s; validation loss {first:.4f} -> {last:.4f}")

@@ -1,0 +1,86 @@
+"""The training loop under several ranks (as under torchrun) reproduces the single-process run.
+
+Real data path (sentencepiece + .bin/.idx), adaptive aux coefficients on, validation, metrics.jsonl:
+the loop on 2 gloo ranks with tp=2 and with pp=2 logs the same per-step losses, grad norms, drop
+rates and coefficients as one process, and only rank 0 writes metrics. Tolerance: 1e-5 relative
+(fp32, reduction order; see tests/parallel/helpers.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_moe.testing import run_distributed
+from megatron_moe.training.loop import train
+from tests.data.conftest import WORDS_A, make_documents, write_jsonl
+from tests.parallel.helpers import tiny_config
+
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from megatron_moe.data.preprocess import preprocess_files
+    from megatron_moe.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+    root = tmp_path_factory.mktemp("loop_corpus")
+    docs = make_documents(WORDS_A, 300, seed=3)
+    (root / "train.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
+    model = train_sentencepiece([str(root / "train.txt")], str(root / "tok"), 300)
+    tokenizer = SentencePieceTokenizer(model)
+    res = preprocess_files([write_jsonl(root / "a.jsonl", docs)], str(root / "a"), tokenizer, log=None)
+    return {"root": root, "tokenizer": model, "prefix": res.prefix}
+
+
+def loop_config(corpus, run_dir, tp=1, pp=1):
+    cfg = tiny_config(tp=tp, pp=pp, micro=2, global_batch=4)
+    cfg.model.vocab_size = 512  # >= the tokenizer's; fixed, since Megatron's padding depends on tp
+    cfg.data.data_path = [corpus["prefix"]]
+    cfg.data.tokenizer_model = corpus["tokenizer"]
+    cfg.data.split = "90,10,0"
+    cfg.data.cache_dir = str(corpus["root"] / "cache")
+    cfg.moe.adaptive_aux = True
+    cfg.moe.adaptive_beta = 0.5
+    cfg.training.train_iters, cfg.training.eval_interval, cfg.training.eval_iters = 3, 3, 1
+    cfg.training.device = "cpu"
+    cfg.logging.log_interval = 1
+    cfg.optimizer.lr_warmup_iters = 1
+    cfg.checkpoint.save = str(run_dir)
+    return cfg
+
+
+def _records(run_dir) -> list[dict]:
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def _loop_body(rank, world, corpus, root):
+    out = {}
+    for tp, pp in ((2, 1), (1, 2)):
+        run_dir = root / f"tp{tp}pp{pp}"
+        out[(tp, pp)] = train(loop_config(corpus, run_dir, tp, pp))
+    return out
+
+
+@pytest.mark.slow
+def test_loop_on_two_ranks_matches_single_process(corpus, tmp_path):
+    ref_summary = train(loop_config(corpus, tmp_path / "single"))
+    ref = _records(tmp_path / "single")
+    results = run_distributed(_loop_body, 2, (corpus, tmp_path), timeout=300)
+    for layout in ((2, 1), (1, 2)):
+        run_dir = tmp_path / f"tp{layout[0]}pp{layout[1]}"
+        got = _records(run_dir)
+        assert len(got) == len(ref), f"{layout}: rank 0 alone writes metrics ({len(got)} vs {len(ref)} lines)"
+        for a, b in zip(got, ref, strict=True):
+            assert a["step"] == b["step"]
+            for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "valid_loss"):
+                if key in b:
+                    assert a[key] == pytest.approx(b[key], rel=RTOL), (layout, a["step"], key)
+            for la, lb in zip(a.get("moe", []), b.get("moe", []), strict=True):
+                for key in ("aux_coeff", "drop_rate", "aux_loss"):
+                    assert la[key] == pytest.approx(lb[key], rel=RTOL, abs=1e-9), (layout, a["step"], key)
+        for rank_result in results:
+            last = rank_result[layout]["valid"][-1]["loss"]
+            assert last == pytest.approx(ref_summary["valid"][-1]["loss"], rel=RTOL), layout
