@@ -109,6 +109,8 @@ class TrainingConfig:
     bf16: bool = False  # bf16 autocast; parameters and optimizer state stay fp32
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     num_threads: int = 0  # CPU intra-op threads; 0 = torch default
+    exit_interval: int = 0  # save a checkpoint and exit after this many steps (0 = run to train_iters)
+    nonfinite_loss: str = "stop"  # "stop" (raise, no checkpoint) | "skip" (drop that optimizer step)
 
 
 @dataclass
@@ -117,13 +119,19 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    pipeline_schedule: str = "1f1b"  # "1f1b" | "interleaved_1f1b" | "gpipe"
+    virtual_pipeline_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
+    pipeline_first_last_fewer_layers: bool = False  # embedding / output head count as one layer each
+    data_parallel_shard: bool = False  # FSDP2 over the data-parallel group instead of replication
+    activation_checkpointing: bool = False  # recompute every transformer block in backward
 
 
 @dataclass
 class CheckpointConfig:
     save: str = ""  # run directory: metrics.jsonl, checkpoints
-    load: str = ""
-    save_interval: int = 0
+    load: str = ""  # a save directory (its latest checkpoint) or one checkpoint directory
+    save_interval: int = 0  # 0 = save only at the end of training and on SIGTERM/SIGINT
+    keep_last: int = 3  # checkpoints kept in the save directory (0 = all)
 
 
 @dataclass
@@ -195,6 +203,10 @@ MEGATRON_FLAGS: dict[str, str] = {
     "save": "checkpoint.save",
     "load": "checkpoint.load",
     "save-interval": "checkpoint.save_interval",
+    "exit-interval": "training.exit_interval",
+    "virtual-pipeline-model-parallel-size": "parallel.virtual_pipeline_stages",
+    "recompute-activations": "parallel.activation_checkpointing",
+    "use-torch-fsdp2": "parallel.data_parallel_shard",
     "log-interval": "logging.log_interval",
     "wandb-project": "logging.wandb_project",
     "tensorboard-dir": "logging.tensorboard_dir",
@@ -206,6 +218,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "moe.balance_scope": ("local", "global"),
     "optimizer.lr_decay_style": ("cosine", "linear", "constant"),
     "training.device": ("auto", "cpu", "cuda"),
+    "training.nonfinite_loss": ("stop", "skip"),
+    "parallel.pipeline_schedule": ("1f1b", "interleaved_1f1b", "gpipe"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }
 
@@ -376,6 +390,7 @@ def validate(cfg: Config) -> None:
         "parallel.tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
         "parallel.pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,
         "logging.log_interval": cfg.logging.log_interval,
+        "parallel.virtual_pipeline_stages": cfg.parallel.virtual_pipeline_stages,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -401,6 +416,8 @@ def validate(cfg: Config) -> None:
         "training.eval_iters": t.eval_iters,
         "training.num_threads": t.num_threads,
         "checkpoint.save_interval": cfg.checkpoint.save_interval,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "training.exit_interval": t.exit_interval,
     }.items():
         if value < 0:
             raise ConfigError(f"{name} = {value}; must not be negative")

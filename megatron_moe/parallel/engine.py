@@ -98,6 +98,7 @@ class StepResult:
     aux_loss: torch.Tensor
     grad_norm: torch.Tensor
     layer_stats: list  # MoEStats per MoE layer of the whole model, summed over micro-batches and dp
+    skipped: bool = False  # the optimizer step was skipped (non-finite gradients, skip_nonfinite)
 
 
 def init_distributed_from_env(device_type: str) -> bool:
@@ -300,9 +301,11 @@ class ParallelEngine:
         return total
 
     def train_step(
-        self, batches: list[dict], optimizer: torch.optim.Optimizer, clip_grad: float
+        self, batches: list[dict], optimizer: torch.optim.Optimizer, clip_grad: float, skip_nonfinite: bool = False
     ) -> StepResult:
         """One optimizer step over this rank's ``num_microbatches`` micro-batches (dicts of [B, S] tensors).
+
+        ``skip_nonfinite``: leave the parameters unchanged when the gradient norm is inf/NaN.
 
         Runs the modules in their current mode (the caller sets ``module.train()``).
         """
@@ -319,16 +322,19 @@ class ParallelEngine:
         if not self.options.data_parallel_shard:
             allreduce_gradients(params, self.dp_group, average=True)
         grad_norm = global_grad_norm(params, s.pp, self.device)
-        if clip_grad > 0:
+        # The grad norm is global (identical on every rank), so every rank takes the same decision.
+        skipped = skip_nonfinite and not bool(torch.isfinite(grad_norm))
+        if clip_grad > 0 and not skipped:
             clip_gradients(params, clip_grad, grad_norm)
-        optimizer.step()
+        if not skipped:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lm = self._reduce_loss(total)
         stats = self._reduce_stats()
         aux = sum(
             (st.aux_loss / max(1, st.num_micro_batches) for st in stats), torch.zeros((), device=self.device)
         )
-        return StepResult(lm, aux, grad_norm.detach(), stats)
+        return StepResult(lm, aux, grad_norm.detach(), stats, skipped)
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict]) -> dict:

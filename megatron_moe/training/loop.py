@@ -6,9 +6,10 @@ tp = pp = dp = 1) go through :class:`megatron_moe.parallel.engine.ParallelEngine
 
 from __future__ import annotations
 
-import math
+import json
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,14 +18,18 @@ from torch import nn
 from megatron_moe.config import Config
 from megatron_moe.data.datasets import MicroBatchIterator, build_gpt_datasets
 from megatron_moe.data.tokenizer import SentencePieceTokenizer
+from megatron_moe.model.expert_similarity import expert_gram, mean_pairwise_cosine
 from megatron_moe.model.moe import MoELayer
 from megatron_moe.model.transformer import padded_vocab_size
 from megatron_moe.parallel.data import split_param_groups_by_mesh
 from megatron_moe.parallel.engine import ParallelEngine, StepResult, init_distributed_from_env
 from megatron_moe.parallel.loss import lm_loss_from_target, loss_target
 from megatron_moe.routing.adaptive import AdaptiveAuxLossCoefficients, ConstantAuxLossCoefficients
+from megatron_moe.training.checkpoint import read_meta, resolve_checkpoint, save_checkpoint
 from megatron_moe.training.metrics import MetricsWriter
 from megatron_moe.training.optim import build_optimizer, learning_rate, set_learning_rate
+from megatron_moe.training.signals import StopRequest
+from megatron_moe.training.state import check_compatible, load_model_only, load_training_state, training_state
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -132,6 +137,44 @@ def _progress_line(rec: dict) -> str:
     return line
 
 
+def expert_similarity_all_layers(engine: ParallelEngine) -> list[float]:
+    """Mean pairwise expert cosine similarity (ROUTING_SPEC 6) of every MoE layer, on every rank."""
+    sims = torch.zeros(engine.num_moe_layers, dtype=torch.float64, device=engine.device)
+    holders = torch.zeros_like(sims)
+    for idx, layer in engine.local_moe:
+        sims[idx] += mean_pairwise_cosine(expert_gram(layer.experts))
+        holders[idx] += 1
+    if dist.is_initialized() and engine.sizes.world > 1:  # pipeline stages hold different layers
+        dist.all_reduce(sims)
+        dist.all_reduce(holders)
+    return (sims / holders.clamp_min(1)).tolist()
+
+
+def _stop_requested(stop: StopRequest, device: torch.device) -> bool:
+    """True on every rank if any rank received SIGTERM/SIGINT (one tiny all-reduce per step)."""
+    flag = torch.tensor(1.0 if stop.requested else 0.0, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _nonfinite_report(step: int, result: StepResult) -> str:
+    lines = [f"non-finite loss or gradient at step {step}: lm_loss={result.lm_loss.item()}, "
+             f"aux_loss={result.aux_loss.item()}, grad_norm={result.grad_norm.item()}"]
+    for i, st in enumerate(result.layer_stats):
+        n = max(1, st.num_micro_batches)
+        lines.append(f"  MoE layer {i}: aux_loss={(st.aux_loss / n).item():.4g} "
+                     f"drop_rate={(st.drop_rate / n).item():.4g} entropy={(st.entropy / n).item():.4g} "
+                     f"max/mean load={(st.counts.max() / st.counts.mean().clamp_min(1e-9)).item():.3g}")
+    return "\n".join(lines)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
 def train(cfg: Config, eval_only: bool = False) -> dict:
     """Run pretraining as configured, single process or under torchrun (any tp x pp x dp layout).
 
@@ -157,6 +200,13 @@ def _train(cfg: Config, eval_only: bool, device: torch.device) -> dict:
         raise ValueError("data.tokenizer_model (--tokenizer-model) is required")
     if not cfg.data.data_path:
         raise ValueError("data.data_path (--data-path) is required")
+    load_path, load_meta = None, None
+    if cfg.checkpoint.load:
+        load_path = resolve_checkpoint(cfg.checkpoint.load)
+        load_meta = read_meta(load_path)
+        check_compatible(load_meta.get("config", {}), cfg, load_path)
+    elif eval_only:
+        raise ValueError("--eval-only needs a checkpoint to evaluate: pass --load DIR")
     tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
     resolve_vocab_size(cfg, tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
     engine = ParallelEngine(cfg, device=device)  # validates the layout before any work
@@ -186,8 +236,15 @@ def _train(cfg: Config, eval_only: bool, device: torch.device) -> dict:
         (t.train_iters * t.global_batch_size, max(1, t.eval_iters) * t.global_batch_size),
         blend_cache_dir=cfg.data.cache_dir or None,
     )
+    if cfg.data.eval_data_path:  # evaluate on other data: all of it is validation
+        _, valid_ds = build_gpt_datasets(
+            cfg.data.eval_data_path, "0,1,0", tokenizer, cfg.data.seq_length, t.seed,
+            (0, max(1, t.eval_iters) * t.global_batch_size), blend_cache_dir=cfg.data.cache_dir or None,
+        )
+    # The same validation batches at every evaluation, so successive losses are comparable.
     valid_iter = MicroBatchIterator(valid_ds, t.micro_batch_size, dp_rank=engine.dp_rank, dp_size=sizes.dp)
     valid_batches = [next(valid_iter) for _ in range(t.eval_iters * num_micro)]
+    layout = {"tp": sizes.tp, "pp": sizes.pp, "dp": sizes.dp, "virtual_stages": sizes.virtual_stages}
 
     run_dir = cfg.checkpoint.save
     writer = MetricsWriter(
@@ -195,69 +252,138 @@ def _train(cfg: Config, eval_only: bool, device: torch.device) -> dict:
     )
     summary: dict = {"valid": []}
     if eval_only:
+        load_model_only(load_path, engine.parts)
         result = engine.evaluate(valid_batches)
+        result["expert_similarity"] = expert_similarity_all_layers(engine)
+        report = {
+            "checkpoint": str(load_path),
+            "step": load_meta.get("step", 0),
+            "data_path": cfg.data.eval_data_path or cfg.data.data_path,
+            "num_batches": len(valid_batches) * sizes.dp,
+            "tokens": len(valid_batches) * sizes.dp * t.micro_batch_size * cfg.data.seq_length,
+            **result,
+        }
         if log:
-            print(f"eval | loss {result['loss']:.4f} | ppl {result['ppl']:.2f}")
+            out = Path(cfg.checkpoint.save or load_path) / "eval.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(out, report)
+            sims = " ".join(f"{v:.3f}" for v in result["expert_similarity"])
+            print(f"eval | {load_path} (step {report['step']}) | loss {result['loss']:.4f} | ppl {result['ppl']:.2f}"
+                  f" | {report['tokens']} tokens | expert similarity per layer: {sims or '-'}")
+            print(f"wrote {out}", flush=True)
         writer.close()
-        return {"valid": [result]}
+        return {"valid": [result], "eval": report}
 
     optimizer = split_param_groups_by_mesh(build_optimizer(module, cfg.optimizer, device.type))
     coefficients = build_aux_coefficients(cfg, engine.num_moe_layers, device)
+    start_step, consumed = 0, 0
+    if load_path is not None:
+        if "optimizer" in load_meta.get("contents", []):
+            info = load_training_state(load_path, engine.parts, optimizer, engine.num_moe_layers, engine.rank,
+                                       device, same_layout=load_meta.get("layout") == layout)
+            start_step, consumed = info["step"], info["consumed_samples"]
+            saved_aux = load_meta.get("aux_coefficients", {})
+            if info["aux_coefficients"] is not None and saved_aux.get("kind") == coefficients.kind:
+                coefficients.load_state_dict(saved_aux | {"coefficients": info["aux_coefficients"]}, strict=False)
+            if not info["rng_restored"]:  # another layout: a deterministic, step-dependent reseed
+                torch.manual_seed(t.seed + engine.dp_rank + 1_000_003 * start_step)
+            if log:
+                print(f"resumed from {load_path} at step {start_step} ({consumed} samples consumed; "
+                      f"RNG {'restored' if info['rng_restored'] else 'reseeded: different layout'})", flush=True)
+        else:
+            load_model_only(load_path, engine.parts)
+            if log:
+                print(f"loaded model weights from {load_path}; starting a new run at step 0", flush=True)
     push_coefficients(engine.local_moe, coefficients.coefficients)
-    train_iter = MicroBatchIterator(train_ds, t.micro_batch_size, dp_rank=engine.dp_rank, dp_size=sizes.dp)
+    train_iter = MicroBatchIterator(train_ds, t.micro_batch_size, consumed_samples=consumed,
+                                    dp_rank=engine.dp_rank, dp_size=sizes.dp)
+
+    def save(step: int) -> None:
+        state = training_state(engine.parts, optimizer, step, train_iter.consumed_samples,
+                               coefficients.coefficients if engine.num_moe_layers else None, engine.rank, device)
+        aux_settings = {k: v for k, v in coefficients.state_dict().items() if not isinstance(v, torch.Tensor)}
+        meta = {"config": cfg.to_dict(), "contents": ["model", "optimizer", "train_state"], "layout": layout,
+                "consumed_samples": train_iter.consumed_samples, "aux_coefficients": aux_settings}
+        path = save_checkpoint(cfg.checkpoint.save, step, state, meta, keep_last=cfg.checkpoint.keep_last)
+        if log:
+            print(f"saved checkpoint {path}", flush=True)
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
 
     def run_eval(step: int) -> None:
         result = engine.evaluate(valid_batches)
         summary["valid"].append({"step": step, "loss": result["loss"]})
-        writer.log({"step": step, "valid_loss": result["loss"], "valid_ppl": result["ppl"]})
+        record = {"step": step, "valid_loss": result["loss"], "valid_ppl": result["ppl"]}
+        if engine.num_moe_layers:
+            record["expert_similarity"] = [round(v, 6) for v in expert_similarity_all_layers(engine)]
+        writer.log(record)
         if log:
             print(
                 f"validation | step {step:>6} | loss {result['loss']:.4f} | ppl {result['ppl']:.2f}",
                 flush=True,
             )
 
-    if t.eval_interval:
+    if t.eval_interval and start_step == 0:
         run_eval(0)
     start = time.perf_counter()
     interval_start, interval_steps = start, 0
-    for step in range(1, t.train_iters + 1):
-        lr = learning_rate(step - 1, cfg.optimizer, t.train_iters)
-        set_learning_rate(optimizer, lr)
-        batches = [next(train_iter) for _ in range(num_micro)]
-        module.train()
-        result = engine.train_step(batches, optimizer, cfg.optimizer.clip_grad)
-        if engine.num_moe_layers:
-            # Drop rates averaged over micro-batches and dp ranks: the same on every rank.
-            drop_rates = torch.stack([s.drop_rate / max(1, s.num_micro_batches) for s in result.layer_stats])
-            coefficients.update(drop_rates)
-            push_coefficients(engine.local_moe, coefficients.coefficients)
-        interval_steps += 1
-        if step % cfg.logging.log_interval == 0 or step == t.train_iters:
-            now = time.perf_counter()
-            lm, aux = result.lm_loss.item(), result.aux_loss.item()
-            if not math.isfinite(lm + aux):
-                raise FloatingPointError(f"non-finite loss at step {step}: lm_loss={lm}, aux_loss={aux}")
-            record = {
-                "step": step,
-                "loss": lm + aux,
-                "lm_loss": lm,
-                "aux_loss": aux,
-                "lr": lr,
-                "grad_norm": result.grad_norm.item(),
-                "tokens_per_sec": interval_steps * tokens_per_step / (now - interval_start),
-                "moe": layer_records(coefficients.coefficients, result.layer_stats),
-            }
-            writer.log(record)
-            if log:
-                print(_progress_line(record), flush=True)
-            interval_start, interval_steps = now, 0
-        if t.eval_interval and (step % t.eval_interval == 0 or step == t.train_iters):
-            run_eval(step)
+    skip_nonfinite = t.nonfinite_loss == "skip"
+    with StopRequest() as stop:
+        for step in range(start_step + 1, t.train_iters + 1):
+            lr = learning_rate(step - 1, cfg.optimizer, t.train_iters)
+            set_learning_rate(optimizer, lr)
+            batches = [next(train_iter) for _ in range(num_micro)]
+            module.train()
+            result = engine.train_step(batches, optimizer, cfg.optimizer.clip_grad, skip_nonfinite=skip_nonfinite)
+            # One host sync per step: a non-finite loss must never reach a checkpoint.
+            if result.skipped or not bool(torch.isfinite(result.lm_loss + result.aux_loss)):
+                report = _nonfinite_report(step, result)
+                if not skip_nonfinite:
+                    raise FloatingPointError(report + "\n(no checkpoint written for this step; "
+                                             "training.nonfinite_loss = 'skip' drops such steps instead)")
+                if log:
+                    print(report + "\n  -> optimizer step skipped (training.nonfinite_loss = 'skip')", flush=True)
+                continue
+            if engine.num_moe_layers:
+                # Drop rates averaged over micro-batches and dp ranks: the same on every rank.
+                drop_rates = torch.stack([s.drop_rate / max(1, s.num_micro_batches) for s in result.layer_stats])
+                coefficients.update(drop_rates)
+                push_coefficients(engine.local_moe, coefficients.coefficients)
+            interval_steps += 1
+            if step % cfg.logging.log_interval == 0 or step == t.train_iters:
+                now = time.perf_counter()
+                lm, aux = result.lm_loss.item(), result.aux_loss.item()
+                record = {
+                    "step": step,
+                    "loss": lm + aux,
+                    "lm_loss": lm,
+                    "aux_loss": aux,
+                    "lr": lr,
+                    "grad_norm": result.grad_norm.item(),
+                    "tokens_per_sec": interval_steps * tokens_per_step / (now - interval_start),
+                    "moe": layer_records(coefficients.coefficients, result.layer_stats),
+                }
+                writer.log(record)
+                if log:
+                    print(_progress_line(record), flush=True)
+                interval_start, interval_steps = now, 0
+            if t.eval_interval and (step % t.eval_interval == 0 or step == t.train_iters):
+                run_eval(step)
+            stop_now = _stop_requested(stop, device)
+            exit_now = bool(t.exit_interval) and step % t.exit_interval == 0 and step < t.train_iters
+            interval_save = cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0
+            if cfg.checkpoint.save and (interval_save or step == t.train_iters or stop_now or exit_now):
+                save(step)
+            if stop_now or exit_now:
+                summary["stopped_at"] = step
+                if log:
+                    print(f"stopping at step {step} ({'signal' if stop_now else 'training.exit_interval'})",
+                          flush=True)
+                break
     summary["wall_time_s"] = time.perf_counter() - start
     writer.close()
     if summary["valid"] and log:
         first, last = summary["valid"][0]["loss"], summary["valid"][-1]["loss"]
         wall = summary["wall_time_s"]
-        print(f"done: {t.train_iters} steps in {wall:.1f}s; validation loss {first:.4f} -> {last:.4f}")
+        steps = summary.get("stopped_at", t.train_iters) - start_step
+        print(f"done: {steps} steps in {wall:.1f}s; validation loss {first:.4f} -> {last:.4f}")
     return summary
