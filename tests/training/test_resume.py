@@ -1,0 +1,192 @@
+"""Checkpointed runs: exact resume, resharded load, eval-only, SIGTERM, non-finite losses, bad inputs.
+
+Real data path (sentencepiece + .bin/.idx) and the real loop (`train`). Bitwise equality where the
+layout is the same (single process, and 2x2 tp x pp); across layouts the tolerance is 1e-5 relative
+(fp32 sums in a different order: measured differences are ~1e-7, see tests/parallel).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_moe.testing import run_distributed
+from megatron_moe.training.checkpoint import CheckpointError, list_checkpoints, read_meta, resolve_checkpoint
+from megatron_moe.training.loop import train
+from tests.parallel.test_loop_distributed import corpus, loop_config  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).parents[2]
+
+
+def cfg_for(corpus, run_dir, tp=1, pp=1, router="sparsemixer", iters=6):  # noqa: F811
+    cfg = loop_config(corpus, run_dir, tp, pp)
+    cfg.moe.router = router
+    cfg.training.train_iters, cfg.training.eval_interval = iters, 3
+    cfg.checkpoint.save_interval = 3
+    return cfg
+
+
+def losses(run_dir) -> dict[int, tuple]:
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "lm_loss" in r:
+            out[r["step"]] = (r["lm_loss"], r["aux_loss"], r["grad_norm"], [m["aux_coeff"] for m in r["moe"]])
+    return out
+
+
+def test_interrupted_and_resumed_equals_uninterrupted_bitwise(corpus, tmp_path):  # noqa: F811
+    train(cfg_for(corpus, tmp_path / "full"))
+    cfg = cfg_for(corpus, tmp_path / "parts")
+    cfg.training.exit_interval = 3
+    summary = train(cfg)
+    assert summary["stopped_at"] == 3 and [p.name for p in list_checkpoints(tmp_path / "parts")] == ["iter_0000003"]
+    cfg = cfg_for(corpus, tmp_path / "parts")
+    cfg.checkpoint.load = str(tmp_path / "parts")
+    train(cfg)
+    full, parts = losses(tmp_path / "full"), losses(tmp_path / "parts")
+    assert sorted(parts) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):  # SparseMixer-v2 samples too: the generators are checkpointed
+        assert parts[step] == full[step], step
+    meta = read_meta(resolve_checkpoint(tmp_path / "parts"))
+    assert meta["step"] == 6 and meta["contents"] == ["model", "optimizer", "train_state"]
+
+
+def _layout_body(rank, world, corpus, root, mode):  # noqa: F811
+    cfg = cfg_for(corpus, root / mode, tp=2, pp=2, router="topk")
+    if mode == "parts":
+        cfg.training.exit_interval = 3
+        train(cfg)
+        cfg = cfg_for(corpus, root / mode, tp=2, pp=2, router="topk")
+        cfg.checkpoint.load = str(root / mode)
+    elif mode == "from_single":
+        cfg.checkpoint.load = str(root / "single_parts")
+    train(cfg)
+    return rank
+
+
+@pytest.mark.slow
+def test_resume_in_2x2_layout_and_resharded_loads(corpus, tmp_path):  # noqa: F811
+    # Uninterrupted and interrupted+resumed runs in tp=2 x pp=2 (4 ranks): identical losses.
+    run_distributed(_layout_body, 4, (corpus, tmp_path, "full"), timeout=300)
+    run_distributed(_layout_body, 4, (corpus, tmp_path, "parts"), timeout=300)
+    full, parts = losses(tmp_path / "full"), losses(tmp_path / "parts")
+    for step in (4, 5, 6):
+        assert parts[step] == full[step], step
+    # Saved with tp=2, pp=2, resumed in one process: the continuation matches the 2x2 run.
+    single = cfg_for(corpus, tmp_path / "from_2x2", router="topk")
+    single.checkpoint.load = str(resolve_checkpoint(tmp_path / "full").parent / "iter_0000003")
+    train(single)
+    resharded = losses(tmp_path / "from_2x2")
+    # ...and the reverse: saved by one process, resumed with tp=2, pp=2.
+    first = cfg_for(corpus, tmp_path / "single_parts", router="topk")
+    first.training.exit_interval = 3
+    train(first)
+    run_distributed(_layout_body, 4, (corpus, tmp_path, "from_single"), timeout=300)
+    reverse = losses(tmp_path / "from_single")
+    for step in (4, 5, 6):
+        for got in (resharded[step], reverse[step]):
+            for a, b in zip(got[:3], full[step][:3], strict=True):
+                assert a == pytest.approx(b, rel=1e-5), step
+            assert got[3] == pytest.approx(full[step][3], rel=1e-5)
+
+
+def test_eval_only_writes_eval_json(corpus, tmp_path):  # noqa: F811
+    train(cfg_for(corpus, tmp_path / "run", iters=3))
+    cfg = cfg_for(corpus, tmp_path / "eval")
+    cfg.checkpoint.load = str(tmp_path / "run")
+    out = train(cfg, eval_only=True)["eval"]
+    written = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert written["step"] == 3 and written["loss"] == pytest.approx(out["loss"])
+    assert written["ppl"] == pytest.approx(2.718281828 ** written["loss"], rel=1e-6)
+    assert len(written["expert_load"]) == 4 and all(abs(sum(layer) - 1) < 1e-5 for layer in written["expert_load"])
+    assert len(written["expert_similarity"]) == 4
+    valid = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last_valid = [r for r in valid if "valid_loss" in r][-1]
+    assert written["loss"] == pytest.approx(last_valid["valid_loss"], rel=1e-6)  # the same evaluation code
+
+
+def test_sigterm_checkpoints_at_step_boundary_and_exits_cleanly(corpus, tmp_path):  # noqa: F811
+    cfg = cfg_for(corpus, tmp_path / "run", router="topk", iters=400)
+    cfg.training.eval_interval = 0
+    cfg.checkpoint.save_interval = 0
+    toml = tmp_path / "c.toml"
+    lines = []
+    for group, values in cfg.to_dict().items():
+        lines.append(f"[{group}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    toml.write_text("\n".join(lines) + "\n")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain_moe.py"), "--config", str(toml)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step"):
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, output
+    assert "received SIGTERM" in output and "saved checkpoint" in output
+    ckpt = resolve_checkpoint(tmp_path / "run")
+    assert 0 < read_meta(ckpt)["step"] < 400
+    resume = cfg_for(corpus, tmp_path / "run", router="topk", iters=read_meta(ckpt)["step"] + 1)
+    resume.checkpoint.load = str(tmp_path / "run")
+    train(resume)  # the checkpoint loads and training continues
+
+
+def test_nonfinite_loss_stops_without_poisoned_checkpoint_or_skips(corpus, tmp_path, monkeypatch):  # noqa: F811
+    import megatron_moe.parallel.engine as engine_mod
+
+    real = engine_mod.lm_loss_from_target
+    calls = {"n": 0}
+
+    def poisoned(logits, target):
+        calls["n"] += 1
+        loss = real(logits, target)
+        return loss * float("nan") if 5 <= calls["n"] <= 6 else loss  # step 3 (2 micro-batches/step)
+
+    monkeypatch.setattr(engine_mod, "lm_loss_from_target", poisoned)
+    cfg = cfg_for(corpus, tmp_path / "stop", router="topk")
+    cfg.training.eval_interval, cfg.checkpoint.save_interval = 0, 1
+    with pytest.raises(FloatingPointError, match=r"step 3.*\n.*MoE layer 0"):
+        train(cfg)
+    assert [p.name for p in list_checkpoints(tmp_path / "stop")] == ["iter_0000001", "iter_0000002"]
+
+    calls["n"] = 0
+    cfg = cfg_for(corpus, tmp_path / "skip", router="topk")
+    cfg.training.eval_interval, cfg.training.nonfinite_loss = 0, "skip"
+    train(cfg)
+    logged = losses(tmp_path / "skip")
+    assert 3 not in logged and sorted(logged) == [1, 2, 4, 5, 6]
+
+
+def test_bad_inputs_give_clear_errors(corpus, tmp_path):  # noqa: F811
+    cfg = cfg_for(corpus, tmp_path / "a", iters=3)
+    cfg.data.data_path = [str(tmp_path / "missing_prefix")]
+    with pytest.raises(FileNotFoundError, match="missing_prefix"):
+        train(cfg)
+    train(cfg_for(corpus, tmp_path / "run", iters=3))
+    cfg = cfg_for(corpus, tmp_path / "b")
+    cfg.checkpoint.load = str(tmp_path / "run")
+    cfg.model.hidden_size, cfg.moe.num_experts = 64, 8
+    with pytest.raises(CheckpointError, match="model.hidden_size: checkpoint 32, config 64.*moe.num_experts"):
+        train(cfg)
+    cfg = cfg_for(corpus, tmp_path / "c")
+    cfg.model.vocab_size = 64  # smaller than the tokenizer's vocabulary
+    with pytest.raises(ValueError, match="model.vocab_size = 64 is smaller than the tokenizer"):
+        train(cfg)
+    ckpt = resolve_checkpoint(tmp_path / "run")
+    os.remove(next(ckpt.glob("*.distcp")))
+    cfg = cfg_for(corpus, tmp_path / "d")
+    cfg.checkpoint.load = str(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="could not be read"):
+        train(cfg)
+    cfg = cfg_for(corpus, tmp_path / "e")
+    with pytest.raises(ValueError, match="--eval-only needs"):
+        train(cfg, eval_only=True)
