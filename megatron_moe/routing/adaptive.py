@@ -17,8 +17,8 @@ _SETTINGS = ("xi", "alpha_max", "beta", "alpha_0")
 
 
 def _check_num_layers(num_layers: int) -> None:
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if num_layers < 0:  # 0: a dense model (nothing to balance)
+        raise ValueError(f"num_layers must be >= 0, got {num_layers}")
 
 
 def _check_drop_rates(drop_rates: Tensor, num_layers: int) -> None:
