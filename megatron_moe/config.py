@@ -111,6 +111,9 @@ class TrainingConfig:
     num_threads: int = 0  # CPU intra-op threads; 0 = torch default
     exit_interval: int = 0  # save a checkpoint and exit after this many steps (0 = run to train_iters)
     nonfinite_loss: str = "stop"  # "stop" (raise, no checkpoint) | "skip" (drop that optimizer step)
+    # Build on the meta device and allocate only this rank's pipeline stages (models too large for
+    # host memory); each stage is initialised from seed + stage index, not the single-process stream.
+    meta_init: bool = False
 
 
 @dataclass

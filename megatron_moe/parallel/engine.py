@@ -356,7 +356,7 @@ class ParallelEngine:
         if total is not None:
             total = total / len(chunks)
         loss = self._reduce_loss(total).item()
-        loads = [_load_fractions(st.counts) for st in self._reduce_stats()]
+        loads = [load_fractions(st.counts) for st in self._reduce_stats()]
         self.module.train(was_training)
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "expert_load": loads}
 
@@ -394,7 +394,8 @@ class ParallelEngine:
         return out
 
 
-def _load_fractions(counts: torch.Tensor) -> list[float]:
+def load_fractions(counts: torch.Tensor) -> list[float]:
+    """Fraction of routed assignments per expert (host floats) from counts [E]."""
     return (counts / counts.sum().clamp_min(1.0)).tolist()
 
 

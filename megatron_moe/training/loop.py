@@ -22,7 +22,7 @@ from megatron_moe.model.expert_similarity import expert_gram, mean_pairwise_cosi
 from megatron_moe.model.moe import MoELayer
 from megatron_moe.model.transformer import padded_vocab_size
 from megatron_moe.parallel.data import split_param_groups_by_mesh
-from megatron_moe.parallel.engine import ParallelEngine, StepResult, init_distributed_from_env
+from megatron_moe.parallel.engine import ParallelEngine, StepResult, init_distributed_from_env, load_fractions
 from megatron_moe.parallel.loss import lm_loss_from_target, loss_target
 from megatron_moe.routing.adaptive import AdaptiveAuxLossCoefficients, ConstantAuxLossCoefficients
 from megatron_moe.training.checkpoint import read_meta, resolve_checkpoint, save_checkpoint
@@ -97,16 +97,12 @@ def evaluate(model: nn.Module, batches: list[dict], autocast) -> dict:
     return _single_process_engine(model, autocast).evaluate(batches)
 
 
-def _load_fractions(counts: torch.Tensor) -> list[float]:
-    return (counts / counts.sum().clamp_min(1.0)).tolist()
-
-
 def layer_records(coefficients: torch.Tensor, stats: list) -> list[dict]:
     """Per-layer metrics entries (host values) for metrics.jsonl; ``coefficients`` [num MoE layers]."""
     records = []
     coeffs = coefficients.tolist()
     for layer_idx, s in enumerate(stats):
-        load = _load_fractions(s.counts)
+        load = load_fractions(s.counts)
         n = max(1, s.num_micro_batches)
         records.append(
             {
@@ -215,7 +211,7 @@ def _train(cfg: Config, eval_only: bool, device: torch.device) -> dict:
     num_micro = sizes.num_microbatches
     t = cfg.training
 
-    module = engine.build_model()
+    module = engine.build_model(meta_init=t.meta_init)
     params = engine.param_counts
     if log:
         print(
