@@ -135,6 +135,7 @@ class CheckpointConfig:
     load: str = ""  # a save directory (its latest checkpoint) or one checkpoint directory
     save_interval: int = 0  # 0 = save only at the end of training and on SIGTERM/SIGINT
     keep_last: int = 3  # checkpoints kept in the save directory (0 = all)
+    async_save: bool = False  # stage to CPU memory, write in the background, publish before the next save
 
 
 @dataclass
@@ -206,6 +207,7 @@ MEGATRON_FLAGS: dict[str, str] = {
     "save": "checkpoint.save",
     "load": "checkpoint.load",
     "save-interval": "checkpoint.save_interval",
+    "async-save": "checkpoint.async_save",
     "exit-interval": "training.exit_interval",
     "virtual-pipeline-model-parallel-size": "parallel.virtual_pipeline_stages",
     "recompute-activations": "parallel.activation_checkpointing",

@@ -33,6 +33,10 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
+# Single-process saves (no process group) are intended here; DCP's notice about it, also raised
+# from its background thread for async saves, is noise.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
 FORMAT_VERSION = 1
 LATEST = "latest"
 META = "meta.json"
@@ -116,12 +120,14 @@ class SafeFileSystemReader(FileSystemReader):
 
 
 def save_checkpoint(save_dir: str | Path, step: int, state: dict[str, Any], meta: dict[str, Any],
-                    keep_last: int = 0, group=None) -> Path:
+                    keep_last: int = 0, group=None, async_save: bool = False) -> Path | PendingSave:
     """Write ``state`` (nested dicts of tensors / DTensors) as checkpoint ``step`` under ``save_dir``.
 
     Collective over ``group`` (default world) when torch.distributed is initialised. ``meta`` must
     be JSON-serialisable. ``keep_last`` > 0 deletes all but the newest ``keep_last`` checkpoints.
-    Returns the final checkpoint directory.
+    Returns the final checkpoint directory; with ``async_save`` the state is staged to CPU memory,
+    written by a background thread, and a :class:`PendingSave` is returned whose ``wait()`` (called
+    by every rank at the same point) makes the checkpoint visible.
     """
     save_dir = Path(save_dir)
     final = save_dir / checkpoint_name(step)
@@ -131,9 +137,30 @@ def save_checkpoint(save_dir: str | Path, step: int, state: dict[str, Any], meta
         if tmp.exists():
             shutil.rmtree(tmp)  # debris of an earlier crash
     _barrier(group)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=str(tmp), process_group=group, no_dist=not dist.is_initialized())
+    kwargs = dict(checkpoint_id=str(tmp), process_group=group, no_dist=not dist.is_initialized())
+    if async_save:
+        future = dcp.async_save(state, **kwargs)
+        return PendingSave(future, lambda: _finalize(save_dir, tmp, final, step, meta, keep_last, group))
+    dcp.save(state, **kwargs)
+    return _finalize(save_dir, tmp, final, step, meta, keep_last, group)
+
+
+class PendingSave:
+    """An asynchronous save in flight; ``wait()`` blocks until it is written, then publishes it."""
+
+    def __init__(self, future, finalize):
+        self._future, self._finalize, self.path = future, finalize, None
+
+    def wait(self) -> Path:
+        if self.path is None:
+            # torch returns a Future, or a response holding one (upload_completion) in newer versions
+            getattr(self._future, "upload_completion", self._future).result()
+            self.path = self._finalize()
+        return self.path
+
+
+def _finalize(save_dir: Path, tmp: Path, final: Path, step: int, meta: dict, keep_last: int, group) -> Path:
+    """After every rank wrote its shards: meta.json, rename into place, then replace ``latest``."""
     _barrier(group)
     if _rank(group) == 0:
         _write_text_atomic(tmp / META, json.dumps({"format_version": FORMAT_VERSION, "step": step, **meta},
@@ -223,10 +250,8 @@ def load_checkpoint(checkpoint: str | Path, state: dict[str, Any], group=None) -
         raise CheckpointError(f"checkpoint {checkpoint}: {k} has shape {got}, the model expects {want} "
                               f"({len(wrong)} mismatched entries): different model configuration?")
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, storage_reader=SafeFileSystemReader(str(checkpoint)), process_group=group,
-                     no_dist=not dist.is_initialized())
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(checkpoint)), process_group=group,
+                 no_dist=not dist.is_initialized())
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # DCP wraps shard read errors (missing/truncated shards)

@@ -300,9 +300,21 @@ def _train(cfg: Config, eval_only: bool, device: torch.device) -> dict:
         aux_settings = {k: v for k, v in coefficients.state_dict().items() if not isinstance(v, torch.Tensor)}
         meta = {"config": cfg.to_dict(), "contents": ["model", "optimizer", "train_state"], "layout": layout,
                 "consumed_samples": train_iter.consumed_samples, "aux_coefficients": aux_settings}
-        path = save_checkpoint(cfg.checkpoint.save, step, state, meta, keep_last=cfg.checkpoint.keep_last)
-        if log:
-            print(f"saved checkpoint {path}", flush=True)
+        finish_pending_save()
+        result = save_checkpoint(cfg.checkpoint.save, step, state, meta, keep_last=cfg.checkpoint.keep_last,
+                                 async_save=cfg.checkpoint.async_save)
+        if cfg.checkpoint.async_save:
+            pending_save.append(result)
+        elif log:
+            print(f"saved checkpoint {result}", flush=True)
+
+    pending_save: list = []
+
+    def finish_pending_save() -> None:
+        while pending_save:
+            path = pending_save.pop().wait()
+            if log:
+                print(f"saved checkpoint {path} (asynchronously)", flush=True)
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
 
     def run_eval(step: int) -> None:
@@ -375,6 +387,7 @@ def _train(cfg: Config, eval_only: bool, device: torch.device) -> dict:
                     print(f"stopping at step {step} ({'signal' if stop_now else 'training.exit_interval'})",
                           flush=True)
                 break
+    finish_pending_save()
     summary["wall_time_s"] = time.perf_counter() - start
     writer.close()
     if summary["valid"] and log:

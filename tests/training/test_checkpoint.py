@@ -147,3 +147,15 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path):
     (bad / "meta.json").write_text('{"format_version": 1, "step": 0}')
     with pytest.raises(CheckpointError, match="pickled objects"):
         ck.checkpoint_keys(bad)
+
+
+def test_async_save_stages_a_snapshot_and_publishes_on_wait(tmp_path):
+    save_checkpoint(tmp_path, 1, state(1), {})
+    live = state(2)
+    pending = save_checkpoint(tmp_path, 2, live, {}, async_save=True)
+    live["model"]["a.weight"].add_(100.0)  # training goes on while the save is written
+    assert resolve_checkpoint(tmp_path).name == "iter_0000001"  # not visible before wait()
+    assert pending.wait().name == "iter_0000002" and resolve_checkpoint(tmp_path).name == "iter_0000002"
+    target = zeros_like(state(0))
+    load_checkpoint(resolve_checkpoint(tmp_path), target)
+    assert_equal(target, state(2))
