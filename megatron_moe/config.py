@@ -136,6 +136,7 @@ class CheckpointConfig:
     save_interval: int = 0  # 0 = save only at the end of training and on SIGTERM/SIGINT
     keep_last: int = 3  # checkpoints kept in the save directory (0 = all)
     async_save: bool = False  # stage to CPU memory, write in the background, publish before the next save
+    allow_tokenizer_change: bool = False  # resume with a tokenizer other than the checkpoint's
 
 
 @dataclass

@@ -25,7 +25,7 @@ from megatron_moe.parallel.data import split_param_groups_by_mesh
 from megatron_moe.parallel.engine import ParallelEngine, StepResult, init_distributed_from_env, load_fractions
 from megatron_moe.parallel.loss import lm_loss_from_target, loss_target
 from megatron_moe.routing.adaptive import AdaptiveAuxLossCoefficients, ConstantAuxLossCoefficients
-from megatron_moe.training.checkpoint import read_meta, resolve_checkpoint, save_checkpoint
+from megatron_moe.training.checkpoint import CheckpointError, read_meta, resolve_checkpoint, save_checkpoint
 from megatron_moe.training.metrics import MetricsWriter
 from megatron_moe.training.optim import build_optimizer, learning_rate, set_learning_rate
 from megatron_moe.training.signals import StopRequest
@@ -204,6 +204,15 @@ def _train(cfg: Config, eval_only: bool, device: torch.device) -> dict:
     elif eval_only:
         raise ValueError("--eval-only needs a checkpoint to evaluate: pass --load DIR")
     tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
+    tokenizer_id = {"vocab_size": tokenizer.vocab_size, "sha256": tokenizer.unique_identifiers["model_sha256"]}
+    saved_tokenizer = (load_meta or {}).get("tokenizer")
+    if saved_tokenizer and saved_tokenizer != tokenizer_id and not cfg.checkpoint.allow_tokenizer_change:
+        raise CheckpointError(
+            f"tokenizer {cfg.data.tokenizer_model!r} (vocab {tokenizer_id['vocab_size']}, sha256 "
+            f"{tokenizer_id['sha256'][:12]}...) is not the one checkpoint {load_path} was trained with (vocab "
+            f"{saved_tokenizer['vocab_size']}, sha256 {saved_tokenizer['sha256'][:12]}...); pass that tokenizer, "
+            "or --checkpoint.allow_tokenizer_change true on purpose"
+        )
     resolve_vocab_size(cfg, tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
     engine = ParallelEngine(cfg, device=device)  # validates the layout before any work
     log = engine.is_logging_rank
@@ -299,6 +308,7 @@ def _train(cfg: Config, eval_only: bool, device: torch.device) -> dict:
                                coefficients.coefficients if engine.num_moe_layers else None, engine.rank, device)
         aux_settings = {k: v for k, v in coefficients.state_dict().items() if not isinstance(v, torch.Tensor)}
         meta = {"config": cfg.to_dict(), "contents": ["model", "optimizer", "train_state"], "layout": layout,
+                "tokenizer": tokenizer_id,
                 "consumed_samples": train_iter.consumed_samples, "aux_coefficients": aux_settings}
         finish_pending_save()
         result = save_checkpoint(cfg.checkpoint.save, step, state, meta, keep_last=cfg.checkpoint.keep_last,

@@ -190,3 +190,16 @@ def test_bad_inputs_give_clear_errors(corpus, tmp_path):  # noqa: F811
     cfg = cfg_for(corpus, tmp_path / "e")
     with pytest.raises(ValueError, match="--eval-only needs"):
         train(cfg, eval_only=True)
+
+
+def test_resuming_with_another_tokenizer_is_refused(corpus, tmp_path):  # noqa: F811
+    from megatron_moe.data.tokenizer import train_sentencepiece
+
+    train(cfg_for(corpus, tmp_path / "run", iters=3))
+    text = tmp_path / "other.txt"
+    text.write_text("completely different words for another tokenizer\n" * 200)
+    other = train_sentencepiece([str(text)], str(tmp_path / "other"), 300)
+    cfg = cfg_for(corpus, tmp_path / "run", iters=4)
+    cfg.checkpoint.load, cfg.data.tokenizer_model = str(tmp_path / "run"), other
+    with pytest.raises(CheckpointError, match="is not the one checkpoint .* was trained with"):
+        train(cfg)
