@@ -458,6 +458,11 @@ def validate(cfg: Config) -> None:
             )
         if e.capacity_factor <= 0:
             raise ConfigError(f"moe.capacity_factor = {e.capacity_factor}; must be positive")
+        if e.balance_scope == "global" and e.balance_loss != "switch":
+            raise ConfigError(
+                f"moe.balance_scope = 'global' sums token counts, which only the Switch loss uses; "
+                f"moe.balance_loss = {e.balance_loss!r} is computed from local probabilities (use 'switch')"
+            )
         if e.adaptive_aux and e.balance_loss == "none":
             raise ConfigError("moe.adaptive_aux needs a balance loss; moe.balance_loss is 'none'")
         if not 0 <= e.adaptive_beta < 1:

@@ -74,3 +74,20 @@ def test_micro_batches_follow_megatron_rule():
     assert check_batch_sizes(cfg, data_parallel_size=2) == 4
     with pytest.raises(ConfigError, match="global_batch_size"):
         check_batch_sizes(cfg, data_parallel_size=3)
+
+
+def test_global_scope_needs_the_switch_loss():
+    with pytest.raises(ConfigError, match="moe.balance_scope"):
+        parse_args(["--moe.balance_scope", "global", "--moe.balance_loss", "skywork"])
+
+
+def test_grouped_gemm_alignment_checked_for_cuda():
+    import torch
+
+    from megatron_moe.training.loop import check_grouped_gemm_shapes
+
+    cfg, _ = parse_args(["--moe.expert_ffn_hidden_size", "1000"])
+    check_grouped_gemm_shapes(cfg, 4, torch.device("cpu"))  # CPU: no constraint
+    check_grouped_gemm_shapes(cfg, 1, torch.device("cuda"))
+    with pytest.raises(ConfigError, match="expert_ffn_hidden_size / tensor parallel size"):
+        check_grouped_gemm_shapes(cfg, 4, torch.device("cuda"))  # 250 per rank

@@ -19,9 +19,14 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def expert_gram(experts: GroupedExperts) -> torch.Tensor:
-    """Dot products between experts' flattened weights, float64 [E, E] (DTensor weights are gathered)."""
-    flat = torch.cat([_full(w).detach().flatten(1).double() for w in (experts.w1, experts.w3, experts.w2)], dim=1)
-    return flat @ flat.T
+    """Dot products between experts' flattened weights [E, E] (float32 products summed in float64;
+    DTensor weights are gathered one at a time)."""
+    gram = None
+    for weight in (experts.w1, experts.w3, experts.w2):  # one gathered weight at a time bounds the memory
+        flat = _full(weight).detach().flatten(1).float()
+        part = (flat @ flat.T).double()
+        gram = part if gram is None else gram + part
+    return gram
 
 
 def mean_pairwise_cosine(gram: torch.Tensor) -> float:

@@ -112,7 +112,8 @@ def init_distributed_from_env(device_type: str) -> bool:
         return False
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    # cpu:gloo beside NCCL: DCP's asynchronous checkpoint save needs a CPU backend.
+    dist.init_process_group("cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo")
     return True
 
 
@@ -401,11 +402,14 @@ def load_fractions(counts: torch.Tensor) -> list[float]:
 
 def _checkpoint_blocks(part: nn.Module) -> None:
     """Recompute every transformer block in backward (non-reentrant; RNG state restored, so
-    SparseMixer draws the same samples again). MoE statistics are then accumulated twice per
-    micro-batch (forward + recompute); their means are unchanged."""
+    SparseMixer draws the same samples again). If a recompute reaches the end of an MoE layer its
+    statistics are accumulated again together with the micro-batch count, so their means are unchanged."""
     from torch.utils.checkpoint import checkpoint
 
     for block in part.layers.values():
+        if getattr(block, "_activation_checkpointed", False):
+            continue  # already wrapped (the single-process helpers rebuild engines around one model)
+        block._activation_checkpointed = True
         forward = block.forward
 
         def checkpointed(*args, _forward=forward):

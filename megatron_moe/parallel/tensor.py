@@ -56,7 +56,7 @@ def _all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Te
 def _reduce_scatter(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     x = x.contiguous()
-    if dist.get_backend(group) == "nccl":
+    if "nccl" in dist.get_backend(group):
         chunks = [c.contiguous() for c in x.chunk(size, dim=dim)]
         out = torch.empty_like(chunks[rank])
         dist.reduce_scatter(out, chunks, group=group)

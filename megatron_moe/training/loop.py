@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_moe.config import Config
+from megatron_moe.config import Config, ConfigError, default_ffn_hidden_size
 from megatron_moe.data.datasets import MicroBatchIterator, build_gpt_datasets
 from megatron_moe.data.tokenizer import SentencePieceTokenizer
 from megatron_moe.model.expert_similarity import expert_gram, mean_pairwise_cosine
@@ -146,6 +146,18 @@ def expert_similarity_all_layers(engine: ParallelEngine) -> list[float]:
     return (sims / holders.clamp_min(1)).tolist()
 
 
+def check_grouped_gemm_shapes(cfg: Config, tp: int, device: torch.device) -> None:
+    """On CUDA, torch._grouped_mm needs 16-byte-aligned rows: hidden and per-rank expert FFN sizes
+    must be multiples of 8 (bf16). Fail before any work instead of deep inside the first forward."""
+    if device.type != "cuda" or not cfg.moe.num_experts:
+        return
+    ffn = cfg.moe.expert_ffn_hidden_size or cfg.model.ffn_hidden_size or default_ffn_hidden_size(cfg.model.hidden_size)
+    for name, size in (("model.hidden_size", cfg.model.hidden_size),
+                       (f"moe.expert_ffn_hidden_size / tensor parallel size ({ffn} / {tp})", ffn // tp)):
+        if size % 8:
+            raise ConfigError(f"{name} = {size}: the grouped expert GEMM on CUDA needs a multiple of 8")
+
+
 def _stop_requested(stop: StopRequest, device: torch.device) -> bool:
     """True on every rank if any rank received SIGTERM/SIGINT (one tiny all-reduce per step)."""
     flag = torch.tensor(1.0 if stop.requested else 0.0, device=device)
@@ -215,6 +227,7 @@ def _train(cfg: Config, eval_only: bool, device: torch.device) -> dict:
         )
     resolve_vocab_size(cfg, tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
     engine = ParallelEngine(cfg, device=device)  # validates the layout before any work
+    check_grouped_gemm_shapes(cfg, engine.sizes.tp, device)
     log = engine.is_logging_rank
     sizes = engine.sizes
     num_micro = sizes.num_microbatches
@@ -287,6 +300,11 @@ def _train(cfg: Config, eval_only: bool, device: torch.device) -> dict:
             info = load_training_state(load_path, engine.parts, optimizer, engine.num_moe_layers, engine.rank,
                                        device, same_layout=load_meta.get("layout") == layout)
             start_step, consumed = info["step"], info["consumed_samples"]
+            saved_samples = load_meta.get("train_samples")
+            if log and saved_samples not in (None, t.train_iters * t.global_batch_size):
+                print(f"warning: training.train_iters x global_batch_size changed since the checkpoint "
+                      f"({saved_samples} -> {t.train_iters * t.global_batch_size} samples): megatron-core "
+                      "shuffles over all epochs, so the sample order after the resume point may differ", flush=True)
             saved_aux = load_meta.get("aux_coefficients", {})
             if info["aux_coefficients"] is not None and saved_aux.get("kind") == coefficients.kind:
                 coefficients.load_state_dict(saved_aux | {"coefficients": info["aux_coefficients"]}, strict=False)
@@ -308,7 +326,7 @@ def _train(cfg: Config, eval_only: bool, device: torch.device) -> dict:
                                coefficients.coefficients if engine.num_moe_layers else None, engine.rank, device)
         aux_settings = {k: v for k, v in coefficients.state_dict().items() if not isinstance(v, torch.Tensor)}
         meta = {"config": cfg.to_dict(), "contents": ["model", "optimizer", "train_state"], "layout": layout,
-                "tokenizer": tokenizer_id,
+                "tokenizer": tokenizer_id, "train_samples": t.train_iters * t.global_batch_size,
                 "consumed_samples": train_iter.consumed_samples, "aux_coefficients": aux_settings}
         finish_pending_save()
         result = save_checkpoint(cfg.checkpoint.save, step, state, meta, keep_last=cfg.checkpoint.keep_last,
@@ -353,21 +371,21 @@ def _train(cfg: Config, eval_only: bool, device: torch.device) -> dict:
             module.train()
             result = engine.train_step(batches, optimizer, cfg.optimizer.clip_grad, skip_nonfinite=skip_nonfinite)
             # One host sync per step: a non-finite loss must never reach a checkpoint.
-            if result.skipped or not bool(torch.isfinite(result.lm_loss + result.aux_loss)):
+            skipped = result.skipped or not bool(torch.isfinite(result.lm_loss + result.aux_loss))
+            if skipped:
                 report = _nonfinite_report(step, result)
                 if not skip_nonfinite:
                     raise FloatingPointError(report + "\n(no checkpoint written for this step; "
                                              "training.nonfinite_loss = 'skip' drops such steps instead)")
                 if log:
                     print(report + "\n  -> optimizer step skipped (training.nonfinite_loss = 'skip')", flush=True)
-                continue
-            if engine.num_moe_layers:
+            elif engine.num_moe_layers:
                 # Drop rates averaged over micro-batches and dp ranks: the same on every rank.
                 drop_rates = torch.stack([s.drop_rate / max(1, s.num_micro_batches) for s in result.layer_stats])
                 coefficients.update(drop_rates)
                 push_coefficients(engine.local_moe, coefficients.coefficients)
             interval_steps += 1
-            if step % cfg.logging.log_interval == 0 or step == t.train_iters:
+            if not skipped and (step % cfg.logging.log_interval == 0 or step == t.train_iters):
                 now = time.perf_counter()
                 lm, aux = result.lm_loss.item(), result.aux_loss.item()
                 record = {

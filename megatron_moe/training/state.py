@@ -64,7 +64,7 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
+    if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
@@ -93,8 +93,11 @@ def load_training_state(checkpoint, parts, optimizer, num_moe_layers: int, rank:
     stored = checkpoint_keys(checkpoint)
     state = training_state(parts, optimizer, 0, 0, torch.zeros(num_moe_layers) if num_moe_layers else None,
                            rank, device, create_optimizer_state=True)
-    rng_key = f"rng.rank{rank}.cpu"
-    restore_rng = same_layout and rng_key in stored
+    rng = state["rng"][f"rank{rank}"]
+    for name in list(rng):  # e.g. a CPU-saved checkpoint resumed on a GPU has no CUDA generator state
+        if f"rng.rank{rank}.{name}" not in stored:
+            del rng[name]
+    restore_rng = same_layout and "cpu" in rng
     if not restore_rng:
         del state["rng"]
     load_checkpoint(checkpoint, state, group=group)

@@ -18,7 +18,7 @@ def test_matches_naive_pairwise_cosine():
             for e in range(4)]
     ref = sum(torch.nn.functional.cosine_similarity(vecs[a], vecs[b], dim=0)
               for a, b in itertools.combinations(range(4), 2)) / 6
-    assert mean_pairwise_cosine(expert_gram(experts)) == pytest.approx(ref.item(), abs=1e-12)
+    assert mean_pairwise_cosine(expert_gram(experts)) == pytest.approx(ref.item(), abs=1e-6)  # float32 products
 
 
 def test_identical_experts_have_similarity_one_and_sharded_grams_add_up():
@@ -27,7 +27,7 @@ def test_identical_experts_have_similarity_one_and_sharded_grams_add_up():
         base = [torch.randn(4, 8), torch.randn(4, 8), torch.randn(8, 4)]
         for w, b in zip(experts.parameters(), base, strict=True):
             w.copy_(b.expand_as(w))
-    assert mean_pairwise_cosine(expert_gram(experts)) == pytest.approx(1.0, abs=1e-12)
+    assert mean_pairwise_cosine(expert_gram(experts)) == pytest.approx(1.0, abs=1e-6)
     # Two ffn slices (as two TP ranks hold them): their Gram matrices sum to the full one.
     halves = [GroupedExperts(3, 4, 4) for _ in range(2)]
     with torch.no_grad():
@@ -35,7 +35,8 @@ def test_identical_experts_have_similarity_one_and_sharded_grams_add_up():
             h.w1.copy_(experts.w1[:, :, 4 * k : 4 * k + 4])
             h.w3.copy_(experts.w3[:, :, 4 * k : 4 * k + 4])
             h.w2.copy_(experts.w2[:, 4 * k : 4 * k + 4, :])
-    torch.testing.assert_close(expert_gram(halves[0]) + expert_gram(halves[1]), expert_gram(experts))
+    summed = expert_gram(halves[0]) + expert_gram(halves[1])
+    torch.testing.assert_close(summed, expert_gram(experts), rtol=1e-5, atol=1e-5)
 
 
 def test_model_reports_one_value_per_moe_layer():

@@ -70,3 +70,20 @@ def test_incompatible_config_names_the_settings():
     cfg.model.hidden_size, cfg.moe.num_experts = 128, 8
     with pytest.raises(CheckpointError, match=r"model.hidden_size: checkpoint 256, config 128.*moe.num_experts"):
         check_compatible(dataclasses.asdict(saved), cfg, "ckpt")
+
+
+def test_generator_states_missing_from_the_checkpoint_are_not_requested(tmp_path, monkeypatch):
+    """A CPU-saved checkpoint resumed where a CUDA generator exists too (simulated): the CPU state loads."""
+    import megatron_moe.training.state as state_mod
+
+    model, opt = make()
+    step(model, opt)
+    save_checkpoint(tmp_path, 1, training_state([model], opt, 1, 8, None, 0, torch.device("cpu")), {})
+    expected = torch.randn(3)
+    real = state_mod.rng_state
+    with_cuda = lambda device: real(device) | {"cuda": torch.zeros(16, dtype=torch.uint8)}  # noqa: E731
+    monkeypatch.setattr(state_mod, "rng_state", with_cuda)
+    model2, opt2 = make(seed=5)
+    info = load_training_state(resolve_checkpoint(tmp_path), [model2], opt2, 0, 0, torch.device("cpu"),
+                               same_layout=True)
+    assert info["rng_restored"] and torch.equal(torch.randn(3), expected)  # the saved CPU stream again
