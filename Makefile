@@ -22,7 +22,9 @@ $(DATA_DIR)/corpus_text_document.idx: $(VENV)/.installed
 	$(PY) -m megatron_moe.data.demo_corpus --output-dir $(DATA_DIR)
 
 demo: $(VENV)/.installed $(DATA_DIR)/corpus_text_document.idx
+	rm -rf $(RUN_DIR)  # a fresh run each time (metrics.jsonl is appended to on resume)
 	$(PY) pretrain_moe.py --config examples/tiny_cpu.toml --save $(RUN_DIR)
+	$(PY) -m megatron_moe.training.plot $(RUN_DIR)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
