@@ -310,9 +310,22 @@ def load_toml(path: str | Path, cfg: Config | None = None) -> Config:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    return apply_settings(cfg, data, str(path))
+
+
+def apply_settings(cfg: Config, data: dict[str, Any], source: str) -> Config:
+    """Apply ``{group: {field: value}}`` (a TOML file, a checkpoint's config) to ``cfg`` in place.
+
+    Raises ConfigError naming ``source`` and the setting for unknown groups/fields and wrong types.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of setting groups, got {type(data).__name__}")
+    groups = _group_names()
     for group_name, table in data.items():
+        if group_name not in groups:
+            raise ConfigError(f"{source}: unknown group {group_name!r} (groups: {groups})")
         if not isinstance(table, dict):
-            raise ConfigError(f"{path}: top-level key {group_name!r} must be a table like [{group_name}]")
+            raise ConfigError(f"{source}: {group_name!r} must be a table of settings like [{group_name}]")
         for key, value in table.items():
             set_value(cfg, f"{group_name}.{key}", value)
     return cfg

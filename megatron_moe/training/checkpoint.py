@@ -59,7 +59,8 @@ def _barrier(group) -> None:
         dist.barrier(group=group)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (readers never see half a file)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -163,7 +164,7 @@ def _finalize(save_dir: Path, tmp: Path, final: Path, step: int, meta: dict, kee
     """After every rank wrote its shards: meta.json, rename into place, then replace ``latest``."""
     _barrier(group)
     if _rank(group) == 0:
-        _write_text_atomic(tmp / META, json.dumps({"format_version": FORMAT_VERSION, "step": step, **meta},
+        write_text_atomic(tmp / META, json.dumps({"format_version": FORMAT_VERSION, "step": step, **meta},
                                                   indent=1))
         if final.exists():
             old = final.with_name(final.name + ".old")
@@ -175,7 +176,7 @@ def _finalize(save_dir: Path, tmp: Path, final: Path, step: int, meta: dict, kee
         else:
             os.replace(tmp, final)
         _fsync_dir(save_dir)
-        _write_text_atomic(save_dir / LATEST, final.name + "\n")
+        write_text_atomic(save_dir / LATEST, final.name + "\n")
         if keep_last > 0:
             for stale in list_checkpoints(save_dir)[:-keep_last]:
                 shutil.rmtree(stale, ignore_errors=True)

@@ -25,7 +25,13 @@ from megatron_moe.parallel.data import split_param_groups_by_mesh
 from megatron_moe.parallel.engine import ParallelEngine, StepResult, init_distributed_from_env, load_fractions
 from megatron_moe.parallel.loss import lm_loss_from_target, loss_target
 from megatron_moe.routing.adaptive import AdaptiveAuxLossCoefficients, ConstantAuxLossCoefficients
-from megatron_moe.training.checkpoint import CheckpointError, read_meta, resolve_checkpoint, save_checkpoint
+from megatron_moe.training.checkpoint import (
+    CheckpointError,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+    write_text_atomic,
+)
 from megatron_moe.training.metrics import MetricsWriter
 from megatron_moe.training.optim import build_optimizer, learning_rate, set_learning_rate
 from megatron_moe.training.signals import StopRequest
@@ -177,12 +183,6 @@ def _nonfinite_report(step: int, result: StepResult) -> str:
     return "\n".join(lines)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def train(cfg: Config, eval_only: bool = False) -> dict:
     """Run pretraining as configured, single process or under torchrun (any tp x pp x dp layout).
 
@@ -284,7 +284,7 @@ def _train(cfg: Config, eval_only: bool, device: torch.device) -> dict:
         if log:
             out = Path(cfg.checkpoint.save or load_path) / "eval.json"
             out.parent.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(out, report)
+            write_text_atomic(out, json.dumps(report, indent=1))
             sims = " ".join(f"{v:.3f}" for v in result["expert_similarity"])
             print(f"eval | {load_path} (step {report['step']}) | loss {result['loss']:.4f} | ppl {result['ppl']:.2f}"
                   f" | {report['tokens']} tokens | expert similarity per layer: {sims or '-'}")
