@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from megatron_moe.config import ConfigError, parse_args
-from megatron_moe.training.loop import train
+from megatron_moe.training.trainer import train
 
 
 def main(argv: list[str] | None = None) -> int:

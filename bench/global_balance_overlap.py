@@ -1,6 +1,6 @@
 """How much of the global-load-balancing counts all-reduce is hidden behind the expert computation.
 
-Two gloo ranks on CPU run one MoE layer (global-scope Switch balance loss, balance_group = both
+Two gloo ranks on CPU run one MoE layer (global-scope Switch balance loss, the balance group = both
 ranks) forward + backward, alternating two variants in the same run:
 
 - overlapped: the layer as written (async all-reduce launched right after routing, waited on when
@@ -53,14 +53,14 @@ def _bench(rank, world, args):
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0.0, 0.02)
-    layer.balance_group = dist.group.WORLD
+    layer.set_balance_group(dist.group.WORLD)
     x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(rank))
 
     def step():
         layer.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
         layer(xi).sum().backward()
-        layer.reset_stats()
+        layer.pop_stats()
 
     def timed(fn):
         dist.barrier()

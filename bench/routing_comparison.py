@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from megatron_moe.config import parse_args
-from megatron_moe.training.loop import train
 from megatron_moe.training.metrics import read_metrics
+from megatron_moe.training.trainer import train
 
 VARIANTS = {
     "topk": ["--moe.router", "topk"],

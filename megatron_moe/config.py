@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -23,9 +24,42 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the offending setting."""
 
 
+# Choice lists, declared once: validation below and the modules that branch on them import these.
+ROUTERS = ("topk", "sparsemixer")
+SPARSEMIXER_TOPK = 2  # SparseMixer-v2 as released (GRIN) routes exactly two experts per token
+BALANCE_LOSSES = ("switch", "skywork", "none")
+BALANCE_SCOPES = ("local", "global")
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+NONFINITE_POLICIES = ("stop", "skip")
+PIPELINE_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} = {value!r}; expected one of {choices}")
+
+
+def _check_positive(values: dict[str, int | float]) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ConfigError(f"{name} = {value}; must be positive")
+
+
+def _check_non_negative(values: dict[str, int | float]) -> None:
+    for name, value in values.items():
+        if not value >= 0:  # also refuses NaN
+            raise ConfigError(f"{name} = {value}; must not be negative")
+
+
 @dataclass
 class ModelConfig:
-    """Decoder-only transformer shape. Sizes in elements; ``vocab_size`` 0 = from the tokenizer."""
+    """Decoder-only transformer shape. Sizes in elements; ``vocab_size`` 0 = from the tokenizer.
+
+    Derived sizes (:attr:`dense_ffn_size`, :attr:`head_dim`, :attr:`num_kv_heads`) are computed here
+    and nowhere else.
+    """
 
     vocab_size: int = 0
     make_vocab_size_divisible_by: int = 128
@@ -39,33 +73,115 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
 
+    @property
+    def dense_ffn_size(self) -> int:
+        """The dense SwiGLU width: ``ffn_hidden_size``, or 8/3 * hidden rounded up to a multiple of 64."""
+        return self.ffn_hidden_size or default_ffn_hidden_size(self.hidden_size)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads (grouped-query attention); ``num_query_groups`` 0 means one per query head."""
+        return self.num_query_groups or self.num_attention_heads
+
+    def validate(self) -> None:
+        _check_positive({
+            "model.hidden_size": self.hidden_size,
+            "model.num_layers": self.num_layers,
+            "model.num_attention_heads": self.num_attention_heads,
+            "model.make_vocab_size_divisible_by": self.make_vocab_size_divisible_by,
+        })
+        _check_non_negative({
+            "model.vocab_size": self.vocab_size,
+            "model.num_query_groups": self.num_query_groups,
+            "model.ffn_hidden_size": self.ffn_hidden_size,
+        })
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.num_attention_heads = {self.num_attention_heads} does not divide "
+                f"model.hidden_size = {self.hidden_size}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"head dimension model.hidden_size / model.num_attention_heads = "
+                f"{self.head_dim} must be even for rotary embeddings"
+            )
+        if self.num_attention_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.num_query_groups = {self.num_kv_heads} does not divide "
+                f"model.num_attention_heads = {self.num_attention_heads}"
+            )
+
 
 @dataclass
 class MoEConfig:
-    """Mixture-of-experts layers, routing and load balancing (see shared/ROUTING_SPEC.md)."""
+    """Mixture-of-experts layers, routing and load balancing (numerics: docs/routing.md)."""
 
     num_experts: int = 8  # 0 = dense model
     topk: int = 2
     expert_ffn_hidden_size: int = 0  # 0 = model.ffn_hidden_size
     layer_freq: int = 1  # an MoE layer every `layer_freq` layers
     first_k_dense: int = 0  # the first k layers stay dense
-    router: str = "topk"  # "topk" | "sparsemixer"
+    router: str = "topk"  # one of ROUTERS
     renormalize: bool = True  # top-K: renormalise the K picked weights to sum 1
-    logit_norm: bool = False  # Skywork gating logit normalisation (spec 2)
+    logit_norm: bool = False  # Skywork gating logit normalisation (docs/routing.md §2)
     logit_norm_scale: float = 1.0  # lambda
     jitter_eps: float = 0.01  # SparseMixer-v2 threshold epsilon
     input_jitter_eps: float = 0.0  # multiplicative input jitter on the MoE input (training only)
-    balance_loss: str = "switch"  # "switch" | "skywork" | "none"
-    balance_scope: str = "local"  # "local" | "global"
+    balance_loss: str = "switch"  # one of BALANCE_LOSSES
+    balance_scope: str = "local"  # one of BALANCE_SCOPES
     aux_loss_coeff: float = 0.01  # constant alpha
     z_loss_coeff: float = 0.0
     capacity_factor: float = 1.0  # for the drop rate (and drops in capacity mode)
     dropless: bool = True  # False = capacity mode: really drop over-capacity assignments
-    adaptive_aux: bool = False  # Skywork adaptive per-layer coefficients (spec 5)
+    adaptive_aux: bool = False  # Skywork adaptive per-layer coefficients (docs/routing.md §5)
     adaptive_xi: float = 0.2
     adaptive_alpha_max: float = 0.01
     adaptive_beta: float = 0.99
     adaptive_alpha_0: float = -1.0  # < 0 means alpha_max
+
+    def validate(self) -> None:
+        """Checks of the MoE settings alone (those against the model are in :meth:`Config.validate`)."""
+        _check_choice("moe.router", self.router, ROUTERS)
+        _check_choice("moe.balance_loss", self.balance_loss, BALANCE_LOSSES)
+        _check_choice("moe.balance_scope", self.balance_scope, BALANCE_SCOPES)
+        _check_non_negative({
+            "moe.num_experts": self.num_experts,
+            "moe.expert_ffn_hidden_size": self.expert_ffn_hidden_size,
+            "moe.first_k_dense": self.first_k_dense,
+            "moe.aux_loss_coeff": self.aux_loss_coeff,
+            "moe.z_loss_coeff": self.z_loss_coeff,
+            "moe.jitter_eps": self.jitter_eps,
+            "moe.input_jitter_eps": self.input_jitter_eps,
+        })
+        if not self.num_experts:
+            return
+        if self.topk <= 0:
+            raise ConfigError(f"moe.topk = {self.topk}; must be positive")
+        if self.topk > self.num_experts:
+            raise ConfigError(f"moe.topk = {self.topk} exceeds moe.num_experts = {self.num_experts}")
+        if self.router == "sparsemixer" and self.topk != SPARSEMIXER_TOPK:
+            raise ConfigError(
+                f"moe.router = 'sparsemixer' supports moe.topk = {SPARSEMIXER_TOPK} only, got {self.topk}"
+            )
+        if self.layer_freq <= 0:
+            raise ConfigError(f"moe.layer_freq = {self.layer_freq}; must be positive")
+        if not self.capacity_factor > 0:
+            raise ConfigError(f"moe.capacity_factor = {self.capacity_factor}; must be positive")
+        if self.balance_scope == "global" and self.balance_loss != "switch":
+            raise ConfigError(
+                f"moe.balance_scope = 'global' sums token counts, which only the Switch loss uses; "
+                f"moe.balance_loss = {self.balance_loss!r} is computed from local probabilities (use 'switch')"
+            )
+        if self.adaptive_aux and self.balance_loss == "none":
+            raise ConfigError("moe.adaptive_aux needs a balance loss; moe.balance_loss is 'none'")
+        if not 0 <= self.adaptive_beta < 1:
+            raise ConfigError(f"moe.adaptive_beta = {self.adaptive_beta}; must be in [0, 1)")
+        if self.adaptive_xi < 0 or self.adaptive_alpha_max < 0:
+            raise ConfigError("moe.adaptive_xi and moe.adaptive_alpha_max must not be negative")
 
 
 @dataclass
@@ -78,6 +194,35 @@ class DataConfig:
     tokenizer_model: str = ""
     seq_length: int = 256
     cache_dir: str = ""  # where megatron-core writes its index caches; "" = next to the run
+
+    def validate(self) -> None:
+        _check_positive({"data.seq_length": self.seq_length})
+        if len(self.data_path) > 1 and len(self.data_path) % 2:
+            raise ConfigError(
+                f"data.data_path = {self.data_path}: a blend is a list of weight, prefix pairs (odd length given)"
+            )
+        parse_split(self.split)
+
+
+def parse_split(split: str) -> list[float]:
+    """Normalise a Megatron split string (``"969,30,1"``, or ``"969/30/1"``) to three fractions summing to 1.
+
+    Raises ConfigError naming ``data.split`` for anything else (the one parser: validation and the
+    dataset builder both call it).
+    """
+    if not isinstance(split, str):
+        raise ConfigError(f"data.split must be a string like '969,30,1', got {split!r}")
+    sep = "/" if "/" in split and "," not in split else ","
+    parts = [p.strip() for p in split.split(sep) if p.strip()]
+    if not 1 <= len(parts) <= 3:
+        raise ConfigError(f"data.split = {split!r}; expected 1 to 3 numbers separated by ',' or '/'")
+    if not all(re.fullmatch(r"\d+(\.\d*)?|\.\d+", p) for p in parts):
+        raise ConfigError(f"data.split = {split!r}; expected plain non-negative numbers like '969,30,1'")
+    values = [float(p) for p in parts] + [0.0] * (3 - len(parts))
+    total = sum(values)
+    if not math.isfinite(total) or total <= 0:
+        raise ConfigError(f"data.split = {split!r}; the weights must have a positive, finite sum")
+    return [v / total for v in values]
 
 
 @dataclass
@@ -93,7 +238,22 @@ class OptimizerConfig:
     clip_grad: float = 1.0  # 0 = no clipping
     lr_warmup_iters: int = 0
     lr_decay_iters: int = 0  # 0 = training.train_iters
-    lr_decay_style: str = "cosine"  # "cosine" | "linear" | "constant"
+    lr_decay_style: str = "cosine"  # one of LR_DECAY_STYLES
+
+    def validate(self) -> None:
+        _check_choice("optimizer.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        _check_non_negative({
+            "optimizer.lr": self.lr,
+            "optimizer.min_lr": self.min_lr,
+            "optimizer.weight_decay": self.weight_decay,
+            "optimizer.clip_grad": self.clip_grad,
+            "optimizer.lr_warmup_iters": self.lr_warmup_iters,
+            "optimizer.lr_decay_iters": self.lr_decay_iters,
+        })
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optimizer.min_lr = {self.min_lr} exceeds optimizer.lr = {self.lr}")
+        if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
+            raise ConfigError("optimizer.adam_beta1 and optimizer.adam_beta2 must be in [0, 1)")
 
 
 @dataclass
@@ -107,13 +267,43 @@ class TrainingConfig:
     eval_iters: int = 10
     seed: int = 1234
     bf16: bool = False  # bf16 autocast; parameters and optimizer state stay fp32
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    device: str = "auto"  # one of DEVICES
     num_threads: int = 0  # CPU intra-op threads; 0 = torch default
     exit_interval: int = 0  # save a checkpoint and exit after this many steps (0 = run to train_iters)
-    nonfinite_loss: str = "stop"  # "stop" (raise, no checkpoint) | "skip" (drop that optimizer step)
+    nonfinite_loss: str = "stop"  # one of NONFINITE_POLICIES: raise (no checkpoint) | drop that step
     # Build on the meta device and allocate only this rank's pipeline stages (models too large for
     # host memory); each stage is initialised from seed + stage index, not the single-process stream.
     meta_init: bool = False
+
+    def num_microbatches(self, data_parallel_size: int) -> int:
+        """Micro-batches per rank and optimizer step: global / (micro x dp) (Megatron-LM's rule)."""
+        per_step = self.micro_batch_size * data_parallel_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"training.global_batch_size = {self.global_batch_size} is not divisible by "
+                f"training.micro_batch_size ({self.micro_batch_size}) x data-parallel size ({data_parallel_size})"
+            )
+        return self.global_batch_size // per_step
+
+    @property
+    def train_samples(self) -> int:
+        """Sequences consumed by a full run: train_iters x global_batch_size."""
+        return self.train_iters * self.global_batch_size
+
+    def validate(self) -> None:
+        _check_choice("training.device", self.device, DEVICES)
+        _check_choice("training.nonfinite_loss", self.nonfinite_loss, NONFINITE_POLICIES)
+        _check_positive({
+            "training.micro_batch_size": self.micro_batch_size,
+            "training.global_batch_size": self.global_batch_size,
+            "training.train_iters": self.train_iters,
+        })
+        _check_non_negative({
+            "training.eval_interval": self.eval_interval,
+            "training.eval_iters": self.eval_iters,
+            "training.num_threads": self.num_threads,
+            "training.exit_interval": self.exit_interval,
+        })
 
 
 @dataclass
@@ -122,11 +312,26 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
-    pipeline_schedule: str = "1f1b"  # "1f1b" | "interleaved_1f1b" | "gpipe"
+    pipeline_schedule: str = "1f1b"  # one of PIPELINE_SCHEDULES
     virtual_pipeline_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
     pipeline_first_last_fewer_layers: bool = False  # embedding / output head count as one layer each
     data_parallel_shard: bool = False  # FSDP2 over the data-parallel group instead of replication
     activation_checkpointing: bool = False  # recompute every transformer block in backward
+
+    def validate(self) -> None:
+        _check_choice("parallel.pipeline_schedule", self.pipeline_schedule, PIPELINE_SCHEDULES)
+        _check_positive({
+            "parallel.tensor_model_parallel_size": self.tensor_model_parallel_size,
+            "parallel.pipeline_model_parallel_size": self.pipeline_model_parallel_size,
+            "parallel.virtual_pipeline_stages": self.virtual_pipeline_stages,
+        })
+        if self.virtual_pipeline_stages > 1 and self.pipeline_schedule != "interleaved_1f1b":
+            raise ConfigError(
+                f"parallel.virtual_pipeline_stages = {self.virtual_pipeline_stages} needs "
+                f"parallel.pipeline_schedule = 'interleaved_1f1b' (got {self.pipeline_schedule!r})"
+            )
+        if self.virtual_pipeline_stages > 1 and self.pipeline_model_parallel_size == 1:
+            raise ConfigError("parallel.virtual_pipeline_stages > 1 needs pipeline_model_parallel_size > 1")
 
 
 @dataclass
@@ -138,14 +343,21 @@ class CheckpointConfig:
     async_save: bool = False  # stage to CPU memory, write in the background, publish before the next save
     allow_tokenizer_change: bool = False  # resume with a tokenizer other than the checkpoint's
 
+    def validate(self) -> None:
+        _check_non_negative({"checkpoint.save_interval": self.save_interval, "checkpoint.keep_last": self.keep_last})
+
 
 @dataclass
 class LoggingConfig:
     log_interval: int = 10
     wandb_project: str = ""
-    wandb_mode: str = "offline"  # "offline" | "online" | "disabled"
+    wandb_mode: str = "offline"  # one of WANDB_MODES
     tensorboard_dir: str = ""  # "" = no TensorBoard
     run_name: str = ""
+
+    def validate(self) -> None:
+        _check_choice("logging.wandb_mode", self.wandb_mode, WANDB_MODES)
+        _check_positive({"logging.log_interval": self.log_interval})
 
 
 @dataclass
@@ -161,6 +373,33 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def expert_ffn_size(self) -> int:
+        """Each expert's SwiGLU width: ``moe.expert_ffn_hidden_size``, else the dense width."""
+        return self.moe.expert_ffn_hidden_size or self.model.dense_ffn_size
+
+    def with_vocab_size(self, vocab_size: int) -> Config:
+        """A validated copy with ``model.vocab_size`` set (resolved from a tokenizer or a checkpoint)."""
+        resolved = dataclasses.replace(self, model=dataclasses.replace(self.model, vocab_size=vocab_size))
+        resolved.validate()
+        return resolved
+
+    def validate(self) -> None:
+        """Every group checks itself, then the settings that involve several groups; raises ConfigError."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        m, e, t = self.model, self.moe, self.training
+        if e.num_experts and e.first_k_dense >= m.num_layers:
+            raise ConfigError(
+                f"moe.first_k_dense = {e.first_k_dense} leaves no MoE layer among model.num_layers = "
+                f"{m.num_layers}; set moe.num_experts = 0 for a dense model"
+            )
+        if self.optimizer.lr_warmup_iters > t.train_iters:
+            raise ConfigError(
+                f"optimizer.lr_warmup_iters = {self.optimizer.lr_warmup_iters} exceeds "
+                f"training.train_iters = {t.train_iters}"
+            )
 
 
 # Megatron-LM flag name -> dotted setting.
@@ -217,18 +456,6 @@ MEGATRON_FLAGS: dict[str, str] = {
     "wandb-project": "logging.wandb_project",
     "tensorboard-dir": "logging.tensorboard_dir",
 }
-
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "moe.router": ("topk", "sparsemixer"),
-    "moe.balance_loss": ("switch", "skywork", "none"),
-    "moe.balance_scope": ("local", "global"),
-    "optimizer.lr_decay_style": ("cosine", "linear", "constant"),
-    "training.device": ("auto", "cpu", "cuda"),
-    "training.nonfinite_loss": ("stop", "skip"),
-    "parallel.pipeline_schedule": ("1f1b", "interleaved_1f1b", "gpipe"),
-    "logging.wandb_mode": ("offline", "online", "disabled"),
-}
-
 
 def _group_fields(obj: Any) -> dict[str, tuple[Any, Any]]:
     hints = typing.get_type_hints(type(obj))
@@ -380,136 +607,10 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
         if len(values) > 1 and not is_list:
             raise ConfigError(f"--{name} takes one value, got {values}")
         set_value(cfg, dotted, values if is_list else values[0])
-    validate(cfg)
+    cfg.validate()
     return cfg, extras
 
 
 def default_ffn_hidden_size(hidden_size: int) -> int:
     """SwiGLU width 8/3 * hidden rounded up to a multiple of 64 (LLaMA convention)."""
     return int(math.ceil(8 * hidden_size / 3 / 64) * 64)
-
-
-def validate(cfg: Config) -> None:
-    """Check types of choices and the consistency of sizes; raise ConfigError naming the setting."""
-    for dotted, choices in _CHOICES.items():
-        group, key = dotted.split(".")
-        value = getattr(getattr(cfg, group), key)
-        if value not in choices:
-            raise ConfigError(f"{dotted} = {value!r}; expected one of {choices}")
-    m, e, t, o, d = cfg.model, cfg.moe, cfg.training, cfg.optimizer, cfg.data
-    positive = {
-        "model.hidden_size": m.hidden_size,
-        "model.num_layers": m.num_layers,
-        "model.num_attention_heads": m.num_attention_heads,
-        "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
-        "training.micro_batch_size": t.micro_batch_size,
-        "training.global_batch_size": t.global_batch_size,
-        "training.train_iters": t.train_iters,
-        "data.seq_length": d.seq_length,
-        "parallel.tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
-        "parallel.pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,
-        "logging.log_interval": cfg.logging.log_interval,
-        "parallel.virtual_pipeline_stages": cfg.parallel.virtual_pipeline_stages,
-    }
-    for name, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{name} = {value}; must be positive")
-    for name, value in {
-        "model.vocab_size": m.vocab_size,
-        "model.num_query_groups": m.num_query_groups,
-        "model.ffn_hidden_size": m.ffn_hidden_size,
-        "moe.num_experts": e.num_experts,
-        "moe.expert_ffn_hidden_size": e.expert_ffn_hidden_size,
-        "moe.first_k_dense": e.first_k_dense,
-        "moe.aux_loss_coeff": e.aux_loss_coeff,
-        "moe.z_loss_coeff": e.z_loss_coeff,
-        "moe.jitter_eps": e.jitter_eps,
-        "moe.input_jitter_eps": e.input_jitter_eps,
-        "optimizer.lr": o.lr,
-        "optimizer.min_lr": o.min_lr,
-        "optimizer.weight_decay": o.weight_decay,
-        "optimizer.clip_grad": o.clip_grad,
-        "optimizer.lr_warmup_iters": o.lr_warmup_iters,
-        "optimizer.lr_decay_iters": o.lr_decay_iters,
-        "training.eval_interval": t.eval_interval,
-        "training.eval_iters": t.eval_iters,
-        "training.num_threads": t.num_threads,
-        "checkpoint.save_interval": cfg.checkpoint.save_interval,
-        "checkpoint.keep_last": cfg.checkpoint.keep_last,
-        "training.exit_interval": t.exit_interval,
-    }.items():
-        if value < 0:
-            raise ConfigError(f"{name} = {value}; must not be negative")
-    if m.hidden_size % m.num_attention_heads:
-        raise ConfigError(
-            f"model.num_attention_heads = {m.num_attention_heads} does not divide "
-            f"model.hidden_size = {m.hidden_size}"
-        )
-    if (m.hidden_size // m.num_attention_heads) % 2:
-        raise ConfigError(
-            f"head dimension model.hidden_size / model.num_attention_heads = "
-            f"{m.hidden_size // m.num_attention_heads} must be even for rotary embeddings"
-        )
-    kv = m.num_query_groups or m.num_attention_heads
-    if m.num_attention_heads % kv:
-        raise ConfigError(
-            f"model.num_query_groups = {kv} does not divide model.num_attention_heads = {m.num_attention_heads}"
-        )
-    if e.num_experts:
-        if e.topk <= 0:
-            raise ConfigError(f"moe.topk = {e.topk}; must be positive")
-        if e.topk > e.num_experts:
-            raise ConfigError(f"moe.topk = {e.topk} exceeds moe.num_experts = {e.num_experts}")
-        if e.router == "sparsemixer" and e.topk != 2:
-            raise ConfigError(f"moe.router = 'sparsemixer' supports moe.topk = 2 only, got {e.topk}")
-        if e.layer_freq <= 0:
-            raise ConfigError(f"moe.layer_freq = {e.layer_freq}; must be positive")
-        if e.first_k_dense >= m.num_layers:
-            raise ConfigError(
-                f"moe.first_k_dense = {e.first_k_dense} leaves no MoE layer among model.num_layers = "
-                f"{m.num_layers}; set moe.num_experts = 0 for a dense model"
-            )
-        if e.capacity_factor <= 0:
-            raise ConfigError(f"moe.capacity_factor = {e.capacity_factor}; must be positive")
-        if e.balance_scope == "global" and e.balance_loss != "switch":
-            raise ConfigError(
-                f"moe.balance_scope = 'global' sums token counts, which only the Switch loss uses; "
-                f"moe.balance_loss = {e.balance_loss!r} is computed from local probabilities (use 'switch')"
-            )
-        if e.adaptive_aux and e.balance_loss == "none":
-            raise ConfigError("moe.adaptive_aux needs a balance loss; moe.balance_loss is 'none'")
-        if not 0 <= e.adaptive_beta < 1:
-            raise ConfigError(f"moe.adaptive_beta = {e.adaptive_beta}; must be in [0, 1)")
-        if e.adaptive_xi < 0 or e.adaptive_alpha_max < 0:
-            raise ConfigError("moe.adaptive_xi and moe.adaptive_alpha_max must not be negative")
-    if o.min_lr > o.lr:
-        raise ConfigError(f"optimizer.min_lr = {o.min_lr} exceeds optimizer.lr = {o.lr}")
-    if not 0 <= o.adam_beta1 < 1 or not 0 <= o.adam_beta2 < 1:
-        raise ConfigError("optimizer.adam_beta1 and optimizer.adam_beta2 must be in [0, 1)")
-    if o.lr_warmup_iters > t.train_iters:
-        raise ConfigError(
-            f"optimizer.lr_warmup_iters = {o.lr_warmup_iters} exceeds training.train_iters = {t.train_iters}"
-        )
-    if len(d.data_path) > 1 and len(d.data_path) % 2:
-        raise ConfigError(
-            f"data.data_path = {d.data_path}: a blend is a list of weight, prefix pairs (odd length given)"
-        )
-    split = d.split.replace("/", ",").split(",")
-    try:
-        parts = [float(s) for s in split]
-    except ValueError:
-        raise ConfigError(f"data.split = {d.split!r}; expected comma-separated numbers like '969,30,1'") from None
-    if len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ConfigError(f"data.split = {d.split!r}; expected up to 3 non-negative weights with a positive sum")
-
-
-def check_batch_sizes(cfg: Config, data_parallel_size: int) -> int:
-    """Number of micro-batches per optimizer step (Megatron-LM rule); raise if sizes do not divide."""
-    t = cfg.training
-    per_step = t.micro_batch_size * data_parallel_size
-    if t.global_batch_size % per_step:
-        raise ConfigError(
-            f"training.global_batch_size = {t.global_batch_size} is not divisible by "
-            f"training.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({data_parallel_size})"
-        )
-    return t.global_batch_size // per_step

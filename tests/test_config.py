@@ -1,6 +1,6 @@
 import pytest
 
-from megatron_moe.config import Config, ConfigError, check_batch_sizes, load_toml, parse_args
+from megatron_moe.config import Config, ConfigError, load_toml, parse_args
 
 
 def test_defaults_validate():
@@ -71,9 +71,9 @@ def test_example_configs_load():
 def test_micro_batches_follow_megatron_rule():
     cfg = Config()
     cfg.training.micro_batch_size, cfg.training.global_batch_size = 2, 16
-    assert check_batch_sizes(cfg, data_parallel_size=2) == 4
+    assert cfg.training.num_microbatches(data_parallel_size=2) == 4
     with pytest.raises(ConfigError, match="global_batch_size"):
-        check_batch_sizes(cfg, data_parallel_size=3)
+        cfg.training.num_microbatches(data_parallel_size=3)
 
 
 def test_global_scope_needs_the_switch_loss():
@@ -82,12 +82,10 @@ def test_global_scope_needs_the_switch_loss():
 
 
 def test_grouped_gemm_alignment_checked_for_cuda():
-    import torch
-
-    from megatron_moe.training.loop import check_grouped_gemm_shapes
+    from megatron_moe.parallel.mesh import check_grouped_gemm_shapes
 
     cfg, _ = parse_args(["--moe.expert_ffn_hidden_size", "1000"])
-    check_grouped_gemm_shapes(cfg, 4, torch.device("cpu"))  # CPU: no constraint
-    check_grouped_gemm_shapes(cfg, 1, torch.device("cuda"))
+    check_grouped_gemm_shapes(cfg, 4, "cpu")  # CPU: no constraint
+    check_grouped_gemm_shapes(cfg, 1, "cuda")
     with pytest.raises(ConfigError, match="expert_ffn_hidden_size / tensor parallel size"):
-        check_grouped_gemm_shapes(cfg, 4, torch.device("cuda"))  # 250 per rank
+        check_grouped_gemm_shapes(cfg, 4, "cuda")  # 250 per rank

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_moe.config import Config, apply_settings, validate
+from megatron_moe.config import Config, apply_settings
 
 
 def config_from_dict(data: dict[str, Any], check: bool = True) -> Config:
@@ -12,9 +12,9 @@ def config_from_dict(data: dict[str, Any], check: bool = True) -> Config:
 
     Missing groups or fields keep their defaults (older checkpoints); unknown groups or fields raise
     :class:`~megatron_moe.config.ConfigError` naming the setting (the checkpoint was written by a
-    newer or different version). ``check`` also runs :func:`~megatron_moe.config.validate`.
+    newer or different version). ``check`` also runs :meth:`~megatron_moe.config.Config.validate`.
     """
     cfg = apply_settings(Config(), data, "checkpoint config")
     if check:
-        validate(cfg)
+        cfg.validate()
     return cfg

@@ -59,13 +59,12 @@ def mixtral_blockers(cfg: Config) -> list[str]:
 
 def _common_config(cfg: Config) -> dict[str, Any]:
     m = cfg.model
-    head_dim = m.hidden_size // m.num_attention_heads
     return {
         "hidden_size": m.hidden_size,
         "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_attention_heads,
-        "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
-        "head_dim": head_dim,
+        "num_key_value_heads": m.num_kv_heads,
+        "head_dim": m.head_dim,
         "vocab_size": m.vocab_size,
         "max_position_embeddings": cfg.data.seq_length,
         "rms_norm_eps": m.norm_eps,
@@ -90,12 +89,12 @@ def hf_config(cfg: Config) -> dict[str, Any]:
         if reasons:
             raise ExportError("this MoE model cannot be exported as Mixtral:\n  - " + "\n  - ".join(reasons))
         out.update(model_type="mixtral", architectures=["MixtralForCausalLM"],
-                   intermediate_size=e.expert_ffn_hidden_size or m.ffn_hidden_size,
+                   intermediate_size=cfg.expert_ffn_size,
                    num_local_experts=e.num_experts, num_experts_per_tok=e.topk,
                    router_jitter_noise=e.input_jitter_eps, router_aux_loss_coef=e.aux_loss_coeff,
                    output_router_logits=False, sliding_window=None)
     else:
-        out.update(model_type="llama", architectures=["LlamaForCausalLM"], intermediate_size=m.ffn_hidden_size,
+        out.update(model_type="llama", architectures=["LlamaForCausalLM"], intermediate_size=m.dense_ffn_size,
                    attention_bias=False, mlp_bias=False, pretraining_tp=1)
     return out
 

@@ -304,8 +304,7 @@ def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> 
         emb_rows = sum(t[("emb", None)].shape[0] for t in roles if ("emb", None) in t)
         m.vocab_size = emb_rows
         m.make_vocab_size_divisible_by = math.gcd(max(emb_rows, 1), 128)
-    head_dim = m.hidden_size // m.num_attention_heads
-    groups = m.num_query_groups or m.num_attention_heads
+    head_dim, groups = m.head_dim, m.num_kv_heads
 
     def shard_list(role: str, layer: int | None) -> list[torch.Tensor]:
         out = []

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_moe.config import Config, ConfigError, validate
+from megatron_moe.config import Config, ConfigError
 from megatron_moe.convert.source import ConversionError, DenseSource, expected_shapes
-from megatron_moe.model.transformer import default_ffn_hidden_size
 
 
 @dataclass
@@ -83,7 +82,7 @@ def moe_config(dense: Config, opts: UpcycleOptions) -> Config:
     normalisation. Other ``moe`` settings of ``dense`` (balance loss, coefficients...) are kept.
     """
     cfg = copy.deepcopy(dense)
-    ffn = dense.model.ffn_hidden_size or default_ffn_hidden_size(dense.model.hidden_size)
+    ffn = dense.model.dense_ffn_size
     opts.validate(ffn)
     e = cfg.moe
     e.num_experts, e.topk = opts.num_experts, opts.topk
@@ -92,7 +91,7 @@ def moe_config(dense: Config, opts: UpcycleOptions) -> Config:
     e.router, e.renormalize, e.logit_norm = "topk", True, False
     cfg.model.ffn_hidden_size = ffn
     try:
-        validate(cfg)
+        cfg.validate()
     except ConfigError as err:
         raise ConversionError(f"upcycled configuration is invalid: {err}") from None
     return cfg

@@ -17,12 +17,13 @@ import copy
 import logging
 import math
 import os
-import re
 import struct
 import warnings
 from dataclasses import dataclass
 
 import torch
+
+from megatron_moe.config import parse_split
 
 with warnings.catch_warnings():
     # Importing megatron.core warns that the GPU-only Transformer Engine / apex are absent.
@@ -166,23 +167,6 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
     return prefixes, weights
 
 
-def parse_split(split: str) -> list[float]:
-    """Normalise a Megatron split string such as ``"969,30,1"`` to three fractions summing to 1."""
-    if not isinstance(split, str):
-        raise ValueError(f"split must be a string like '969,30,1', got {split!r}")
-    parts = [p.strip() for p in split.split(",") if p.strip()]
-    if not 1 <= len(parts) <= 3:
-        raise ValueError(f"split must have 1 to 3 comma-separated numbers, got {split!r}")
-    if not all(re.fullmatch(r"\d+(\.\d*)?|\.\d+", p) for p in parts):
-        raise ValueError(f"split must be plain non-negative numbers like '969,30,1', got {split!r}")
-    values = [float(p) for p in parts]
-    values += [0.0] * (3 - len(values))
-    if any(v < 0 or not math.isfinite(v) for v in values) or sum(values) <= 0:
-        raise ValueError(f"split values must be non-negative with a positive sum, got {split!r}")
-    total = sum(values)
-    return [v / total for v in values]
-
-
 def _split_document_range(bookends: tuple[float, float] | None, num_docs: int) -> int:
     # Same rounding as megatron-core's BlendedMegatronDatasetBuilder.
     if bookends is None:
@@ -250,7 +234,7 @@ def build_gpt_datasets(
             samples.
     """
     prefixes, weights = parse_data_path(data_path)
-    parse_split(split)  # validates; megatron-core parses the same string
+    parse_split(split)  # the one split parser validates; megatron-core reads the numbers of the same string
     if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 1:
         raise ValueError(f"seq_length must be a positive int, got {seq_length!r}")
     if len(num_samples) != 2 or any(not isinstance(n, int) or n < 0 for n in num_samples):

@@ -6,14 +6,21 @@ pass through :class:`_AttachAuxLoss` (their gradient rides the layer's output gr
 work on any pipeline stage). Statistics are accumulated as device tensors; nothing here forces a
 host sync.
 
-Set from outside (never read from globals):
-- ``balance_group``: process group over which token counts are summed for the global-scope
-  balancing loss (GRIN section 3.3); None = this process only.
-- ``aux_loss_scale``: multiplier of the aux-loss gradient (1 / number of micro-batches).
-- ``aux_coeff``: the layer's current auxiliary-loss coefficient (constant or adaptive).
+The layer owns its control values and statistics; callers use its methods, never its attributes:
+- :meth:`MoELayer.set_balance_group`: process group over which token counts are summed for the
+  global-scope balancing loss (docs/routing.md §4, GRIN section 3.3); None = this process only.
+- :meth:`MoELayer.set_aux_loss_scale`: multiplier of the aux-loss gradient (1 / micro-batches per step).
+- :meth:`MoELayer.set_aux_coefficient`: the current auxiliary-loss coefficient (constant or adaptive).
+- :meth:`MoELayer.pop_stats` / :meth:`MoELayer.muted_stats`: the statistics of the forwards since
+  the last pop, and a context in which forwards are not counted.
+:class:`MoELayerSet` does the same for all MoE layers of a rank, by their index in the whole model.
+Tensor parallelism is applied from outside by :class:`megatron_moe.parallel.tensor.MoETensorParallel`.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +107,11 @@ class _AttachAuxLoss(torch.autograd.Function):
 
 
 class MoEStats:
-    """Per-layer statistics summed over the micro-batches since the last reset (device tensors)."""
+    """Per-layer statistics summed over the micro-batches since the last reset (device tensors).
+
+    :meth:`pack` / :meth:`unpack` turn them into one row ``[E + 4]`` so that the statistics of all
+    layers travel in one all-reduce; :meth:`mean` gives the per-micro-batch means people read.
+    """
 
     def __init__(self, num_experts: int, device: torch.device | None = None):
         self.counts = torch.zeros(num_experts, device=device)  # assignments per expert (before drops)
@@ -117,6 +128,29 @@ class MoEStats:
         self.drop_rate += drop_rate
         self.entropy += entropy
         self.num_micro_batches += 1
+
+    def pack(self) -> torch.Tensor:
+        """float32 [E + 4]: counts, aux_loss, drop_rate, entropy, num_micro_batches."""
+        scalars = torch.stack([self.aux_loss, self.drop_rate, self.entropy]).to(self.counts)
+        micro = torch.full((1,), float(self.num_micro_batches), device=self.counts.device)
+        return torch.cat([self.counts, scalars, micro])
+
+    @classmethod
+    def unpack(cls, row: torch.Tensor) -> MoEStats:
+        """Inverse of :meth:`pack` (also of a sum of packed rows: the statistics add up)."""
+        stats = cls(row.numel() - 4, row.device)
+        stats.counts = row[:-4].clone()
+        stats.aux_loss, stats.drop_rate, stats.entropy = row[-4:-1].unbind()
+        stats.num_micro_batches = int(round(row[-1].item()))
+        return stats
+
+    def mean(self, name: str) -> torch.Tensor:
+        """Per-micro-batch mean of ``aux_loss``, ``drop_rate`` or ``entropy`` (a device scalar)."""
+        return getattr(self, name) / max(1, self.num_micro_batches)
+
+    def load_fractions(self) -> list[float]:
+        """Fraction of routed assignments per expert (host floats)."""
+        return (self.counts / self.counts.sum().clamp_min(1.0)).tolist()
 
 
 class MoELayer(nn.Module):
@@ -138,9 +172,9 @@ class MoELayer(nn.Module):
         )
         self.experts = GroupedExperts(cfg.num_experts, hidden_size, ffn_hidden_size)
         self.register_buffer("aux_coeff", torch.tensor(float(cfg.aux_loss_coeff)), persistent=False)
-        self.balance_group = None
-        self.aux_loss_scale = 1.0
-        self.stats = MoEStats(cfg.num_experts)
+        self._balance_group = None
+        self._aux_loss_scale = 1.0
+        self._stats = MoEStats(cfg.num_experts)
         # Optional callback(event: str) used by tests to observe the order of communication and compute.
         self.trace = None
 
@@ -148,7 +182,35 @@ class MoELayer(nn.Module):
     def reset_buffers(self) -> None:
         """Buffers are not parameters: after ``to_empty`` (meta-device build) they must be set again."""
         self.aux_coeff.fill_(float(self.cfg.aux_loss_coeff))
-        self.stats = MoEStats(self.num_experts, self.aux_coeff.device)
+        self._stats = MoEStats(self.num_experts, self.aux_coeff.device)
+
+    def set_balance_group(self, group) -> None:
+        """Sum the token counts of the global-scope balance loss over ``group`` (the data-parallel group:
+        tensor-parallel ranks route the same tokens); None = this process only (docs/routing.md §4)."""
+        self._balance_group = group
+
+    def set_aux_loss_scale(self, scale: float) -> None:
+        """Weight of the aux-loss gradient, 1 / micro-batches per step (as the LM loss is averaged)."""
+        self._aux_loss_scale = float(scale)
+
+    @torch.no_grad()
+    def set_aux_coefficient(self, value: torch.Tensor | float) -> None:
+        """The balance-loss coefficient alpha for the next forwards (constant or adaptive, docs/routing.md §5)."""
+        self.aux_coeff.copy_(torch.as_tensor(value, dtype=self.aux_coeff.dtype))
+
+    def pop_stats(self) -> MoEStats:
+        """The statistics accumulated since the last pop; starts new ones."""
+        stats, self._stats = self._stats, MoEStats(self.num_experts, self._stats.counts.device)
+        return stats
+
+    @contextlib.contextmanager
+    def muted_stats(self) -> Iterator[None]:
+        """Forwards inside this context are not counted (e.g. a pipeline's shape-inference passes)."""
+        saved, self._stats = self._stats, MoEStats(self.num_experts, self._stats.counts.device)
+        try:
+            yield
+        finally:
+            self._stats = saved
 
     def _event(self, name: str) -> None:
         if self.trace is not None:
@@ -169,7 +231,7 @@ class MoELayer(nn.Module):
         use_global = self.cfg.balance_loss == "switch" and self.cfg.balance_scope == "global"
         if use_global:
             # Launched as soon as routing exists; waited on after the experts ran (overlap).
-            pending = AsyncAllReduce.start(counts, self.balance_group)
+            pending = AsyncAllReduce.start(counts, self._balance_group)
             self._event("counts_allreduce_start")
 
         weights = route.weights
@@ -203,16 +265,62 @@ class MoELayer(nn.Module):
         if self.cfg.z_loss_coeff > 0:
             aux = aux + self.cfg.z_loss_coeff * router_z_loss(route.logits)
         if aux.requires_grad and torch.is_grad_enabled():
-            out = _AttachAuxLoss.apply(out, aux * self.aux_loss_scale)
-        self.stats.add(counts, aux.detach(), drop_rate.detach(), router_entropy(route.probs))
+            out = _AttachAuxLoss.apply(out, aux * self._aux_loss_scale)
+        self._stats.add(counts, aux.detach(), drop_rate.detach(), router_entropy(route.probs))
         return out.reshape(shape)
-
-    def reset_stats(self) -> MoEStats:
-        """Return the accumulated statistics and start new ones."""
-        stats, self.stats = self.stats, MoEStats(self.num_experts, self.stats.counts.device)
-        return stats
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     """The MoE layers of ``model`` in forward order."""
     return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+class MoELayerSet:
+    """One rank's MoE layers, each with its index among ALL MoE layers of the model (pipeline stages
+    hold some of them). Per-step control and statistics of every layer go through here.
+
+    Args:
+        layers: ``(global MoE index, layer)`` pairs of this rank.
+        num_total: MoE layers in the whole model.
+        num_experts: E.
+    """
+
+    def __init__(self, layers: list[tuple[int, MoELayer]] = (), num_total: int = 0, num_experts: int = 0):
+        self.layers = list(layers)
+        self.num_total = num_total
+        self.num_experts = num_experts
+
+    def __iter__(self) -> Iterator[tuple[int, MoELayer]]:
+        return iter(self.layers)
+
+    def set_balance_group(self, group) -> None:
+        for _, layer in self.layers:
+            layer.set_balance_group(group)
+
+    def set_aux_loss_scale(self, scale: float) -> None:
+        for _, layer in self.layers:
+            layer.set_aux_loss_scale(scale)
+
+    def set_coefficients(self, coefficients: torch.Tensor) -> None:
+        """``coefficients`` [num_total]: each layer takes the entry of its global index."""
+        for idx, layer in self.layers:
+            layer.set_aux_coefficient(coefficients[idx])
+
+    def reset_stats(self) -> None:
+        for _, layer in self.layers:
+            layer.pop_stats()
+
+    def pop_stats_rows(self, device: torch.device) -> torch.Tensor:
+        """[num_total, E + 4] packed statistics (:meth:`MoEStats.pack`); zero rows for other ranks' layers,
+        so that summing the rows of all ranks gives every layer's statistics."""
+        rows = torch.zeros(self.num_total, self.num_experts + 4, device=device)
+        for idx, layer in self.layers:
+            rows[idx] = layer.pop_stats().pack()
+        return rows
+
+    @contextlib.contextmanager
+    def muted_stats(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for _, layer in self.layers:
+                stack.enter_context(layer.muted_stats())
+            yield

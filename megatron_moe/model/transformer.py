@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_moe.config import Config, default_ffn_hidden_size
+from megatron_moe.config import Config
 from megatron_moe.model.moe import MoELayer
 
 
@@ -103,13 +103,12 @@ class TransformerBlock(nn.Module):
         m, e = cfg.model, cfg.moe
         self.layer_idx = layer_idx
         self.attention_norm = RMSNorm(m.hidden_size, m.norm_eps)
-        self.attention = Attention(m.hidden_size, m.num_attention_heads, m.num_query_groups or m.num_attention_heads)
+        self.attention = Attention(m.hidden_size, m.num_attention_heads, m.num_kv_heads)
         self.ffn_norm = RMSNorm(m.hidden_size, m.norm_eps)
-        ffn = m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size)
         if is_moe_layer(cfg, layer_idx):
-            self.feed_forward: nn.Module = MoELayer(m.hidden_size, e.expert_ffn_hidden_size or ffn, e)
+            self.feed_forward: nn.Module = MoELayer(m.hidden_size, cfg.expert_ffn_size, e)
         else:
-            self.feed_forward = FeedForward(m.hidden_size, ffn)
+            self.feed_forward = FeedForward(m.hidden_size, m.dense_ffn_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin)
@@ -135,8 +134,7 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(m.num_layers)})
         self.norm: RMSNorm | None = RMSNorm(m.hidden_size, m.norm_eps)
         self.output: nn.Linear | None = None if m.tie_embeddings else nn.Linear(m.hidden_size, m.vocab_size, bias=False)
-        head_dim = m.hidden_size // m.num_attention_heads
-        cos, sin = rope_tables(cfg.data.seq_length, head_dim, m.rope_theta)
+        cos, sin = rope_tables(cfg.data.seq_length, m.head_dim, m.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -158,8 +156,7 @@ class MoETransformer(nn.Module):
         """(Re)initialise every parameter and buffer deterministically (scheme in the module docstring)."""
         m = self.cfg.model
         std, out_std = m.init_std, m.init_std / math.sqrt(2 * m.num_layers)
-        head_dim = m.hidden_size // m.num_attention_heads
-        cos, sin = rope_tables(self.cfg.data.seq_length, head_dim, m.rope_theta, device=self.rope_cos.device)
+        cos, sin = rope_tables(self.cfg.data.seq_length, m.head_dim, m.rope_theta, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         for module in self.modules():

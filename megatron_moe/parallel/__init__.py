@@ -9,7 +9,6 @@ LM loss), :mod:`.engine` (:class:`ParallelEngine`).
 
 from megatron_moe.parallel.engine import (
     ParallelEngine,
-    PipelineOptions,
     StepResult,
     init_distributed_from_env,
 )
@@ -18,7 +17,6 @@ from megatron_moe.parallel.mesh import ParallelSizes, parallel_sizes
 __all__ = [
     "ParallelEngine",
     "ParallelSizes",
-    "PipelineOptions",
     "StepResult",
     "init_distributed_from_env",
     "parallel_sizes",

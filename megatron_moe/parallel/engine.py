@@ -5,8 +5,10 @@ process group needed, every collective is skipped). Per optimizer step on each r
 
 1. the rank's ``num_microbatches = global / (micro x dp)`` micro-batches run forward/backward,
    through the pipelining schedule when pp > 1, else one after the other;
-2. gradients: router gates summed over TP (:mod:`.tensor`), all gradients averaged over dp
-   (replicate mode; FSDP2 does it itself in shard mode);
+2. gradients: sequence-parallel partial sums made whole (:func:`.data.materialize_partial_grads`),
+   all gradients averaged over dp (replicate mode; FSDP2 does it itself in shard mode); the MoE
+   layers need nothing more under TP (:class:`.tensor.MoETensorParallel` keeps their router
+   gradients whole);
 3. grad norm over the whole model (every element once), clipping, optimizer step;
 4. LM loss (mean over the global batch's micro-batches, as the single process) and per-layer MoE
    statistics (summed over micro-batches and dp ranks) are all-reduced so that EVERY rank sees the
@@ -25,7 +27,6 @@ rank's stages (each still unsharded over TP before sharding).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from megatron_moe.config import Config, ConfigError
-from megatron_moe.model.moe import MoELayer, MoEStats
+from megatron_moe.model.moe import MoELayer, MoELayerSet, MoEStats
 from megatron_moe.model.transformer import MoETransformer, build_model, count_parameters, materialize
 from megatron_moe.parallel.data import (
     allreduce_gradients,
@@ -46,48 +47,9 @@ from megatron_moe.parallel.data import (
     materialize_partial_grads,
 )
 from megatron_moe.parallel.loss import lm_loss_from_target, loss_context, loss_target
-from megatron_moe.parallel.mesh import ParallelSizes, build_mesh, parallel_sizes
-from megatron_moe.parallel.pipeline import (
-    SCHEDULES,
-    Pipeline,
-    build_stage_module,
-    split_layers,
-    stage_indices,
-)
-from megatron_moe.parallel.tensor import apply_tensor_parallel, tp_partial_sum_params
-
-
-@dataclass
-class PipelineOptions:
-    """Engine settings not (yet) in :class:`~megatron_moe.config.ParallelConfig`.
-
-    :meth:`from_config` reads a field of the same name from ``cfg.parallel`` when it exists.
-    """
-
-    pipeline_schedule: str = "1f1b"  # "1f1b" | "interleaved_1f1b" | "gpipe"
-    virtual_pipeline_stages: int = 1  # stages per pipeline rank (interleaved 1F1B)
-    pipeline_first_last_fewer_layers: bool = False  # embedding / head count as one layer each
-    data_parallel_shard: bool = False  # FSDP2 over dp instead of replicated parameters
-    activation_checkpointing: bool = False  # recompute each transformer block in backward
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> PipelineOptions:
-        names = [f.name for f in dataclasses.fields(cls)]
-        values = {n: getattr(cfg.parallel, n) for n in names if hasattr(cfg.parallel, n)}
-        return cls(**values)
-
-    def validate(self, pp: int) -> None:
-        if self.pipeline_schedule not in SCHEDULES:
-            raise ConfigError(
-                f"parallel.pipeline_schedule = {self.pipeline_schedule!r}; expected one of {SCHEDULES}"
-            )
-        if self.virtual_pipeline_stages > 1 and self.pipeline_schedule != "interleaved_1f1b":
-            raise ConfigError(
-                f"parallel.virtual_pipeline_stages = {self.virtual_pipeline_stages} needs "
-                f"parallel.pipeline_schedule = 'interleaved_1f1b' (got {self.pipeline_schedule!r})"
-            )
-        if self.virtual_pipeline_stages > 1 and pp == 1:
-            raise ConfigError("parallel.virtual_pipeline_stages > 1 needs pipeline_model_parallel_size > 1")
+from megatron_moe.parallel.mesh import ParallelSizes, build_mesh, check_grouped_gemm_shapes, parallel_sizes
+from megatron_moe.parallel.pipeline import Pipeline, build_stage_module, split_layers, stage_indices
+from megatron_moe.parallel.tensor import apply_tensor_parallel
 
 
 @dataclass
@@ -130,8 +92,7 @@ class ParallelEngine:
     """Mesh + this rank's model parts + train/eval steps. See the module docstring.
 
     Args:
-        cfg: the run configuration (``model.vocab_size`` resolved).
-        options: engine options; default from ``cfg.parallel``.
+        cfg: the run configuration (``model.vocab_size`` resolved); the layout is ``cfg.parallel``.
         device: this rank's device (default CPU).
         mesh: an existing (pp, dp, tp) mesh of the right shape to reuse (default: built here).
         autocast: a callable returning the forward's autocast context (default: from training.bf16).
@@ -142,7 +103,6 @@ class ParallelEngine:
     def __init__(
         self,
         cfg: Config,
-        options: PipelineOptions | None = None,
         device: torch.device | None = None,
         mesh: DeviceMesh | None = None,
         autocast=None,
@@ -151,11 +111,11 @@ class ParallelEngine:
         self._autocast = autocast
         self._num_micro = 1
         self.param_counts: dict[str, int] = {}
-        self.options = options or PipelineOptions.from_config(cfg)
         world = dist.get_world_size() if dist.is_initialized() else 1
-        self.sizes: ParallelSizes = parallel_sizes(cfg, world, self.options.virtual_pipeline_stages)
-        self.options.validate(self.sizes.pp)
+        cfg.parallel.validate()
+        self.sizes: ParallelSizes = parallel_sizes(cfg, world)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        check_grouped_gemm_shapes(cfg, self.sizes.tp, self.device.type)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         if mesh is not None and tuple(mesh.shape) != (self.sizes.pp, self.sizes.dp, self.sizes.tp):
             raise ConfigError(f"mesh of shape {tuple(mesh.shape)} does not match the layout {self.sizes}")
@@ -173,8 +133,12 @@ class ParallelEngine:
         self.parts: list[nn.Module] = []
         self.module = nn.ModuleList()
         self.pipeline: Pipeline | None = None
-        self.local_moe: list[tuple[int, MoELayer]] = []
-        self.num_moe_layers = 0
+        self.moe = MoELayerSet()
+
+    @property
+    def num_moe_layers(self) -> int:
+        """MoE layers in the whole model (this rank holds those of its pipeline stages)."""
+        return self.moe.num_total
 
     @property
     def is_logging_rank(self) -> bool:
@@ -200,7 +164,7 @@ class ParallelEngine:
         ``seed_rng`` re-seeds the run-time generators (:func:`seed_runtime_rng`).
         Give the returned module to the optimizer.
         """
-        cfg, s, o = self.cfg, self.sizes, self.options
+        cfg, s, o = self.cfg, self.sizes, self.cfg.parallel
         seed = cfg.training.seed if seed is None else seed
         if model is not None:
             full = model
@@ -212,7 +176,6 @@ class ParallelEngine:
         self.param_counts = count_parameters(full)
         moe_names = [name for name, block in full.layers.items() if isinstance(block.feed_forward, MoELayer)]
         moe_index = {name: i for i, name in enumerate(moe_names)}
-        self.num_moe_layers = len(moe_names)
         num_stages = s.pp * s.virtual_stages
         if num_stages == 1:
             parts, indices = [full], [0]
@@ -221,21 +184,22 @@ class ParallelEngine:
             indices = stage_indices(self.pp_rank, s.pp, s.virtual_stages)
             parts = [build_stage_module(full, split[i], i == 0, i == num_stages - 1) for i in indices]
             del full
-        self.local_moe = []
+        local_moe = []
         for part, index in zip(parts, indices, strict=True):
             if meta_init and model is None:
                 materialize(part, self.device, seed + index)
             part.to(self.device)
             for name, block in part.layers.items():
                 if isinstance(block.feed_forward, MoELayer):
-                    block.feed_forward.balance_group = self.dp_group  # TP ranks route the same tokens
-                    self.local_moe.append((moe_index[name], block.feed_forward))
+                    local_moe.append((moe_index[name], block.feed_forward))
             if s.tp > 1:
                 apply_tensor_parallel(part, self.mesh["tp"])
             if o.activation_checkpointing:
                 _checkpoint_blocks(part)
             if o.data_parallel_shard and s.dp > 1:
                 apply_fsdp(part, self.mesh["dp"])
+        self.moe = MoELayerSet(local_moe, len(moe_names), cfg.moe.num_experts)
+        self.moe.set_balance_group(self.dp_group)  # TP ranks route the same tokens: dp is the whole batch
         self.parts = parts
         self.module = nn.ModuleList(parts)
         if seed_rng:
@@ -250,6 +214,7 @@ class ParallelEngine:
                 o.pipeline_schedule,
                 s.num_microbatches,
                 self._loss_fn,
+                self.moe,
             )
         return self.module
 
@@ -265,12 +230,14 @@ class ParallelEngine:
         return contextlib.nullcontext()
 
     def _set_num_micro(self, n: int) -> None:
+        """Every loss of a step, LM and auxiliary, is averaged over its ``n`` micro-batches."""
         if n < 1 or (self.pipeline is not None and n != self.sizes.num_microbatches):
             raise ValueError(
                 f"got {n} micro-batches; the pipeline schedule runs {self.sizes.num_microbatches} "
                 "(global batch / (micro batch x dp))"
             )
         self._num_micro = n
+        self.moe.set_aux_loss_scale(1.0 / n)
 
     def _loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return lm_loss_from_target(logits, target) / self._num_micro
@@ -312,15 +279,10 @@ class ParallelEngine:
         """
         s = self.sizes
         self._set_num_micro(len(batches))
-        for _, layer in self.local_moe:
-            # 1/tp: every TP rank computes the same aux loss and the gate gradients are summed over TP.
-            layer.aux_loss_scale = 1.0 / (len(batches) * s.tp)
         total = self._forward_backward(batches, train=True)
         params = self.parameters()
         materialize_partial_grads(params)
-        for part in self.parts:
-            allreduce_gradients(tp_partial_sum_params(part), self.tp_group, average=False)
-        if not self.options.data_parallel_shard:
+        if not self.cfg.parallel.data_parallel_shard:
             allreduce_gradients(params, self.dp_group, average=True)
         grad_norm = global_grad_norm(params, s.pp, self.device)
         # The grad norm is global (identical on every rank), so every rank takes the same decision.
@@ -332,9 +294,7 @@ class ParallelEngine:
         optimizer.zero_grad(set_to_none=True)
         lm = self._reduce_loss(total)
         stats = self._reduce_stats()
-        aux = sum(
-            (st.aux_loss / max(1, st.num_micro_batches) for st in stats), torch.zeros((), device=self.device)
-        )
+        aux = sum((st.mean("aux_loss") for st in stats), torch.zeros((), device=self.device))
         return StepResult(lm, aux, grad_norm.detach(), stats, skipped)
 
     @torch.no_grad()
@@ -342,8 +302,7 @@ class ParallelEngine:
         """Mean LM loss / perplexity over this rank's ``batches`` and dp; per-layer expert load fractions."""
         was_training = self.module.training
         self.module.eval()
-        for _, layer in self.local_moe:
-            layer.reset_stats()
+        self.moe.reset_stats()
         n = self.sizes.num_microbatches if self.pipeline is not None else len(batches)
         if len(batches) % n:
             raise ValueError(f"evaluate needs a multiple of {n} micro-batches under pipeline parallelism")
@@ -357,7 +316,7 @@ class ParallelEngine:
         if total is not None:
             total = total / len(chunks)
         loss = self._reduce_loss(total).item()
-        loads = [load_fractions(st.counts) for st in self._reduce_stats()]
+        loads = [st.load_fractions() for st in self._reduce_stats()]
         self.module.train(was_training)
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "expert_load": loads}
 
@@ -372,32 +331,11 @@ class ParallelEngine:
 
     def _reduce_stats(self) -> list[MoEStats]:
         """Per-layer MoE statistics of the whole model, summed over micro-batches and dp, on every rank."""
-        num_experts = self.cfg.moe.num_experts
-        rows = torch.zeros(self.num_moe_layers, num_experts + 4, device=self.device)
-        for idx, layer in self.local_moe:
-            st = layer.reset_stats()
-            rows[idx, :num_experts] = st.counts
-            rows[idx, num_experts] = st.aux_loss
-            rows[idx, num_experts + 1] = st.drop_rate
-            rows[idx, num_experts + 2] = st.entropy
-            rows[idx, num_experts + 3] = st.num_micro_batches
+        rows = self.moe.pop_stats_rows(self.device)
         if dist.is_initialized() and self.sizes.world > 1:
             dist.all_reduce(rows)
             rows /= self.sizes.tp  # TP ranks hold identical copies
-        micro = rows[:, -1].round().long().tolist()
-        out = []
-        for i in range(self.num_moe_layers):
-            st = MoEStats(num_experts, self.device)
-            st.counts = rows[i, :num_experts].clone()
-            st.aux_loss, st.drop_rate, st.entropy = rows[i, num_experts : num_experts + 3].unbind()
-            st.num_micro_batches = micro[i]
-            out.append(st)
-        return out
-
-
-def load_fractions(counts: torch.Tensor) -> list[float]:
-    """Fraction of routed assignments per expert (host floats) from counts [E]."""
-    return (counts / counts.sum().clamp_min(1.0)).tolist()
+        return [MoEStats.unpack(row) for row in rows]
 
 
 def _checkpoint_blocks(part: nn.Module) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from megatron_moe.config import Config, ConfigError, check_batch_sizes, default_ffn_hidden_size
+from megatron_moe.config import Config, ConfigError
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class ParallelSizes:
     num_microbatches: int
 
 
-def parallel_sizes(cfg: Config, world_size: int, virtual_stages: int = 1) -> ParallelSizes:
+def parallel_sizes(cfg: Config, world_size: int) -> ParallelSizes:
     """Validate the layout of ``cfg.parallel`` for ``world_size`` ranks; raise ConfigError if it does not fit.
 
     Checks, in order: world size divisible by tp * pp; attention heads, KV heads, dense ffn, expert
@@ -38,6 +38,7 @@ def parallel_sizes(cfg: Config, world_size: int, virtual_stages: int = 1) -> Par
     """
     tp = cfg.parallel.tensor_model_parallel_size
     pp = cfg.parallel.pipeline_model_parallel_size
+    virtual_stages = cfg.parallel.virtual_pipeline_stages
     m, e = cfg.model, cfg.moe
     if tp < 1 or pp < 1 or virtual_stages < 1:
         raise ConfigError(
@@ -50,12 +51,10 @@ def parallel_sizes(cfg: Config, world_size: int, virtual_stages: int = 1) -> Par
             f"pipeline_model_parallel_size ({pp}) = {tp * pp}: the data-parallel size would not be an integer"
         )
     dp = world_size // (tp * pp)
-    kv = m.num_query_groups or m.num_attention_heads
-    ffn = m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size)
     divisible = [
         ("model.num_attention_heads", m.num_attention_heads, "attention heads are split across TP ranks"),
-        ("model.num_query_groups (KV heads)", kv, "key/value heads are split across TP ranks"),
-        ("model.ffn_hidden_size", ffn, "the dense SwiGLU width is split across TP ranks"),
+        ("model.num_query_groups (KV heads)", m.num_kv_heads, "key/value heads are split across TP ranks"),
+        ("model.ffn_hidden_size", m.dense_ffn_size, "the dense SwiGLU width is split across TP ranks"),
         ("model.vocab_size (padded)", m.vocab_size, "the embedding and output are vocabulary-parallel"),
         ("data.seq_length", cfg.data.seq_length, "sequence parallelism splits the sequence across TP ranks"),
     ]
@@ -63,7 +62,7 @@ def parallel_sizes(cfg: Config, world_size: int, virtual_stages: int = 1) -> Par
         divisible.append(
             (
                 "moe.expert_ffn_hidden_size",
-                e.expert_ffn_hidden_size or ffn,
+                cfg.expert_ffn_size,
                 "every expert's ffn dimension is split across TP ranks (no expert parallelism)",
             )
         )
@@ -80,13 +79,25 @@ def parallel_sizes(cfg: Config, world_size: int, virtual_stages: int = 1) -> Par
         )
     if pp > 1 and m.tie_embeddings:
         raise ConfigError("model.tie_embeddings is not supported with pipeline_model_parallel_size > 1")
-    num_micro = check_batch_sizes(cfg, dp)
+    num_micro = cfg.training.num_microbatches(dp)
     if virtual_stages > 1 and num_micro % pp:
         raise ConfigError(
             f"interleaved 1F1B needs the number of micro-batches ({num_micro} = global batch / "
             f"(micro batch x dp)) to be a multiple of pipeline_model_parallel_size ({pp})"
         )
     return ParallelSizes(world_size, pp, dp, tp, virtual_stages, num_micro)
+
+
+def check_grouped_gemm_shapes(cfg: Config, tp: int, device_type: str) -> None:
+    """On CUDA, torch._grouped_mm needs 16-byte-aligned rows: hidden and per-rank expert FFN sizes
+    must be multiples of 8 (bf16). Fail before any work instead of deep inside the first forward."""
+    if device_type != "cuda" or not cfg.moe.num_experts:
+        return
+    ffn = cfg.expert_ffn_size
+    for name, size in (("model.hidden_size", cfg.model.hidden_size),
+                       (f"moe.expert_ffn_hidden_size / tensor parallel size ({ffn} / {tp})", ffn // tp)):
+        if size % 8:
+            raise ConfigError(f"{name} = {size}: the grouped expert GEMM on CUDA needs a multiple of 8")
 
 
 def build_mesh(sizes: ParallelSizes, device_type: str) -> DeviceMesh:

@@ -9,9 +9,8 @@ the first and logits out of the last.
 
 Loss scaling: schedules are built with ``scale_grads=False`` and the loss function returns the
 micro-batch's mean LM loss divided by the number of micro-batches, exactly as the single-process
-loop; the MoE layers' ``aux_loss_scale`` is ``1 / num_microbatches`` (times ``1/tp``, see
-:mod:`megatron_moe.parallel.tensor`), so the aux losses of every stage enter backward with the same
-weight as in the single-process run.
+loop; the engine sets the MoE layers' aux-loss gradient scale to ``1 / num_microbatches``, so the
+aux losses of every stage enter backward with the same weight as in the single-process run.
 """
 
 from __future__ import annotations
@@ -28,10 +27,8 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
 )
 
-from megatron_moe.config import ConfigError
-from megatron_moe.model.moe import MoEStats, moe_layers
-
-SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
+from megatron_moe.config import PIPELINE_SCHEDULES, ConfigError
+from megatron_moe.model.moe import MoELayerSet
 
 
 def split_layers(num_layers: int, num_stages: int, first_last_fewer: bool = False) -> list[list[int]]:
@@ -89,8 +86,8 @@ def build_stage_module(model: nn.Module, layer_ids: list[int], is_first: bool, i
 
 def build_schedule(stages: list[PipelineStage], schedule: str, num_microbatches: int, loss_fn: Callable):
     """The pipelining schedule object for this rank's ``stages`` (one, or ``v`` for interleaved)."""
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"pipeline schedule {schedule!r}; expected one of {SCHEDULES}")
+    if schedule not in PIPELINE_SCHEDULES:
+        raise ConfigError(f"pipeline schedule {schedule!r}; expected one of {PIPELINE_SCHEDULES}")
     if schedule == "interleaved_1f1b":
         return ScheduleInterleaved1F1B(stages, num_microbatches, loss_fn=loss_fn, scale_grads=False)
     if len(stages) != 1:
@@ -101,30 +98,23 @@ def build_schedule(stages: list[PipelineStage], schedule: str, num_microbatches:
     return cls(stages[0], num_microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
-def _mute_moe_stats_during_metadata_inference(stage: PipelineStage) -> None:
+def _mute_moe_stats_during_metadata_inference(stage: PipelineStage, moe: MoELayerSet) -> None:
     """Keep the MoE statistics free of the stage's metadata-inference passes.
 
     On its first step a schedule runs each stage once forward (and backward) on placeholder tensors
     to infer shapes (under ``fork_rng``, so random draws are not consumed). Those passes must not
-    enter the per-layer MoE statistics: the MoE layers' ``stats`` are swapped for throw-away ones
-    around ``_prepare_forward_infra`` / ``_prepare_backward_infra`` (private hooks of
+    enter the per-layer MoE statistics: they run inside ``moe.muted_stats()``, wrapped around
+    ``_prepare_forward_infra`` / ``_prepare_backward_infra`` (private hooks of
     torch.distributed.pipelining.PipelineStage, checked to exist here).
     """
-    layers = moe_layers(stage.submod)
     for name in ("_prepare_forward_infra", "_prepare_backward_infra"):
         original = getattr(stage, name, None)
         if original is None:
             raise RuntimeError(f"torch.distributed.pipelining.PipelineStage has no {name}; update the engine")
 
         def muted(*args, _original=original, **kwargs):
-            saved = [layer.stats for layer in layers]
-            for layer in layers:
-                layer.stats = MoEStats(layer.num_experts, layer.stats.counts.device)
-            try:
+            with moe.muted_stats():
                 return _original(*args, **kwargs)
-            finally:
-                for layer, stats in zip(layers, saved, strict=True):
-                    layer.stats = stats
 
         setattr(stage, name, muted)
 
@@ -138,19 +128,21 @@ class Pipeline:
         num_stages: total stages (pp x virtual).
         group: the pipeline process group.
         device: this rank's device.
-        schedule: one of :data:`SCHEDULES`.
+        schedule: one of :data:`~megatron_moe.config.PIPELINE_SCHEDULES`.
         num_microbatches: micro-batches per step.
         loss_fn: ``loss_fn(logits, target) -> scalar`` (already divided by ``num_microbatches``).
+        moe: this rank's MoE layers (their statistics are muted during shape inference).
     """
 
-    def __init__(self, parts, indices, num_stages, group, device, schedule, num_microbatches, loss_fn):
+    def __init__(self, parts, indices, num_stages, group, device, schedule, num_microbatches, loss_fn,
+                 moe: MoELayerSet):
         self.parts = parts
         self.stages = [
             PipelineStage(part, idx, num_stages, device, group=group)
             for part, idx in zip(parts, indices, strict=True)
         ]
         for stage in self.stages:
-            _mute_moe_stats_during_metadata_inference(stage)
+            _mute_moe_stats_during_metadata_inference(stage, moe)
         self.has_first = any(s.is_first for s in self.stages)
         self.has_last = any(s.is_last for s in self.stages)
         self.schedule = build_schedule(self.stages, schedule, num_microbatches, loss_fn)

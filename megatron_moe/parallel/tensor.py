@@ -10,16 +10,21 @@ Applied from outside to an unmodified model with DTensor parallel styles (torcht
 - embedding: vocabulary-parallel (:class:`RowwiseParallel` on the vocab dim) into sequence shards;
 - output: vocabulary-parallel :class:`ColwiseParallel` returning logits as a DTensor sharded on the
   vocab dim, for :func:`torch.distributed.tensor.parallel.loss_parallel` (no full-logit gather);
-- MoE (no expert parallelism): every TP rank holds a 1/tp slice of EVERY expert's ffn dimension
-  (w1/w3 ``Shard(2)``, w2 ``Shard(1)``; :class:`GroupedExperts` calls ``to_local``). The sequence is
-  all-gathered before routing (:class:`_GatherSequence`), so every TP rank routes the same tokens
-  with the replicated router; the experts' partial sums are reduce-scattered back to the sequence
-  shards (:class:`_ReduceScatterSequence`).
+- MoE (no expert parallelism): :class:`MoETensorParallel`, the whole tensor-parallel contract of
+  an :class:`MoELayer` in one place. Every TP rank holds a 1/tp slice of EVERY expert's ffn
+  dimension (w1/w3 ``Shard(2)``, w2 ``Shard(1)``; :class:`GroupedExperts` calls ``to_local``). The
+  sequence is all-gathered before routing (:class:`_GatherSequence`), so every TP rank routes the
+  same tokens with the replicated router; the experts' partial sums are reduce-scattered back to
+  the sequence shards (:class:`_ReduceScatterSequence`).
 
-Gradients of the replicated router: each TP rank's gate gradient through the combine weights is a
-partial sum (its expert outputs are partial), while the aux-loss path is computed identically on
-every TP rank. The engine therefore scales the aux-loss gradient by ``1/tp`` (``aux_loss_scale``)
-and SUMs the gate gradients over TP (:func:`tp_partial_sum_params`): both paths then count once.
+Gradients of the replicated router. The gather's backward SUMS the input gradients of the TP
+ranks, so each rank's gradient into the gathered sequence must be its share of the total. The
+expert path is (partial expert outputs). The router path is made so as well: the gradient of the
+combine weights, a partial sum (it multiplies partial expert outputs), is all-reduced over TP
+(``[T, K]`` values, :class:`_SumGradOverGroup`), so every rank's router - gate weight, balance
+and z losses included - sees the whole gradient and computes the same gate-weight gradient
+(nothing to reduce after backward); the router's input gradient is then scaled by ``1/tp``
+(:class:`_ScaleGrad`) so that the gather's sum counts it once.
 
 SparseMixer-v2 sampling / input jitter: TP ranks route the same tokens and must draw the same
 samples. They use the default generator, which the engine seeds identically on the TP ranks of a
@@ -29,6 +34,8 @@ since TP ranks execute the same sequence of random ops, their draws coincide.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -36,6 +43,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
@@ -92,29 +100,74 @@ class _ReduceScatterSequence(torch.autograd.Function):
         return _all_gather(grad, ctx.dim, ctx.group), None, None
 
 
-def _moe_pre_hook(group: dist.ProcessGroup):
-    def hook(module, args):
-        (x,) = args
-        if isinstance(x, DTensor):  # from the sequence-parallel ffn_norm: Shard(1)
-            x = x.to_local()
-        return (_GatherSequence.apply(x, 1, group),)
+class _SumGradOverGroup(torch.autograd.Function):
+    """Forward: identity. Backward: all-reduce (sum) the gradient over ``group``."""
 
-    return hook
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
 
-
-def _moe_post_hook(group: dist.ProcessGroup):
-    def hook(module, args, output):
-        return _ReduceScatterSequence.apply(output, 1, group)
-
-    return hook
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
-def _shard_experts(layer: MoELayer, tp_mesh: DeviceMesh) -> None:
-    experts = layer.experts
-    for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)):
-        full = getattr(experts, name)
-        sharded = distribute_tensor(full.detach(), tp_mesh, [Shard(dim)], src_data_rank=None)
-        setattr(experts, name, nn.Parameter(sharded, requires_grad=full.requires_grad))
+class _ScaleGrad(torch.autograd.Function):
+    """Forward: identity. Backward: multiply the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class MoETensorParallel(ParallelStyle):
+    """Tensor (and sequence) parallelism of an :class:`MoELayer` without expert parallelism.
+
+    Applied with ``parallelize_module(block, tp_mesh, {"feed_forward": MoETensorParallel()})``:
+    shards every expert's ffn dimension, gathers the sequence shards before routing and
+    reduce-scatters the combined output back, and keeps the router's gradients whole (module
+    docstring). The layer's input and output are sequence shards ``[B, S/tp, H]`` (a DTensor input
+    from the sequence-parallel norm is accepted).
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not isinstance(module, MoELayer):
+            raise TypeError(f"MoETensorParallel applies to an MoELayer, got {type(module).__name__}")
+        group, tp = device_mesh.get_group(), device_mesh.size()
+        experts = module.experts
+        for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)):
+            full = getattr(experts, name)
+            sharded = distribute_tensor(full.detach(), device_mesh, [Shard(dim)], src_data_rank=None)
+            experts.register_parameter(name, nn.Parameter(sharded, requires_grad=full.requires_grad))
+
+        def gather_sequence(_module, args):
+            (x,) = args
+            if isinstance(x, DTensor):  # from the sequence-parallel ffn_norm: Shard(1)
+                x = x.to_local()
+            return (_GatherSequence.apply(x, 1, group),)
+
+        def reduce_scatter_sequence(_module, _args, output):
+            return _ReduceScatterSequence.apply(output, 1, group)
+
+        def scale_router_input_grad(_router, args):
+            return (_ScaleGrad.apply(args[0], 1.0 / tp), *args[1:])
+
+        def sum_combine_weight_grads(_router, _args, route):
+            return dataclasses.replace(route, weights=_SumGradOverGroup.apply(route.weights, group))
+
+        module.register_forward_pre_hook(gather_sequence)
+        module.register_forward_hook(reduce_scatter_sequence)
+        module.router.register_forward_pre_hook(scale_router_input_grad)
+        module.router.register_forward_hook(sum_combine_weight_grads)
+        return module
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
@@ -126,7 +179,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     """
     if tp_mesh.size() == 1:
         return model
-    group = tp_mesh.get_group()
     root_plan = {}
     if model.tok_embeddings is not None:
         root_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
@@ -150,7 +202,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
         }
-        if isinstance(block.feed_forward, FeedForward):
+        if isinstance(block.feed_forward, MoELayer):
+            plan["feed_forward"] = MoETensorParallel()
+        elif isinstance(block.feed_forward, FeedForward):
             plan.update(
                 {
                     "feed_forward": PrepareModuleInput(
@@ -162,14 +216,4 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
                 }
             )
         parallelize_module(block, tp_mesh, plan, src_data_rank=None)
-        if isinstance(block.feed_forward, MoELayer):
-            moe = block.feed_forward
-            _shard_experts(moe, tp_mesh)
-            moe.register_forward_pre_hook(_moe_pre_hook(group))
-            moe.register_forward_hook(_moe_post_hook(group))
     return model
-
-
-def tp_partial_sum_params(model: nn.Module) -> list[nn.Parameter]:
-    """Replicated parameters whose gradients are partial sums over TP (the MoE router gates)."""
-    return [m.router.gate.weight for m in model.modules() if isinstance(m, MoELayer)]

@@ -1,4 +1,8 @@
-"""Metrics sinks: metrics.jsonl (the run's record), console progress line, optional wandb."""
+"""Metrics: the records of a run and their sinks (metrics.jsonl, console, wandb, TensorBoard).
+
+:func:`step_record` and :func:`validation_record` build the records; :class:`MetricsWriter` sends
+each record to every sink, so metrics.jsonl, wandb and TensorBoard always hold the same numbers.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 class MetricsWriter:
@@ -41,9 +47,12 @@ class MetricsWriter:
                 ) from None
             self._tensorboard = SummaryWriter(tensorboard_dir)
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any], console: str | None = None) -> None:
+        """Append ``record`` to every sink; print ``console`` (a one-line summary) on the logging rank."""
         if not self.enabled:
             return
+        if console:
+            print(console, flush=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._wandb is not None:
@@ -60,6 +69,65 @@ class MetricsWriter:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
+
+
+def step_record(step: int, lr: float, result, coefficients: torch.Tensor, tokens_per_sec: float) -> dict[str, Any]:
+    """The record of one optimizer step: losses, lr, grad norm, throughput, per-MoE-layer statistics.
+
+    ``result`` is the engine's :class:`~megatron_moe.parallel.engine.StepResult`; ``coefficients``
+    [num MoE layers] the aux-loss coefficients used in the step. Reads device values (a host sync).
+    """
+    lm, aux = result.lm_loss.item(), result.aux_loss.item()
+    coeffs = coefficients.tolist()
+    moe = []
+    for layer_idx, s in enumerate(result.layer_stats):
+        load = s.load_fractions()
+        moe.append({
+            "layer": layer_idx,
+            "aux_loss": s.mean("aux_loss").item(),
+            "aux_coeff": coeffs[layer_idx],
+            "drop_rate": s.mean("drop_rate").item(),
+            "entropy": s.mean("entropy").item(),
+            "load": [round(v, 5) for v in load],
+            "load_max_over_mean": max(load) * len(load) if load else 0.0,
+        })
+    return {"step": step, "loss": lm + aux, "lm_loss": lm, "aux_loss": aux, "lr": lr,
+            "grad_norm": result.grad_norm.item(), "tokens_per_sec": tokens_per_sec, "moe": moe}
+
+
+def progress_line(rec: dict[str, Any]) -> str:
+    """The console line of a :func:`step_record`."""
+    line = (
+        f"step {rec['step']:>6} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f}"
+        f" | aux {rec['aux_loss']:.4f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f}"
+        f" | {rec['tokens_per_sec']:.0f} tok/s"
+    )
+    if rec["moe"]:
+        moe = rec["moe"]
+        drop = sum(r["drop_rate"] for r in moe) / len(moe)
+        spread = max(r["load_max_over_mean"] for r in moe)
+        coeff = sum(r["aux_coeff"] for r in moe) / len(moe)
+        line += f" | drop {drop:.3f} | max/mean load {spread:.2f} | alpha {coeff:.2e}"
+    return line
+
+
+def validation_record(step: int, result: dict[str, Any], has_moe: bool) -> dict[str, Any]:
+    """The record of one evaluation (``result`` from :meth:`~megatron_moe.training.evaluator.Evaluator.evaluate`)."""
+    record = {"step": step, "valid_loss": result["loss"], "valid_ppl": result["ppl"]}
+    if has_moe:
+        record["expert_similarity"] = [round(v, 6) for v in result["expert_similarity"]]
+    return record
+
+
+def nonfinite_report(step: int, result) -> str:
+    """What a non-finite step looked like, per MoE layer (printed before stopping or skipping)."""
+    lines = [f"non-finite loss or gradient at step {step}: lm_loss={result.lm_loss.item()}, "
+             f"aux_loss={result.aux_loss.item()}, grad_norm={result.grad_norm.item()}"]
+    for i, st in enumerate(result.layer_stats):
+        lines.append(f"  MoE layer {i}: aux_loss={st.mean('aux_loss').item():.4g} "
+                     f"drop_rate={st.mean('drop_rate').item():.4g} entropy={st.mean('entropy').item():.4g} "
+                     f"max/mean load={(st.counts.max() / st.counts.mean().clamp_min(1e-9)).item():.3g}")
+    return "\n".join(lines)
 
 
 def _flatten(record: dict[str, Any]) -> dict[str, Any]:

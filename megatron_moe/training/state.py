@@ -129,12 +129,11 @@ ARCHITECTURE_SETTINGS = (
 def check_compatible(saved_config: dict, cfg, checkpoint) -> None:
     """Raise CheckpointError naming every architecture setting where ``cfg`` differs from the checkpoint.
 
-    ``model.vocab_size = 0`` (derive from the tokenizer) is filled in from the checkpoint instead.
+    ``cfg`` is not changed (its ``model.vocab_size`` is resolved first:
+    :func:`~megatron_moe.training.checkpointing.resolve_vocab_size`).
     """
     from megatron_moe.training.checkpoint import CheckpointError
 
-    if cfg.model.vocab_size == 0 and "model" in saved_config:
-        cfg.model.vocab_size = int(saved_config["model"].get("vocab_size", 0))
     diffs = []
     for dotted in ARCHITECTURE_SETTINGS:
         group, key = dotted.split(".")

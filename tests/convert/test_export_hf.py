@@ -12,7 +12,7 @@ from megatron_moe.convert.export_hf import ExportError, export
 from megatron_moe.convert.hf import read_hf
 from megatron_moe.convert.native import load_model, save_model_checkpoint
 from megatron_moe.convert.upcycle import UpcycleOptions, upcycle
-from tests.convert.conftest import make_hf, save_native, tiny_config, tokens
+from tests.convert.helpers import make_hf, save_native, tiny_config, tokens
 
 ATOL = 1e-5  # float32 on both sides
 

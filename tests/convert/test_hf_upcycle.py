@@ -13,7 +13,7 @@ from megatron_moe.convert.native import load_model
 from megatron_moe.convert.source import ConversionError
 from megatron_moe.convert.upcycle import UpcycleOptions, upcycle
 from megatron_moe.training.checkpoint import read_meta, resolve_checkpoint
-from tests.convert.conftest import make_hf, tokens
+from tests.convert.helpers import make_hf, tokens
 
 # float32 end to end; the MoE sums the same products in a different order (expert GEMMs, weighted combine),
 # so logits agree to rounding: observed ~1e-7 on logits of magnitude ~0.1-1.

@@ -15,7 +15,7 @@ import upcycle_checkpoint
 from megatron_moe.convert.megatron_format import read_megatron
 from megatron_moe.convert.native import load_model
 from megatron_moe.convert.source import ConversionError
-from tests.convert.conftest import save_native, tiny_config, tokens
+from tests.convert.helpers import save_native, tiny_config, tokens
 
 
 class AttnBackend(enum.Enum):  # stands for Megatron's enums stored inside `args`

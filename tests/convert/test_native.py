@@ -12,7 +12,7 @@ from megatron_moe.config import ConfigError
 from megatron_moe.convert.config_io import config_from_dict
 from megatron_moe.convert.native import load_model
 from megatron_moe.model.moe import MoELayer
-from tests.convert.conftest import save_native, tiny_config, tokens
+from tests.convert.helpers import save_native, tiny_config, tokens
 
 
 def test_config_round_trip_and_unknown_keys():

@@ -36,7 +36,7 @@ def _tp_logits(rank: int, world_size: int, ckpt_dir: str, x: torch.Tensor):
 def test_upcycled_checkpoint_in_tp2_layout_matches_dense(tmp_path, capsys):
     import upcycle_checkpoint
     from megatron_moe.testing import run_distributed
-    from tests.convert.conftest import make_hf, tokens
+    from tests.convert.helpers import make_hf, tokens
 
     hf = make_hf(tmp_path / "hf")
     rc = upcycle_checkpoint.main(["--input", str(tmp_path / "hf"), "--input-format", "hf", "--num-experts", "4",

@@ -2,40 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import random
-
 import pytest
 
 from megatron_moe.data.preprocess import preprocess_files
 from megatron_moe.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
-
-WORDS_A = ["alpha", "beta", "gamma", "delta", "router", "expert", "token", "layer", "the", "of", "a"]
-WORDS_B = ["zeta", "kappa", "omega", "sigma", "mixture", "gate", "shard", "batch", "is", "on", "to"]
-
-
-def make_documents(words: list[str], n: int, seed: int) -> list[str]:
-    """``n`` random documents of 3..60 words from ``words``, some with punctuation and newlines."""
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n):
-        parts = []
-        for _ in range(rng.randint(3, 60)):
-            parts.append(rng.choice(words))
-            r = rng.random()
-            if r < 0.05:
-                parts.append(".\n")
-            elif r < 0.1:
-                parts.append(", ")
-        docs.append(" ".join(parts).strip())
-    return docs
-
-
-def write_jsonl(path, docs: list[str]) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        for doc in docs:
-            f.write(json.dumps({"text": doc}) + "\n")
-    return str(path)
+from tests.builders import WORDS_A, WORDS_B, make_documents, write_jsonl
 
 
 @pytest.fixture(scope="session")

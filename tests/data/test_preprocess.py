@@ -6,8 +6,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_moe.data.preprocess import iter_documents, main, preprocess_files
 from megatron_moe.data.tokenizer import SentencePieceTokenizer
-
-from .conftest import WORDS_A, make_documents, write_jsonl
+from tests.builders import WORDS_A, make_documents, write_jsonl
 
 
 def _read_all(prefix: str) -> list[np.ndarray]:

@@ -91,13 +91,13 @@ def test_identical_experts_with_renormalised_topk_equal_dense_ffn():
 
 def test_aux_loss_gradient_reaches_router_through_output():
     layer = make_layer(aux_loss_coeff=0.5, z_loss_coeff=0.1)
-    layer.aux_loss_scale = 0.25
+    layer.set_aux_loss_scale(0.25)
     x = torch.randn(20, 16)
     layer(x).sum().backward()
     got = layer.router.gate.weight.grad.clone()
     # Reference: the same quantities formed explicitly and added to the loss.
     layer.zero_grad()
-    layer.aux_loss_scale = 0.0  # no attached gradient: add it by hand
+    layer.set_aux_loss_scale(0.0)  # no attached gradient: add it by hand
     route = layer.router(x)
     probs = route.logits.softmax(-1)
     f = torch.bincount(route.indices.flatten(), minlength=4).float() / route.indices.numel()
@@ -131,7 +131,7 @@ def test_capacity_mode_drops_lowest_probability_assignments():
                 ref[t] += route.weights[t, s] * ((torch.nn.functional.silu(x[t] @ w1[e]) * (x[t] @ w3[e])) @ w2[e])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out, dropless(x))
-    stats = layer.reset_stats()
+    stats = layer.pop_stats()
     expected_drop = torch.clamp(stats.counts - capacity, min=0).sum() / 64
     torch.testing.assert_close(stats.drop_rate, expected_drop)
 
@@ -140,15 +140,24 @@ def test_stats_accumulate_over_micro_batches():
     layer = make_layer()
     for _ in range(3):
         layer(torch.randn(10, 16))
-    stats = layer.reset_stats()
+    stats = layer.pop_stats()
     assert stats.num_micro_batches == 3 and stats.counts.sum().item() == 3 * 10 * 2
-    assert layer.stats.num_micro_batches == 0
+    assert layer.pop_stats().num_micro_batches == 0
+    with layer.muted_stats():
+        layer(torch.randn(10, 16))
+    assert layer.pop_stats().num_micro_batches == 0
+    layer(torch.randn(10, 16))
+    stats = layer.pop_stats()
+    row = stats.pack()
+    again = type(stats).unpack(row + row)  # packed statistics add up
+    assert again.num_micro_batches == 2 and torch.equal(again.counts, 2 * stats.counts)
+    torch.testing.assert_close(again.mean("drop_rate"), stats.drop_rate)
 
 
 def _overlap_body(rank, world_size):
     torch.manual_seed(rank)
     layer = make_layer(balance_scope="global")
-    layer.balance_group = torch.distributed.group.WORLD
+    layer.set_balance_group(torch.distributed.group.WORLD)
     events = []
     layer.trace = events.append
     layer(torch.randn(12, 16)).sum().backward()

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 
-from megatron_moe.config import Config
 from megatron_moe.model.transformer import (
     Attention,
     MoETransformer,
@@ -13,20 +12,13 @@ from megatron_moe.model.transformer import (
     rope_tables,
 )
 
-
-def tiny_config(**moe) -> Config:
-    cfg = Config()
-    cfg.model.vocab_size, cfg.model.hidden_size, cfg.model.num_layers = 96, 32, 3
-    cfg.model.num_attention_heads, cfg.model.num_query_groups, cfg.model.ffn_hidden_size = 4, 2, 48
-    cfg.moe.num_experts, cfg.moe.topk, cfg.moe.expert_ffn_hidden_size = 4, 2, 16
-    cfg.data.seq_length = 16
-    for k, v in moe.items():
-        setattr(cfg.moe, k, v)
-    return cfg
+# This module's model: vocab 96, 3 layers, dense ffn 48, 4 experts of ffn 16, Config's default losses and batches.
+SMALL = dict(vocab_size=96, num_layers=3, ffn_hidden_size=48, expert_ffn_hidden_size=16, aux_loss_coeff=0.01,
+             z_loss_coeff=0.0, micro=4, global_batch=8)
 
 
-def test_meta_then_init_equals_eager_build():
-    cfg = tiny_config()
+def test_meta_then_init_equals_eager_build(tiny_config):
+    cfg = tiny_config(**SMALL)
     eager = MoETransformer(cfg)
     eager.init_weights(torch.Generator().manual_seed(7))
     meta = build_model(cfg, "cpu", seed=7)
@@ -44,8 +36,8 @@ def test_meta_then_init_equals_eager_build():
     assert not torch.equal(other.tok_embeddings.weight, meta.tok_embeddings.weight)
 
 
-def test_init_scheme_scales_residual_outputs():
-    cfg = tiny_config()
+def test_init_scheme_scales_residual_outputs(tiny_config):
+    cfg = tiny_config(**SMALL)
     cfg.model.hidden_size, cfg.model.ffn_hidden_size, cfg.moe.expert_ffn_hidden_size = 256, 512, 256
     model = build_model(cfg, "cpu", seed=0)
     std = cfg.model.init_std
@@ -58,8 +50,8 @@ def test_init_scheme_scales_residual_outputs():
     assert torch.all(layer.attention_norm.weight == 1)
 
 
-def test_moe_layer_placement():
-    cfg = tiny_config(first_k_dense=1, layer_freq=2)
+def test_moe_layer_placement(tiny_config):
+    cfg = tiny_config(**SMALL, first_k_dense=1, layer_freq=2)
     cfg.model.num_layers = 6
     assert [is_moe_layer(cfg, i) for i in range(6)] == [False, True, False, True, False, True]
     model = build_model(cfg)
@@ -67,8 +59,8 @@ def test_moe_layer_placement():
     assert kinds == ["FeedForward", "MoELayer"] * 3
 
 
-def test_causal():
-    model = build_model(tiny_config()).eval()
+def test_causal(tiny_config):
+    model = build_model(tiny_config(**SMALL)).eval()
     tokens = torch.randint(0, 96, (1, 16))
     changed = tokens.clone()
     changed[0, 10:] = (changed[0, 10:] + 1) % 96
@@ -110,8 +102,8 @@ def test_gqa_attention_matches_naive_reference():
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
-def test_tied_embeddings_share_weight():
-    cfg = tiny_config()
+def test_tied_embeddings_share_weight(tiny_config):
+    cfg = tiny_config(**SMALL)
     cfg.model.tie_embeddings = True
     model = build_model(cfg)
     assert model.output is None
@@ -120,8 +112,8 @@ def test_tied_embeddings_share_weight():
     assert logits.shape == (1, 4, 96)
 
 
-def test_missing_vocab_size_is_an_error():
-    cfg = tiny_config()
+def test_missing_vocab_size_is_an_error(tiny_config):
+    cfg = tiny_config(**SMALL)
     cfg.model.vocab_size = 0
     with pytest.raises(ValueError, match="model.vocab_size"):
         MoETransformer(cfg)

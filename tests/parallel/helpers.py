@@ -17,28 +17,12 @@ import torch
 
 from megatron_moe.config import Config
 from megatron_moe.routing.router import Router
+from tests.builders import tiny_config  # noqa: F401 (the parity tests' config)
 
 LOSS_RTOL = 1e-5
 PARAM_ATOL = 1e-6
 LR = 1.0
 CLIP = 1.0
-
-
-def tiny_config(
-    tp: int = 1, pp: int = 1, router: str = "topk", micro: int = 2, global_batch: int = 8
-) -> Config:
-    """hidden 32, 4 heads / 2 KV heads, 4 layers, 4 experts top-2, vocab 128, seq 16."""
-    c = Config()
-    m = c.model
-    m.hidden_size, m.num_attention_heads, m.num_query_groups = 32, 4, 2
-    m.num_layers, m.vocab_size, m.ffn_hidden_size = 4, 128, 64
-    e = c.moe
-    e.num_experts, e.topk, e.expert_ffn_hidden_size, e.router, e.aux_loss_coeff = 4, 2, 32, router, 0.1
-    e.z_loss_coeff = 1e-3
-    c.data.seq_length = 16
-    c.training.micro_batch_size, c.training.global_batch_size = micro, global_batch
-    c.parallel.tensor_model_parallel_size, c.parallel.pipeline_model_parallel_size = tp, pp
-    return c
 
 
 def make_batches(
@@ -62,7 +46,7 @@ def set_deterministic_routing(module: torch.nn.Module) -> None:
             m.eval()
 
 
-def run_steps(cfg: Config, step_batches: list[list[dict]], options=None, mesh=None) -> dict:
+def run_steps(cfg: Config, step_batches: list[list[dict]], mesh=None) -> dict:
     """Train len(step_batches) SGD steps through the engine; this rank's dp share of each global batch.
 
     Returns losses / aux / grad norms per step and the full values of this rank's parameters after
@@ -70,7 +54,7 @@ def run_steps(cfg: Config, step_batches: list[list[dict]], options=None, mesh=No
     """
     from megatron_moe.parallel.engine import ParallelEngine
 
-    engine = ParallelEngine(cfg, options, mesh=mesh)
+    engine = ParallelEngine(cfg, mesh=mesh)
     module = engine.build_model()
     set_deterministic_routing(module)
     optimizer = torch.optim.SGD(engine.parameters(), lr=LR)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from megatron_moe.config import ConfigError
-from megatron_moe.parallel.engine import ParallelEngine, PipelineOptions
+from megatron_moe.parallel.engine import ParallelEngine
 from megatron_moe.parallel.mesh import parallel_sizes
 from megatron_moe.parallel.pipeline import build_stage_module, split_layers, stage_indices
-from tests.parallel.helpers import tiny_config
+from tests.builders import tiny_config
 
 
 def test_tp3_with_4_heads_names_heads():
@@ -49,7 +49,7 @@ def test_sizes_that_do_not_fit_tp2(change, match):
 
 def test_more_stages_than_layers():
     with pytest.raises(ConfigError, match=r"= 8 pipeline stages exceed model.num_layers = 4"):
-        parallel_sizes(tiny_config(pp=4), world_size=4, virtual_stages=2)
+        parallel_sizes(tiny_config(pp=4, virtual_pipeline_stages=2), world_size=4)
 
 
 def test_valid_layout_sizes():
@@ -57,18 +57,12 @@ def test_valid_layout_sizes():
     assert (s.pp, s.dp, s.tp, s.num_microbatches) == (2, 2, 2, 2)
 
 
-def test_options_read_from_parallel_config_when_present():
-    cfg = tiny_config(pp=2)
-    assert PipelineOptions.from_config(cfg) == PipelineOptions()
-    cfg.parallel.pipeline_schedule = "gpipe"  # a field the lead may add to ParallelConfig
-    cfg.parallel.data_parallel_shard = True
-    opts = PipelineOptions.from_config(cfg)
-    assert opts.pipeline_schedule == "gpipe" and opts.data_parallel_shard
-
-
 def test_virtual_stages_need_interleaved_schedule():
     with pytest.raises(ConfigError, match="interleaved_1f1b"):
-        PipelineOptions(virtual_pipeline_stages=2).validate(pp=2)
+        tiny_config(pp=2, virtual_pipeline_stages=2).validate()
+    with pytest.raises(ConfigError, match="needs pipeline_model_parallel_size > 1"):
+        tiny_config(pipeline_schedule="interleaved_1f1b", virtual_pipeline_stages=2).validate()
+    tiny_config(pp=2, pipeline_schedule="interleaved_1f1b", virtual_pipeline_stages=2).validate()
 
 
 def test_split_layers_even_and_first_last_fewer():

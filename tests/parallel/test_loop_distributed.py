@@ -13,42 +13,10 @@ import json
 import pytest
 
 from megatron_moe.testing import run_distributed
-from megatron_moe.training.loop import train
-from tests.data.conftest import WORDS_A, make_documents, write_jsonl
-from tests.parallel.helpers import tiny_config
+from megatron_moe.training.trainer import train
+from tests.builders import loop_config
 
 RTOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from megatron_moe.data.preprocess import preprocess_files
-    from megatron_moe.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
-
-    root = tmp_path_factory.mktemp("loop_corpus")
-    docs = make_documents(WORDS_A, 300, seed=3)
-    (root / "train.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
-    model = train_sentencepiece([str(root / "train.txt")], str(root / "tok"), 300)
-    tokenizer = SentencePieceTokenizer(model)
-    res = preprocess_files([write_jsonl(root / "a.jsonl", docs)], str(root / "a"), tokenizer, log=None)
-    return {"root": root, "tokenizer": model, "prefix": res.prefix}
-
-
-def loop_config(corpus, run_dir, tp=1, pp=1):
-    cfg = tiny_config(tp=tp, pp=pp, micro=2, global_batch=4)
-    cfg.model.vocab_size = 512  # >= the tokenizer's; fixed, since Megatron's padding depends on tp
-    cfg.data.data_path = [corpus["prefix"]]
-    cfg.data.tokenizer_model = corpus["tokenizer"]
-    cfg.data.split = "90,10,0"
-    cfg.data.cache_dir = str(corpus["root"] / "cache")
-    cfg.moe.adaptive_aux = True
-    cfg.moe.adaptive_beta = 0.5
-    cfg.training.train_iters, cfg.training.eval_interval, cfg.training.eval_iters = 3, 3, 1
-    cfg.training.device = "cpu"
-    cfg.logging.log_interval = 1
-    cfg.optimizer.lr_warmup_iters = 1
-    cfg.checkpoint.save = str(run_dir)
-    return cfg
 
 
 def _records(run_dir) -> list[dict]:
@@ -65,7 +33,8 @@ def _loop_body(rank, world, corpus, root):
 
 
 @pytest.mark.slow
-def test_loop_on_two_ranks_matches_single_process(corpus, tmp_path):
+def test_loop_on_two_ranks_matches_single_process(loop_corpus, tmp_path):
+    corpus = loop_corpus
     ref_summary = train(loop_config(corpus, tmp_path / "single"))
     ref = _records(tmp_path / "single")
     results = run_distributed(_loop_body, 2, (corpus, tmp_path), timeout=300)

@@ -7,13 +7,14 @@ computed once in the parent. Tolerances and their justification: tests/parallel/
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_moe.parallel.engine import PipelineOptions
+from megatron_moe.config import ParallelConfig
 from megatron_moe.testing import run_distributed
 from tests.parallel.helpers import (
     LOSS_RTOL,
@@ -41,19 +42,19 @@ def global_balance_reference() -> dict:
     return run_steps(cfg, [merged])
 
 
-def _variants(tp: int, pp: int, dp: int) -> list[tuple[str, str, PipelineOptions]]:
-    schedules = [PipelineOptions()]
+def _variants(tp: int, pp: int, dp: int) -> list[tuple[str, str, dict]]:
+    """(router, name, parallel settings) of every variant of a layout."""
+    schedules = [{}]
     if pp > 1:
-        schedules.append(PipelineOptions(pipeline_schedule="interleaved_1f1b", virtual_pipeline_stages=2))
-    out = [(r, f"{r}/{o.pipeline_schedule}", o) for r in ("topk", "sparsemixer") for o in schedules]
+        schedules.append({"pipeline_schedule": "interleaved_1f1b", "virtual_pipeline_stages": 2})
+    default = ParallelConfig().pipeline_schedule
+    out = [(r, f"{r}/{o.get('pipeline_schedule', default)}", o) for r in ("topk", "sparsemixer") for o in schedules]
     if (tp, pp, dp) == (1, 2, 1):
-        out.append(("topk", "topk/gpipe", PipelineOptions(pipeline_schedule="gpipe")))
+        out.append(("topk", "topk/gpipe", {"pipeline_schedule": "gpipe"}))
     if dp > 1 and (tp, pp, dp) != (2, 2, 2):
-        out.append(("topk", "topk/fsdp2", PipelineOptions(data_parallel_shard=True)))
+        out.append(("topk", "topk/fsdp2", {"data_parallel_shard": True}))
     if (tp, pp, dp) == (2, 2, 1):
-        out.append(
-            ("sparsemixer", "sparsemixer/1f1b+checkpointing", PipelineOptions(activation_checkpointing=True))
-        )
+        out.append(("sparsemixer", "sparsemixer/1f1b+checkpointing", {"activation_checkpointing": True}))
     return out
 
 
@@ -86,7 +87,7 @@ def _meta_init_trains(mesh, tp: int, pp: int) -> bool:
 
     from megatron_moe.parallel.engine import ParallelEngine
 
-    engine = ParallelEngine(tiny_config(tp, pp), mesh=mesh)
+    engine = ParallelEngine(tiny_config(tp=tp, pp=pp), mesh=mesh)
     module = engine.build_model(meta_init=True)
     if any(p.is_meta for p in module.parameters()):
         return False
@@ -102,8 +103,10 @@ def _layouts_body(rank, world, layouts, refs, gb_ref):
     for tp, pp, dp in layouts:
         mesh = init_device_mesh("cpu", (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
         prefix = f"tp{tp}-pp{pp}-dp{dp}"
-        for router, name, options in _variants(tp, pp, dp):
-            run = run_steps(tiny_config(tp, pp, router), STEP_BATCHES, options, mesh)
+        for router, name, parallel in _variants(tp, pp, dp):
+            cfg = tiny_config(tp=tp, pp=pp, router=router)
+            cfg.parallel = dataclasses.replace(cfg.parallel, **parallel)
+            run = run_steps(cfg, STEP_BATCHES, mesh)
             results[f"{prefix} {name}"] = compare(run, refs[router])
         if (tp, pp, dp) == (2, 1, 1):
             results[f"{prefix} tp_same_sparsemixer_samples"] = _tp_ranks_draw_same_routing(mesh)

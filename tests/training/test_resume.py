@@ -19,13 +19,13 @@ import pytest
 
 from megatron_moe.testing import run_distributed
 from megatron_moe.training.checkpoint import CheckpointError, list_checkpoints, read_meta, resolve_checkpoint
-from megatron_moe.training.loop import train
-from tests.parallel.test_loop_distributed import corpus, loop_config  # noqa: F401 (fixture)
+from megatron_moe.training.trainer import train
+from tests.builders import loop_config
 
 ROOT = Path(__file__).parents[2]
 
 
-def cfg_for(corpus, run_dir, tp=1, pp=1, router="sparsemixer", iters=6):  # noqa: F811
+def cfg_for(corpus, run_dir, tp=1, pp=1, router="sparsemixer", iters=6):
     cfg = loop_config(corpus, run_dir, tp, pp)
     cfg.moe.router = router
     cfg.training.train_iters, cfg.training.eval_interval = iters, 3
@@ -42,7 +42,8 @@ def losses(run_dir) -> dict[int, tuple]:
     return out
 
 
-def test_interrupted_and_resumed_equals_uninterrupted_bitwise(corpus, tmp_path):  # noqa: F811
+def test_interrupted_and_resumed_equals_uninterrupted_bitwise(loop_corpus, tmp_path):
+    corpus = loop_corpus
     train(cfg_for(corpus, tmp_path / "full"))
     cfg = cfg_for(corpus, tmp_path / "parts")
     cfg.training.exit_interval = 3
@@ -59,7 +60,7 @@ def test_interrupted_and_resumed_equals_uninterrupted_bitwise(corpus, tmp_path):
     assert meta["step"] == 6 and meta["contents"] == ["model", "optimizer", "train_state"]
 
 
-def _layout_body(rank, world, corpus, root, mode):  # noqa: F811
+def _layout_body(rank, world, corpus, root, mode):
     cfg = cfg_for(corpus, root / mode, tp=2, pp=2, router="topk")
     if mode == "parts":
         cfg.training.exit_interval = 3
@@ -73,7 +74,8 @@ def _layout_body(rank, world, corpus, root, mode):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_resume_in_2x2_layout_and_resharded_loads(corpus, tmp_path):  # noqa: F811
+def test_resume_in_2x2_layout_and_resharded_loads(loop_corpus, tmp_path):
+    corpus = loop_corpus
     # Uninterrupted and interrupted+resumed runs in tp=2 x pp=2 (4 ranks): identical losses.
     run_distributed(_layout_body, 4, (corpus, tmp_path, "full"), timeout=300)
     run_distributed(_layout_body, 4, (corpus, tmp_path, "parts"), timeout=300)
@@ -98,7 +100,8 @@ def test_resume_in_2x2_layout_and_resharded_loads(corpus, tmp_path):  # noqa: F8
             assert got[3] == pytest.approx(full[step][3], rel=1e-5)
 
 
-def test_eval_only_writes_eval_json(corpus, tmp_path):  # noqa: F811
+def test_eval_only_writes_eval_json(loop_corpus, tmp_path):
+    corpus = loop_corpus
     train(cfg_for(corpus, tmp_path / "run", iters=3))
     cfg = cfg_for(corpus, tmp_path / "eval")
     cfg.checkpoint.load = str(tmp_path / "run")
@@ -113,7 +116,8 @@ def test_eval_only_writes_eval_json(corpus, tmp_path):  # noqa: F811
     assert written["loss"] == pytest.approx(last_valid["valid_loss"], rel=1e-6)  # the same evaluation code
 
 
-def test_sigterm_checkpoints_at_step_boundary_and_exits_cleanly(corpus, tmp_path):  # noqa: F811
+def test_sigterm_checkpoints_at_step_boundary_and_exits_cleanly(loop_corpus, tmp_path):
+    corpus = loop_corpus
     cfg = cfg_for(corpus, tmp_path / "run", router="topk", iters=400)
     cfg.training.eval_interval = 0
     cfg.checkpoint.save_interval = 0
@@ -140,7 +144,8 @@ def test_sigterm_checkpoints_at_step_boundary_and_exits_cleanly(corpus, tmp_path
     train(resume)  # the checkpoint loads and training continues
 
 
-def test_nonfinite_loss_stops_without_poisoned_checkpoint_or_skips(corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_nonfinite_loss_stops_without_poisoned_checkpoint_or_skips(loop_corpus, tmp_path, monkeypatch):
+    corpus = loop_corpus
     import megatron_moe.parallel.engine as engine_mod
 
     real = engine_mod.lm_loss_from_target
@@ -166,7 +171,8 @@ def test_nonfinite_loss_stops_without_poisoned_checkpoint_or_skips(corpus, tmp_p
     assert 3 not in logged and sorted(logged) == [1, 2, 4, 5, 6]
 
 
-def test_bad_inputs_give_clear_errors(corpus, tmp_path):  # noqa: F811
+def test_bad_inputs_give_clear_errors(loop_corpus, tmp_path):
+    corpus = loop_corpus
     cfg = cfg_for(corpus, tmp_path / "a", iters=3)
     cfg.data.data_path = [str(tmp_path / "missing_prefix")]
     with pytest.raises(FileNotFoundError, match="missing_prefix"):
@@ -192,7 +198,8 @@ def test_bad_inputs_give_clear_errors(corpus, tmp_path):  # noqa: F811
         train(cfg, eval_only=True)
 
 
-def test_resuming_with_another_tokenizer_is_refused(corpus, tmp_path):  # noqa: F811
+def test_resuming_with_another_tokenizer_is_refused(loop_corpus, tmp_path):
+    corpus = loop_corpus
     from megatron_moe.data.tokenizer import train_sentencepiece
 
     train(cfg_for(corpus, tmp_path / "run", iters=3))

@@ -59,14 +59,18 @@ def test_incompatible_config_names_the_settings():
 
     from megatron_moe.config import Config
     from megatron_moe.training.checkpoint import CheckpointError
+    from megatron_moe.training.checkpointing import LoadedCheckpoint, resolve_vocab_size
     from megatron_moe.training.state import check_compatible
 
     saved = Config()
     saved.model.vocab_size, saved.moe.num_experts = 256, 16
     cfg = Config()
     cfg.moe.num_experts = 16
-    check_compatible(dataclasses.asdict(saved), cfg, "ckpt")
-    assert cfg.model.vocab_size == 256  # taken from the checkpoint when not set
+    resolved = resolve_vocab_size(cfg, 200, LoadedCheckpoint("ckpt", {"config": dataclasses.asdict(saved)}))
+    check_compatible(dataclasses.asdict(saved), resolved, "ckpt")
+    assert resolved.model.vocab_size == 256  # taken from the checkpoint when not set
+    assert cfg.model.vocab_size == 0  # the user's config is not changed
+    cfg = resolved
     cfg.model.hidden_size, cfg.moe.num_experts = 128, 8
     with pytest.raises(CheckpointError, match=r"model.hidden_size: checkpoint 256, config 128.*moe.num_experts"):
         check_compatible(dataclasses.asdict(saved), cfg, "ckpt")

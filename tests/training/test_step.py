@@ -2,10 +2,24 @@ import torch
 
 from megatron_moe.model.moe import moe_layers
 from megatron_moe.model.transformer import build_model
-from megatron_moe.training.loop import lm_loss, train_step
-from tests.model.test_transformer import tiny_config
+from megatron_moe.parallel.engine import ParallelEngine, StepResult
+from megatron_moe.parallel.loss import lm_loss_from_target, loss_target
 
 NO_AUTOCAST = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+SMALL = dict(vocab_size=96, num_layers=3, ffn_hidden_size=48, expert_ffn_hidden_size=16, aux_loss_coeff=0.01,
+             z_loss_coeff=0.0, micro=4, global_batch=8)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy (nats) over unmasked positions. logits [B,S,V], labels/0-1 mask [B,S]."""
+    return lm_loss_from_target(logits, loss_target(labels, loss_mask))
+
+
+def train_step(model, batches: list[dict], optimizer, clip_grad: float, autocast) -> StepResult:
+    """One optimizer step of a single-process ``model`` over ``batches`` through the engine."""
+    engine = ParallelEngine(model.cfg, device=next(model.parameters()).device, autocast=autocast)
+    engine.build_model(model=model, seed_rng=False)
+    return engine.train_step(batches, optimizer, clip_grad)
 
 
 class RecordingOptimizer:
@@ -34,8 +48,8 @@ def test_lm_loss_matches_masked_mean_reference():
     torch.testing.assert_close(lm_loss(logits, labels, mask), ref.float(), rtol=1e-6, atol=1e-6, check_dtype=False)
 
 
-def test_gradient_accumulation_equals_one_big_batch_without_aux():
-    cfg = tiny_config(balance_loss="none")
+def test_gradient_accumulation_equals_one_big_batch_without_aux(tiny_config):
+    cfg = tiny_config(**SMALL, balance_loss="none")
     tokens = torch.randint(0, 96, (4, 17), generator=torch.Generator().manual_seed(0))
     results = []
     for split in ([tokens], [tokens[:2], tokens[2:]]):
@@ -48,8 +62,8 @@ def test_gradient_accumulation_equals_one_big_batch_without_aux():
         torch.testing.assert_close(g, results[1][1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_aux_losses_are_averaged_over_micro_batches():
-    cfg = tiny_config(aux_loss_coeff=0.3, z_loss_coeff=0.05)
+def test_aux_losses_are_averaged_over_micro_batches(tiny_config):
+    cfg = tiny_config(**{**SMALL, "aux_loss_coeff": 0.3, "z_loss_coeff": 0.05})
     tokens = torch.randint(0, 96, (4, 17), generator=torch.Generator().manual_seed(1))
     micro = [batch(tokens[:2]), batch(tokens[2:])]
     model = build_model(cfg, seed=5).eval()
@@ -58,7 +72,7 @@ def test_aux_losses_are_averaged_over_micro_batches():
     # Reference: explicit mean over micro-batches of (lm + sum of layer aux), aux formed by hand.
     model.zero_grad()
     for layer in moe_layers(model):
-        layer.aux_loss_scale = 0.0
+        layer.set_aux_loss_scale(0.0)
     total, total_aux = 0.0, 0.0
     for b in micro:
         aux_terms: list = []

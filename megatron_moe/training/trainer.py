@@ -1,0 +1,281 @@
+"""Pretraining: :func:`train` builds a :class:`Trainer` from the configuration and runs it.
+
+The trainer wires components that each have one job:
+- :class:`~megatron_moe.parallel.engine.ParallelEngine`: mesh, this rank's model parts, one
+  optimizer step (forward/backward of every micro-batch, gradient reductions, clipping);
+- :class:`~megatron_moe.training.checkpointing.CheckpointManager`: resume, save, keep-last;
+- :class:`~megatron_moe.training.evaluator.Evaluator`: validation loss and expert statistics;
+- :class:`~megatron_moe.training.metrics.MetricsWriter`: metrics.jsonl, wandb, TensorBoard;
+- the aux-loss coefficients (:mod:`megatron_moe.routing.adaptive`, docs/routing.md §5).
+The step loop (:meth:`Trainer.fit`) only sequences them. docs/architecture.md follows one step
+through the modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_moe.config import Config
+from megatron_moe.data.datasets import MicroBatchIterator, build_gpt_datasets
+from megatron_moe.data.tokenizer import SentencePieceTokenizer
+from megatron_moe.parallel.data import split_param_groups_by_mesh
+from megatron_moe.parallel.engine import ParallelEngine, StepResult, init_distributed_from_env
+from megatron_moe.routing.adaptive import AdaptiveAuxLossCoefficients, ConstantAuxLossCoefficients
+from megatron_moe.training.checkpoint import write_text_atomic
+from megatron_moe.training.checkpointing import (
+    CheckpointManager,
+    ResumePoint,
+    check_tokenizer,
+    open_checkpoint,
+    resolve_vocab_size,
+    tokenizer_identity,
+)
+from megatron_moe.training.evaluator import Evaluator
+from megatron_moe.training.metrics import (
+    MetricsWriter,
+    nonfinite_report,
+    progress_line,
+    step_record,
+    validation_record,
+)
+from megatron_moe.training.optim import build_optimizer, learning_rate, set_learning_rate
+from megatron_moe.training.signals import StopRequest
+
+
+def resolve_device(name: str) -> torch.device:
+    """``training.device`` as a torch device (``auto``: CUDA when present; ``cuda:LOCAL_RANK`` under torchrun)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("training.device = 'cuda' but no CUDA device is available")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
+def build_aux_coefficients(cfg: Config, num_layers: int, device: torch.device):
+    """Skywork adaptive per-layer coefficients, or constant ones (both expose .coefficients/.update)."""
+    e = cfg.moe
+    if e.adaptive_aux:
+        return AdaptiveAuxLossCoefficients(
+            num_layers,
+            xi=e.adaptive_xi,
+            alpha_max=e.adaptive_alpha_max,
+            beta=e.adaptive_beta,
+            alpha_0=None if e.adaptive_alpha_0 < 0 else e.adaptive_alpha_0,
+            device=device,
+        )
+    return ConstantAuxLossCoefficients(num_layers, e.aux_loss_coeff, device=device)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any rank (one tiny all-reduce)."""
+    value = torch.tensor(1.0 if flag else 0.0, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+@dataclass
+class _Throughput:
+    """Tokens per second over the steps since the last log line."""
+
+    tokens_per_step: int
+    start: float = 0.0
+    steps: int = 0
+
+    def __post_init__(self):
+        self.start = time.perf_counter()
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def pop(self) -> float:
+        now = time.perf_counter()
+        rate = self.steps * self.tokens_per_step / (now - self.start)
+        self.start, self.steps = now, 0
+        return rate
+
+
+class Trainer:
+    """One run's components, built by :meth:`build`; :meth:`fit` trains, :meth:`evaluate_checkpoint` evaluates.
+
+    Every rank builds and runs a Trainer; only global rank 0 prints and writes metrics.
+    """
+
+    def __init__(self, cfg: Config, device: torch.device, eval_only: bool = False):
+        torch.manual_seed(cfg.training.seed)
+        if not cfg.data.tokenizer_model:
+            raise ValueError("data.tokenizer_model (--tokenizer-model) is required")
+        if not cfg.data.data_path:
+            raise ValueError("data.data_path (--data-path) is required")
+        self.loaded = open_checkpoint(cfg.checkpoint.load)
+        if eval_only and self.loaded is None:
+            raise ValueError("--eval-only needs a checkpoint to evaluate: pass --load DIR")
+        tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
+        tokenizer_id = tokenizer_identity(tokenizer.vocab_size, tokenizer.unique_identifiers["model_sha256"])
+        check_tokenizer(self.loaded, tokenizer_id, cfg)
+        self.cfg = cfg = resolve_vocab_size(cfg, tokenizer.vocab_size, self.loaded)
+        self.device = device
+        self.engine = engine = ParallelEngine(cfg, device=device)  # validates the layout before any work
+        self.log = engine.is_logging_rank
+        self.module = engine.build_model(meta_init=cfg.training.meta_init)
+        self._print_model_summary()
+        self._build_data(tokenizer)
+        self.checkpoints = CheckpointManager(cfg, engine, tokenizer_id, self.log)
+        self.writer = MetricsWriter(cfg.checkpoint.save, self.log, cfg.logging.wandb_project, cfg.logging.wandb_mode,
+                                    cfg.logging.run_name, cfg.to_dict(), cfg.logging.tensorboard_dir)
+
+    def _print_model_summary(self) -> None:
+        if not self.log:
+            return
+        params, s = self.engine.param_counts, self.engine.sizes
+        print(f"model: {params['total'] / 1e6:.2f}M parameters, {params['active'] / 1e6:.2f}M active per token")
+        print(f"layout: tp={s.tp} pp={s.pp} dp={s.dp} ({s.world} ranks), {s.num_microbatches} micro-batches "
+              f"per rank and step, bf16={self.cfg.training.bf16}", flush=True)
+
+    def _build_data(self, tokenizer) -> None:
+        t, d = self.cfg.training, self.cfg.data
+        eval_samples = max(1, t.eval_iters) * t.global_batch_size
+        self.train_ds, valid_ds = build_gpt_datasets(
+            d.data_path, d.split, tokenizer, d.seq_length, t.seed, (t.train_samples, eval_samples),
+            blend_cache_dir=d.cache_dir or None,
+        )
+        if d.eval_data_path:  # evaluate on other data: all of it is validation
+            _, valid_ds = build_gpt_datasets(d.eval_data_path, "0,1,0", tokenizer, d.seq_length, t.seed,
+                                             (0, eval_samples), blend_cache_dir=d.cache_dir or None)
+        num_micro = self.engine.sizes.num_microbatches
+        self.evaluator = Evaluator(self.engine, valid_ds, t.eval_iters * num_micro, t.micro_batch_size)
+
+    # ------------------------------------------------------------------ evaluation only
+    def evaluate_checkpoint(self) -> dict:
+        """Evaluate the loaded checkpoint; rank 0 writes eval.json (into ``--save``, else the checkpoint)."""
+        from megatron_moe.training.state import load_model_only
+
+        loaded, cfg = self.loaded, self.cfg
+        load_model_only(loaded.path, self.engine.parts)
+        result = self.evaluator.evaluate()
+        report = {
+            "checkpoint": str(loaded.path),
+            "step": loaded.meta.get("step", 0),
+            "data_path": cfg.data.eval_data_path or cfg.data.data_path,
+            "num_batches": len(self.evaluator.batches) * self.engine.sizes.dp,
+            "tokens": self.evaluator.tokens,
+            **result,
+        }
+        if self.log:
+            out = Path(cfg.checkpoint.save or loaded.path) / "eval.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(out, json.dumps(report, indent=1))
+            sims = " ".join(f"{v:.3f}" for v in result["expert_similarity"])
+            print(f"eval | {loaded.path} (step {report['step']}) | loss {result['loss']:.4f} | ppl {result['ppl']:.2f}"
+                  f" | {report['tokens']} tokens | expert similarity per layer: {sims or '-'}")
+            print(f"wrote {out}", flush=True)
+        self.writer.close()
+        return {"valid": [result], "eval": report}
+
+    # ------------------------------------------------------------------ training
+    def fit(self) -> dict:
+        """Train from the checkpoint's step (or 0) to ``training.train_iters``; returns a summary."""
+        cfg, t, engine = self.cfg, self.cfg.training, self.engine
+        optimizer = split_param_groups_by_mesh(build_optimizer(self.module, cfg.optimizer, self.device.type))
+        coefficients = build_aux_coefficients(cfg, engine.num_moe_layers, self.device)
+        resume = self.checkpoints.restore(self.loaded, optimizer, coefficients) if self.loaded else ResumePoint()
+        engine.moe.set_coefficients(coefficients.coefficients)
+        train_iter = MicroBatchIterator(self.train_ds, t.micro_batch_size, consumed_samples=resume.consumed_samples,
+                                        dp_rank=engine.dp_rank, dp_size=engine.sizes.dp)
+        self.summary: dict = {"valid": []}
+        if t.eval_interval and resume.step == 0:
+            self._validate(0)
+        start, throughput = time.perf_counter(), _Throughput(t.global_batch_size * cfg.data.seq_length)
+        with StopRequest() as stop:
+            for step in range(resume.step + 1, t.train_iters + 1):
+                lr = learning_rate(step - 1, cfg.optimizer, t.train_iters)
+                set_learning_rate(optimizer, lr)
+                self.module.train()
+                result = engine.train_step([next(train_iter) for _ in range(engine.sizes.num_microbatches)],
+                                           optimizer, cfg.optimizer.clip_grad, skip_nonfinite=self._skip_nonfinite)
+                throughput.tick()
+                applied = self._check_finite(step, result)
+                if applied and engine.num_moe_layers:  # drop rates: means over micro-batches and dp ranks
+                    coefficients.update(torch.stack([s.mean("drop_rate") for s in result.layer_stats]))
+                    engine.moe.set_coefficients(coefficients.coefficients)
+                if applied and (step % cfg.logging.log_interval == 0 or step == t.train_iters):
+                    record = step_record(step, lr, result, coefficients.coefficients, throughput.pop())
+                    self.writer.log(record, progress_line(record) if self.log else None)
+                if t.eval_interval and (step % t.eval_interval == 0 or step == t.train_iters):
+                    self._validate(step)
+                if self._save_and_maybe_stop(step, stop, optimizer, train_iter.consumed_samples, coefficients):
+                    break
+        self.checkpoints.finish()
+        self.summary["wall_time_s"] = time.perf_counter() - start
+        self.writer.close()
+        self._print_done(resume.step)
+        return self.summary
+
+    @property
+    def _skip_nonfinite(self) -> bool:
+        return self.cfg.training.nonfinite_loss == "skip"
+
+    def _check_finite(self, step: int, result: StepResult) -> bool:
+        """Whether the step's update was applied; a non-finite loss or gradient never reaches a checkpoint:
+        it raises (``training.nonfinite_loss = 'stop'``) or the step is dropped ('skip'). One host sync."""
+        if not (result.skipped or not bool(torch.isfinite(result.lm_loss + result.aux_loss))):
+            return True
+        report = nonfinite_report(step, result)
+        if not self._skip_nonfinite:
+            raise FloatingPointError(report + "\n(no checkpoint written for this step; "
+                                     "training.nonfinite_loss = 'skip' drops such steps instead)")
+        if self.log:
+            print(report + "\n  -> optimizer step skipped (training.nonfinite_loss = 'skip')", flush=True)
+        return False
+
+    def _validate(self, step: int) -> None:
+        result = self.evaluator.evaluate()
+        self.summary["valid"].append({"step": step, "loss": result["loss"]})
+        console = f"validation | step {step:>6} | loss {result['loss']:.4f} | ppl {result['ppl']:.2f}"
+        self.writer.log(validation_record(step, result, self.engine.num_moe_layers > 0), console if self.log else None)
+
+    def _save_and_maybe_stop(self, step: int, stop: StopRequest, optimizer, consumed: int, coefficients) -> bool:
+        """Checkpoint when due (interval, last step, a signal, ``exit_interval``); True to stop after it."""
+        t, c = self.cfg.training, self.cfg.checkpoint
+        by_signal = _any_rank(stop.requested, self.device)
+        by_exit_interval = bool(t.exit_interval) and step % t.exit_interval == 0 and step < t.train_iters
+        due = (c.save_interval and step % c.save_interval == 0) or step == t.train_iters
+        if c.save and (due or by_signal or by_exit_interval):
+            self.checkpoints.save(step, optimizer, consumed, coefficients)
+        if by_signal or by_exit_interval:
+            self.summary["stopped_at"] = step
+            if self.log:
+                print(f"stopping at step {step} ({'signal' if by_signal else 'training.exit_interval'})", flush=True)
+        return by_signal or by_exit_interval
+
+    def _print_done(self, start_step: int) -> None:
+        valid = self.summary["valid"]
+        if valid and self.log:
+            steps = self.summary.get("stopped_at", self.cfg.training.train_iters) - start_step
+            print(f"done: {steps} steps in {self.summary['wall_time_s']:.1f}s; "
+                  f"validation loss {valid[0]['loss']:.4f} -> {valid[-1]['loss']:.4f}")
+
+
+def train(cfg: Config, eval_only: bool = False) -> dict:
+    """Run pretraining (or, with ``eval_only``, evaluate ``--load``) as configured, single process or
+    under torchrun (any tp x pp x dp layout). Returns a summary with the validation losses (identical
+    on every rank); ``cfg`` itself is not changed."""
+    if cfg.training.num_threads:
+        torch.set_num_threads(cfg.training.num_threads)
+    device = resolve_device(cfg.training.device)
+    owns_group = not dist.is_initialized() and init_distributed_from_env(device.type)
+    try:
+        trainer = Trainer(cfg, device, eval_only)
+        return trainer.evaluate_checkpoint() if eval_only else trainer.fit()
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
