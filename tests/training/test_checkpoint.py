@@ -3,7 +3,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -71,32 +70,61 @@ def test_failure_mid_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypa
     assert not (tmp_path / "iter_0000002.tmp").exists() and resolve_checkpoint(tmp_path).name == "iter_0000002"
 
 
+# Saves checkpoint 2 after checkpoint 1 exists, with a hook that announces itself and then blocks at
+# one point of the save, so the parent kills the process provably INSIDE that point.
 _KILL_SCRIPT = """
-import sys, torch
-from megatron_moe.training.checkpoint import save_checkpoint
-big = {"model": {"w": torch.randn(4096, 1024)}}
-print("ready", flush=True)
-step = 2
-while True:
-    save_checkpoint(sys.argv[1], step, big, {})
-    step += 1
+import sys, time, torch
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
+from megatron_moe.training import checkpoint as ck
+
+where = sys.argv[2]
+
+def block():
+    print("blocked", flush=True)
+    time.sleep(600)
+
+if where == "shard_write":  # DCP has written part of the shards of iter_0000002.tmp
+    real_write = FileSystemWriter.write_data
+    def write_data(self, *args, **kwargs):
+        fut = real_write(self, *args, **kwargs)
+        fut.wait()
+        block()
+    FileSystemWriter.write_data = write_data
+else:  # "publish": iter_0000002 is renamed into place, `latest` not yet replaced
+    real_write_text = ck.write_text_atomic
+    def write_text_atomic(path, text):
+        if path.name == ck.LATEST and "0000002" in text:
+            block()
+        real_write_text(path, text)
+    ck.write_text_atomic = write_text_atomic
+
+ck.save_checkpoint(sys.argv[1], 2, {"model": {"w": torch.full((256, 64), 2.0)}}, {})
+print("finished", flush=True)
 """
 
 
-def test_sigkill_during_saves_never_breaks_latest(tmp_path):
+@pytest.mark.parametrize("where", ["shard_write", "publish"])
+def test_sigkill_inside_a_save_never_breaks_latest(tmp_path, where):
     save_checkpoint(tmp_path, 1, state(1), {})
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE,
-                            cwd=Path(__file__).parents[2])
-    assert proc.stdout.readline().strip() == b"ready"
-    time.sleep(1.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    latest = resolve_checkpoint(tmp_path)
-    if latest.name == "iter_0000001":
-        target = zeros_like(state(0))
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(tmp_path), where], stdout=subprocess.PIPE,
+                            cwd=Path(__file__).parents[2], text=True)
+    try:
+        assert proc.stdout.readline().strip() == "blocked"  # the save is provably in progress
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    if where == "shard_write":
+        assert (tmp_path / "iter_0000002.tmp").exists() and not (tmp_path / "iter_0000002").exists()
     else:
-        target = {"model": {"w": torch.zeros(4096, 1024)}}
-    load_checkpoint(latest, target)  # whatever `latest` names is complete
+        assert (tmp_path / "iter_0000002").exists() and not (tmp_path / "iter_0000002.tmp").exists()
+    latest = resolve_checkpoint(tmp_path)
+    assert latest.name == "iter_0000001"  # `latest` still names the last complete, published save
+    target = zeros_like(state(0))
+    load_checkpoint(latest, target)
+    assert_equal(target, state(1))
+    save_checkpoint(tmp_path, 3, state(3), {})  # the next save succeeds over the debris
+    assert resolve_checkpoint(tmp_path).name == "iter_0000003"
 
 
 def test_incompatible_state_is_a_clear_error(tmp_path):

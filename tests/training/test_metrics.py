@@ -1,3 +1,5 @@
+import pytest
+
 from megatron_moe.training.metrics import MetricsWriter, read_metrics
 
 RECORD = {"step": 3, "loss": 2.5, "lm_loss": 2.4, "aux_loss": 0.1, "lr": 1e-3, "grad_norm": 0.5,
@@ -30,3 +32,29 @@ def test_wandb_offline_run_directory_is_written(tmp_path, monkeypatch):
     (log,) = runs[0].glob("run-*.wandb")  # wandb's binary record log of the offline run
     data = log.read_bytes()
     assert b"moe/layer0/drop_rate" in data and b"lm_loss" in data and b"hidden_size" in data
+
+
+def test_tensorboard_dir_gets_the_same_records_as_metrics_jsonl(loop_corpus, tmp_path):
+    """--tensorboard-dir (a Megatron-LM flag) reaches the writer: event files hold the jsonl's numbers."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_moe.config import parse_args
+    from megatron_moe.training.trainer import train
+    from tests.builders import loop_config
+
+    cfg = loop_config(loop_corpus, tmp_path / "run")
+    flags, _ = parse_args(["--tensorboard-dir", str(tmp_path / "tb")])
+    cfg.logging.tensorboard_dir = flags.logging.tensorboard_dir
+    train(cfg)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file written"
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    records = read_metrics(str(tmp_path / "run"))
+    for key, layer_key in (("lm_loss", None), ("grad_norm", None), ("valid_loss", None), ("aux_coeff", 0)):
+        tag = key if layer_key is None else f"moe/layer{layer_key}/{key}"
+        logged = {e.step: e.value for e in events.Scalars(tag)}
+        expected = {r["step"]: (r[key] if layer_key is None else r["moe"][layer_key][key])
+                    for r in records if (key in r if layer_key is None else "moe" in r)}
+        assert logged.keys() == expected.keys() and expected, tag
+        for step, value in expected.items():
+            assert logged[step] == pytest.approx(value, rel=1e-6), (tag, step)
