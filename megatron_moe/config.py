@@ -36,6 +36,12 @@ PIPELINE_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
+def check_sparsemixer_topk(topk: int) -> None:
+    """The one place of the rule: SparseMixer-v2 routes exactly :data:`SPARSEMIXER_TOPK` experts per token."""
+    if topk != SPARSEMIXER_TOPK:
+        raise ConfigError(f"moe.router = 'sparsemixer' supports moe.topk = {SPARSEMIXER_TOPK} only, got {topk}")
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} = {value!r}; expected one of {choices}")
@@ -163,10 +169,8 @@ class MoEConfig:
             raise ConfigError(f"moe.topk = {self.topk}; must be positive")
         if self.topk > self.num_experts:
             raise ConfigError(f"moe.topk = {self.topk} exceeds moe.num_experts = {self.num_experts}")
-        if self.router == "sparsemixer" and self.topk != SPARSEMIXER_TOPK:
-            raise ConfigError(
-                f"moe.router = 'sparsemixer' supports moe.topk = {SPARSEMIXER_TOPK} only, got {self.topk}"
-            )
+        if self.router == "sparsemixer":
+            check_sparsemixer_topk(self.topk)
         if self.layer_freq <= 0:
             raise ConfigError(f"moe.layer_freq = {self.layer_freq}; must be positive")
         if not self.capacity_factor > 0:

@@ -8,7 +8,7 @@ Two data-parallel modes:
   reduce-scatters the (averaged) gradients itself.
 
 :func:`global_grad_norm` is the L2 norm over every parameter element of the whole model exactly
-once, whatever the layout, and :func:`clip_gradients` applies torch's clipping rule with it.
+once, whatever the layout, and :func:`clip_gradients` clips with it (torch's ``clip_grads_with_norm_``).
 """
 
 from __future__ import annotations
@@ -111,8 +111,15 @@ def global_grad_norm(params: list[nn.Parameter], pp_size: int, device: torch.dev
 
 @torch.no_grad()
 def clip_gradients(params: list[nn.Parameter], max_norm: float, total_norm: torch.Tensor) -> None:
-    """Scale gradients by ``min(1, max_norm / (total_norm + 1e-6))`` (clip_grad_norm_'s rule)."""
-    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    """Scale gradients by ``min(1, max_norm / (total_norm + 1e-6))`` with torch's ``clip_grads_with_norm_``.
+
+    ``total_norm`` is :func:`global_grad_norm` (the whole model's, not this rank's). torch's
+    multi-tensor kernel refuses lists mixing plain tensors and DTensors (the replicated router gates
+    stay plain under TP), so it is applied per device mesh.
+    """
+    by_mesh: dict = {}
     for p in params:
         if p.grad is not None:
-            _local(p.grad).mul_(coef.to(p.grad.dtype))
+            by_mesh.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+    for group in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total_norm)

@@ -195,7 +195,7 @@ class ParallelEngine:
             if s.tp > 1:
                 apply_tensor_parallel(part, self.mesh["tp"])
             if o.activation_checkpointing:
-                _checkpoint_blocks(part)
+                apply_activation_checkpointing(part)
             if o.data_parallel_shard and s.dp > 1:
                 apply_fsdp(part, self.mesh["dp"])
         self.moe = MoELayerSet(local_moe, len(moe_names), cfg.moe.num_experts)
@@ -338,19 +338,13 @@ class ParallelEngine:
         return [MoEStats.unpack(row) for row in rows]
 
 
-def _checkpoint_blocks(part: nn.Module) -> None:
-    """Recompute every transformer block in backward (non-reentrant; RNG state restored, so
-    SparseMixer draws the same samples again). If a recompute reaches the end of an MoE layer its
-    statistics are accumulated again together with the micro-batch count, so their means are unchanged."""
-    from torch.utils.checkpoint import checkpoint
+def apply_activation_checkpointing(part: nn.Module) -> None:
+    """Recompute every transformer block of ``part`` in backward (torch's ``checkpoint_wrapper``,
+    non-reentrant, RNG state restored, so SparseMixer draws the same samples again; as torchtitan
+    applies it). If a recompute reaches the end of an MoE layer its statistics are accumulated again
+    together with the micro-batch count, so their means are unchanged. Parameter names gain the
+    wrapper's prefix; :func:`megatron_moe.training.state.canonical_name` removes it."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    for block in part.layers.values():
-        if getattr(block, "_activation_checkpointed", False):
-            continue  # already wrapped (the single-process helpers rebuild engines around one model)
-        block._activation_checkpointed = True
-        forward = block.forward
-
-        def checkpointed(*args, _forward=forward):
-            return checkpoint(_forward, *args, use_reentrant=False)
-
-        block.forward = checkpointed
+    for name, block in list(part.layers.items()):
+        part.layers[name] = checkpoint_wrapper(block)

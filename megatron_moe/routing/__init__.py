@@ -13,12 +13,11 @@ from megatron_moe.routing.balance import (
     token_drop_rate,
 )
 from megatron_moe.routing.normalization import normalize_gate_logits
-from megatron_moe.routing.router import ROUTER_KINDS, Router, RouterOutput
+from megatron_moe.routing.router import Router, RouterOutput
 from megatron_moe.routing.sparsemixer import apply_input_jitter, sparsemixer_v2_routing
 from megatron_moe.routing.topk import topk_softmax_routing
 
 __all__ = [
-    "ROUTER_KINDS",
     "AdaptiveAuxLossCoefficients",
     "AsyncAllReduce",
     "ConstantAuxLossCoefficients",

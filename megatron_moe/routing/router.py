@@ -8,11 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megatron_moe.config import ROUTERS, check_sparsemixer_topk
 from megatron_moe.routing.normalization import normalize_gate_logits
 from megatron_moe.routing.sparsemixer import sparsemixer_v2_routing
 from megatron_moe.routing.topk import topk_softmax_routing
-
-ROUTER_KINDS = ("topk", "sparsemixer")
 
 
 @dataclass
@@ -58,16 +57,16 @@ class Router(nn.Module):
         jitter_eps: float = 0.01,
     ) -> None:
         super().__init__()
-        if kind not in ROUTER_KINDS:
-            raise ValueError(f"moe.router must be one of {ROUTER_KINDS}, got {kind!r}")
+        if kind not in ROUTERS:
+            raise ValueError(f"moe.router must be one of {ROUTERS}, got {kind!r}")
         if hidden_size < 1:
             raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
         if num_experts < 1:
             raise ValueError(f"moe.num_experts must be >= 1, got {num_experts}")
         if not 1 <= topk <= num_experts:
             raise ValueError(f"moe.topk must be in [1, moe.num_experts={num_experts}], got {topk}")
-        if kind == "sparsemixer" and topk != 2:
-            raise ValueError(f"moe.topk must be 2 for the sparsemixer router, got {topk}")
+        if kind == "sparsemixer":
+            check_sparsemixer_topk(topk)
         if logit_norm and num_experts < 2:
             raise ValueError("moe.logit_norm needs moe.num_experts >= 2")
         if not jitter_eps >= 0:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from megatron_moe.config import SPARSEMIXER_TOPK, check_sparsemixer_topk
+
 # Heun's third-order rule: f(x) - f(0) ~ 1/4 f'(x) + 3/4 f'(x/3)  (GRIN appendix A).
 _HEUN_PROB_ONE = 0.25
 _HEUN_MIDPOINT = 1.0 / 3.0
@@ -84,7 +86,7 @@ def sparsemixer_v2_routing(
     jitter_eps: float,
     training: bool,
     generator: torch.Generator | None = None,
-    topk: int = 2,
+    topk: int = SPARSEMIXER_TOPK,
 ) -> tuple[Tensor, Tensor]:
     """SparseMixer-v2 top-2 routing (GRIN).
 
@@ -109,8 +111,7 @@ def sparsemixer_v2_routing(
         weights: [T, 2] (fp32, or fp64 for fp64 input), not renormalised.
         indices: [T, 2] int64, the round-1 and round-2 experts (always distinct).
     """
-    if topk != 2:
-        raise ValueError(f"moe.topk must be 2 for the sparsemixer router, got {topk}")
+    check_sparsemixer_topk(topk)
     if logits.dim() != 2:
         raise ValueError(f"logits must have shape [T, E], got {tuple(logits.shape)}")
     if logits.shape[-1] < 2:

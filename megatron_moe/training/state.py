@@ -31,6 +31,14 @@ def model_state(parts: list[nn.Module]) -> dict[str, torch.Tensor]:
     return state
 
 
+_WRAPPER_PREFIX = "_checkpoint_wrapped_module."  # torch's checkpoint_wrapper (activation recompute)
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's single-device name, whatever wrappers the layout added (e.g. activation recompute)."""
+    return name.replace(_WRAPPER_PREFIX, "")
+
+
 def _new_adam_state(p: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
     on_device = group.get("fused") or group.get("capturable")
     return {
@@ -51,7 +59,7 @@ def optimizer_state(parts: list[nn.Module], optimizer: torch.optim.Optimizer, cr
             if create and p not in optimizer.state:
                 optimizer.state[p] = _new_adam_state(p, group_of[id(p)])
             if p in optimizer.state:
-                state[name] = optimizer.state[p]
+                state[canonical_name(name)] = optimizer.state[p]
     return state
 
 

@@ -53,6 +53,7 @@ def run_steps(cfg: Config, step_batches: list[list[dict]], mesh=None) -> dict:
     the first step (names without the part prefix), as numpy arrays.
     """
     from megatron_moe.parallel.engine import ParallelEngine
+    from megatron_moe.training.state import canonical_name
 
     engine = ParallelEngine(cfg, mesh=mesh)
     module = engine.build_model()
@@ -68,7 +69,7 @@ def run_steps(cfg: Config, step_batches: list[list[dict]], mesh=None) -> dict:
         if i == 0:
             for name, p in module.named_parameters():
                 full = p.full_tensor() if hasattr(p, "full_tensor") else p
-                out["params"][name.split(".", 1)[1]] = full.detach().numpy().copy()
+                out["params"][canonical_name(name.split(".", 1)[1])] = full.detach().numpy().copy()
     return out
 
 

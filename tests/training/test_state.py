@@ -91,3 +91,18 @@ def test_generator_states_missing_from_the_checkpoint_are_not_requested(tmp_path
     info = load_training_state(resolve_checkpoint(tmp_path), [model2], opt2, 0, 0, torch.device("cpu"),
                                same_layout=True)
     assert info["rng_restored"] and torch.equal(torch.randn(3), expected)  # the saved CPU stream again
+
+
+def test_activation_recompute_keeps_checkpoint_names(tiny_config):
+    """checkpoint_wrapper renames parameters; checkpoints must not see it (resume with recompute on or off)."""
+    from megatron_moe.parallel.engine import ParallelEngine
+    from megatron_moe.training.state import model_state, optimizer_state
+
+    names = []
+    for recompute in (False, True):
+        engine = ParallelEngine(tiny_config(activation_checkpointing=recompute))
+        module = engine.build_model()
+        assert any("_checkpoint_wrapped_module" in n for n, _ in module.named_parameters()) == recompute
+        opt = torch.optim.AdamW(module.parameters())
+        names.append((sorted(model_state(engine.parts)), sorted(optimizer_state(engine.parts, opt, create=True))))
+    assert names[0] == names[1] and names[0][0]
