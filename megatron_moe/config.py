@@ -270,7 +270,7 @@ class TrainingConfig:
     eval_interval: int = 50
     eval_iters: int = 10
     seed: int = 1234
-    bf16: bool = False  # bf16 autocast; parameters and optimizer state stay fp32
+    bf16: bool = False  # bf16 compute copies of fp32 master weights; fp32 gradient reduction
     device: str = "auto"  # one of DEVICES
     num_threads: int = 0  # CPU intra-op threads; 0 = torch default
     exit_interval: int = 0  # save a checkpoint and exit after this many steps (0 = run to train_iters)

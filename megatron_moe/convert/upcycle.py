@@ -1,4 +1,4 @@
-"""Sparse upcycling: a dense model's weights -> an MoE model's weights (ROUTING_SPEC section 6).
+"""Sparse upcycling: a dense model's weights -> an MoE model's weights (docs/routing.md §6).
 
 Every feed-forward layer becomes an MoE layer with ``E`` experts and a freshly initialised router;
 attention, norms, embeddings and the output layer are copied unchanged.

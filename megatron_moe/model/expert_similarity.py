@@ -1,4 +1,5 @@
-"""Expert similarity (Skywork-MoE figure 2): mean pairwise cosine similarity of expert weights per layer.
+"""Expert similarity (Skywork-MoE figure 2): mean pairwise cosine similarity of expert weights per layer
+(docs/routing.md §6).
 
 Each expert is the flattened concatenation of its w1, w3 and w2. Sharded (DTensor) expert weights
 are gathered first, so every rank that holds a layer computes the same value. Upcycled experts

@@ -1,17 +1,27 @@
-"""Data parallelism and gradient bookkeeping across the (pp, dp, tp) mesh.
+"""Data parallelism, mixed precision and gradient bookkeeping across the (pp, dp, tp) mesh.
 
-Two data-parallel modes:
-- replicate (default): every dp rank holds all parameters of its (pp, tp) slice; after backward the
-  gradients are averaged over dp with one bucketed all-reduce (:func:`allreduce_gradients`);
-- shard: FSDP2 :func:`fully_shard` per transformer block and on the root over the dp mesh (with TP,
-  the 2-D (dp, tp) layout); parameters, gradients and optimizer state are sharded over dp and FSDP
-  reduce-scatters the (averaged) gradients itself.
+:func:`apply_data_parallel` wraps each transformer block and the stage root in torch's FSDP2 family,
+so the gradients of a block are reduced as soon as its backward is done (one bucket per block,
+overlapped with the backward of the blocks before it):
+- replicate (default): ``replicate`` (FSDP2's replication) - every dp rank holds all parameters of
+  its (pp, tp) slice; gradients are all-reduced (averaged) over dp on the last micro-batch of a step
+  only (:func:`set_micro_batch`);
+- shard: ``fully_shard`` - parameters, gradients and optimizer state sharded over dp (with TP, the
+  2-D (dp, tp) layout); gradients are reduce-scattered after each micro-batch.
+
+bf16 (``training.bf16``), as Megatron-LM's distributed optimizer and FSDP2 do it: the parameters the
+optimizer owns stay fp32 (master weights, fp32 optimizer state), a ``MixedPrecisionPolicy`` casts them
+to bf16 for compute - in replicate mode once per optimizer step, kept across the micro-batches -
+and gradients are accumulated over micro-batches and reduced in fp32. Activations, and so the TP and
+PP collectives, are bf16; the router and the loss compute in fp32 (they cast).
 
 :func:`global_grad_norm` is the L2 norm over every parameter element of the whole model exactly
 once, whatever the layout, and :func:`clip_gradients` clips with it (torch's ``clip_grads_with_norm_``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -24,14 +34,41 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
-def apply_fsdp(part: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool = True) -> nn.Module:
-    """Shard ``part`` (a model or pipeline stage) over ``dp_mesh`` with FSDP2, one unit per block."""
-    from torch.distributed.fsdp import fully_shard
+def apply_data_parallel(part: nn.Module, dp_mesh: DeviceMesh, shard: bool, bf16: bool) -> nn.Module:
+    """Wrap ``part`` (a model or pipeline stage) for data parallelism over ``dp_mesh``, one unit per block.
 
+    ``shard``: FSDP2 ``fully_shard`` (else FSDP2's ``replicate``); ``bf16``: bf16 compute copies of
+    the fp32 parameters, fp32 gradient reduction (module docstring). Works for a 1-rank ``dp_mesh``
+    too (the bf16 mechanism of a single process).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if shard:
+        wrap = functools.partial(fully_shard, reshard_after_forward=True)
+    else:
+        try:
+            from torch.distributed._composable.replicate_with_fsdp import replicate
+        except ImportError:  # pragma: no cover - depends on the installed torch
+            raise RuntimeError("data-parallel replication needs torch.distributed._composable.replicate_with_fsdp "
+                               f"(torch >= 2.11); this torch is {torch.__version__}") from None
+        wrap = replicate
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kwargs = {"mesh": dp_mesh} if policy is None else {"mesh": dp_mesh, "mp_policy": policy}
     for block in part.layers.values():
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(part, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+        wrap(block, **kwargs)
+    wrap(part, **kwargs)
     return part
+
+
+def set_micro_batch(parts: list[nn.Module], last: bool, shard: bool) -> None:
+    """Before each micro-batch's backward: replicate mode reduces gradients (and drops the bf16
+    compute copies) only after the last micro-batch of the step; shard mode after every one."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for part in parts:
+        if isinstance(part, FSDPModule) and not shard:
+            part.set_requires_gradient_sync(last)
+            part.set_reshard_after_backward(last)
 
 
 def materialize_partial_grads(params: list[nn.Parameter]) -> None:
@@ -62,23 +99,6 @@ def split_param_groups_by_mesh(optimizer: torch.optim.Optimizer) -> torch.optim.
             groups.append({**group, "params": params})
     optimizer.param_groups = groups
     return optimizer
-
-
-def allreduce_gradients(
-    params: list[nn.Parameter], group: dist.ProcessGroup | None, average: bool = True
-) -> None:
-    """All-reduce the (local shards of the) gradients of ``params`` over ``group`` in one flat bucket."""
-    if group is None or dist.get_world_size(group) == 1:
-        return
-    grads = [_local(p.grad) for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
-    if average:
-        flat /= dist.get_world_size(group)
-    for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-        g.copy_(reduced)
 
 
 def _copies(p: torch.Tensor, world: int, pp: int) -> int:

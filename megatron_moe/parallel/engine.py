@@ -5,18 +5,18 @@ process group needed, every collective is skipped). Per optimizer step on each r
 
 1. the rank's ``num_microbatches = global / (micro x dp)`` micro-batches run forward/backward,
    through the pipelining schedule when pp > 1, else one after the other;
-2. gradients: sequence-parallel partial sums made whole (:func:`.data.materialize_partial_grads`),
-   all gradients averaged over dp (replicate mode; FSDP2 does it itself in shard mode); the MoE
-   layers need nothing more under TP (:class:`.tensor.MoETensorParallel` keeps their router
-   gradients whole);
+2. gradients: averaged over dp by FSDP2's ``replicate`` / ``fully_shard`` during backward, one
+   bucket per block (:mod:`.data`); sequence-parallel partial sums made whole
+   (:func:`.data.materialize_partial_grads`); the MoE layers need nothing more under TP
+   (:class:`.tensor.MoETensorParallel` keeps their router gradients whole);
 3. grad norm over the whole model (every element once), clipping, optimizer step;
 4. LM loss (mean over the global batch's micro-batches, as the single process) and per-layer MoE
    statistics (summed over micro-batches and dp ranks) are all-reduced so that EVERY rank sees the
    same values: the adaptive aux-loss coefficients are updated identically everywhere.
 
-Precision: fp32 parameters, gradients and optimizer state (master weights); with ``bf16`` the
-forward runs under ``torch.autocast(bfloat16)`` (the router stays fp32). Gradients are reduced in
-fp32.
+Precision: fp32 parameters, gradients and optimizer state; with ``training.bf16`` the parameters the
+optimizer owns stay fp32 (master weights) and FSDP2's mixed-precision policy computes with bf16
+copies and reduces gradients in fp32 (:mod:`.data`; needs a process group, 1 rank is fine).
 
 Initialisation: the full model is built on CPU from the seed on every rank, then cut into stages
 and sharded, so every layout starts from exactly the single-process weights (small and medium
@@ -26,7 +26,6 @@ rank's stages (each still unsharded over TP before sharding).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -40,11 +39,11 @@ from megatron_moe.config import Config, ConfigError
 from megatron_moe.model.moe import MoELayer, MoELayerSet, MoEStats
 from megatron_moe.model.transformer import MoETransformer, build_model, count_parameters, materialize
 from megatron_moe.parallel.data import (
-    allreduce_gradients,
-    apply_fsdp,
+    apply_data_parallel,
     clip_gradients,
     global_grad_norm,
     materialize_partial_grads,
+    set_micro_batch,
 )
 from megatron_moe.parallel.loss import lm_loss_from_target, loss_context, loss_target
 from megatron_moe.parallel.mesh import ParallelSizes, build_mesh, check_grouped_gemm_shapes, parallel_sizes
@@ -63,19 +62,26 @@ class StepResult:
     skipped: bool = False  # the optimizer step was skipped (non-finite gradients, skip_nonfinite)
 
 
-def init_distributed_from_env(device_type: str) -> bool:
+def init_distributed_from_env(device_type: str, single_process: bool = False) -> bool:
     """Initialise the default process group from torchrun's environment (WORLD_SIZE > 1); True if initialised.
 
-    NCCL on CUDA (and ``cuda:LOCAL_RANK`` becomes the current device), gloo on CPU.
+    NCCL on CUDA (and ``cuda:LOCAL_RANK`` becomes the current device), gloo on CPU. Without torchrun,
+    ``single_process`` makes a 1-rank group (an in-memory store, no network) for the features that
+    work through torch.distributed even alone (bf16 master weights).
     """
     if dist.is_initialized():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and not single_process:
         return False
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # cpu:gloo beside NCCL: DCP's asynchronous checkpoint save needs a CPU backend.
-    dist.init_process_group("cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo")
+    backend = "cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo"
+    if world <= 1:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend)
     return True
 
 
@@ -95,7 +101,6 @@ class ParallelEngine:
         cfg: the run configuration (``model.vocab_size`` resolved); the layout is ``cfg.parallel``.
         device: this rank's device (default CPU).
         mesh: an existing (pp, dp, tp) mesh of the right shape to reuse (default: built here).
-        autocast: a callable returning the forward's autocast context (default: from training.bf16).
 
     Raises ConfigError before any communication if the layout does not fit.
     """
@@ -105,10 +110,8 @@ class ParallelEngine:
         cfg: Config,
         device: torch.device | None = None,
         mesh: DeviceMesh | None = None,
-        autocast=None,
     ):
         self.cfg = cfg
-        self._autocast = autocast
         self._num_micro = 1
         self.param_counts: dict[str, int] = {}
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -123,6 +126,9 @@ class ParallelEngine:
             mesh = build_mesh(self.sizes, self.device.type)
         self.mesh = mesh
         s = self.sizes
+        if self.mesh is None and (s.dp > 1 or cfg.training.bf16):
+            raise ConfigError("training.bf16 (fp32 master weights, bf16 compute through FSDP2's mixed precision) "
+                              "needs an initialised process group; a 1-rank group is enough")
 
         def group(name: str, size: int):
             return self.mesh[name].get_group() if self.mesh is not None and size > 1 else None
@@ -196,8 +202,8 @@ class ParallelEngine:
                 apply_tensor_parallel(part, self.mesh["tp"])
             if o.activation_checkpointing:
                 apply_activation_checkpointing(part)
-            if o.data_parallel_shard and s.dp > 1:
-                apply_fsdp(part, self.mesh["dp"])
+            if s.dp > 1 or cfg.training.bf16:
+                apply_data_parallel(part, self.mesh["dp"], o.data_parallel_shard, cfg.training.bf16)
         self.moe = MoELayerSet(local_moe, len(moe_names), cfg.moe.num_experts)
         self.moe.set_balance_group(self.dp_group)  # TP ranks route the same tokens: dp is the whole batch
         self.parts = parts
@@ -220,14 +226,6 @@ class ParallelEngine:
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
-
-    def autocast(self):
-        """bf16 autocast context when ``training.bf16`` (fp32 master weights), else a no-op."""
-        if self._autocast is not None:
-            return self._autocast()
-        if self.cfg.training.bf16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def _set_num_micro(self, n: int) -> None:
         """Every loss of a step, LM and auxiliary, is averaged over its ``n`` micro-batches."""
@@ -252,15 +250,16 @@ class ParallelEngine:
         """Sum over micro-batches of loss / num_microbatches (None on ranks without the last stage)."""
         tokens, target = self._stack(batches)
         tp = self.sizes.tp > 1
-        if self.pipeline is not None:
-            with self.autocast(), loss_context(tp):
+        if self.pipeline is not None:  # the schedule sets the data-parallel sync of each micro-batch itself
+            with loss_context(tp):
                 return self.pipeline.run(tokens, target, train)
         (part,) = self.parts
         total = torch.zeros((), device=self.device)
         b = batches[0]["tokens"].shape[0]
         for i in range(len(batches)):
-            with self.autocast():
-                logits = part(tokens[i * b : (i + 1) * b])
+            if train:
+                set_micro_batch(self.parts, last=i == len(batches) - 1, shard=self.cfg.parallel.data_parallel_shard)
+            logits = part(tokens[i * b : (i + 1) * b])
             with loss_context(tp):
                 loss = self._loss_fn(logits, target[i * b : (i + 1) * b])
                 if train:
@@ -282,8 +281,6 @@ class ParallelEngine:
         total = self._forward_backward(batches, train=True)
         params = self.parameters()
         materialize_partial_grads(params)
-        if not self.cfg.parallel.data_parallel_shard:
-            allreduce_gradients(params, self.dp_group, average=True)
         grad_norm = global_grad_norm(params, s.pp, self.device)
         # The grad norm is global (identical on every rank), so every rank takes the same decision.
         skipped = skip_nonfinite and not bool(torch.isfinite(grad_norm))

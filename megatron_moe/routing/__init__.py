@@ -1,4 +1,4 @@
-"""Routers and load balancing: pure functions plus small modules (see shared ROUTING_SPEC.md)."""
+"""Routers and load balancing: pure functions plus small modules (numerics: docs/routing.md)."""
 
 from megatron_moe.routing.adaptive import AdaptiveAuxLossCoefficients, ConstantAuxLossCoefficients
 from megatron_moe.routing.balance import (

@@ -1,4 +1,4 @@
-"""Per-layer auxiliary-loss coefficients (Skywork-MoE section 4.2, ROUTING_SPEC section 5).
+"""Per-layer auxiliary-loss coefficients (Skywork-MoE section 4.2, docs/routing.md §5).
 
 Adaptive rule, applied once per optimiser step with the step's token-drop rate d_l of each layer:
     alpha_hat_l = min(xi * d_l, alpha_max);   alpha_l <- beta * alpha_l + (1 - beta) * alpha_hat_l.

@@ -1,9 +1,9 @@
-"""Load-balancing losses, capacity and token-drop accounting (ROUTING_SPEC sections 4 and 5).
+"""Load-balancing losses, capacity and token-drop accounting (docs/routing.md §4 and §5).
 
 Loss functions return the bare loss: the caller multiplies by its coefficient (constant or the
 adaptive per-layer coefficient of :mod:`megatron_moe.routing.adaptive`).
 
-Global scope (GRIN 3.3, spec 4): counts are summed over the data-parallel group with
+Global scope (GRIN 3.3, docs/routing.md §4): counts are summed over the data-parallel group with
 :class:`AsyncAllReduce` and passed to :func:`switch_balance_loss` together with the LOCAL probs.
 Since data-parallel gradients are averaged over ranks, ``mean_r d/dW [E * sum_i f_i * P_i^(r)]``
 equals the gradient of the global-batch loss exactly (equal micro-batch sizes), with no extra factor.
@@ -34,7 +34,7 @@ def expert_counts(indices: Tensor, num_experts: int) -> Tensor:
 
 
 def switch_balance_loss(probs: Tensor, counts: Tensor) -> Tensor:
-    """Switch/GShard balance loss ``E * sum_i f_i * P_i`` without its coefficient (spec 4).
+    """Switch/GShard balance loss ``E * sum_i f_i * P_i`` without its coefficient (docs/routing.md §4).
 
     Args:
         probs: [T, E] full, unmasked softmax(z) of this rank's tokens (differentiable).
@@ -66,7 +66,7 @@ def skywork_balance_loss(probs: Tensor) -> Tensor:
 
 
 def router_z_loss(logits: Tensor) -> Tensor:
-    """Router z-loss ``mean_t (logsumexp_E z_t)^2`` without its coefficient (spec 4; ST-MoE).
+    """Router z-loss ``mean_t (logsumexp_E z_t)^2`` without its coefficient (docs/routing.md §4; ST-MoE).
 
     Args:
         logits: [T, E] router logits (after logit normalisation if enabled).
@@ -79,7 +79,7 @@ def router_z_loss(logits: Tensor) -> Tensor:
 
 
 def expert_capacity(num_tokens: int, topk: int, num_experts: int, capacity_factor: float) -> int:
-    """Per-expert capacity ``C = ceil(capacity_factor * T * K / E)`` (spec 5).
+    """Per-expert capacity ``C = ceil(capacity_factor * T * K / E)`` (docs/routing.md §5).
 
     The product is rounded to 9 decimals before the ceiling so that e.g. 1.1 * 200 / 4 =
     55.00000000000001 gives 55, not 56.
@@ -96,7 +96,7 @@ def expert_capacity(num_tokens: int, topk: int, num_experts: int, capacity_facto
 
 
 def token_drop_rate(counts: Tensor, capacity: int, num_assignments: int) -> Tensor:
-    """Drop rate ``d = sum_i max(0, count_i - C) / (T * K)`` (Skywork-MoE 4.2, spec 5).
+    """Drop rate ``d = sum_i max(0, count_i - C) / (T * K)`` (Skywork-MoE 4.2, docs/routing.md §5).
 
     In dropless mode this is the counterfactual rate at the configured capacity factor.
 
@@ -113,7 +113,7 @@ def token_drop_rate(counts: Tensor, capacity: int, num_assignments: int) -> Tens
 
 
 def capacity_keep_mask(indices: Tensor, gate_probs: Tensor, num_experts: int, capacity: int) -> Tensor:
-    """Which assignments survive a per-expert capacity (capacity mode, spec 5).
+    """Which assignments survive a per-expert capacity (capacity mode, docs/routing.md §5).
 
     Each expert keeps at most ``capacity`` of its assignments, those with the highest gate
     probability; ties go to the earlier token (flat order t * K + k). Vectorised: one stable sort by
@@ -162,7 +162,7 @@ def router_entropy(probs: Tensor) -> Tensor:
 
 
 class AsyncAllReduce:
-    """Launch a SUM all-reduce now, wait for it later (spec 4: overlap the counts with expert compute).
+    """Launch a SUM all-reduce now, wait for it later (docs/routing.md §4: overlap counts with expert compute).
 
     ``AsyncAllReduce.start(counts, group)`` right after routing; ``.wait()`` when forming the loss.
     The input tensor is not modified (a copy is reduced). With ``group=None``, torch.distributed not

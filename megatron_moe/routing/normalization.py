@@ -1,4 +1,4 @@
-"""Gating logit normalisation (Skywork-MoE section 4.1, eq. 6), ROUTING_SPEC section 2."""
+"""Gating logit normalisation (Skywork-MoE section 4.1, eq. 6), docs/routing.md §2."""
 
 from __future__ import annotations
 

@@ -32,7 +32,8 @@ class RouterOutput:
 
 
 class Router(nn.Module):
-    """Bias-free linear gate computed in fp32, then top-K softmax (spec 1) or SparseMixer-v2 (spec 3).
+    """Bias-free linear gate computed in fp32, then top-K softmax (docs/routing.md §1) or SparseMixer-v2
+    (docs/routing.md §3).
 
     Args:
         hidden_size: H.
@@ -40,7 +41,7 @@ class Router(nn.Module):
         topk: K (must be 2 for ``kind="sparsemixer"``).
         kind: ``"topk"`` or ``"sparsemixer"``.
         renormalize: top-K only: renormalise the K weights to sum 1.
-        logit_norm: apply Skywork's gating logit normalisation (spec 2) before routing.
+        logit_norm: apply Skywork's gating logit normalisation (docs/routing.md §2) before routing.
         logit_norm_scale: its lambda.
         jitter_eps: SparseMixer's relative masking window eps (GRIN: 0.01).
     """

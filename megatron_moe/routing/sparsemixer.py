@@ -1,4 +1,4 @@
-"""SparseMixer-v2 top-2 routing (GRIN MoE, arXiv 2409.12136 appendix A), ROUTING_SPEC section 3.
+"""SparseMixer-v2 top-2 routing (GRIN MoE, arXiv 2409.12136 appendix A), docs/routing.md §3.
 
 Follows GRIN's released code (the ``sparsemixer`` function of the Phi-3.5-MoE / GRIN-MoE modelling
 code) where it differs from the paper:
@@ -12,7 +12,7 @@ code) where it differs from the paper:
 - eval picks argmax / second argmax with the unnormalised masked-softmax gathers as weights.
 
 One deliberate deviation: the released code writes ``c`` as ``0.3333 + 0.6667 * mask``; we use the
-exact values 1/3 and 1 of Heun's rule as written in the spec (``E[c | D != argmax] = 1/2`` exactly).
+exact values 1/3 and 1 of Heun's rule (docs/routing.md §3 step 4; ``E[c | D != argmax] = 1/2`` exactly).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _HEUN_MIDPOINT = 1.0 / 3.0
 
 
 class _SparseMixerGate(torch.autograd.Function):
-    """Forward ``w = p[D] * c``; backward ``dz = G * p[D] * (onehot(D) - p)`` (spec 3, step 6).
+    """Forward ``w = p[D] * c``; backward ``dz = G * p[D] * (onehot(D) - p)`` (docs/routing.md §3 step 6).
 
     ``probs`` is the masked softmax p_r [T, E] (computed without autograd), ``index`` D_r [T, 1],
     ``multiplier`` c_r [T, 1]. Only ``logits`` receives a gradient; masked columns have p = 0 and
@@ -51,7 +51,7 @@ class _SparseMixerGate(torch.autograd.Function):
 
 
 def _relative_threshold_mask(z: Tensor, zmax: Tensor, jitter_eps: float) -> Tensor:
-    """True where an expert is masked: (zmax - z_i) / max(|z_i|, zmax) > 2 * eps (spec 3, step 1).
+    """True where an expert is masked: (zmax - z_i) / max(|z_i|, zmax) > 2 * eps (docs/routing.md §3 step 1).
 
     As in GRIN's code the comparison is ``>`` on the ratio, so a 0/0 ratio (z_i = zmax = 0) is kept.
     """
@@ -60,7 +60,7 @@ def _relative_threshold_mask(z: Tensor, zmax: Tensor, jitter_eps: float) -> Tens
 
 
 def _gumbel_argmax(masked: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Sample from softmax(masked) by Gumbel-max: argmax(masked - log(Exp(1))) (spec 3, step 2).
+    """Sample from softmax(masked) by Gumbel-max: argmax(masked - log(Exp(1))) (docs/routing.md §3 step 2).
 
     The Exp(1) noise is drawn in fp32. It is clamped to the smallest normal fp32 so that a draw of
     exactly 0 cannot turn a masked -inf into NaN (-inf + inf); otherwise identical to GRIN's code.
@@ -73,7 +73,7 @@ def _gumbel_argmax(masked: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def _heun_multiplier(index: Tensor, probs: Tensor, generator: torch.Generator | None) -> Tensor:
-    """c_r = 1 if D_r == argmax(p_r) or with probability 1/4, else 1/3 (spec 3, step 4). [T, 1]."""
+    """c_r = 1 if D_r == argmax(p_r) or with probability 1/4, else 1/3 (docs/routing.md §3 step 4). [T, 1]."""
     top = probs.argmax(dim=-1, keepdim=True)
     uniform = torch.rand(index.shape, dtype=torch.float32, device=index.device, generator=generator)
     is_one = (index == top) | (uniform > 1.0 - _HEUN_PROB_ONE)
@@ -147,7 +147,7 @@ def sparsemixer_v2_routing(
 
 
 def apply_input_jitter(x: Tensor, eps: float, generator: torch.Generator | None = None) -> Tensor:
-    """Multiplicative input jitter x * U(1 - eps, 1 + eps) (GRIN, training only; spec 3).
+    """Multiplicative input jitter x * U(1 - eps, 1 + eps) (GRIN, training only; docs/routing.md §3).
 
     Applied once to the MoE input before the gate. Returns a new tensor (the input is not modified);
     ``eps == 0`` returns ``x`` unchanged. The uniforms are drawn in fp32 from ``generator`` (or the

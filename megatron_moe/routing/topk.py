@@ -1,4 +1,4 @@
-"""Top-K softmax router (GShard / Switch / Mixtral baseline), ROUTING_SPEC section 1."""
+"""Top-K softmax router (GShard / Switch / Mixtral baseline), docs/routing.md §1."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def topk_softmax_routing(logits: Tensor, topk: int, renormalize: bool = True) -> tuple[Tensor, Tensor]:
     """Pick the ``topk`` largest softmax probabilities per token.
 
-    Spec 1: g = softmax(z); weights = the K picked g, renormalised to sum 1 per token unless
+    docs/routing.md §1: g = softmax(z); weights = the K picked g, renormalised to sum 1 per token unless
     ``renormalize`` is False. Gradients flow through the picked g (and the renormalisation).
     The softmax runs in fp32 (fp64 inputs stay fp64). Eval and training are identical.
 

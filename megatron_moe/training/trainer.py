@@ -272,7 +272,7 @@ def train(cfg: Config, eval_only: bool = False) -> dict:
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
     device = resolve_device(cfg.training.device)
-    owns_group = not dist.is_initialized() and init_distributed_from_env(device.type)
+    owns_group = not dist.is_initialized() and init_distributed_from_env(device.type, cfg.training.bf16)
     try:
         trainer = Trainer(cfg, device, eval_only)
         return trainer.evaluate_checkpoint() if eval_only else trainer.fit()

@@ -1,4 +1,4 @@
-"""Adaptive auxiliary-loss coefficients (ROUTING_SPEC 5, Skywork-MoE 4.2) vs a pure-python reference."""
+"""Adaptive auxiliary-loss coefficients (docs/routing.md §5, Skywork-MoE 4.2) vs a pure-python reference."""
 
 import pytest
 import torch

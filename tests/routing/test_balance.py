@@ -1,4 +1,4 @@
-"""Balance losses, capacity and drop accounting (ROUTING_SPEC 4 and 5) against naive references."""
+"""Balance losses, capacity and drop accounting (docs/routing.md §4 and §5) against naive references."""
 
 import math
 

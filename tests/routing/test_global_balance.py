@@ -1,4 +1,4 @@
-"""Global-scope switch balance loss over 2 gloo ranks (ROUTING_SPEC 4, GRIN 3.3).
+"""Global-scope switch balance loss over 2 gloo ranks (docs/routing.md §4, GRIN 3.3).
 
 Each rank holds half of a batch; logits = x_r @ W with W a replicated (data-parallel) router weight.
 Counts are summed over ranks with AsyncAllReduce; P stays local. Data-parallel training averages the

@@ -1,4 +1,4 @@
-"""Gating logit normalisation (ROUTING_SPEC 2, Skywork-MoE eq. 6)."""
+"""Gating logit normalisation (docs/routing.md §2, Skywork-MoE eq. 6)."""
 
 import math
 

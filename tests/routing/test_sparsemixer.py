@@ -1,4 +1,4 @@
-"""SparseMixer-v2 (ROUTING_SPEC 3; GRIN appendix A and its released code) against independent references."""
+"""SparseMixer-v2 (docs/routing.md §3; GRIN appendix A and its released code) against independent references."""
 
 import math
 

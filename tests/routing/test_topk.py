@@ -1,4 +1,4 @@
-"""Top-K softmax router (ROUTING_SPEC 1) against a naive per-token float64 reference."""
+"""Top-K softmax router (docs/routing.md §1) against a naive per-token float64 reference."""
 
 import math
 

@@ -5,7 +5,6 @@ from megatron_moe.model.transformer import build_model
 from megatron_moe.parallel.engine import ParallelEngine, StepResult
 from megatron_moe.parallel.loss import lm_loss_from_target, loss_target
 
-NO_AUTOCAST = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
 SMALL = dict(vocab_size=96, num_layers=3, ffn_hidden_size=48, expert_ffn_hidden_size=16, aux_loss_coeff=0.01,
              z_loss_coeff=0.0, micro=4, global_batch=8)
 
@@ -15,9 +14,9 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor)
     return lm_loss_from_target(logits, loss_target(labels, loss_mask))
 
 
-def train_step(model, batches: list[dict], optimizer, clip_grad: float, autocast) -> StepResult:
+def train_step(model, batches: list[dict], optimizer, clip_grad: float) -> StepResult:
     """One optimizer step of a single-process ``model`` over ``batches`` through the engine."""
-    engine = ParallelEngine(model.cfg, device=next(model.parameters()).device, autocast=autocast)
+    engine = ParallelEngine(model.cfg, device=next(model.parameters()).device)
     engine.build_model(model=model, seed_rng=False)
     return engine.train_step(batches, optimizer, clip_grad)
 
@@ -55,7 +54,7 @@ def test_gradient_accumulation_equals_one_big_batch_without_aux(tiny_config):
     for split in ([tokens], [tokens[:2], tokens[2:]]):
         model = build_model(cfg, seed=3).eval()  # eval: deterministic routing, same function for both
         opt = RecordingOptimizer(model)
-        out = train_step(model, [batch(t) for t in split], opt, clip_grad=0.0, autocast=NO_AUTOCAST)
+        out = train_step(model, [batch(t) for t in split], opt, clip_grad=0.0)
         results.append((out.lm_loss, opt.grads))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
     for name, g in results[0][1].items():
@@ -68,7 +67,7 @@ def test_aux_losses_are_averaged_over_micro_batches(tiny_config):
     micro = [batch(tokens[:2]), batch(tokens[2:])]
     model = build_model(cfg, seed=5).eval()
     opt = RecordingOptimizer(model)
-    out = train_step(model, micro, opt, clip_grad=0.0, autocast=NO_AUTOCAST)
+    out = train_step(model, micro, opt, clip_grad=0.0)
     # Reference: explicit mean over micro-batches of (lm + sum of layer aux), aux formed by hand.
     model.zero_grad()
     for layer in moe_layers(model):
