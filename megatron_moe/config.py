@@ -33,6 +33,7 @@ LR_DECAY_STYLES = ("cosine", "linear", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_POLICIES = ("stop", "skip")
 PIPELINE_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
+RECOMPUTE_GRANULARITIES = ("none", "full", "selective")  # Megatron-LM's --recompute-granularity (+ none)
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -278,6 +279,7 @@ class TrainingConfig:
     # Build on the meta device and allocate only this rank's pipeline stages (models too large for
     # host memory); each stage is initialised from seed + stage index, not the single-process stream.
     meta_init: bool = False
+    compile: bool = False  # torch.compile every transformer block (as torchtitan applies it)
 
     def num_microbatches(self, data_parallel_size: int) -> int:
         """Micro-batches per rank and optimizer step: global / (micro x dp) (Megatron-LM's rule)."""
@@ -320,10 +322,13 @@ class ParallelConfig:
     virtual_pipeline_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
     pipeline_first_last_fewer_layers: bool = False  # embedding / output head count as one layer each
     data_parallel_shard: bool = False  # FSDP2 over the data-parallel group instead of replication
-    activation_checkpointing: bool = False  # recompute every transformer block in backward
+    # Activation recompute in backward: "full" = every transformer block, "selective" = the attention
+    # core (softmax(QK^T)V) only, as Megatron-LM's --recompute-granularity.
+    recompute_granularity: str = "none"
 
     def validate(self) -> None:
         _check_choice("parallel.pipeline_schedule", self.pipeline_schedule, PIPELINE_SCHEDULES)
+        _check_choice("parallel.recompute_granularity", self.recompute_granularity, RECOMPUTE_GRANULARITIES)
         _check_positive({
             "parallel.tensor_model_parallel_size": self.tensor_model_parallel_size,
             "parallel.pipeline_model_parallel_size": self.pipeline_model_parallel_size,
@@ -406,6 +411,16 @@ class Config:
             )
 
 
+# Flags that imply a value: Megatron-LM's --recompute-activations is selective recompute.
+IMPLIED_FLAGS: dict[str, tuple[str, str]] = {
+    "recompute-activations": ("parallel.recompute_granularity", "selective"),
+}
+
+# Settings renamed since checkpoints were first written: old dotted name -> (new name, value mapping).
+RENAMED_SETTINGS: dict[str, tuple[str, Any]] = {
+    "parallel.activation_checkpointing": ("parallel.recompute_granularity", lambda on: "full" if on else "none"),
+}
+
 # Megatron-LM flag name -> dotted setting.
 MEGATRON_FLAGS: dict[str, str] = {
     "tensor-model-parallel-size": "parallel.tensor_model_parallel_size",
@@ -454,7 +469,8 @@ MEGATRON_FLAGS: dict[str, str] = {
     "async-save": "checkpoint.async_save",
     "exit-interval": "training.exit_interval",
     "virtual-pipeline-model-parallel-size": "parallel.virtual_pipeline_stages",
-    "recompute-activations": "parallel.activation_checkpointing",
+    "recompute-granularity": "parallel.recompute_granularity",
+    "compile": "training.compile",  # torchtitan's name; not a Megatron-LM flag
     "use-torch-fsdp2": "parallel.data_parallel_shard",
     "log-interval": "logging.log_interval",
     "wandb-project": "logging.wandb_project",
@@ -558,7 +574,11 @@ def apply_settings(cfg: Config, data: dict[str, Any], source: str) -> Config:
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: {group_name!r} must be a table of settings like [{group_name}]")
         for key, value in table.items():
-            set_value(cfg, f"{group_name}.{key}", value)
+            dotted = f"{group_name}.{key}"
+            if dotted in RENAMED_SETTINGS:
+                dotted, translate = RENAMED_SETTINGS[dotted]
+                value = translate(value)
+            set_value(cfg, dotted, value)
     return cfg
 
 
@@ -596,6 +616,11 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
             i = j
         if name in ("eval-only", "eval_only"):
             extras["eval_only"] = True if not values else _convert(values[0], bool, name)
+            continue
+        if name in IMPLIED_FLAGS:
+            if values:
+                raise ConfigError(f"--{name} takes no value")
+            set_value(cfg, *IMPLIED_FLAGS[name])
             continue
         dotted = MEGATRON_FLAGS.get(name, name if "." in name else None)
         if dotted is None:

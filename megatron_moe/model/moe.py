@@ -61,13 +61,19 @@ def grouped_swiglu(
 
     x: [N, hidden], rows sorted by expert; w1, w3: [E, hidden, ffn]; w2: [E, ffn, hidden];
     offsets: int32 [E], cumulative row counts (offsets[-1] == N). Returns [N, hidden].
-    Weights are cast to the compute dtype (bf16 under autocast).
+    Weights may be DTensors (their local shards are used) and are cast to the compute dtype (bf16
+    under autocast).
     """
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     x = x.to(dtype)
-    w1, w3, w2 = (w.to(dtype) for w in (w1, w3, w2))
+    w1, w3, w2 = (_local(w).to(dtype) for w in (w1, w3, w2))
     h = F.silu(torch._grouped_mm(x, w1, offs=offsets)) * torch._grouped_mm(x, w3, offs=offsets)
     return _ContiguousGrad.apply(torch._grouped_mm(h, w2, offs=offsets))
+
+
+# torch._grouped_mm's shape function (what torch.compile traces with) admits bf16 only, though the
+# CPU kernel also runs fp32: in other dtypes the experts run eagerly (one graph break per MoE layer).
+_grouped_swiglu_eager = torch.compiler.disable(grouped_swiglu)
 
 
 class GroupedExperts(nn.Module):
@@ -84,7 +90,8 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """x_sorted [N, hidden] grouped by expert, offsets int32 [E] -> [N, hidden] (partial sums under TP)."""
-        return grouped_swiglu(x_sorted, _local(self.w1), _local(self.w3), _local(self.w2), offsets)
+        experts = grouped_swiglu if x_sorted.dtype == torch.bfloat16 else _grouped_swiglu_eager
+        return experts(x_sorted, self.w1, self.w3, self.w2, offsets)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+class CoreAttention(nn.Module):
+    """Rotary embeddings, then softmax(Q K^T / sqrt(d)) V, causal, grouped-query (SDPA). No parameters:
+    its own module so that selective recompute (Megatron-LM's "core attention") and compilation can
+    take exactly this part."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        """q [B, S, heads, d], k/v [B, S, kv_heads, d], cos/sin [>= S, d] -> [B, S, heads * d]."""
+        b, s = q.shape[:2]
+        q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2).reshape(b, s, -1)
+
+
 class Attention(nn.Module):
     """Grouped-query causal self-attention. Head counts are read from the (possibly sharded) weights."""
 
@@ -69,6 +84,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
+        self.core = CoreAttention()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, S, hidden] -> [B, S, hidden]."""
@@ -76,10 +92,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, s, -1, self.head_dim)
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
-        q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+        return self.wo(self.core(q, k, v, cos, sin))
 
 
 class FeedForward(nn.Module):

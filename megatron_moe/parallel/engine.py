@@ -200,8 +200,9 @@ class ParallelEngine:
                     local_moe.append((moe_index[name], block.feed_forward))
             if s.tp > 1:
                 apply_tensor_parallel(part, self.mesh["tp"])
-            if o.activation_checkpointing:
-                apply_activation_checkpointing(part)
+            apply_activation_checkpointing(part, o.recompute_granularity)
+            if cfg.training.compile:
+                compile_blocks(part, tensor_parallel=s.tp > 1)
             if s.dp > 1 or cfg.training.bf16:
                 apply_data_parallel(part, self.mesh["dp"], o.data_parallel_shard, cfg.training.bf16)
         self.moe = MoELayerSet(local_moe, len(moe_names), cfg.moe.num_experts)
@@ -335,13 +336,41 @@ class ParallelEngine:
         return [MoEStats.unpack(row) for row in rows]
 
 
-def apply_activation_checkpointing(part: nn.Module) -> None:
-    """Recompute every transformer block of ``part`` in backward (torch's ``checkpoint_wrapper``,
-    non-reentrant, RNG state restored, so SparseMixer draws the same samples again; as torchtitan
-    applies it). If a recompute reaches the end of an MoE layer its statistics are accumulated again
-    together with the micro-batch count, so their means are unchanged. Parameter names gain the
-    wrapper's prefix; :func:`megatron_moe.training.state.canonical_name` removes it."""
+def apply_activation_checkpointing(part: nn.Module, granularity: str) -> None:
+    """Recompute activations of ``part`` in backward (torch's ``checkpoint_wrapper``: non-reentrant, RNG
+    state restored, so SparseMixer draws the same samples again; as torchtitan applies it).
+
+    ``granularity``: "full" wraps every transformer block (if a recompute reaches the end of an MoE
+    layer its statistics are accumulated again together with the micro-batch count, so their means
+    are unchanged); "selective" wraps only the attention core, softmax(QK^T)V, whose activations are
+    O(S^2) per head without a fused kernel and cheap to recompute (Megatron-LM's selective
+    recompute); "none" does nothing. Block parameter names gain the wrapper's prefix;
+    :func:`megatron_moe.training.state.canonical_name` removes it.
+    """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     for name, block in list(part.layers.items()):
-        part.layers[name] = checkpoint_wrapper(block)
+        if granularity == "full":
+            part.layers[name] = checkpoint_wrapper(block)
+        elif granularity == "selective":
+            block.attention.core = checkpoint_wrapper(block.attention.core)
+
+
+def compile_blocks(part: nn.Module, tensor_parallel: bool) -> None:
+    """``torch.compile`` every transformer block in place (parameter names unchanged), after TP and
+    recompute and before data parallelism, as torchtitan does. Blocks share code, so one compilation
+    serves them all; fp32 grouped expert GEMMs run eagerly (see :mod:`megatron_moe.model.moe`).
+
+    Under TP only the parts on plain tensors are compiled: the attention core (RoPE + SDPA) and the MoE
+    layers (their TP hooks run eagerly); the DTensor modules (sequence-parallel norms, column/row-
+    parallel linears) stay eager. Compiled, torch 2.13 gives them wrong gradients on CPU (measured:
+    5% off in the grad norm for a compiled sequence-parallel norm or attention; a whole compiled
+    block fails in ``Redistribute.backward``).
+    """
+    for block in part.layers.values():
+        if not tensor_parallel:
+            block.compile()
+            continue
+        block.attention.core.compile()
+        if isinstance(block.feed_forward, MoELayer):
+            block.feed_forward.compile()

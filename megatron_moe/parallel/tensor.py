@@ -163,10 +163,12 @@ class MoETensorParallel(ParallelStyle):
         def sum_combine_weight_grads(_router, _args, route):
             return dataclasses.replace(route, weights=_SumGradOverGroup.apply(route.weights, group))
 
-        module.register_forward_pre_hook(gather_sequence)
-        module.register_forward_hook(reduce_scatter_sequence)
-        module.router.register_forward_pre_hook(scale_router_input_grad)
-        module.router.register_forward_hook(sum_combine_weight_grads)
+        # Under torch.compile the hooks run eagerly (graph breaks): collectives inside the backward of
+        # custom autograd functions are not traced correctly (torch 2.13 gives wrong gradients).
+        module.register_forward_pre_hook(torch.compiler.disable(gather_sequence))
+        module.register_forward_hook(torch.compiler.disable(reduce_scatter_sequence))
+        module.router.register_forward_pre_hook(torch.compiler.disable(scale_router_input_grad))
+        module.router.register_forward_hook(torch.compiler.disable(sum_combine_weight_grads))
         return module
 
 

@@ -54,7 +54,9 @@ def _variants(tp: int, pp: int, dp: int) -> list[tuple[str, str, dict]]:
     if dp > 1 and (tp, pp, dp) != (2, 2, 2):
         out.append(("topk", "topk/fsdp2", {"data_parallel_shard": True}))
     if (tp, pp, dp) == (2, 2, 1):
-        out.append(("sparsemixer", "sparsemixer/1f1b+checkpointing", {"activation_checkpointing": True}))
+        out.append(("sparsemixer", "sparsemixer/1f1b+checkpointing", {"recompute_granularity": "full"}))
+    if (tp, pp, dp) == (2, 1, 1):
+        out.append(("sparsemixer", "sparsemixer/selective-recompute", {"recompute_granularity": "selective"}))
     return out
 
 

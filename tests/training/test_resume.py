@@ -42,14 +42,21 @@ def losses(run_dir) -> dict[int, tuple]:
     return out
 
 
-def test_interrupted_and_resumed_equals_uninterrupted_bitwise(loop_corpus, tmp_path):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_interrupted_and_resumed_equals_uninterrupted_bitwise(loop_corpus, tmp_path, bf16):
     corpus = loop_corpus
-    train(cfg_for(corpus, tmp_path / "full"))
-    cfg = cfg_for(corpus, tmp_path / "parts")
+
+    def config(run_dir):
+        cfg = cfg_for(corpus, run_dir)
+        cfg.training.bf16 = bf16  # bf16: the fp32 master weights are what is checkpointed
+        return cfg
+
+    train(config(tmp_path / "full"))
+    cfg = config(tmp_path / "parts")
     cfg.training.exit_interval = 3
     summary = train(cfg)
     assert summary["stopped_at"] == 3 and [p.name for p in list_checkpoints(tmp_path / "parts")] == ["iter_0000003"]
-    cfg = cfg_for(corpus, tmp_path / "parts")
+    cfg = config(tmp_path / "parts")
     cfg.checkpoint.load = str(tmp_path / "parts")
     train(cfg)
     full, parts = losses(tmp_path / "full"), losses(tmp_path / "parts")

@@ -100,7 +100,7 @@ def test_activation_recompute_keeps_checkpoint_names(tiny_config):
 
     names = []
     for recompute in (False, True):
-        engine = ParallelEngine(tiny_config(activation_checkpointing=recompute))
+        engine = ParallelEngine(tiny_config(recompute_granularity="full" if recompute else "none"))
         module = engine.build_model()
         assert any("_checkpoint_wrapped_module" in n for n, _ in module.named_parameters()) == recompute
         opt = torch.optim.AdamW(module.parameters())
