@@ -114,16 +114,19 @@ def _copies(p: torch.Tensor, world: int, pp: int) -> int:
 def global_grad_norm(params: list[nn.Parameter], pp_size: int, device: torch.device) -> torch.Tensor:
     """L2 norm of all gradients of the whole model (every element once), identical on every rank.
 
-    Each rank sums the squares of its local gradient data, weighted by 1 / (ranks holding a copy),
-    and one all-reduce over the world adds them up.
+    Local gradient data are grouped by on how many ranks each element lives; each group's squared
+    norm (torch's multi-tensor ``get_total_norm``) is divided by that count, and one all-reduce over
+    the world adds the groups of all ranks up.
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
-    total = torch.zeros((), dtype=torch.float32, device=device)
+    by_copies: dict[int, list[torch.Tensor]] = {}
     for p in params:
-        if p.grad is None:
-            continue
-        g = _local(p.grad).float()
-        total += g.pow(2).sum() / _copies(p, world, pp_size)
+        if p.grad is not None:
+            by_copies.setdefault(_copies(p, world, pp_size), []).append(_local(p.grad))
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for copies, grads in sorted(by_copies.items()):
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True).float()
+        total += norm.square() / copies
     if world > 1:
         dist.all_reduce(total)
     return total.sqrt()

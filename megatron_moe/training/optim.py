@@ -8,12 +8,14 @@ import torch
 from torch import nn
 
 from megatron_moe.config import OptimizerConfig
+from megatron_moe.parallel.data import split_param_groups_by_mesh
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device_type: str) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (norm scales are not decayed, as in Megatron-LM).
 
-    Uses the fused CUDA kernel on GPUs and the multi-tensor (foreach) path elsewhere.
+    Uses torch's fused kernel (one pass over each parameter, on CUDA and on CPU); param groups are
+    split by device mesh (:func:`~megatron_moe.parallel.data.split_param_groups_by_mesh`).
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -24,15 +26,9 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device_type: str) ->
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    fused = device_type == "cuda"
-    return torch.optim.AdamW(
-        groups,
-        lr=cfg.lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps,
-        fused=fused,
-        foreach=None if fused else True,
-    )
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                  fused=True)
+    return split_param_groups_by_mesh(optimizer)
 
 
 def learning_rate(step: int, cfg: OptimizerConfig, train_iters: int) -> float:

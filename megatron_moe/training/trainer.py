@@ -25,7 +25,6 @@ import torch.distributed as dist
 from megatron_moe.config import Config
 from megatron_moe.data.datasets import MicroBatchIterator, build_gpt_datasets
 from megatron_moe.data.tokenizer import SentencePieceTokenizer
-from megatron_moe.parallel.data import split_param_groups_by_mesh
 from megatron_moe.parallel.engine import ParallelEngine, StepResult, init_distributed_from_env
 from megatron_moe.routing.adaptive import AdaptiveAuxLossCoefficients, ConstantAuxLossCoefficients
 from megatron_moe.training.checkpoint import write_text_atomic
@@ -185,7 +184,7 @@ class Trainer:
     def fit(self) -> dict:
         """Train from the checkpoint's step (or 0) to ``training.train_iters``; returns a summary."""
         cfg, t, engine = self.cfg, self.cfg.training, self.engine
-        optimizer = split_param_groups_by_mesh(build_optimizer(self.module, cfg.optimizer, self.device.type))
+        optimizer = build_optimizer(self.module, cfg.optimizer)
         coefficients = build_aux_coefficients(cfg, engine.num_moe_layers, self.device)
         resume = self.checkpoints.restore(self.loaded, optimizer, coefficients) if self.loaded else ResumePoint()
         engine.moe.set_coefficients(coefficients.coefficients)

@@ -27,7 +27,7 @@ def test_linear_and_constant():
 
 def test_no_weight_decay_on_norms_and_vectors():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=True), torch.nn.LayerNorm(4))
-    opt = build_optimizer(model, OptimizerConfig(weight_decay=0.5), "cpu")
+    opt = build_optimizer(model, OptimizerConfig(weight_decay=0.5))
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     assert decayed == {id(model[0].weight)}
     assert opt.param_groups[1]["weight_decay"] == 0.0

@@ -1,0 +1,374 @@
+"""Training throughput side by side: this project vs Hugging Face Mixtral (and torchtitan where it imports),
+and the ablations that show where the time goes. One process, one device, one table.
+
+Every row trains the same architecture for the same batches: forward, backward, gradient clipping
+at 1.0 and an AdamW step - each framework as its users get it by default: the engine's train step
+with this project's fused AdamW; for Hugging Face the usual loop with its load-balancing loss on
+(as ours is) and torch's AdamW with its default kernel choice (transformers' Trainer default,
+``adamw_torch``). Rows that compare implementations start from the same weights, checked by
+comparing logits before timing.
+
+    ours              this project, top-K router, grouped expert GEMM, fp32
+    hf-grouped        transformers MixtralForCausalLM, experts_implementation="grouped_mm"
+    hf-eager          the same, experts_implementation="eager" (a loop over experts)
+    hf-grouped-fused  hf-grouped with this project's fused AdamW: the model alone compared
+    torchtitan        torchtitan's MoE model, where it imports (else the reason it does not)
+    dense             this project, dense SwiGLU of equal active parameters (ffn = K x expert ffn)
+    sparsemixer       this project, SparseMixer-v2 router
+    expert-loop       this project, a per-expert loop instead of the grouped GEMM
+    bf16 | fp32       this project in the other precision than "ours" (bf16: bf16 compute from fp32
+                      master weights; "ours" is bf16 when the config sets training.bf16)
+    compile           this project, --compile (torch.compile per block)
+
+Timing: after warm-up steps, ``--rounds`` rounds in which every row runs ``--steps`` steps in turn
+(interleaved, so drifts of the machine hit all rows alike); a row's tokens/s is the median over rounds.
+
+MFU = model FLOP/s / peak FLOP/s of the device (``--peak-tflops``; known for H100/H200 in bf16,
+otherwise not reported). Model FLOPs per token of a training step (backward = 2 x forward):
+
+    6 * N + 6 * L * S * H
+
+N = parameters of the matmuls one token goes through (attention projections, router gate, the K
+routed experts or the dense FFN, output layer; not the embedding lookup), L layers, S sequence
+length, H hidden size: causal attention scores and the weighted sum of values cost 2 * 2 * (S/2) * H
+per token and layer in the forward.
+
+Peak memory: ``torch.cuda.max_memory_allocated`` over the timed steps on CUDA; on CPU, the peak of
+tensor memory of one step measured by torch's MemTracker.
+
+    make bench      # = .venv/bin/python bench/throughput.py: on CPU two small shapes (< 3 minutes);
+                    # on a GPU examples/bench_h100.toml (one 80 GB H100)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from megatron_moe.config import Config, parse_args
+from megatron_moe.model.moe import GroupedExperts
+from megatron_moe.model.transformer import build_model
+from megatron_moe.parallel.engine import ParallelEngine, init_distributed_from_env
+from megatron_moe.training.optim import build_optimizer
+from megatron_moe.training.state import canonical_name
+
+# CPU shapes (fp32 on 2 cores): the demo's size and the larger shape the targets refer to.
+CPU_SHAPES = {
+    "small": ["--hidden-size", "128", "--num-layers", "2", "--num-attention-heads", "4", "--num-query-groups", "2",
+              "--num-experts", "8", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "256", "--seq-length", "256",
+              "--micro-batch-size", "4", "--global-batch-size", "4", "--vocab-size", "2048"],
+    "large": ["--hidden-size", "512", "--num-layers", "2", "--num-attention-heads", "8", "--num-query-groups", "4",
+              "--num-experts", "8", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "1024", "--seq-length", "512",
+              "--micro-batch-size", "2", "--global-batch-size", "2", "--vocab-size", "4096"],
+}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM)
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    step: Callable[[], None] | None  # one training step; None = not available
+    module: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    note: str = ""
+    times: list[float] = dataclasses.field(default_factory=list)
+    peak_bytes: int | None = None
+
+
+def model_flops_per_token(cfg: Config, matmul_params: int) -> float:
+    """Training FLOPs per token: 6 N + 6 L S H (module docstring)."""
+    m = cfg.model
+    return 6.0 * matmul_params + 6.0 * m.num_layers * cfg.data.seq_length * m.hidden_size
+
+
+def matmul_active_params(module: torch.nn.Module, cfg: Config) -> int:
+    """Parameters a token multiplies with: all but the embedding lookup and vectors, experts counted K/E."""
+    total = 0
+    for name, p in module.named_parameters():
+        if p.ndim < 2 or name.endswith("tok_embeddings.weight"):
+            continue
+        n = p.numel()
+        if ".experts." in name:
+            n = n * cfg.moe.topk // cfg.moe.num_experts
+        total += n
+    if cfg.model.tie_embeddings:
+        total += cfg.model.vocab_size * cfg.model.hidden_size
+    return total
+
+
+def _batches(cfg: Config, device: torch.device) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    t, s = cfg.training, cfg.data.seq_length
+    tokens = torch.randint(0, cfg.model.vocab_size, (t.global_batch_size, s + 1), generator=g)
+    out = []
+    for i in range(0, t.global_batch_size, t.micro_batch_size):
+        chunk = tokens[i : i + t.micro_batch_size]
+        out.append({"tokens": chunk[:, :-1].contiguous().to(device), "labels": chunk[:, 1:].contiguous().to(device),
+                    "loss_mask": torch.ones(chunk.shape[0], s, device=device)})
+    return out
+
+
+def _ours(name: str, cfg: Config, device: torch.device, note: str = "") -> Row:
+    engine = ParallelEngine(cfg, device=device)
+    module = engine.build_model()
+    optimizer = build_optimizer(module, cfg.optimizer)
+    batches = _batches(cfg, device)
+    module.train()
+    return Row(name, lambda: engine.train_step(batches, optimizer, 1.0), module, optimizer, note)
+
+
+def _per_expert_loop(self: GroupedExperts, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The experts as a Python loop of dense matmuls (what the grouped GEMM replaces)."""
+    outs, start = [], 0
+    for e, end in enumerate(offsets.tolist()):
+        x = x_sorted[start:end]
+        outs.append((F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e])
+        start = end
+    return torch.cat(outs)
+
+
+class _ExpertLoop(GroupedExperts):
+    forward = _per_expert_loop
+
+
+def _expert_loop_row(cfg: Config, device: torch.device) -> Row:
+    row = _ours("expert-loop", cfg, device)
+    for m in row.module.modules():
+        if type(m) is GroupedExperts:
+            m.__class__ = _ExpertLoop
+    return row
+
+
+def _plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 CPU tensors by single-device name (DTensors of wrapped modules gathered)."""
+    out = {}
+    for k, v in module.state_dict().items():
+        v = v.full_tensor() if hasattr(v, "full_tensor") else v
+        out[canonical_name(k)] = v.detach().float().cpu()
+    return out
+
+
+def _hf_row(name: str, impl: str, cfg: Config, ours: torch.nn.Module, device: torch.device,
+            fused_adamw: bool = False) -> Row:
+    """Mixtral with our weights (export path of megatron_moe.convert.export_hf), logits checked equal in fp32.
+
+    With ``training.bf16`` it trains as transformers' Trainer does in bf16: fp32 weights, bf16 autocast.
+    """
+    try:
+        from transformers import MixtralForCausalLM
+
+        from megatron_moe.convert.export_hf import hf_config, hf_state_dict, write_safetensors
+    except ImportError as e:
+        return Row(name, None, note=f"transformers not importable: {e}")
+    state = _plain_state(ours)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_safetensors(hf_state_dict(cfg, state), Path(tmp), 2**40)
+        (Path(tmp) / "config.json").write_text(json.dumps(hf_config(cfg) | {"output_router_logits": True}))
+        hf = MixtralForCausalLM.from_pretrained(tmp, experts_implementation=impl, dtype=torch.float32).to(device)
+    reference = build_model(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, bf16=False)), "cpu")
+    reference.load_state_dict(state)
+    batches = _batches(cfg, device)
+    with torch.no_grad():
+        diff = (hf.eval()(batches[0]["tokens"]).logits.cpu() - reference.eval()(batches[0]["tokens"].cpu())).abs()
+        diff = diff.max().item()
+    del reference
+    if diff > 1e-3:
+        raise RuntimeError(f"{name}: logits differ from ours by {diff:.2e}; the comparison would be meaningless")
+    hf.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.training.bf16)
+    # transformers' Trainer default (optim="adamw_torch"): torch's AdamW with its default kernel choice.
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
+                                  betas=(cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2),
+                                  fused=True if fused_adamw else None)
+    full = [torch.cat([b["tokens"], b["labels"][:, -1:]], dim=1) for b in batches]
+
+    def step() -> None:
+        for ids in full:  # HF shifts labels itself: the same S next-token predictions per sequence
+            with autocast:
+                out = hf(input_ids=ids[:, :-1], labels=ids[:, 1:].clone())
+            (out.loss / len(full)).backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Row(name, step, hf, optimizer, f"logits equal to ours within {diff:.1e}")
+
+
+def _torchtitan_row() -> Row:
+    try:
+        import torchtitan.models.common.moe  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
+        return Row("torchtitan", None, note=f"not importable ({type(e).__name__}: {e})")
+    return Row("torchtitan", None, note="importable, but its model API is not wired into this bench yet")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure_peak(row: Row, device: torch.device) -> None:
+    if device.type == "cuda":
+        return  # measured over the timed steps
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        tracker = MemTracker()
+        tracker.track_external(row.module, row.optimizer)
+        with tracker:
+            row.step()
+        row.peak_bytes = int(tracker.get_tracker_snapshot("peak")[device]["Total"])
+    except Exception as e:  # noqa: BLE001 - e.g. compiled modules; reported, not fatal
+        row.note = (row.note + "; " if row.note else "") + f"peak memory not measured ({type(e).__name__})"
+
+
+def build_rows(cfg: Config, device: torch.device, only: set[str] | None) -> list[Row]:
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
+    rows = [_ours("ours", cfg, device, "bf16, fp32 master weights" if cfg.training.bf16 else "fp32")]
+    for name, impl, fused in (("hf-grouped", "grouped_mm", False), ("hf-eager", "eager", False),
+                              ("hf-grouped-fused", "grouped_mm", True)):
+        if wanted(name):
+            rows.append(_hf_row(name, impl, cfg, rows[0].module[0], device, fused))
+    if wanted("torchtitan"):
+        rows.append(_torchtitan_row())
+    if wanted("dense"):
+        dense_ffn = cfg.moe.topk * cfg.expert_ffn_size
+        dense = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=0),
+                                    model=dataclasses.replace(cfg.model, ffn_hidden_size=dense_ffn))
+        rows.append(_ours("dense", dense, device, f"ffn {dense.model.ffn_hidden_size} = top-K x expert ffn"))
+    if wanted("sparsemixer"):
+        sparsemixer = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, router="sparsemixer"))
+        rows.append(_ours("sparsemixer", sparsemixer, device))
+    if wanted("expert-loop"):
+        rows.append(_expert_loop_row(cfg, device))
+    other = "fp32" if cfg.training.bf16 else "bf16"  # the other precision than "ours"
+    if wanted(other):
+        flipped = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, bf16=not cfg.training.bf16))
+        rows.append(_ours(other, flipped, device, "fp32 master weights" if other == "bf16" else ""))
+    if wanted("compile"):
+        rows.append(_ours("compile", dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, compile=True)),
+                          device))
+    return rows
+
+
+def run(cfg: Config, device: torch.device, warmup: int, steps: int, rounds: int, only: set[str] | None,
+        peak_tflops: float | None) -> dict:
+    rows = build_rows(cfg, device, only)
+    live = [r for r in rows if r.step is not None]
+    for row in live:
+        for _ in range(warmup):
+            row.step()
+        _measure_peak(row, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(rounds):
+        for row in live:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                row.step()
+            _sync(device)
+            row.times.append(time.perf_counter() - start)
+            if device.type == "cuda":
+                row.peak_bytes = max(row.peak_bytes or 0, torch.cuda.max_memory_allocated(device))
+    tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_length
+    # Every row but "dense" computes the architecture of "ours": count its FLOPs from our module.
+    flops_per_token = model_flops_per_token(cfg, matmul_active_params(rows[0].module, cfg))
+    results = {}
+    for row in rows:
+        entry = {"available": row.step is not None, "note": row.note}
+        if row.step is not None:
+            tps = statistics.median(steps * tokens_per_step / t for t in row.times)
+            per_token = flops_per_token
+            if row.name == "dense":
+                dense_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=0))
+                per_token = model_flops_per_token(dense_cfg, matmul_active_params(row.module, dense_cfg))
+            flops = per_token * tps
+            entry.update(tokens_per_sec=tps, model_tflops=flops / 1e12, peak_memory_bytes=row.peak_bytes,
+                         mfu=flops / (peak_tflops * 1e12) if peak_tflops else None)
+        results[row.name] = entry
+    return results
+
+
+def ratios(results: dict) -> dict[str, float]:
+    """The comparisons the targets name, from the same run."""
+    def tps(name):
+        entry = results.get(name, {})
+        return entry.get("tokens_per_sec")
+
+    pairs = {"ours / hf-grouped": ("ours", "hf-grouped"), "ours / hf-eager": ("ours", "hf-eager"),
+             "ours / hf-grouped-fused": ("ours", "hf-grouped-fused"),
+             "ours / torchtitan": ("ours", "torchtitan"), "MoE / dense (equal active)": ("ours", "dense"),
+             "sparsemixer / topk": ("sparsemixer", "ours"), "grouped GEMM / expert loop": ("ours", "expert-loop"),
+             "bf16 / fp32": ("bf16", "ours") if "bf16" in results else ("ours", "fp32"),
+             "compile / eager": ("compile", "ours")}
+    return {k: tps(a) / tps(b) for k, (a, b) in pairs.items() if tps(a) and tps(b)}
+
+
+def print_table(shape: str, cfg: Config, results: dict, device: torch.device) -> None:
+    m, e = cfg.model, cfg.moe
+    print(f"\n== {shape}: hidden {m.hidden_size}, {m.num_layers} layers, {e.num_experts} experts top-{e.topk} "
+          f"(ffn {cfg.expert_ffn_size}), seq {cfg.data.seq_length}, batch {cfg.training.global_batch_size}, {device}")
+    print(f"{'row':<17}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak MiB':>10}  note")
+    for name, r in results.items():
+        if not r["available"]:
+            print(f"{name:<17}{'-':>11}{'-':>9}{'-':>7}{'-':>10}  {r['note']}")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        mem = f"{r['peak_memory_bytes'] / 2**20:.0f}" if r["peak_memory_bytes"] else "n/a"
+        print(f"{name:<17}{r['tokens_per_sec']:>11.0f}{r['model_tflops']:>9.3f}{mfu:>7}{mem:>10}  {r['note']}")
+    for k, v in ratios(results).items():
+        print(f"  {k:<30} {v:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="a TOML config to bench (default: examples/bench_h100.toml on CUDA, the "
+                   "built-in small and large shapes on CPU)")
+    p.add_argument("--rows", nargs="*", help="only these rows besides 'ours' (names in the module docstring)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="steps per row and round")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: H100/H200 bf16 when detected)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--out", default="runs/bench/throughput.json")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    init_distributed_from_env(device.type, single_process=True)  # bf16 rows work through torch.distributed
+    peak = args.peak_tflops
+    if peak is None and device.type == "cuda":
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+    default = str(Path(__file__).parents[1] / "examples/bench_h100.toml") if device.type == "cuda" else None
+    config = args.config or default
+    shapes = {Path(config).stem: ["--config", config]} if config else CPU_SHAPES
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "peak_tflops": peak, "shapes": {}}
+    for shape, flags in shapes.items():
+        cfg, _ = parse_args(flags + ["--training.device", device.type, "--lr", "1e-4", "--min-lr", "1e-5"])
+        results = run(cfg, device, args.warmup, args.steps, args.rounds, set(args.rows) if args.rows else None, peak)
+        print_table(shape, cfg, results, device)
+        report["shapes"][shape] = {"config": cfg.to_dict(), "results": results, "ratios": ratios(results)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
