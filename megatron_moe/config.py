@@ -144,6 +144,8 @@ class MoEConfig:
     z_loss_coeff: float = 0.0
     capacity_factor: float = 1.0  # for the drop rate (and drops in capacity mode)
     dropless: bool = True  # False = capacity mode: really drop over-capacity assignments
+    # Pad each expert's rows to a multiple of this for the grouped GEMM (0 = automatic: 16 bytes on CUDA).
+    expert_row_alignment: int = 0
     adaptive_aux: bool = False  # Skywork adaptive per-layer coefficients (docs/routing.md §5)
     adaptive_xi: float = 0.2
     adaptive_alpha_max: float = 0.01
@@ -163,6 +165,7 @@ class MoEConfig:
             "moe.z_loss_coeff": self.z_loss_coeff,
             "moe.jitter_eps": self.jitter_eps,
             "moe.input_jitter_eps": self.input_jitter_eps,
+            "moe.expert_row_alignment": self.expert_row_alignment,
         })
         if not self.num_experts:
             return

@@ -99,6 +99,39 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def expert_row_alignment(setting: int, x: torch.Tensor) -> int:
+    """Rows per expert group a multiple of this: ``moe.expert_row_alignment``, or when 0, 16 bytes of the
+    compute dtype on CUDA (the grouped GEMM's backward groups along the token dimension, whose start
+    must be 16-byte aligned) and 1 (no padding) elsewhere."""
+    if setting:
+        return setting
+    if x.device.type != "cuda":
+        return 1
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    return max(1, 16 // (torch.finfo(dtype).bits // 8))
+
+
+def run_experts(experts: GroupedExperts, x_sorted: torch.Tensor, expert_of_row: torch.Tensor, counts: torch.Tensor,
+                alignment: int = 1) -> torch.Tensor:
+    """The experts on rows sorted by expert: x_sorted [N, H], expert_of_row [N] (non-decreasing),
+    counts [E] rows per expert. Returns [N, H].
+
+    With ``alignment`` > 1 each group is padded with zero rows to a multiple of it, inside a buffer of
+    the static size N + E * (alignment - 1) (no host sync); the padding rows are dropped afterwards.
+    """
+    counts = counts.to(torch.int64)
+    if alignment <= 1:
+        return experts(x_sorted, torch.cumsum(counts, 0).to(torch.int32))
+    num_experts, n = counts.numel(), x_sorted.shape[0]
+    padded = (counts + alignment - 1) // alignment * alignment
+    start = torch.cumsum(counts, 0) - counts
+    padded_start = torch.cumsum(padded, 0) - padded
+    rank_in_group = torch.arange(n, device=x_sorted.device) - start[expert_of_row]
+    dest = padded_start[expert_of_row] + rank_in_group
+    buffer = x_sorted.new_zeros(n + num_experts * (alignment - 1), x_sorted.shape[1]).index_copy(0, dest, x_sorted)
+    return experts(buffer, torch.cumsum(padded, 0).to(torch.int32))[dest]
+
+
 class _AttachAuxLoss(torch.autograd.Function):
     """Returns ``y`` unchanged; in backward also sends gradient 1 into ``aux_loss`` (Megatron's auto-scaler)."""
 
@@ -125,7 +158,7 @@ class MoEStats:
         self.aux_loss = torch.zeros((), device=device)  # coefficient * balance loss (+ z-loss)
         self.drop_rate = torch.zeros((), device=device)
         self.entropy = torch.zeros((), device=device)
-        self.num_micro_batches = 0
+        self.num_micro_batches: int | torch.Tensor = 0  # a host int while accumulating; a tensor after unpack
 
     def add(self, counts, aux_loss, drop_rate, entropy) -> None:
         if self.counts.device != counts.device:
@@ -144,16 +177,17 @@ class MoEStats:
 
     @classmethod
     def unpack(cls, row: torch.Tensor) -> MoEStats:
-        """Inverse of :meth:`pack` (also of a sum of packed rows: the statistics add up)."""
+        """Inverse of :meth:`pack` (also of a sum of packed rows: the statistics add up). The
+        micro-batch count stays a device tensor: nothing here waits for the device."""
         stats = cls(row.numel() - 4, row.device)
         stats.counts = row[:-4].clone()
-        stats.aux_loss, stats.drop_rate, stats.entropy = row[-4:-1].unbind()
-        stats.num_micro_batches = int(round(row[-1].item()))
+        stats.aux_loss, stats.drop_rate, stats.entropy, stats.num_micro_batches = row[-4:].unbind()
         return stats
 
     def mean(self, name: str) -> torch.Tensor:
         """Per-micro-batch mean of ``aux_loss``, ``drop_rate`` or ``entropy`` (a device scalar)."""
-        return getattr(self, name) / max(1, self.num_micro_batches)
+        value = getattr(self, name)
+        return value / torch.as_tensor(self.num_micro_batches, dtype=value.dtype).clamp_min(1)
 
     def load_fractions(self) -> list[float]:
         """Fraction of routed assignments per expert (host floats)."""
@@ -250,9 +284,9 @@ class MoELayer(nn.Module):
         flat_experts = route.indices.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
         token_of_row = order // self.topk
-        offsets = torch.cumsum(counts.to(torch.int64), 0).to(torch.int32)
         self._event("experts_start")
-        rows = self.experts(x[token_of_row], offsets)
+        rows = run_experts(self.experts, x[token_of_row], flat_experts[order], counts,
+                           expert_row_alignment(self.cfg.expert_row_alignment, x))
         self._event("experts_end")
         row_weights = weights.reshape(-1)[order].unsqueeze(-1)
         out = torch.zeros(num_tokens, shape[-1], dtype=torch.promote_types(rows.dtype, row_weights.dtype),

@@ -167,3 +167,27 @@ def _overlap_body(rank, world_size):
 def test_global_counts_allreduce_is_in_flight_while_experts_run():
     for events in run_distributed(_overlap_body, world_size=2):
         assert events == ["counts_allreduce_start", "experts_start", "experts_end", "counts_allreduce_wait"]
+
+
+def test_groups_padded_to_an_alignment_give_the_same_outputs_and_gradients():
+    """Padding each expert's rows (what CUDA's grouped GEMM needs) changes nothing but the layout."""
+    from megatron_moe.model.moe import expert_row_alignment
+
+    results = []
+    for alignment in (1, 8):
+        layer = make_layer(expert_row_alignment=alignment).eval()
+        with torch.no_grad():
+            layer.router.gate.weight[3] = -100.0  # expert 3 gets no token: an empty, still padded group
+        x = torch.rand(13, 16, generator=torch.Generator().manual_seed(5)).requires_grad_()  # > 0: logit 3 < 0
+        out = layer(x)
+        out.pow(2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+        results.append((out.detach(), x.grad.clone(), grads))
+        assert layer.pop_stats().counts[3] == 0
+    (out1, gx1, g1), (out8, gx8, g8) = results
+    torch.testing.assert_close(out8, out1, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx8, gx1, rtol=1e-6, atol=1e-6)
+    for name in g1:
+        torch.testing.assert_close(g8[name], g1[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert expert_row_alignment(0, torch.zeros(1)) == 1  # CPU: no padding unless asked
+    assert expert_row_alignment(4, torch.zeros(1)) == 4
