@@ -197,6 +197,36 @@ class _GPTDataset(GPTDataset):
         super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
 
 
+def check_index_cache(cache_dir: str) -> None:
+    """Refuse index-cache files that could run code when megatron-core opens them.
+
+    megatron-core loads its cached sample indices with ``numpy.load(..., allow_pickle=True)``: an
+    ``.npy`` holding Python objects is a pickle and would run when loaded. Every ``.npy`` under
+    ``cache_dir`` must hold a plain numeric array (its header is read, never its data); raises
+    ValueError naming the first file that does not.
+    """
+    import numpy as np
+
+    for root, _, files in os.walk(cache_dir):
+        for name in sorted(files):
+            if not name.endswith(".npy"):
+                continue
+            path = os.path.join(root, name)
+            try:
+                with open(path, "rb") as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        dtype = np.lib.format.read_array_header_1_0(f)[2]
+                    else:
+                        dtype = np.lib.format.read_array_header_2_0(f)[2]
+            except (OSError, ValueError) as e:
+                raise ValueError(f"dataset index cache file {path} is not a valid .npy file ({e}); delete it "
+                                 "and megatron-core rebuilds it") from None
+            if dtype.hasobject:
+                raise ValueError(f"dataset index cache file {path} holds Python objects (a pickle), which loading "
+                                 "would execute; refusing it. Delete it: megatron-core rebuilds the indices")
+
+
 def build_gpt_datasets(
     data_path: list[str],
     split: str,
@@ -248,6 +278,7 @@ def build_gpt_datasets(
     if blend_cache_dir is None:
         blend_cache_dir = os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
     os.makedirs(blend_cache_dir, exist_ok=True)
+    check_index_cache(blend_cache_dir)
 
     config = _GPTConfig(
         random_seed=int(seed),

@@ -59,7 +59,23 @@ class StepResult:
     aux_loss: torch.Tensor
     grad_norm: torch.Tensor
     layer_stats: list  # MoEStats per MoE layer of the whole model, summed over micro-batches and dp
-    skipped: bool = False  # the optimizer step was skipped (non-finite gradients, skip_nonfinite)
+    finite: torch.Tensor  # bool: losses and gradient norm finite, so the update was applied
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """``optimizer.step()`` that leaves parameters and optimizer state unchanged unless ``finite``.
+
+    torch's fused Adam/AdamW skip on the device through ``found_inf`` (as ``GradScaler`` drives them):
+    no host synchronisation. Other optimizers are stepped after a host check.
+    """
+    if getattr(optimizer, "defaults", {}).get("fused"):
+        optimizer.grad_scale, optimizer.found_inf = None, (~finite).to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif bool(finite):
+        optimizer.step()
 
 
 def init_distributed_from_env(device_type: str, single_process: bool = False) -> bool:
@@ -268,14 +284,12 @@ class ParallelEngine:
             total += loss.detach()
         return total
 
-    def train_step(
-        self, batches: list[dict], optimizer: torch.optim.Optimizer, clip_grad: float, skip_nonfinite: bool = False
-    ) -> StepResult:
+    def train_step(self, batches: list[dict], optimizer: torch.optim.Optimizer, clip_grad: float) -> StepResult:
         """One optimizer step over this rank's ``num_microbatches`` micro-batches (dicts of [B, S] tensors).
 
-        ``skip_nonfinite``: leave the parameters unchanged when the gradient norm is inf/NaN.
-
-        Runs the modules in their current mode (the caller sets ``module.train()``).
+        The update is applied only if the losses and the gradient norm are finite (``StepResult.finite``);
+        otherwise parameters and optimizer state stay as they were. Runs the modules in their current
+        mode (the caller sets ``module.train()``).
         """
         s = self.sizes
         self._set_num_micro(len(batches))
@@ -283,17 +297,16 @@ class ParallelEngine:
         params = self.parameters()
         materialize_partial_grads(params)
         grad_norm = global_grad_norm(params, s.pp, self.device)
-        # The grad norm is global (identical on every rank), so every rank takes the same decision.
-        skipped = skip_nonfinite and not bool(torch.isfinite(grad_norm))
-        if clip_grad > 0 and not skipped:
-            clip_gradients(params, clip_grad, grad_norm)
-        if not skipped:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         lm = self._reduce_loss(total)
         stats = self._reduce_stats()
         aux = sum((st.mean("aux_loss") for st in stats), torch.zeros((), device=self.device))
-        return StepResult(lm, aux, grad_norm.detach(), stats, skipped)
+        # Reduced values, identical on every rank: every rank takes the same decision.
+        finite = torch.isfinite(grad_norm) & torch.isfinite(lm) & torch.isfinite(aux)
+        if clip_grad > 0:
+            clip_gradients(params, clip_grad, grad_norm)
+        step_if_finite(optimizer, finite)
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(lm, aux, grad_norm.detach(), stats, finite)
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict]) -> dict:

@@ -81,18 +81,37 @@ def _fsync_dir(path: Path) -> None:
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    """Admits only the classes DCP's metadata is made of (no arbitrary code on load)."""
+    """Admits exactly the globals DCP's metadata is made of, by (module, name): no other name of those
+    modules, no dotted name (pickle resolves ``module.a.b`` attribute chains), so loading runs no code.
 
-    _ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-    _ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+    The list was taken from the metadata this project writes (model, optimizer, DTensor shards, FSDP);
+    the ``.metadata`` of a checkpoint written by another version of torch may need an entry more.
+    """
+
+    _ALLOWED = {
+        *(("torch.distributed.checkpoint.metadata", name) for name in (
+            "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+            "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),  # a lookup in a dict of torch's layouts
+        ("collections", "OrderedDict"),
+        *((module, name) for module in ("pathlib", "pathlib._local") for name in ("PosixPath", "PurePosixPath")),
+    }
+
+    @classmethod
+    def allowed(cls, module: str, name: str) -> bool:
+        """Whether ``module.name`` may be looked up while loading checkpoint metadata."""
+        if "." in name:
+            return False
+        if (module, name) in cls._ALLOWED:
+            return True
+        return module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
 
     def find_class(self, module: str, name: str):
-        if module in self._ALLOWED_MODULES or (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from checkpoint metadata")
+        if not self.allowed(module, name):
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from checkpoint metadata")
+        return super().find_class(module, name)
 
 
 class SafeFileSystemReader(FileSystemReader):

@@ -200,7 +200,7 @@ class Trainer:
                 set_learning_rate(optimizer, lr)
                 self.module.train()
                 result = engine.train_step([next(train_iter) for _ in range(engine.sizes.num_microbatches)],
-                                           optimizer, cfg.optimizer.clip_grad, skip_nonfinite=self._skip_nonfinite)
+                                           optimizer, cfg.optimizer.clip_grad)
                 throughput.tick()
                 applied = self._check_finite(step, result)
                 if applied and engine.num_moe_layers:  # drop rates: means over micro-batches and dp ranks
@@ -219,17 +219,14 @@ class Trainer:
         self._print_done(resume.step)
         return self.summary
 
-    @property
-    def _skip_nonfinite(self) -> bool:
-        return self.cfg.training.nonfinite_loss == "skip"
-
     def _check_finite(self, step: int, result: StepResult) -> bool:
-        """Whether the step's update was applied; a non-finite loss or gradient never reaches a checkpoint:
-        it raises (``training.nonfinite_loss = 'stop'``) or the step is dropped ('skip'). One host sync."""
-        if not (result.skipped or not bool(torch.isfinite(result.lm_loss + result.aux_loss))):
+        """Whether the step's update was applied. The engine never applies a non-finite loss or gradient;
+        then the run stops (``training.nonfinite_loss = 'stop'``, no checkpoint of it) or goes on
+        ('skip'). One host sync per step."""
+        if bool(result.finite):
             return True
         report = nonfinite_report(step, result)
-        if not self._skip_nonfinite:
+        if self.cfg.training.nonfinite_loss == "stop":
             raise FloatingPointError(report + "\n(no checkpoint written for this step; "
                                      "training.nonfinite_loss = 'skip' drops such steps instead)")
         if self.log:

@@ -237,3 +237,32 @@ def test_distributed_build_matches_single_process(tmp_path, corpus_dir):
         for b, g in zip(batches, single, strict=True):
             assert torch.equal(b, g["tokens"][rank * 2 : (rank + 1) * 2])
     assert any(name.endswith("BlendedDataset-train-dataset_index.npy") for name in os.listdir(tmp_path / "dist"))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch ran_from_index_cache",))
+
+
+def test_a_pickle_in_the_index_cache_is_refused_before_megatron_core_loads_it(tmp_path, corpus_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "c"
+    _build(corpus_dir, cache)  # megatron-core writes its (numeric) indices
+    legit = sorted(cache.rglob("*.npy"))
+    assert legit
+    # The report's file: a bare pickle named .npy; numpy.load(allow_pickle=True) unpickles it even
+    # when asked to memory-map (shown here on a copy, in this process).
+    import pickle
+
+    (tmp_path / "probe.npy").write_bytes(pickle.dumps(_RunsCode()))
+    np.load(tmp_path / "probe.npy", allow_pickle=True, mmap_mode="r")
+    assert (tmp_path / "ran_from_index_cache").exists()
+    (tmp_path / "ran_from_index_cache").unlink()
+    legit[0].write_bytes(pickle.dumps(_RunsCode()))
+    with pytest.raises(ValueError, match=rf"{legit[0].name} is not a valid .npy"):
+        _build(corpus_dir, cache)
+    assert not (tmp_path / "ran_from_index_cache").exists()
+    np.save(legit[0], np.array([_RunsCode()], dtype=object), allow_pickle=True)  # an object array
+    with pytest.raises(ValueError, match=rf"{legit[0].name} holds Python objects"):
+        _build(corpus_dir, cache)
+    assert not (tmp_path / "ran_from_index_cache").exists()

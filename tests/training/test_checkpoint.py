@@ -177,6 +177,42 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path):
         ck.checkpoint_keys(bad)
 
 
+def test_no_global_reachable_through_the_allowed_modules_is_admitted(tmp_path):
+    """Fuzz the metadata unpickler: every attribute of every module it admits anything from, and every
+    dotted chain one level deeper (how a crafted pickle reached os.system through an admitted module)."""
+    import importlib
+    import io
+
+    admitted = ck._SafeUnpickler._ALLOWED
+    tried = refused = 0
+    for module_name in sorted({m for m, _ in admitted} | {"torch"}):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # pathlib._local exists from Python 3.13 on
+            continue
+        for name in dir(module):
+            tried += 1
+            expected = (module_name, name) in admitted or isinstance(getattr(module, name), torch.dtype) and (
+                module_name == "torch")
+            assert ck._SafeUnpickler.allowed(module_name, name) == expected, (module_name, name)
+            refused += not expected
+            inner = getattr(module, name, None)
+            if module_name != "torch" and inner is not None:
+                for attr in dir(inner)[:50]:
+                    tried += 1
+                    assert not ck._SafeUnpickler.allowed(module_name, f"{name}.{attr}"), (module_name, name, attr)
+    assert tried > 1000 and refused > 500
+    # The crafted file of the report: STACK_GLOBAL of an admitted module with the name "os.system".
+    payload = (b"\x80\x04\x8c\x27torch.distributed.checkpoint.filesystem\x8c\x09os.system\x93"
+               b"\x8c\x0eecho pwned\x85R.")
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        ck._SafeUnpickler(io.BytesIO(payload)).load()
+    path = save_checkpoint(tmp_path, 1, state(1), {})
+    (path / ".metadata").write_bytes(payload)
+    with pytest.raises(CheckpointError, match="refusing to unpickle torch.distributed.checkpoint.filesystem.os"):
+        load_checkpoint(path, zeros_like(state(0)))
+
+
 def test_async_save_stages_a_snapshot_and_publishes_on_wait(tmp_path):
     save_checkpoint(tmp_path, 1, state(1), {})
     live = state(2)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from megatron_moe.model.moe import moe_layers
@@ -91,3 +92,33 @@ def test_aux_losses_are_averaged_over_micro_batches(tiny_config):
     torch.testing.assert_close(out.aux_loss, total_aux, rtol=1e-5, atol=1e-7)
     for name, p in model.named_parameters():
         torch.testing.assert_close(opt.grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("optimizer_kind", ["fused-adamw", "sgd"])
+def test_a_nonfinite_gradient_with_a_finite_loss_is_never_applied(tiny_config, optimizer_kind):
+    """The issue's case: finite loss, NaN gradient norm; neither the weights nor the optimizer state move."""
+    from megatron_moe.training.optim import build_optimizer
+
+    cfg = tiny_config(**SMALL)
+    model = build_model(cfg, seed=3).train()
+    engine = ParallelEngine(cfg)
+    engine.build_model(model=model, seed_rng=False)
+    if optimizer_kind == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    else:
+        opt = build_optimizer(model, cfg.optimizer)
+    tokens = torch.randint(0, 96, (4, 17), generator=torch.Generator().manual_seed(2))
+    good = engine.train_step([batch(tokens[:2]), batch(tokens[2:])], opt, clip_grad=1.0)
+    assert bool(good.finite)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state_before = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+    hook = model.layers["1"].attention.wq.weight.register_hook(lambda g: g * float("nan"))
+    bad = engine.train_step([batch(tokens[:2]), batch(tokens[2:])], opt, clip_grad=1.0)
+    hook.remove()
+    assert torch.isfinite(bad.lm_loss) and not torch.isfinite(bad.grad_norm) and not bool(bad.finite)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state_before[n][k]), (n, k)
+    assert bool(engine.train_step([batch(tokens[:2]), batch(tokens[2:])], opt, clip_grad=1.0).finite)
+    assert not torch.equal(model.layers["1"].attention.wq.weight, before["layers.1.attention.wq.weight"])
