@@ -4,7 +4,7 @@ Usage::
 
     python upcycle_checkpoint.py --input PATH --input-format {hf,megatron,native} --num-experts E \\
         [--moe-router-topk K] [--granularity G] [--expert-noise STD] [--router-init-std STD] \\
-        [--seed S] [--megatron-args FILE.json] --output DIR [--verify]
+        [--seed S] [--megatron-args FILE.json] --output DIR [--overwrite] [--verify]
 
 Writes a model-only step-0 checkpoint under DIR (``DIR/iter_0000000`` + ``DIR/latest``) that
 ``pretrain_moe.py --load DIR`` starts from. ``--verify`` runs the dense and the upcycled model on the
@@ -23,7 +23,7 @@ from megatron_moe.config import ConfigError
 from megatron_moe.convert.hf import read_hf
 from megatron_moe.convert.megatron_format import read_megatron
 from megatron_moe.convert.native import model_from_state, read_native, save_model_checkpoint
-from megatron_moe.convert.source import ConversionError, DenseSource
+from megatron_moe.convert.source import ConversionError, DenseSource, require_empty_output
 from megatron_moe.convert.upcycle import UpcycleOptions, max_logit_difference, upcycle
 from megatron_moe.training.checkpoint import CheckpointError
 
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON file of Megatron arguments (for checkpoints without 'args', or to override them)")
     p.add_argument("--output", required=True, help="save directory of the MoE checkpoint")
     p.add_argument("--verify", action="store_true", help="compare dense and upcycled logits on random tokens")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output directory")
     return p
 
 
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = UpcycleOptions(args.num_experts, args.moe_router_topk, args.granularity, args.expert_noise,
                           args.router_init_std, args.seed)
     try:
+        require_empty_output(args.output, args.overwrite)
         source = read_source(args.input_format, args.input, args.megatron_args)
         cfg, state = upcycle(source, opts)
         meta = {"upcycling": {"input_format": args.input_format, "num_experts": opts.num_experts,

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from megatron_moe.config import Config, ConfigError
 from megatron_moe.convert.native import load_model
-from megatron_moe.convert.source import ConversionError
+from megatron_moe.convert.source import ConversionError, require_empty_output
 from megatron_moe.training.checkpoint import CheckpointError
 
 
@@ -175,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load", required=True, help="save directory or checkpoint directory")
     p.add_argument("--output", required=True, help="directory for config.json and safetensors")
     p.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output directory")
     args = p.parse_args(argv)
     try:
+        require_empty_output(args.output, args.overwrite)
         config = export(args.load, args.output, int(args.max_shard_size_gb * 2**30))
     except (ConversionError, ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

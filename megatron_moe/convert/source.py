@@ -74,3 +74,14 @@ class DenseSource:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor, loaded (float32). Holds the whole dense model in memory."""
         return {name: self.get(name) for name in self.loaders}
+
+
+def require_empty_output(output, overwrite: bool) -> None:
+    """Refuse to write a conversion into a directory that already holds something (a training run,
+    an earlier export) unless ``overwrite`` (``--overwrite``) says so on purpose."""
+    from pathlib import Path
+
+    path = Path(output)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise ConversionError(f"--output {path} is not empty; choose a new directory, or pass --overwrite to "
+                              "write into it anyway")

@@ -144,7 +144,8 @@ def save_checkpoint(save_dir: str | Path, step: int, state: dict[str, Any], meta
     """Write ``state`` (nested dicts of tensors / DTensors) as checkpoint ``step`` under ``save_dir``.
 
     Collective over ``group`` (default world) when torch.distributed is initialised. ``meta`` must
-    be JSON-serialisable. ``keep_last`` > 0 deletes all but the newest ``keep_last`` checkpoints.
+    be JSON-serialisable. ``keep_last`` > 0 deletes all but the newest ``keep_last`` checkpoints whose
+    meta.json has the same ``run_id`` as ``meta`` (all, when ``meta`` has none).
     Returns the final checkpoint directory; with ``async_save`` the state is staged to CPU memory,
     written by a background thread, and a :class:`PendingSave` is returned whose ``wait()`` (called
     by every rank at the same point) makes the checkpoint visible.
@@ -196,11 +197,20 @@ def _finalize(save_dir: Path, tmp: Path, final: Path, step: int, meta: dict, kee
             os.replace(tmp, final)
         _fsync_dir(save_dir)
         write_text_atomic(save_dir / LATEST, final.name + "\n")
-        if keep_last > 0:
-            for stale in list_checkpoints(save_dir)[:-keep_last]:
+        if keep_last > 0:  # only this run's checkpoints, never the one just published
+            run_id = meta.get("run_id")
+            own = [c for c in list_checkpoints(save_dir) if run_id is None or _run_id(c) == run_id]
+            for stale in [c for c in own[:-keep_last] if c != final]:
                 shutil.rmtree(stale, ignore_errors=True)
     _barrier(group)
     return final
+
+
+def _run_id(checkpoint: Path) -> str | None:
+    try:
+        return json.loads((checkpoint / META).read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
 
 
 def list_checkpoints(save_dir: str | Path) -> list[Path]:
@@ -222,7 +232,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     pointer = path / LATEST
     if pointer.is_file():
-        target = path / pointer.read_text().strip()
+        name = pointer.read_text().strip()
+        if not name.startswith("iter_") or "/" in name or "\\" in name or name in (".", ".."):
+            raise CheckpointError(f"{pointer} names {name!r}; it must name a checkpoint directory (iter_*) inside "
+                                  f"{path}, not a path elsewhere")
+        target = path / name
         if not (target / META).is_file():
             raise CheckpointError(f"{pointer} points to {target.name}, which is missing or incomplete")
         return target

@@ -7,13 +7,22 @@ It owns every decision about checkpoints that the trainer would otherwise make i
 - :meth:`CheckpointManager.restore` loads a training checkpoint (model, optimizer, train state,
   aux coefficients, RNG when the layout is the same) or a model-only one (upcycled / converted);
 - :meth:`CheckpointManager.save` writes one (asynchronously with ``checkpoint.async_save``: the
-  previous save is published before the next starts, and :meth:`finish` publishes the last).
+  previous save is published before the next starts, and :meth:`finish` publishes the last);
+- :meth:`CheckpointManager.claim` makes the save directory this run's: a lock held for the run's
+  life (a second run on it fails at start, naming the holder), no start over another run's
+  checkpoints unless resuming from them, and an id in every meta.json so that rotation
+  (``checkpoint.keep_last``) only deletes this run's checkpoints.
 
 The on-disk format and its atomicity live in :mod:`megatron_moe.training.checkpoint`.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +30,16 @@ from typing import Any
 import torch
 
 from megatron_moe.config import Config
-from megatron_moe.training.checkpoint import CheckpointError, read_meta, resolve_checkpoint, save_checkpoint
+from megatron_moe.training.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from megatron_moe.training.state import check_compatible, load_model_only, load_training_state, training_state
+
+LOCK = ".run.lock"
 
 
 @dataclass
@@ -91,6 +108,33 @@ class CheckpointManager:
         s = engine.sizes
         self.layout = {"tp": s.tp, "pp": s.pp, "dp": s.dp, "virtual_stages": s.virtual_stages}
         self._pending: list = []
+        self.run_id = uuid.uuid4().hex
+        self._lock_file = None
+
+    # ------------------------------------------------------------------ ownership
+    def claim(self, loaded: LoadedCheckpoint | None) -> None:
+        """Make ``checkpoint.save`` this run's (module docstring); raises CheckpointError naming the
+        directory otherwise. Rank 0 holds the lock; every rank checks the directory's contents."""
+        save = self.cfg.checkpoint.save
+        if not save:
+            return
+        save_dir = Path(save)
+        resuming_here = loaded is not None and loaded.path.parent.resolve() == save_dir.resolve()
+        existing = list_checkpoints(save_dir)
+        if existing and not resuming_here:
+            raise CheckpointError(
+                f"--save {save_dir} already holds checkpoints of a run (newest {existing[-1].name}); resume it with "
+                f"--load {save_dir}, or save this run elsewhere: nothing there is overwritten or deleted")
+        if resuming_here:
+            self.run_id = loaded.meta.get("run_id") or self.run_id
+        if self.engine.rank == 0:
+            self._lock_file = _lock(save_dir)
+
+    def release(self) -> None:
+        """Drop the save directory's lock (also dropped by the OS if the process dies)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     # ------------------------------------------------------------------ restore
     def restore(self, loaded: LoadedCheckpoint, optimizer, coefficients) -> ResumePoint:
@@ -128,7 +172,7 @@ class CheckpointManager:
         meta = {"config": self.cfg.to_dict(), "contents": ["model", "optimizer", "train_state"],
                 "layout": self.layout, "tokenizer": self.tokenizer_id,
                 "train_samples": self.cfg.training.train_samples, "consumed_samples": consumed_samples,
-                "aux_coefficients": aux_settings}
+                "aux_coefficients": aux_settings, "run_id": self.run_id}
         self.finish()
         result = save_checkpoint(c.save, step, state, meta, keep_last=c.keep_last, async_save=c.async_save)
         if c.async_save:
@@ -144,6 +188,28 @@ class CheckpointManager:
     def _print(self, message: str) -> None:
         if self.log:
             print(message, flush=True)
+
+
+def _lock(save_dir: Path):
+    """An exclusive, non-blocking lock on ``save_dir/.run.lock`` holding who holds it; the open file."""
+    import fcntl
+
+    save_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(save_dir / LOCK, "a+")  # noqa: SIM115 - kept open for the run's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise CheckpointError(f"--save {save_dir} is in use by another run ({holder}); wait for it to finish or "
+                              "save elsewhere") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    handle.flush()
+    return handle
 
 
 def resolve_vocab_size(cfg: Config, tokenizer_vocab: int, loaded: LoadedCheckpoint | None) -> Config:

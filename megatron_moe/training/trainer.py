@@ -27,7 +27,7 @@ from megatron_moe.data.datasets import MicroBatchIterator, build_gpt_datasets
 from megatron_moe.data.tokenizer import SentencePieceTokenizer
 from megatron_moe.parallel.engine import ParallelEngine, StepResult, init_distributed_from_env
 from megatron_moe.routing.adaptive import AdaptiveAuxLossCoefficients, ConstantAuxLossCoefficients
-from megatron_moe.training.checkpoint import write_text_atomic
+from megatron_moe.training.checkpoint import CheckpointError, write_text_atomic
 from megatron_moe.training.checkpointing import (
     CheckpointManager,
     ResumePoint,
@@ -182,7 +182,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict:
-        """Train from the checkpoint's step (or 0) to ``training.train_iters``; returns a summary."""
+        """Train from the checkpoint's step (or 0) to ``training.train_iters``; returns a summary.
+
+        The save directory is this run's while it trains (:meth:`CheckpointManager.claim`)."""
+        error = None
+        try:
+            self.checkpoints.claim(self.loaded)
+        except CheckpointError as e:
+            error = e
+        if _any_rank(error is not None, self.device):  # every rank stops, not only the one that failed
+            raise error or CheckpointError(f"--save {self.cfg.checkpoint.save}: rank 0 could not claim it")
+        try:
+            return self._train()
+        finally:
+            self.checkpoints.release()
+
+    def _train(self) -> dict:
         cfg, t, engine = self.cfg, self.cfg.training, self.engine
         optimizer = build_optimizer(self.module, cfg.optimizer)
         coefficients = build_aux_coefficients(cfg, engine.num_moe_layers, self.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -95,3 +96,14 @@ def test_all_reasons_are_listed(tmp_path):
     with pytest.raises(ExportError) as err:
         export(tmp_path / "moe", tmp_path / "out")
     assert all(s in str(err.value) for s in ("sparsemixer", "logit_norm", "first_k_dense"))
+
+
+def test_export_refuses_a_non_empty_output_unless_overwrite(tmp_path, capsys):
+    save_native(tmp_path / "dense", tiny_config(num_experts=0), seed=2)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("keep me")
+    argv = ["--load", str(tmp_path / "dense"), "--output", str(tmp_path / "out")]
+    assert export_hf.main(argv) == 2
+    assert "is not empty" in capsys.readouterr().err and sorted(os.listdir(tmp_path / "out")) == ["notes.txt"]
+    assert export_hf.main(argv + ["--overwrite"]) == 0
+    assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out" / "notes.txt").read_text() == "keep me"

@@ -153,3 +153,13 @@ def test_output_is_a_step0_model_only_checkpoint(tmp_path, capsys, hf_llama):
     assert ckpt.name == "iter_0000000" and meta["step"] == 0 and meta["contents"] == ["model"]
     assert meta["config"]["moe"]["num_experts"] == 2 and meta["upcycling"]["topk"] == 1
     assert meta["source"].startswith("upcycled from hf:")
+
+
+def test_upcycling_into_a_training_run_is_refused_unless_overwrite(tmp_path, capsys):
+    make_hf(tmp_path / "hf")
+    argv = ["--input", tmp_path / "hf", "--input-format", "hf", "--num-experts", 4, "--output", tmp_path / "moe"]
+    assert run_cli(capsys, *argv)[0] == 0
+    latest = (tmp_path / "moe" / "latest").read_text()
+    rc, _, err = run_cli(capsys, *argv)  # a second upcycle into the same (now non-empty) directory
+    assert rc == 2 and "is not empty" in err and (tmp_path / "moe" / "latest").read_text() == latest
+    assert run_cli(capsys, *argv, "--overwrite")[0] == 0

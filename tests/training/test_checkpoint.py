@@ -223,3 +223,17 @@ def test_async_save_stages_a_snapshot_and_publishes_on_wait(tmp_path):
     target = zeros_like(state(0))
     load_checkpoint(resolve_checkpoint(tmp_path), target)
     assert_equal(target, state(2))
+
+
+def test_rotation_deletes_only_this_runs_checkpoints_and_latest_stays_inside(tmp_path):
+    save_checkpoint(tmp_path, 0, state(0), {})  # e.g. an upcycled model: no run id
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, state(step), {"run_id": "other"})
+    for step in (3, 4, 5):
+        save_checkpoint(tmp_path, step, state(step), {"run_id": "mine"}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"iter_000000{i}" for i in (0, 1, 2, 4, 5)]
+    assert resolve_checkpoint(tmp_path).name == "iter_0000005"
+    for bad in ("../elsewhere/iter_0000001", "/tmp/iter_0000001", "..", "not_a_checkpoint"):
+        (tmp_path / "latest").write_text(bad + "\n")
+        with pytest.raises(CheckpointError, match="must name a checkpoint directory"):
+            resolve_checkpoint(tmp_path)

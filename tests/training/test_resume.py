@@ -217,3 +217,29 @@ def test_resuming_with_another_tokenizer_is_refused(loop_corpus, tmp_path):
     cfg.checkpoint.load, cfg.data.tokenizer_model = str(tmp_path / "run"), other
     with pytest.raises(CheckpointError, match="is not the one checkpoint .* was trained with"):
         train(cfg)
+
+
+def test_a_save_directory_belongs_to_one_run(loop_corpus, tmp_path):
+    from megatron_moe.training.checkpointing import _lock
+
+    corpus = loop_corpus
+    train(cfg_for(corpus, tmp_path / "run", iters=3))
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    # A new run (no --load) into a directory holding another run's checkpoints: refused, nothing touched.
+    with pytest.raises(CheckpointError, match="already holds checkpoints of a run"):
+        train(cfg_for(corpus, tmp_path / "run", iters=6))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    # Resuming it is fine, and keeps the run's id (its checkpoints rotate together).
+    resume = cfg_for(corpus, tmp_path / "run", iters=6)
+    resume.checkpoint.load = str(tmp_path / "run")
+    resume.checkpoint.keep_last = 1
+    train(resume)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["iter_0000006"]
+    # While a run holds the directory, a second one fails at start and names the holder.
+    holder = _lock(tmp_path / "busy")
+    try:
+        with pytest.raises(CheckpointError, match=r"in use by another run \(\{\"pid\""):
+            train(cfg_for(corpus, tmp_path / "busy", iters=1))
+    finally:
+        holder.close()
+    train(cfg_for(corpus, tmp_path / "busy", iters=1))  # released: the directory can be used
