@@ -400,7 +400,11 @@ class Config:
     def validate(self) -> None:
         """Every group checks itself, then the settings that involve several groups; raises ConfigError."""
         for f in dataclasses.fields(self):
-            getattr(self, f.name).validate()
+            group = getattr(self, f.name)
+            for name, value in dataclasses.asdict(group).items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{f.name}.{name} = {value}; must be a finite number")
+            group.validate()
         m, e, t = self.model, self.moe, self.training
         if e.num_experts and e.first_k_dense >= m.num_layers:
             raise ConfigError(
@@ -550,7 +554,7 @@ def _group_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Config)]
 
 
-def load_toml(path: str | Path, cfg: Config | None = None) -> Config:
+def load_toml(path: str | Path, cfg: Config | None = None, given: set[str] | None = None) -> Config:
     """Apply a TOML file (tables named after the groups) on top of ``cfg`` (defaults if None)."""
     cfg = cfg or Config()
     path = Path(path)
@@ -560,13 +564,14 @@ def load_toml(path: str | Path, cfg: Config | None = None) -> Config:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
-    return apply_settings(cfg, data, str(path))
+    return apply_settings(cfg, data, str(path), given)
 
 
-def apply_settings(cfg: Config, data: dict[str, Any], source: str) -> Config:
+def apply_settings(cfg: Config, data: dict[str, Any], source: str, given: set[str] | None = None) -> Config:
     """Apply ``{group: {field: value}}`` (a TOML file, a checkpoint's config) to ``cfg`` in place.
 
     Raises ConfigError naming ``source`` and the setting for unknown groups/fields and wrong types.
+    ``given`` collects the dotted names set.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of setting groups, got {type(data).__name__}")
@@ -582,6 +587,8 @@ def apply_settings(cfg: Config, data: dict[str, Any], source: str) -> Config:
                 dotted, translate = RENAMED_SETTINGS[dotted]
                 value = translate(value)
             set_value(cfg, dotted, value)
+            if given is not None:
+                given.add(dotted)
     return cfg
 
 
@@ -594,12 +601,13 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
     """
     cfg = cfg or Config()
     extras: dict[str, Any] = {"eval_only": False}
+    given: set[str] = set()
     args = list(argv)
     if "--config" in args:
         i = args.index("--config")
         if i + 1 >= len(args):
             raise ConfigError("--config needs a path to a TOML file")
-        cfg = load_toml(args[i + 1], cfg)
+        cfg = load_toml(args[i + 1], cfg, given)
         del args[i : i + 2]
     i = 0
     while i < len(args):
@@ -624,6 +632,7 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
             if values:
                 raise ConfigError(f"--{name} takes no value")
             set_value(cfg, *IMPLIED_FLAGS[name])
+            given.add(IMPLIED_FLAGS[name][0])
             continue
         dotted = MEGATRON_FLAGS.get(name, name if "." in name else None)
         if dotted is None:
@@ -639,8 +648,19 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
         if len(values) > 1 and not is_list:
             raise ConfigError(f"--{name} takes one value, got {values}")
         set_value(cfg, dotted, values if is_list else values[0])
+        given.add(dotted)
     cfg.validate()
+    _check_no_ignored_settings(cfg, given)
     return cfg, extras
+
+
+def _check_no_ignored_settings(cfg: Config, given: set[str]) -> None:
+    """Settings a user gave that the chosen model would silently ignore are an error, not a no-op."""
+    if cfg.moe.num_experts == 0:
+        ignored = sorted(k for k in given if k.startswith("moe.") and k != "moe.num_experts")
+        if ignored:
+            raise ConfigError(f"{', '.join(ignored)}: no effect on a dense model (moe.num_experts = 0); remove "
+                              f"{'it' if len(ignored) == 1 else 'them'} or set --num-experts")
 
 
 def default_ffn_hidden_size(hidden_size: int) -> int:

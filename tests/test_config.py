@@ -89,3 +89,18 @@ def test_grouped_gemm_alignment_checked_for_cuda():
     check_grouped_gemm_shapes(cfg, 1, "cuda")
     with pytest.raises(ConfigError, match="expert_ffn_hidden_size / tensor parallel size"):
         check_grouped_gemm_shapes(cfg, 4, "cuda")  # 250 per rank
+
+
+def test_moe_settings_on_a_dense_model_are_an_error_not_ignored():
+    with pytest.raises(ConfigError, match=r"moe.router, moe.topk: no effect on a dense model"):
+        parse_args(["--num-experts", "0", "--moe.router", "sparsemixer", "--moe-router-topk", "2"])
+    cfg, _ = parse_args(["--num-experts", "0"])  # a dense model alone is fine
+    assert cfg.moe.num_experts == 0
+
+
+def test_nan_and_inf_float_settings_are_refused():
+    for flag in ("--clip-grad", "--lr", "--moe.aux_loss_coeff", "--moe.capacity_factor", "--rotary-base"):
+        for value in ("nan", "inf", "-inf"):
+            with pytest.raises(ConfigError, match=flag.lstrip("-").replace("-", "_").split(".")[-1].replace(
+                    "rotary_base", "rope_theta")):
+                parse_args([flag, value])

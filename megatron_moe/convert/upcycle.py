@@ -25,6 +25,7 @@ It breaks the exact equality by design.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,10 @@ class UpcycleOptions:
     def validate(self, ffn_hidden_size: int) -> None:
         """Raise ConversionError naming the option when the combination cannot be upcycled."""
         e, k, g = self.num_experts, self.topk, self.granularity
+        if not (math.isfinite(self.expert_noise) and self.expert_noise >= 0):
+            raise ConversionError(f"--expert-noise = {self.expert_noise}; must be a finite number >= 0")
+        if self.router_init_std is not None and not (math.isfinite(self.router_init_std) and self.router_init_std > 0):
+            raise ConversionError(f"--router-init-std = {self.router_init_std}; must be a finite number > 0")
         if e < 1:
             raise ConversionError(f"--num-experts = {e}; must be at least 1")
         if not 1 <= k <= e:

@@ -259,7 +259,12 @@ class ParallelEngine:
 
     # ------------------------------------------------------------------ steps
     def _stack(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = torch.cat([b["tokens"] for b in batches]).to(self.device)
+        tokens = torch.cat([b["tokens"] for b in batches])
+        vocab = self.cfg.model.vocab_size
+        if tokens.device.type == "cpu" and tokens.numel() and int(tokens.max()) >= vocab:  # host data: no sync
+            raise ValueError(f"the data holds token id {int(tokens.max())}, but model.vocab_size is {vocab}: was it "
+                             "tokenized with another, larger vocabulary than --tokenizer-model?")
+        tokens = tokens.to(self.device)
         target = torch.cat([loss_target(b["labels"], b["loss_mask"]) for b in batches]).to(self.device)
         return tokens, target
 

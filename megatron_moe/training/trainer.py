@@ -202,6 +202,12 @@ class Trainer:
         optimizer = build_optimizer(self.module, cfg.optimizer)
         coefficients = build_aux_coefficients(cfg, engine.num_moe_layers, self.device)
         resume = self.checkpoints.restore(self.loaded, optimizer, coefficients) if self.loaded else ResumePoint()
+        if resume.step > t.train_iters:
+            raise ValueError(f"checkpoint {self.loaded.path} is at step {resume.step}, beyond training.train_iters = "
+                             f"{t.train_iters} (--train-iters): nothing to train; raise --train-iters to continue")
+        if resume.step == t.train_iters and self.log:
+            print(f"checkpoint {self.loaded.path} is at step {resume.step} = training.train_iters: "
+                  "training is complete, nothing to do", flush=True)
         engine.moe.set_coefficients(coefficients.coefficients)
         train_iter = MicroBatchIterator(self.train_ds, t.micro_batch_size, consumed_samples=resume.consumed_samples,
                                         dp_rank=engine.dp_rank, dp_size=engine.sizes.dp)

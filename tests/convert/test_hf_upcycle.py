@@ -163,3 +163,12 @@ def test_upcycling_into_a_training_run_is_refused_unless_overwrite(tmp_path, cap
     rc, _, err = run_cli(capsys, *argv)  # a second upcycle into the same (now non-empty) directory
     assert rc == 2 and "is not empty" in err and (tmp_path / "moe" / "latest").read_text() == latest
     assert run_cli(capsys, *argv, "--overwrite")[0] == 0
+
+
+@pytest.mark.parametrize("flag,value", [("--expert-noise", "nan"), ("--expert-noise", "-1"),
+                                        ("--router-init-std", "inf"), ("--router-init-std", "0")])
+def test_non_finite_upcycling_options_are_refused(tmp_path, capsys, flag, value):
+    make_hf(tmp_path / "hf")
+    rc, _, err = run_cli(capsys, "--input", tmp_path / "hf", "--input-format", "hf", "--num-experts", 4,
+                         "--output", tmp_path / "moe", flag, value, "--verify")
+    assert rc == 2 and flag in err and not (tmp_path / "moe").exists()

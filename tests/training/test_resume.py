@@ -243,3 +243,16 @@ def test_a_save_directory_belongs_to_one_run(loop_corpus, tmp_path):
     finally:
         holder.close()
     train(cfg_for(corpus, tmp_path / "busy", iters=1))  # released: the directory can be used
+
+
+def test_resuming_past_train_iters_says_so(loop_corpus, tmp_path, capsys):
+    corpus = loop_corpus
+    train(cfg_for(corpus, tmp_path / "run", iters=3))
+    again = cfg_for(corpus, tmp_path / "run", iters=3)
+    again.checkpoint.load = str(tmp_path / "run")
+    train(again)
+    assert "training is complete, nothing to do" in capsys.readouterr().out
+    shorter = cfg_for(corpus, tmp_path / "run", iters=2)
+    shorter.checkpoint.load = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"at step 3, beyond training.train_iters = 2"):
+        train(shorter)

@@ -122,3 +122,12 @@ def test_a_nonfinite_gradient_with_a_finite_loss_is_never_applied(tiny_config, o
             assert torch.equal(v, state_before[n][k]), (n, k)
     assert bool(engine.train_step([batch(tokens[:2]), batch(tokens[2:])], opt, clip_grad=1.0).finite)
     assert not torch.equal(model.layers["1"].attention.wq.weight, before["layers.1.attention.wq.weight"])
+
+
+def test_token_ids_beyond_the_vocabulary_are_a_clear_error(tiny_config):
+    cfg = tiny_config(**SMALL)
+    engine = ParallelEngine(cfg)
+    engine.build_model()
+    tokens = torch.full((2, 17), 96)  # vocab_size is 96: ids 0..95
+    with pytest.raises(ValueError, match="token id 96, but model.vocab_size is 96"):
+        engine.train_step([batch(tokens)], torch.optim.SGD(engine.parameters(), lr=0.1), clip_grad=0.0)
