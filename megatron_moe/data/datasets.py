@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_moe.config import parse_split
+from megatron_moe.data.errors import DataError
 
 with warnings.catch_warnings():
     # Importing megatron.core warns that the GPU-only Transformer Engine / apex are absent.
@@ -82,30 +83,30 @@ def validate_indexed_dataset(prefix: str) -> IndexedDataInfo:
     with open(idx_path, "rb") as f:
         preamble = f.read(_INDEX_PREAMBLE_BYTES)
         if len(preamble) < _INDEX_PREAMBLE_BYTES:
-            raise ValueError(f"corrupt index file {idx_path}: truncated header ({idx_size} bytes)")
+            raise DataError(f"corrupt index file {idx_path}: truncated header ({idx_size} bytes)")
         if preamble[:9] != _INDEX_HEADER:
-            raise ValueError(f"corrupt index file {idx_path}: bad magic header {preamble[:9]!r}")
+            raise DataError(f"corrupt index file {idx_path}: bad magic header {preamble[:9]!r}")
         (version,) = struct.unpack("<Q", preamble[9:17])
         if version != 1:
-            raise ValueError(f"corrupt index file {idx_path}: unsupported version {version}")
+            raise DataError(f"corrupt index file {idx_path}: unsupported version {version}")
         code = preamble[17]
         if code not in _DTYPE_SIZES:
-            raise ValueError(f"corrupt index file {idx_path}: unknown dtype code {code}")
+            raise DataError(f"corrupt index file {idx_path}: unknown dtype code {code}")
         dtype_size = _DTYPE_SIZES[code]
         num_sequences, num_doc_indices = struct.unpack("<QQ", preamble[18:34])
         expected = _INDEX_PREAMBLE_BYTES + num_sequences * (4 + 8) + num_doc_indices * 8
         if idx_size not in (expected, expected + num_sequences):
-            raise ValueError(
+            raise DataError(
                 f"corrupt or truncated index file {idx_path}: {idx_size} bytes, expected {expected} "
                 f"for {num_sequences} sequences and {num_doc_indices} document indices"
             )
         if num_doc_indices < 2 or num_sequences < 1:
-            raise ValueError(f"index file {idx_path} describes an empty dataset")
+            raise DataError(f"index file {idx_path} describes an empty dataset")
         # Last document index must equal the sequence count.
         f.seek(_INDEX_PREAMBLE_BYTES + num_sequences * 12 + (num_doc_indices - 1) * 8)
         (last_doc_index,) = struct.unpack("<q", f.read(8))
         if last_doc_index != num_sequences:
-            raise ValueError(
+            raise DataError(
                 f"corrupt index file {idx_path}: last document index {last_doc_index} != sequence count {num_sequences}"
             )
         f.seek(_INDEX_PREAMBLE_BYTES + (num_sequences - 1) * 4)
@@ -113,11 +114,11 @@ def validate_indexed_dataset(prefix: str) -> IndexedDataInfo:
         f.seek(_INDEX_PREAMBLE_BYTES + num_sequences * 4 + (num_sequences - 1) * 8)
         (last_pointer,) = struct.unpack("<q", f.read(8))
     if last_length < 0 or last_pointer < 0:
-        raise ValueError(f"corrupt index file {idx_path}: negative sequence length or pointer")
+        raise DataError(f"corrupt index file {idx_path}: negative sequence length or pointer")
     bin_end = last_pointer + last_length * dtype_size
     bin_size = os.path.getsize(bin_path)
     if bin_size < bin_end:
-        raise ValueError(f"data file {bin_path} is truncated: {bin_size} bytes, its index {idx_path} needs {bin_end}")
+        raise DataError(f"data file {bin_path} is truncated: {bin_size} bytes, its index {idx_path} needs {bin_end}")
     return IndexedDataInfo(
         prefix=prefix,
         num_sequences=int(num_sequences),
@@ -140,7 +141,7 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
         data_path = data_path.split()
     items = [str(x).strip() for x in data_path if str(x).strip()]
     if not items:
-        raise ValueError("data_path is empty")
+        raise DataError("data_path is empty")
 
     def _as_float(text: str) -> float | None:
         try:
@@ -156,13 +157,13 @@ def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None
             weights = [float(w) for w in maybe]  # type: ignore[arg-type]
             prefixes = items[1::2]
         elif any(w is not None for w in maybe):
-            raise ValueError(f"data_path mixes weights and prefixes inconsistently: {items}")
+            raise DataError(f"data_path mixes weights and prefixes inconsistently: {items}")
     if weights is None and any(_as_float(x) is not None for x in items):
-        raise ValueError(f"data_path has a number where a prefix was expected (weights need pairs): {items}")
+        raise DataError(f"data_path has a number where a prefix was expected (weights need pairs): {items}")
     if weights is not None:
         for w in weights:
             if not math.isfinite(w) or w <= 0:
-                raise ValueError(f"data_path weights must be positive and finite, got {weights}")
+                raise DataError(f"data_path weights must be positive and finite, got {weights}")
     prefixes = [p[: -len(".bin")] if p.endswith((".bin", ".idx")) else p for p in prefixes]
     return prefixes, weights
 
@@ -220,10 +221,10 @@ def check_index_cache(cache_dir: str) -> None:
                     else:
                         dtype = np.lib.format.read_array_header_2_0(f)[2]
             except (OSError, ValueError) as e:
-                raise ValueError(f"dataset index cache file {path} is not a valid .npy file ({e}); delete it "
+                raise DataError(f"dataset index cache file {path} is not a valid .npy file ({e}); delete it "
                                  "and megatron-core rebuilds it") from None
             if dtype.hasobject:
-                raise ValueError(f"dataset index cache file {path} holds Python objects (a pickle), which loading "
+                raise DataError(f"dataset index cache file {path} holds Python objects (a pickle), which loading "
                                  "would execute; refusing it. Delete it: megatron-core rebuilds the indices")
 
 
@@ -266,12 +267,12 @@ def build_gpt_datasets(
     prefixes, weights = parse_data_path(data_path)
     parse_split(split)  # the one split parser validates; megatron-core reads the numbers of the same string
     if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 1:
-        raise ValueError(f"seq_length must be a positive int, got {seq_length!r}")
+        raise DataError(f"seq_length must be a positive int, got {seq_length!r}")
     if len(num_samples) != 2 or any(not isinstance(n, int) or n < 0 for n in num_samples):
-        raise ValueError(f"num_samples must be (train, valid) non-negative ints, got {num_samples!r}")
+        raise DataError(f"num_samples must be (train, valid) non-negative ints, got {num_samples!r}")
     for attr in ("eod", "vocab_size", "unique_identifiers"):
         if not hasattr(tokenizer, attr):
-            raise ValueError(f"tokenizer {tokenizer!r} lacks the attribute {attr!r} megatron-core needs")
+            raise DataError(f"tokenizer {tokenizer!r} lacks the attribute {attr!r} megatron-core needs")
 
     infos = [validate_indexed_dataset(p) for p in prefixes]
 
@@ -296,21 +297,21 @@ def build_gpt_datasets(
         gpt_index_cache_dir=blend_cache_dir,
     )
     if config.mock:
-        raise ValueError("internal error: megatron-core treated the data as mock data")
+        raise DataError("internal error: megatron-core treated the data as mock data")
     # Never build the test split: it is unused and an empty one would make megatron-core loop.
     config.split_matrix = [config.split_matrix[0], config.split_matrix[1], None]
 
     names = ("train", "valid")
     for i, name in enumerate(names):
         if num_samples[i] > 0 and config.split_matrix[i] is None:
-            raise ValueError(
+            raise DataError(
                 f"split {split!r} gives the {name} set no documents but {num_samples[i]} {name} samples were requested"
             )
         if config.split_matrix[i] is None:
             continue
         for info in infos:
             if _split_document_range(config.split_matrix[i], info.num_sequences) == 0:
-                raise ValueError(
+                raise DataError(
                     f"the {name} part of split {split!r} holds no document of {info.prefix!r} "
                     f"({info.num_sequences} documents); use more data or a larger {name} fraction"
                 )
@@ -353,7 +354,7 @@ class MicroBatchIterator:
         self, dataset, micro_batch_size: int, consumed_samples: int = 0, dp_rank: int = 0, dp_size: int = 1
     ) -> None:
         if dataset is None:
-            raise ValueError("MicroBatchIterator: dataset is None")
+            raise DataError("MicroBatchIterator: dataset is None")
         for name, value, low in (
             ("micro_batch_size", micro_batch_size, 1),
             ("consumed_samples", consumed_samples, 0),
@@ -361,12 +362,12 @@ class MicroBatchIterator:
             ("dp_rank", dp_rank, 0),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"MicroBatchIterator: {name} must be an int >= {low}, got {value!r}")
+                raise DataError(f"MicroBatchIterator: {name} must be an int >= {low}, got {value!r}")
         if dp_rank >= dp_size:
-            raise ValueError(f"MicroBatchIterator: dp_rank={dp_rank} must be < dp_size={dp_size}")
+            raise DataError(f"MicroBatchIterator: dp_rank={dp_rank} must be < dp_size={dp_size}")
         total = len(dataset)
         if consumed_samples > total:
-            raise ValueError(
+            raise DataError(
                 f"MicroBatchIterator: consumed_samples={consumed_samples} exceeds the dataset size {total}"
             )
         self.dataset = dataset

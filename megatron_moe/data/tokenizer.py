@@ -21,6 +21,8 @@ from collections import OrderedDict
 
 import sentencepiece as spm
 
+from megatron_moe.data.errors import DataError
+
 UNK_ID = 0
 BOS_ID = 1
 EOS_ID = 2
@@ -62,19 +64,19 @@ def train_sentencepiece(
         The path of the written ``.model`` file.
     """
     if not input_files:
-        raise ValueError("train_sentencepiece: input_files is empty")
+        raise DataError("train_sentencepiece: input_files is empty")
     for path in input_files:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"train_sentencepiece: input file not found: {path}")
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(
+        raise DataError(
             f"train_sentencepiece: vocab_size={vocab_size} is below the minimum {MIN_VOCAB_SIZE} "
             "(byte fallback alone takes 256 ids)"
         )
     if model_type not in ("bpe", "unigram"):
-        raise ValueError(f"train_sentencepiece: model_type must be 'bpe' or 'unigram', got {model_type!r}")
+        raise DataError(f"train_sentencepiece: model_type must be 'bpe' or 'unigram', got {model_type!r}")
     if num_threads < 1:
-        raise ValueError(f"train_sentencepiece: num_threads must be >= 1, got {num_threads}")
+        raise DataError(f"train_sentencepiece: num_threads must be >= 1, got {num_threads}")
 
     model_path = model_prefix + ".model"
     parent = os.path.dirname(os.path.abspath(model_path))
@@ -142,16 +144,16 @@ class SentencePieceTokenizer:
         with open(model_path, "rb") as f:
             blob = f.read()
         if not blob:
-            raise ValueError(f"SentencePiece model file is empty: {model_path}")
+            raise DataError(f"SentencePiece model file is empty: {model_path}")
         processor = spm.SentencePieceProcessor()
         try:
             processor.LoadFromSerializedProto(blob)
         except (RuntimeError, OSError, TypeError) as err:
-            raise ValueError(f"corrupt or unreadable SentencePiece model file {model_path}: {err}") from err
+            raise DataError(f"corrupt or unreadable SentencePiece model file {model_path}: {err}") from err
         if processor.get_piece_size() <= 0:
-            raise ValueError(f"SentencePiece model file has an empty vocabulary: {model_path}")
+            raise DataError(f"SentencePiece model file has an empty vocabulary: {model_path}")
         if processor.eos_id() < 0:
-            raise ValueError(f"SentencePiece model {model_path} defines no eos id; it is needed as end-of-document")
+            raise DataError(f"SentencePiece model {model_path} defines no eos id; it is needed as end-of-document")
         self.model_path = model_path
         self._sp = processor
         self._sha256 = hashlib.sha256(blob).hexdigest()
@@ -213,13 +215,13 @@ class SentencePieceTokenizer:
         size = self.vocab_size
         for i in ids:
             if i < 0 or i >= size:
-                raise ValueError(f"decode: id {i} out of range [0, {size})")
+                raise DataError(f"decode: id {i} out of range [0, {size})")
         return self._sp.decode(ids)
 
     def id_to_piece(self, token_id: int) -> str:
         """The piece string of one id."""
         if token_id < 0 or token_id >= self.vocab_size:
-            raise ValueError(f"id_to_piece: id {token_id} out of range [0, {self.vocab_size})")
+            raise DataError(f"id_to_piece: id {token_id} out of range [0, {self.vocab_size})")
         return self._sp.id_to_piece(int(token_id))
 
     def __getstate__(self) -> dict:

@@ -36,6 +36,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from megatron_moe.config import Config, ConfigError
+from megatron_moe.data.errors import DataError
 from megatron_moe.model.moe import MoELayer, MoELayerSet, MoEStats
 from megatron_moe.model.transformer import MoETransformer, build_model, count_parameters, materialize
 from megatron_moe.parallel.data import (
@@ -262,7 +263,7 @@ class ParallelEngine:
         tokens = torch.cat([b["tokens"] for b in batches])
         vocab = self.cfg.model.vocab_size
         if tokens.device.type == "cpu" and tokens.numel() and int(tokens.max()) >= vocab:  # host data: no sync
-            raise ValueError(f"the data holds token id {int(tokens.max())}, but model.vocab_size is {vocab}: was it "
+            raise DataError(f"the data holds token id {int(tokens.max())}, but model.vocab_size is {vocab}: was it "
                              "tokenized with another, larger vocabulary than --tokenizer-model?")
         tokens = tokens.to(self.device)
         target = torch.cat([loss_target(b["labels"], b["loss_mask"]) for b in batches]).to(self.device)

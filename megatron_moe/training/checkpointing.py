@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from megatron_moe.config import Config
+from megatron_moe.config import Config, ConfigError
 from megatron_moe.training.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -229,7 +229,7 @@ def resolve_vocab_size(cfg: Config, tokenizer_vocab: int, loaded: LoadedCheckpoi
         vocab = padded_vocab_size(tokenizer_vocab, m.make_vocab_size_divisible_by,
                                   cfg.parallel.tensor_model_parallel_size)
     elif vocab < tokenizer_vocab:
-        raise ValueError(
+        raise ConfigError(
             f"model.vocab_size = {vocab} is smaller than the tokenizer's vocabulary "
             f"({tokenizer_vocab} in {cfg.data.tokenizer_model!r})"
         )

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_moe.config import Config
+from megatron_moe.config import Config, ConfigError
 from megatron_moe.data.datasets import MicroBatchIterator, build_gpt_datasets
 from megatron_moe.data.tokenizer import SentencePieceTokenizer
 from megatron_moe.parallel.engine import ParallelEngine, StepResult, init_distributed_from_env
@@ -53,7 +53,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("training.device = 'cuda' but no CUDA device is available")
+        raise ConfigError("training.device = 'cuda' but no CUDA device is available")
     if name == "cuda" and "LOCAL_RANK" in os.environ:
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
@@ -112,12 +112,14 @@ class Trainer:
     def __init__(self, cfg: Config, device: torch.device, eval_only: bool = False):
         torch.manual_seed(cfg.training.seed)
         if not cfg.data.tokenizer_model:
-            raise ValueError("data.tokenizer_model (--tokenizer-model) is required")
+            raise ConfigError("data.tokenizer_model (--tokenizer-model) is required")
         if not cfg.data.data_path:
-            raise ValueError("data.data_path (--data-path) is required")
+            raise ConfigError("data.data_path (--data-path) is required")
         self.loaded = open_checkpoint(cfg.checkpoint.load)
         if eval_only and self.loaded is None:
-            raise ValueError("--eval-only needs a checkpoint to evaluate: pass --load DIR")
+            raise ConfigError("--eval-only needs a checkpoint to evaluate: pass --load DIR")
+        if eval_only and not cfg.training.eval_iters:
+            raise ConfigError("--eval-only with training.eval_iters = 0 (--eval-iters) evaluates nothing")
         tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
         tokenizer_id = tokenizer_identity(tokenizer.vocab_size, tokenizer.unique_identifiers["model_sha256"])
         check_tokenizer(self.loaded, tokenizer_id, cfg)
@@ -203,7 +205,7 @@ class Trainer:
         coefficients = build_aux_coefficients(cfg, engine.num_moe_layers, self.device)
         resume = self.checkpoints.restore(self.loaded, optimizer, coefficients) if self.loaded else ResumePoint()
         if resume.step > t.train_iters:
-            raise ValueError(f"checkpoint {self.loaded.path} is at step {resume.step}, beyond training.train_iters = "
+            raise ConfigError(f"checkpoint {self.loaded.path} is at step {resume.step}, beyond training.train_iters = "
                              f"{t.train_iters} (--train-iters): nothing to train; raise --train-iters to continue")
         if resume.step == t.train_iters and self.log:
             print(f"checkpoint {self.loaded.path} is at step {resume.step} = training.train_iters: "
@@ -212,7 +214,8 @@ class Trainer:
         train_iter = MicroBatchIterator(self.train_ds, t.micro_batch_size, consumed_samples=resume.consumed_samples,
                                         dp_rank=engine.dp_rank, dp_size=engine.sizes.dp)
         self.summary: dict = {"valid": []}
-        if t.eval_interval and resume.step == 0:
+        validate_every = t.eval_interval if t.eval_iters else 0  # eval_iters = 0: no validation (as Megatron-LM)
+        if validate_every and resume.step == 0:
             self._validate(0)
         start, throughput = time.perf_counter(), _Throughput(t.global_batch_size * cfg.data.seq_length)
         with StopRequest() as stop:
@@ -230,7 +233,7 @@ class Trainer:
                 if applied and (step % cfg.logging.log_interval == 0 or step == t.train_iters):
                     record = step_record(step, lr, result, coefficients.coefficients, throughput.pop())
                     self.writer.log(record, progress_line(record) if self.log else None)
-                if t.eval_interval and (step % t.eval_interval == 0 or step == t.train_iters):
+                if validate_every and (step % validate_every == 0 or step == t.train_iters):
                     self._validate(step)
                 if self._save_and_maybe_stop(step, stop, optimizer, train_iter.consumed_samples, coefficients):
                     break

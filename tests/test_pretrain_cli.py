@@ -1,0 +1,53 @@
+"""pretrain_moe.py: errors a user can cause are one line and a distinct exit code, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pretrain_moe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _flags(corpus: dict, run_dir: Path) -> list[str]:
+    return ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-experts", "4",
+            "--moe-ffn-hidden-size", "32", "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2",
+            "--train-iters", "1", "--eval-interval", "0", "--training.device", "cpu",
+            "--data-path", corpus["prefix"], "--tokenizer-model", corpus["tokenizer"], "--split", "90,10,0",
+            "--data.cache_dir", str(corpus["root"] / "cache"), "--save", str(run_dir)]
+
+
+@pytest.mark.parametrize("change,kind,code,needle", [
+    ({"--tokenizer-model": "missing.model"}, "data", 4, "missing.model"),
+    ({"--lr": "nan"}, "configuration", 2, "optimizer.lr = nan"),
+    ({"--load": "{tmp}/no_checkpoint_here"}, "checkpoint", 3, "no_checkpoint_here"),
+    ({"--eval-iters": "0", "--eval-only": None, "--load": "{tmp}/good"}, "configuration", 2, "evaluates nothing"),
+    ({"--vocab-size": "64"}, "configuration", 2, "model.vocab_size = 64 is smaller"),
+])
+def test_user_errors_are_one_line_and_an_exit_code(loop_corpus, tmp_path, capsys, change, kind, code, needle):
+    assert pretrain_moe.main(_flags(loop_corpus, tmp_path / "good")) == 0  # the unchanged run works
+    capsys.readouterr()
+    (tmp_path / "no_checkpoint_here").mkdir()
+    argv = _flags(loop_corpus, tmp_path / "run")
+    for flag, value in change.items():
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value.format(tmp=tmp_path)
+        else:
+            argv += [flag] if value is None else [flag, value.format(tmp=tmp_path)]
+    assert pretrain_moe.main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{kind} error:") and needle in err, err
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    argv = ["--tokenizer-model", str(tmp_path / "t.model"), "--data-path", str(tmp_path / "d"),
+            "--training.device", "cpu"]
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain_moe.py"), *argv], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 4, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "t.model" in proc.stderr
