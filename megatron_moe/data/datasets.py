@@ -119,6 +119,9 @@ def validate_indexed_dataset(prefix: str) -> IndexedDataInfo:
     bin_size = os.path.getsize(bin_path)
     if bin_size < bin_end:
         raise DataError(f"data file {bin_path} is truncated: {bin_size} bytes, its index {idx_path} needs {bin_end}")
+    if bin_size > bin_end:
+        raise DataError(f"data file {bin_path} has {bin_size} bytes but its index {idx_path} describes {bin_end}: "
+                        "the .idx belongs to another .bin (rebuild them together)")
     return IndexedDataInfo(
         prefix=prefix,
         num_sequences=int(num_sequences),
@@ -198,6 +201,40 @@ class _GPTDataset(GPTDataset):
         super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
 
 
+def _data_fingerprint(prefixes: list[str]) -> str:
+    """A short hash of the data files' absolute paths, sizes and modification times."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for prefix in prefixes:
+        for path in (prefix + ".bin", prefix + ".idx"):
+            st = os.stat(path)
+            h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return "data-" + h.hexdigest()[:16]
+
+
+def check_tokenizer_record(prefix: str, tokenizer) -> None:
+    """If preprocessing recorded its tokenizer beside ``prefix`` (this project's preprocessing does;
+    Megatron-LM's does not), the run's tokenizer must be that one; raises DataError otherwise."""
+    import json
+
+    from megatron_moe.data.preprocess import TOKENIZER_RECORD
+
+    path = prefix + TOKENIZER_RECORD
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"tokenizer record {path} is unreadable ({e}); delete it or re-run preprocessing") from None
+    mine = getattr(tokenizer, "unique_identifiers", {}).get("model_sha256")
+    if mine is not None and record.get("model_sha256") != mine:
+        raise DataError(f"{prefix}.bin was tokenized with {record.get('model', 'another tokenizer')!r} (vocabulary "
+                        f"{record.get('vocab_size')}, sha256 {str(record.get('model_sha256'))[:12]}...), not with "
+                        f"this run's tokenizer (vocabulary {tokenizer.vocab_size}, sha256 {mine[:12]}...)")
+
+
 def check_index_cache(cache_dir: str) -> None:
     """Refuse index-cache files that could run code when megatron-core opens them.
 
@@ -275,11 +312,17 @@ def build_gpt_datasets(
             raise DataError(f"tokenizer {tokenizer!r} lacks the attribute {attr!r} megatron-core needs")
 
     infos = [validate_indexed_dataset(p) for p in prefixes]
+    for prefix in prefixes:
+        check_tokenizer_record(prefix, tokenizer)
 
     if blend_cache_dir is None:
         blend_cache_dir = os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
     os.makedirs(blend_cache_dir, exist_ok=True)
     check_index_cache(blend_cache_dir)
+    # megatron-core keys its cache by paths and settings; the files' sizes and times key it by content
+    # too, so replacing the data never reuses stale indices.
+    blend_cache_dir = os.path.join(blend_cache_dir, _data_fingerprint(prefixes))
+    os.makedirs(blend_cache_dir, exist_ok=True)
 
     config = _GPTConfig(
         random_seed=int(seed),

@@ -156,6 +156,18 @@ def train_tokenizer_on_files(
         return train_sentencepiece([text_path], model_path[: -len(".model")], vocab_size, model_type=model_type)
 
 
+TOKENIZER_RECORD = ".tokenizer.json"  # beside <prefix>.bin/.idx: which tokenizer wrote the ids
+
+
+def write_tokenizer_record(prefix: str, tokenizer: SentencePieceTokenizer) -> None:
+    """Record the tokenizer (vocabulary size, SHA-256 of its model file) beside ``prefix.bin/.idx``; the
+    dataset builder refuses to train these ids with another tokenizer."""
+    record = {"vocab_size": tokenizer.vocab_size, "model_sha256": tokenizer.unique_identifiers["model_sha256"],
+              "model": os.path.basename(tokenizer.model_path)}
+    with open(prefix + TOKENIZER_RECORD, "w") as f:
+        json.dump(record, f)
+
+
 def preprocess_files(
     input_files: list[str],
     output_prefix: str,
@@ -242,6 +254,7 @@ def preprocess_files(
         raise ValueError(f"no non-empty documents found in {input_files}")
     os.replace(tmp_bin, bin_path)
     os.replace(tmp_idx, idx_path)
+    write_tokenizer_record(prefix, tokenizer)
     if log is not None:
         log(
             f"[preprocess] done: {num_docs} documents, {num_tokens} tokens ({np.dtype(dtype).name}) "

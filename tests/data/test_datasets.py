@@ -236,7 +236,7 @@ def test_distributed_build_matches_single_process(tmp_path, corpus_dir):
         assert (n_train, n_valid) == (len(train), len(valid))
         for b, g in zip(batches, single, strict=True):
             assert torch.equal(b, g["tokens"][rank * 2 : (rank + 1) * 2])
-    assert any(name.endswith("BlendedDataset-train-dataset_index.npy") for name in os.listdir(tmp_path / "dist"))
+    assert any(p.name.endswith("BlendedDataset-train-dataset_index.npy") for p in (tmp_path / "dist").rglob("*"))
 
 
 class _RunsCode:
@@ -266,3 +266,36 @@ def test_a_pickle_in_the_index_cache_is_refused_before_megatron_core_loads_it(tm
     with pytest.raises(ValueError, match=rf"{legit[0].name} holds Python objects"):
         _build(corpus_dir, cache)
     assert not (tmp_path / "ran_from_index_cache").exists()
+
+
+def test_data_files_must_belong_together_and_to_the_tokenizer(tmp_path, corpus_dir):
+    """An .idx with another .bin, ids from another tokenizer, replaced files under an old cache."""
+    import json
+
+    root = tmp_path / "d"
+    shutil.copytree(os.path.dirname(corpus_dir["prefix_a"]), root, ignore=shutil.ignore_patterns("index-cache"))
+    a = str(root / os.path.basename(corpus_dir["prefix_a"]))
+    b = str(root / os.path.basename(corpus_dir["prefix_b"]))
+    assert os.path.isfile(a + ".tokenizer.json")  # written by preprocessing
+    _build(corpus_dir, tmp_path / "c", data_path=[a])
+    first = sorted(p.parent.name for p in (tmp_path / "c").rglob("*.npy"))
+    # The same path, other content: a new cache key (stale indices are never reused).
+    shutil.copy(b + ".bin", a + ".bin")
+    shutil.copy(b + ".idx", a + ".idx")
+    _build(corpus_dir, tmp_path / "c", data_path=[a])
+    assert set(p.parent.name for p in (tmp_path / "c").rglob("*.npy")) - set(first)
+    # An index paired with another (here larger, then smaller) data file.
+    shutil.copy(corpus_dir["prefix_a"] + ".bin", a + ".bin")
+    with pytest.raises(ValueError, match="the .idx belongs to another .bin"):
+        _build(corpus_dir, tmp_path / "c", data_path=[a])
+    shutil.copy(corpus_dir["prefix_a"] + ".idx", a + ".idx")
+    shutil.copy(b + ".bin", a + ".bin")
+    with pytest.raises(ValueError, match="is truncated"):
+        _build(corpus_dir, tmp_path / "c", data_path=[a])
+    # Ids written by another tokenizer.
+    record = json.loads(open(b + ".tokenizer.json").read())
+    record["model_sha256"] = "0" * 64
+    open(b + ".tokenizer.json", "w").write(json.dumps(record))
+    with pytest.raises(ValueError, match="was tokenized with"):
+        _build(corpus_dir, tmp_path / "c", data_path=[b])
+
