@@ -32,11 +32,24 @@ class MetricsWriter:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if wandb_project and wandb_mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            settings = None
+            if wandb_mode == "offline":
+                # Offline must mean no network and no subprocess looking around: no git, code, host metadata,
+                # machine info or system monitor (otherwise wandb ran git and made DNS queries). Set in the
+                # environment too: wandb reads its global settings (git root) before any run's.
+                quiet = {"disable_git": True, "disable_code": True, "x_disable_meta": True, "x_disable_stats": True,
+                         "x_disable_machine_info": True, "disable_job_creation": True}
+                for key in quiet:
+                    os.environ.setdefault(f"WANDB_{key.upper()}", "true")
+                os.environ.setdefault("WANDB_MODE", "offline")  # wandb's global settings: no telemetry exporter
+                os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
             import wandb
 
-            os.environ.setdefault("WANDB_SILENT", "true")
+            if wandb_mode == "offline":
+                settings = wandb.Settings(**quiet)
             self._wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=str(self.path.parent),
-                                     name=run_name or None, config=config or {})
+                                     name=run_name or None, config=config or {}, settings=settings)
         if tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter

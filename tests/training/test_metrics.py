@@ -58,3 +58,36 @@ def test_tensorboard_dir_gets_the_same_records_as_metrics_jsonl(loop_corpus, tmp
         assert logged.keys() == expected.keys() and expected, tag
         for step, value in expected.items():
             assert logged[step] == pytest.approx(value, rel=1e-6), (tag, step)
+
+
+_OFFLINE_RUN = """
+import sys
+from megatron_moe.training.metrics import MetricsWriter
+w = MetricsWriter(sys.argv[1], wandb_project="megatron-moe-test", wandb_mode="offline", config={"a": 1})
+w.log({"step": 1, "loss": 1.0})
+w.close()
+print("logged")
+"""
+
+
+def test_wandb_offline_makes_no_network_call_and_runs_no_git(tmp_path):
+    """Every process of the run is traced (strace -f): no inet socket is connected (DNS included), git never runs."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    strace = shutil.which("strace")
+    if strace is None or subprocess.run([strace, "-f", "-qq", "-o", "/dev/null", "true"]).returncode:
+        pytest.skip("strace (with ptrace permission) is needed to watch every process of the run")
+    trace = tmp_path / "trace.txt"
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("WANDB_")}
+    proc = subprocess.run([strace, "-f", "-qq", "-e", "trace=connect,execve", "-o", str(trace), sys.executable, "-c",
+                           _OFFLINE_RUN, str(tmp_path / "run")], capture_output=True, text=True, timeout=180,
+                          cwd=Path(__file__).parents[2], env=env)
+    assert proc.returncode == 0 and "logged" in proc.stdout, proc.stderr[-2000:]
+    lines = trace.read_text().splitlines()
+    assert any("wandb-core" in line for line in lines)  # the trace did see wandb's service process
+    network = [line for line in lines if "connect(" in line and ("AF_INET" in line or "AF_INET6" in line)]
+    git = [line for line in lines if "execve(" in line and "git" in line and "ENOENT" not in line]
+    assert not network and not git, network + git
