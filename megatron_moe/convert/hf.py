@@ -139,8 +139,11 @@ def _weight_files(path: Path) -> dict[str, Path]:
         return files
     single = path / SINGLE
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
-            return {name: single for name in f.keys()}
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                return {name: single for name in f.keys()}
+        except Exception as e:  # noqa: BLE001 - safetensors' errors do not name the file
+            raise ConversionError(f"{single}: not a readable safetensors file ({e})") from None
     if list(path.glob("*.bin")):
         raise ConversionError(f"{path}: only PyTorch .bin weights found; convert them to safetensors first "
                               "(pickled .bin files are not loaded)")

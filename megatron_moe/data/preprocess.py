@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_moe.data.errors import DataError
 from megatron_moe.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 TXT_MODES = ("paragraph", "file")
@@ -72,6 +73,17 @@ def _is_jsonl(path: str) -> bool:
     return path.endswith((".jsonl", ".json"))
 
 
+def _utf8_lines(binary_file, path: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a file opened in binary mode; DataError naming the file and line for
+    bytes that are not UTF-8."""
+    for line_no, raw in enumerate(binary_file, start=1):
+        try:
+            yield line_no, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{line_no}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column "
+                            f"{e.start + 1}); convert the file to UTF-8") from None
+
+
 def iter_documents(path: str, *, json_key: str = "text", txt_mode: str = "paragraph") -> Iterator[str]:
     """Yield the documents of one input file, in file order (format rules in the module docstring).
 
@@ -84,8 +96,8 @@ def iter_documents(path: str, *, json_key: str = "text", txt_mode: str = "paragr
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input file not found: {path}")
     if _is_jsonl(path):
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            for line_no, line in _utf8_lines(f, path):
                 if not line.strip():
                     continue
                 try:
@@ -100,20 +112,22 @@ def iter_documents(path: str, *, json_key: str = "text", txt_mode: str = "paragr
                 if text.strip():
                     yield text
         return
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         if txt_mode == "file":
-            text = f.read()
+            text = "".join(line for _, line in _utf8_lines(f, path))
+            text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text mode reads
             if text.strip():
                 yield text
             return
         lines: list[str] = []
-        for line in f:
-            line = line.rstrip("\r\n")
-            if line.strip():
-                lines.append(line)
-            elif lines:
-                yield "\n".join(lines)
-                lines = []
+        for _, chunk in _utf8_lines(f, path):
+            pieces = chunk.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # universal newlines
+            for line in pieces[:-1] if chunk.endswith(("\n", "\r")) else pieces:
+                if line.strip():
+                    lines.append(line)
+                elif lines:
+                    yield "\n".join(lines)
+                    lines = []
         if lines:
             yield "\n".join(lines)
 

@@ -147,6 +147,9 @@ class CheckpointManager:
             return ResumePoint()
         info = load_training_state(loaded.path, engine.parts, optimizer, engine.num_moe_layers, engine.rank,
                                    engine.device, same_layout=loaded.meta.get("layout") == self.layout)
+        if info["step"] != loaded.meta.get("step"):
+            raise CheckpointError(f"checkpoint {loaded.path}: meta.json says step {loaded.meta.get('step')} but its "
+                                  f"tensors hold step {info['step']}; the directory mixes two checkpoints")
         saved_samples = loaded.meta.get("train_samples")
         if saved_samples not in (None, t.train_samples):
             self._print(f"warning: training.train_iters x global_batch_size changed since the checkpoint "

@@ -96,3 +96,17 @@ def test_cli_trains_tokenizer(tmp_path, capsys):
     seqs = _read_all(str(tmp_path / "cli_text_document"))
     assert [tok.decode(s[:-1]) for s in seqs] == docs
     assert main(["--input", src, "--output-prefix", "x", "--tokenizer-model", str(model), "--vocab-size", "9"]) == 2
+
+
+def test_non_utf8_input_names_the_file_and_line(tmp_path):
+    from megatron_moe.data.errors import DataError
+
+    cases = (("a.txt", b"fine\nalso fine\nbad \xff byte\n"), ("b.jsonl", b'{"text": "ok"}\n{"text": "\xe9"}\n'))
+    for name, body in cases:
+        path = tmp_path / name
+        path.write_bytes(body)
+        with pytest.raises(DataError, match=rf"{name}:[23]: not UTF-8 text"):
+            list(iter_documents(str(path)))
+    crlf = tmp_path / "c.txt"
+    crlf.write_bytes(b"one\r\ntwo\r\n\r\nthree\rfour\n")
+    assert list(iter_documents(str(crlf))) == ["one\ntwo", "three\nfour"]

@@ -256,3 +256,16 @@ def test_resuming_past_train_iters_says_so(loop_corpus, tmp_path, capsys):
     shorter.checkpoint.load = str(tmp_path / "run")
     with pytest.raises(ValueError, match=r"at step 3, beyond training.train_iters = 2"):
         train(shorter)
+
+
+def test_meta_json_disagreeing_with_the_tensors_is_refused(loop_corpus, tmp_path):
+    corpus = loop_corpus
+    train(cfg_for(corpus, tmp_path / "run", iters=3))
+    ckpt = resolve_checkpoint(tmp_path / "run")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["step"] = 2
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    resume = cfg_for(corpus, tmp_path / "run", iters=6)
+    resume.checkpoint.load = str(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="meta.json says step 2 but its tensors hold step 3"):
+        train(resume)
