@@ -10,6 +10,7 @@ Errors a user can cause print one line naming the setting or file and exit with 
 from __future__ import annotations
 
 import errno
+import os
 import sys
 
 from megatron_moe.config import ConfigError, parse_args
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg, extras = parse_args(sys.argv[1:] if argv is None else argv)
+        if os.environ.get("RANK", "0") == "0":
+            for note in extras["notes"]:
+                print(f"note: {note}", file=sys.stderr)
         train(cfg, eval_only=extras["eval_only"])
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - user errors become one line; bugs re-raise
         kind = _classify(e)

@@ -421,6 +421,7 @@ class Config:
 # Flags that imply a value: Megatron-LM's --recompute-activations is selective recompute.
 IMPLIED_FLAGS: dict[str, tuple[str, str]] = {
     "recompute-activations": ("parallel.recompute_granularity", "selective"),
+    "untie-embeddings-and-output-weights": ("model.tie_embeddings", "false"),
 }
 
 # Settings renamed since checkpoints were first written: old dotted name -> (new name, value mapping).
@@ -596,11 +597,12 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
     """Build a Config from ``--config FILE`` plus overrides in ``argv``.
 
     Returns (config, extras) where extras holds run-level switches that are not settings
-    (currently ``eval_only``). Boolean settings may be given without a value (``--bf16``).
-    List settings take all following values up to the next ``--flag``.
+    (``eval_only``) and ``notes``: one line per accepted Megatron-LM flag that has no effect here.
+    Boolean settings may be given without a value (``--bf16``). List settings take all following
+    values up to the next ``--flag``. Every flag error is collected and reported together.
     """
     cfg = cfg or Config()
-    extras: dict[str, Any] = {"eval_only": False}
+    extras: dict[str, Any] = {"eval_only": False, "notes": []}
     given: set[str] = set()
     args = list(argv)
     if "--config" in args:
@@ -609,11 +611,14 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
             raise ConfigError("--config needs a path to a TOML file")
         cfg = load_toml(args[i + 1], cfg, given)
         del args[i : i + 2]
+    errors: list[str] = []
     i = 0
     while i < len(args):
         flag = args[i]
         if not flag.startswith("--"):
-            raise ConfigError(f"unexpected argument {flag!r}: settings look like --group.field VALUE")
+            errors.append(f"unexpected argument {flag!r}: settings look like --group.field VALUE")
+            i += 1
+            continue
         name = flag[2:]
         if "=" in name:
             name, inline = name.split("=", 1)
@@ -625,33 +630,73 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
                 j += 1
             values = args[i + 1 : j]
             i = j
-        if name in ("eval-only", "eval_only"):
-            extras["eval_only"] = True if not values else _convert(values[0], bool, name)
-            continue
-        if name in IMPLIED_FLAGS:
-            if values:
-                raise ConfigError(f"--{name} takes no value")
-            set_value(cfg, *IMPLIED_FLAGS[name])
-            given.add(IMPLIED_FLAGS[name][0])
-            continue
-        dotted = MEGATRON_FLAGS.get(name, name if "." in name else None)
-        if dotted is None:
-            raise ConfigError(f"unknown flag --{name}: use --group.field or a Megatron-LM flag name")
-        group_name, key = dotted.split(".", 1)
-        group = getattr(cfg, group_name, None)
-        annotation = _group_fields(group)[key][0] if group is not None and key in _group_fields(group) else None
-        if annotation is bool and not values:
-            values = ["true"]
-        if not values:
-            raise ConfigError(f"--{name} needs a value")
-        is_list = typing.get_origin(annotation) is list
-        if len(values) > 1 and not is_list:
-            raise ConfigError(f"--{name} takes one value, got {values}")
-        set_value(cfg, dotted, values if is_list else values[0])
-        given.add(dotted)
+        try:
+            _apply_flag(cfg, name, values, extras, given)
+        except ConfigError as e:
+            errors.append(str(e))
+    if errors:
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  " + "\n  ".join(errors))
     cfg.validate()
     _check_no_ignored_settings(cfg, given)
     return cfg, extras
+
+
+def _apply_flag(cfg: Config, name: str, values: list[str], extras: dict[str, Any], given: set[str]) -> None:
+    """Apply one command-line flag (module docstring, :mod:`megatron_moe.megatron_compat`)."""
+    from megatron_moe import megatron_compat as mc
+
+    def single_value() -> str:
+        if len(values) != 1:
+            raise ConfigError(f"--{name} takes one value, got {values or 'none'}")
+        return values[0]
+
+    if name in ("eval-only", "eval_only"):
+        extras["eval_only"] = True if not values else _convert(values[0], bool, name)
+        return
+    if name in IMPLIED_FLAGS:
+        if values:
+            raise ConfigError(f"--{name} takes no value")
+        set_value(cfg, *IMPLIED_FLAGS[name])
+        given.add(IMPLIED_FLAGS[name][0])
+        return
+    if name in mc.STATES:
+        required, what = mc.STATES[name]
+        if required is None and values:
+            raise ConfigError(f"--{name} takes no value")
+        if required is not None and not mc.same_value(single_value(), required):
+            raise ConfigError(f"--{name} {values[0]}: not available here ({what}); only {required} is")
+        return
+    if name in mc.NO_EFFECT:
+        extras["notes"].append(f"--{name} has no effect here: {mc.NO_EFFECT[name]}")
+        return
+    if name in mc.REFUSED:
+        harmless, why = mc.REFUSED[name]
+        if harmless is not None and values and mc.same_value(single_value(), harmless):
+            return
+        raise ConfigError(f"--{name} is not supported: {why}")
+    if name in mc.VALUE_MAPS:
+        dotted, mapping = mc.VALUE_MAPS[name]
+        value = single_value()
+        if value not in mapping:
+            raise ConfigError(f"--{name} {value}: not available here; choose one of {sorted(mapping)}")
+        set_value(cfg, dotted, mapping[value])
+        given.add(dotted)
+        return
+    dotted = MEGATRON_FLAGS.get(name, name if "." in name else None)
+    if dotted is None:
+        raise ConfigError(f"unknown flag --{name}: use --group.field or a Megatron-LM flag name")
+    group_name, key = dotted.split(".", 1)
+    group = getattr(cfg, group_name, None)
+    annotation = _group_fields(group)[key][0] if group is not None and key in _group_fields(group) else None
+    if annotation is bool and not values:
+        values = ["true"]
+    if not values:
+        raise ConfigError(f"--{name} needs a value")
+    is_list = typing.get_origin(annotation) is list
+    if len(values) > 1 and not is_list:
+        raise ConfigError(f"--{name} takes one value, got {values}")
+    set_value(cfg, dotted, values if is_list else values[0])
+    given.add(dotted)
 
 
 def _check_no_ignored_settings(cfg: Config, given: set[str]) -> None:

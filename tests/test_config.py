@@ -5,7 +5,7 @@ from megatron_moe.config import Config, ConfigError, load_toml, parse_args
 
 def test_defaults_validate():
     cfg, extras = parse_args([])
-    assert cfg == Config() and extras == {"eval_only": False}
+    assert cfg == Config() and extras == {"eval_only": False, "notes": []}
 
 
 def test_toml_then_dotted_and_megatron_overrides(tmp_path):
@@ -104,3 +104,33 @@ def test_nan_and_inf_float_settings_are_refused():
             with pytest.raises(ConfigError, match=flag.lstrip("-").replace("-", "_").split(".")[-1].replace(
                     "rotary_base", "rope_theta")):
                 parse_args([flag, value])
+
+
+def test_megatron_flags_that_state_the_architecture_or_tune_kernels():
+    """The flags of Megatron-LM's Mixtral example that have no setting of their own here."""
+    cfg, extras = parse_args([
+        "--use-mcore-models", "--disable-bias-linear", "--seq-length", "256", "--max-position-embeddings", "256",
+        "--position-embedding-type", "rope", "--swiglu", "--untie-embeddings-and-output-weights",
+        "--group-query-attention", "--num-query-groups", "2", "--normalization", "RMSNorm",
+        "--no-masked-softmax-fusion", "--no-position-embedding", "--rotary-base", "1000000",
+        "--moe-router-load-balancing-type", "aux_loss",
+        "--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall", "--expert-model-parallel-size", "1",
+        "--sequence-parallel", "--use-distributed-optimizer", "--overlap-grad-reduce", "--attention-dropout", "0.0",
+        "--hidden-dropout", "0", "--ckpt-format", "torch_dist",
+    ])
+    assert cfg.model.tie_embeddings is False and cfg.moe.balance_loss == "switch" and cfg.model.rope_theta == 1e6
+    assert any(n.startswith("--moe-grouped-gemm has no effect") for n in extras["notes"])
+    noted = {n.split()[0] for n in extras["notes"]}
+    assert noted == {"--use-mcore-models", "--max-position-embeddings", "--no-masked-softmax-fusion",
+                     "--moe-grouped-gemm", "--moe-token-dispatcher-type", "--use-distributed-optimizer"}
+
+
+def test_megatron_flags_for_missing_features_are_refused_together_with_reasons():
+    with pytest.raises(ConfigError) as err:
+        parse_args(["--normalization", "LayerNorm", "--expert-model-parallel-size", "4", "--fp16",
+                    "--moe-router-load-balancing-type", "sinkhorn", "--colour", "blue", "--swiglu", "yes"])
+    message = str(err.value)
+    assert message.startswith("6 problems:")
+    for needle in ("--normalization LayerNorm: not available here", "no expert parallelism by design", "use --bf16",
+                   "choose one of ['aux_loss', 'none']", "unknown flag --colour", "--swiglu takes no value"):
+        assert needle in message, needle
