@@ -24,14 +24,15 @@ def _flags(corpus: dict, run_dir: Path) -> list[str]:
 @pytest.mark.parametrize("change,kind,code,needle", [
     ({"--tokenizer-model": "missing.model"}, "data", 4, "missing.model"),
     ({"--lr": "nan"}, "configuration", 2, "optimizer.lr = nan"),
-    ({"--load": "{tmp}/no_checkpoint_here"}, "checkpoint", 3, "no_checkpoint_here"),
+    ({"--load": "{tmp}/not_a_checkpoint"}, "checkpoint", 3, "not_a_checkpoint"),
     ({"--eval-iters": "0", "--eval-only": None, "--load": "{tmp}/good"}, "configuration", 2, "evaluates nothing"),
     ({"--vocab-size": "64"}, "configuration", 2, "model.vocab_size = 64 is smaller"),
 ])
 def test_user_errors_are_one_line_and_an_exit_code(loop_corpus, tmp_path, capsys, change, kind, code, needle):
     assert pretrain_moe.main(_flags(loop_corpus, tmp_path / "good")) == 0  # the unchanged run works
     capsys.readouterr()
-    (tmp_path / "no_checkpoint_here").mkdir()
+    (tmp_path / "not_a_checkpoint").mkdir()
+    (tmp_path / "not_a_checkpoint" / "notes.txt").write_text("something else")
     argv = _flags(loop_corpus, tmp_path / "run")
     for flag, value in change.items():
         if flag in argv:
@@ -51,3 +52,16 @@ def test_cli_error_has_no_traceback(tmp_path):
     assert proc.returncode == 4, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "t.model" in proc.stderr
+
+
+def test_load_of_a_directory_without_checkpoints_starts_from_scratch(loop_corpus, tmp_path, capsys):
+    """Megatron-LM's usual first run: --save X --load X with X empty or missing."""
+    argv = _flags(loop_corpus, tmp_path / "run") + ["--load", str(tmp_path / "run")]
+    assert pretrain_moe.main(argv) == 0
+    assert "holds no checkpoint yet; starting from scratch" in capsys.readouterr().out
+    assert (tmp_path / "run" / "latest").is_file()
+    assert pretrain_moe.main(argv + ["--train-iters", "2"]) == 0  # the second run resumes from it
+    assert "resumed from" in capsys.readouterr().out
+    eval_only = _flags(loop_corpus, tmp_path / "e") + ["--load", str(tmp_path / "empty"), "--eval-only"]
+    assert pretrain_moe.main(eval_only) == 3  # nothing to evaluate is still an error
+

@@ -115,7 +115,7 @@ class Trainer:
             raise ConfigError("data.tokenizer_model (--tokenizer-model) is required")
         if not cfg.data.data_path:
             raise ConfigError("data.data_path (--data-path) is required")
-        self.loaded = open_checkpoint(cfg.checkpoint.load)
+        self.loaded = open_checkpoint(cfg.checkpoint.load, start_if_absent=not eval_only)
         if eval_only and self.loaded is None:
             raise ConfigError("--eval-only needs a checkpoint to evaluate: pass --load DIR")
         if eval_only and not cfg.training.eval_iters:
