@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_moe import megatron_compat as mc
+
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the offending setting."""
@@ -643,8 +645,6 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
 
 def _apply_flag(cfg: Config, name: str, values: list[str], extras: dict[str, Any], given: set[str]) -> None:
     """Apply one command-line flag (module docstring, :mod:`megatron_moe.megatron_compat`)."""
-    from megatron_moe import megatron_compat as mc
-
     def single_value() -> str:
         if len(values) != 1:
             raise ConfigError(f"--{name} takes one value, got {values or 'none'}")

@@ -25,6 +25,7 @@ import torch
 
 from megatron_moe.config import parse_split
 from megatron_moe.data.errors import DataError
+from megatron_moe.data.preprocess import TOKENIZER_RECORD
 
 with warnings.catch_warnings():
     # Importing megatron.core warns that the GPU-only Transformer Engine / apex are absent.
@@ -217,8 +218,6 @@ def check_tokenizer_record(prefix: str, tokenizer) -> None:
     """If preprocessing recorded its tokenizer beside ``prefix`` (this project's preprocessing does;
     Megatron-LM's does not), the run's tokenizer must be that one; raises DataError otherwise."""
     import json
-
-    from megatron_moe.data.preprocess import TOKENIZER_RECORD
 
     path = prefix + TOKENIZER_RECORD
     if not os.path.isfile(path):

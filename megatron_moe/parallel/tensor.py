@@ -110,7 +110,7 @@ class _SumGradOverGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # [T, K]: a copy, never autograd's buffer
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from megatron_moe.config import Config, ConfigError
+from megatron_moe.model.transformer import padded_vocab_size
 from megatron_moe.training.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -232,8 +233,6 @@ def resolve_vocab_size(cfg: Config, tokenizer_vocab: int, loaded: LoadedCheckpoi
     does; a size below the tokenizer's vocabulary is an error. Then the checkpoint's architecture
     settings must match (:func:`~megatron_moe.training.state.check_compatible`).
     """
-    from megatron_moe.model.transformer import padded_vocab_size
-
     m = cfg.model
     vocab = m.vocab_size
     if vocab == 0 and loaded is not None:

@@ -46,6 +46,7 @@ from megatron_moe.training.metrics import (
 )
 from megatron_moe.training.optim import build_optimizer, learning_rate, set_learning_rate
 from megatron_moe.training.signals import StopRequest
+from megatron_moe.training.state import load_model_only
 
 
 def resolve_device(name: str) -> torch.device:
@@ -158,8 +159,6 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation only
     def evaluate_checkpoint(self) -> dict:
         """Evaluate the loaded checkpoint; rank 0 writes eval.json (into ``--save``, else the checkpoint)."""
-        from megatron_moe.training.state import load_model_only
-
         loaded, cfg = self.loaded, self.cfg
         load_model_only(loaded.path, self.engine.parts)
         result = self.evaluator.evaluate()

@@ -17,7 +17,6 @@ import torch
 
 from megatron_moe.config import Config
 from megatron_moe.routing.router import Router
-from tests.builders import tiny_config  # noqa: F401 (the parity tests' config)
 
 LOSS_RTOL = 1e-5
 PARAM_ATOL = 1e-6

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from megatron_moe.testing import run_distributed
-from tests.parallel.helpers import compare, make_batches, run_steps, tiny_config
+from tests.builders import tiny_config
+from tests.parallel.helpers import compare, make_batches, run_steps
 
 BF16_LOSS_RTOL = 1e-3
 BF16_PARAM_ATOL = 2e-3

@@ -15,7 +15,8 @@ import dataclasses
 import pytest
 
 from megatron_moe.testing import run_distributed
-from tests.parallel.helpers import LOSS_RTOL, PARAM_ATOL, compare, make_batches, run_steps, tiny_config
+from tests.builders import tiny_config
+from tests.parallel.helpers import LOSS_RTOL, PARAM_ATOL, compare, make_batches, run_steps
 
 STEP_BATCHES = [make_batches(seed=0), make_batches(seed=1)]
 

@@ -16,14 +16,8 @@ import torch.distributed as dist
 
 from megatron_moe.config import ParallelConfig
 from megatron_moe.testing import run_distributed
-from tests.parallel.helpers import (
-    LOSS_RTOL,
-    PARAM_ATOL,
-    compare,
-    make_batches,
-    run_steps,
-    tiny_config,
-)
+from tests.builders import tiny_config
+from tests.parallel.helpers import LOSS_RTOL, PARAM_ATOL, compare, make_batches, run_steps
 
 STEP_BATCHES = [make_batches(seed=0), make_batches(seed=1)]
 GLOBAL_BALANCE_BATCHES = [make_batches(num=2, seed=2, full_mask=True)]
