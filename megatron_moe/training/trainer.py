@@ -26,6 +26,7 @@ from megatron_moe.config import Config, ConfigError
 from megatron_moe.data.datasets import MicroBatchIterator, build_gpt_datasets
 from megatron_moe.data.tokenizer import SentencePieceTokenizer
 from megatron_moe.parallel.engine import ParallelEngine, StepResult, init_distributed_from_env
+from megatron_moe.parallel.mesh import export_launch_environment
 from megatron_moe.routing.adaptive import AdaptiveAuxLossCoefficients, ConstantAuxLossCoefficients
 from megatron_moe.training.checkpoint import CheckpointError, write_text_atomic
 from megatron_moe.training.checkpointing import (
@@ -300,6 +301,7 @@ def train(cfg: Config, eval_only: bool = False) -> dict:
     on every rank); ``cfg`` itself is not changed."""
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
+    export_launch_environment()  # slurm's one task per GPU becomes torchrun's variables; bad launches refused
     device = resolve_device(cfg.training.device)
     owns_group = not dist.is_initialized() and init_distributed_from_env(device.type, cfg.training.bf16)
     try:
