@@ -10,7 +10,6 @@ Errors a user can cause print one line naming the setting or file and exit with 
 from __future__ import annotations
 
 import errno
-import os
 import sys
 
 from megatron_moe.config import ConfigError, parse_args
@@ -49,11 +48,12 @@ def _classify(e: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_moe.parallel.mesh import export_launch_environment
     from megatron_moe.training.trainer import train
 
     try:
         cfg, extras = parse_args(sys.argv[1:] if argv is None else argv)
-        if os.environ.get("RANK", "0") == "0":
+        if export_launch_environment().rank == 0:  # torchrun's or slurm's rank (bad launches refused here)
             for note in extras["notes"]:
                 print(f"note: {note}", file=sys.stderr)
         train(cfg, eval_only=extras["eval_only"], given=extras["given"])

@@ -32,7 +32,8 @@ ROUTERS = ("topk", "sparsemixer")
 SPARSEMIXER_TOPK = 2  # SparseMixer-v2 as released (GRIN) routes exactly two experts per token
 BALANCE_LOSSES = ("switch", "skywork", "none")
 BALANCE_SCOPES = ("local", "global")
-LR_DECAY_STYLES = ("cosine", "linear", "constant")
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")  # Megatron-LM's names
+LR_WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")  # the annealing phase of WSD
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_POLICIES = ("stop", "skip")
 PIPELINE_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
@@ -40,6 +41,7 @@ RECOMPUTE_GRANULARITIES = ("none", "full", "selective")  # Megatron-LM's --recom
 WANDB_MODES = ("offline", "online", "disabled")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")  # Megatron-LM's --normalization; LayerNorm has a weight and a bias
 ROPE_SCALINGS = ("none", "llama3")  # "llama3": Llama 3.1's frequency scaling (Megatron-LM's --use-rope-scaling)
+TOKENIZER_TYPES = ("sentencepiece", "huggingface")
 
 
 def check_sparsemixer_topk(topk: int) -> None:
@@ -156,7 +158,7 @@ class ModelConfig:
 class MoEConfig:
     """Mixture-of-experts layers, routing and load balancing (numerics: docs/routing.md)."""
 
-    num_experts: int = 8  # 0 = dense model
+    num_experts: int = 0  # 0 = dense model (Megatron-LM: no --num-experts)
     topk: int = 2
     expert_ffn_hidden_size: int = 0  # 0 = model.ffn_hidden_size
     layer_freq: int = 1  # an MoE layer every `layer_freq` layers
@@ -169,7 +171,7 @@ class MoEConfig:
     input_jitter_eps: float = 0.0  # multiplicative input jitter on the MoE input (training only)
     balance_loss: str = "switch"  # one of BALANCE_LOSSES
     balance_scope: str = "local"  # one of BALANCE_SCOPES
-    aux_loss_coeff: float = 0.01  # constant alpha
+    aux_loss_coeff: float = 0.0  # constant alpha (Megatron-LM's default: no auxiliary loss)
     z_loss_coeff: float = 0.0
     capacity_factor: float = 1.0  # for the drop rate (and drops in capacity mode)
     dropless: bool = True  # False = capacity mode: really drop over-capacity assignments
@@ -231,9 +233,21 @@ class DataConfig:
     tokenizer_model: str = ""
     seq_length: int = 256
     cache_dir: str = ""  # where megatron-core writes its index caches; "" = next to the run
+    # Independent training data (Megatron-LM's --train-data-path): all of it trains, data_path and split unused.
+    train_data_path: list[str] = field(default_factory=list)
+    tokenizer_type: str = "sentencepiece"  # one of TOKENIZER_TYPES (Megatron-LM's --tokenizer-type, mapped)
+    eod_mask_loss: bool = False  # no loss on the end-of-document token (Megatron-LM's --eod-mask-loss)
 
     def validate(self) -> None:
         _check_positive({"data.seq_length": self.seq_length})
+        _check_choice("data.tokenizer_type", self.tokenizer_type, TOKENIZER_TYPES)
+        if self.train_data_path and self.data_path:
+            raise ConfigError("data.train_data_path (--train-data-path) and data.data_path (--data-path) exclude "
+                              "each other: give one blend split by data.split, or per-split paths")
+        for name, path in (("data.train_data_path", self.train_data_path),
+                           ("data.eval_data_path", self.eval_data_path)):
+            if len(path) > 1 and len(path) % 2:
+                raise ConfigError(f"{name} = {path}: a blend is a list of weight, prefix pairs (odd length given)")
         if len(self.data_path) > 1 and len(self.data_path) % 2:
             raise ConfigError(
                 f"data.data_path = {self.data_path}: a blend is a list of weight, prefix pairs (odd length given)"
@@ -264,21 +278,30 @@ def parse_split(split: str) -> list[float]:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW with linear warmup and cosine (or constant/linear) decay."""
+    """AdamW and Megatron-LM's learning-rate schedule (linear warmup, then a decay style); defaults are
+    Megatron-LM's. Schedule lengths in iterations, or in samples for a run set by ``training.train_samples``."""
 
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.1
+    lr: float = 3e-4  # Megatron-LM has no default (--lr is required there)
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
     adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
+    adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # 0 = no clipping
     lr_warmup_iters: int = 0
     lr_decay_iters: int = 0  # 0 = training.train_iters
-    lr_decay_style: str = "cosine"  # one of LR_DECAY_STYLES
+    lr_decay_style: str = "linear"  # one of LR_DECAY_STYLES
+    lr_warmup_fraction: float = 0.0  # > 0: warmup = this fraction of the decay length (instead of *_iters/_samples)
+    lr_warmup_samples: int = 0  # sample-based runs (training.train_samples)
+    lr_decay_samples: int = 0  # sample-based runs; 0 = training.train_samples
+    lr_warmup_init: float = 0.0  # the learning rate warmup starts from
+    lr_wsd_decay_style: str = "exponential"  # one of LR_WSD_DECAY_STYLES: WSD's final annealing
+    lr_wsd_decay_iters: int = 0  # WSD: the annealing phase, the last iterations of the decay length
+    lr_wsd_decay_samples: int = 0  # the same for sample-based runs
 
     def validate(self) -> None:
         _check_choice("optimizer.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        _check_choice("optimizer.lr_wsd_decay_style", self.lr_wsd_decay_style, LR_WSD_DECAY_STYLES)
         _check_non_negative({
             "optimizer.lr": self.lr,
             "optimizer.min_lr": self.min_lr,
@@ -286,9 +309,19 @@ class OptimizerConfig:
             "optimizer.clip_grad": self.clip_grad,
             "optimizer.lr_warmup_iters": self.lr_warmup_iters,
             "optimizer.lr_decay_iters": self.lr_decay_iters,
+            "optimizer.lr_warmup_fraction": self.lr_warmup_fraction,
+            "optimizer.lr_warmup_samples": self.lr_warmup_samples,
+            "optimizer.lr_decay_samples": self.lr_decay_samples,
+            "optimizer.lr_warmup_init": self.lr_warmup_init,
+            "optimizer.lr_wsd_decay_iters": self.lr_wsd_decay_iters,
+            "optimizer.lr_wsd_decay_samples": self.lr_wsd_decay_samples,
         })
         if self.min_lr > self.lr:
             raise ConfigError(f"optimizer.min_lr = {self.min_lr} exceeds optimizer.lr = {self.lr}")
+        if self.lr_warmup_init > self.lr:
+            raise ConfigError(f"optimizer.lr_warmup_init = {self.lr_warmup_init} exceeds optimizer.lr = {self.lr}")
+        if self.lr_warmup_fraction >= 1:
+            raise ConfigError(f"optimizer.lr_warmup_fraction = {self.lr_warmup_fraction}; must be below 1")
         if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
             raise ConfigError("optimizer.adam_beta1 and optimizer.adam_beta2 must be in [0, 1)")
 
@@ -300,8 +333,8 @@ class TrainingConfig:
     micro_batch_size: int = 4
     global_batch_size: int = 8
     train_iters: int = 100
-    eval_interval: int = 50
-    eval_iters: int = 10
+    eval_interval: int = 1000
+    eval_iters: int = 100
     seed: int = 1234
     bf16: bool = False  # bf16 compute copies of fp32 master weights; fp32 gradient reduction
     device: str = "auto"  # one of DEVICES
@@ -312,6 +345,10 @@ class TrainingConfig:
     # host memory); each stage is initialised from seed + stage index, not the single-process stream.
     meta_init: bool = False
     compile: bool = False  # torch.compile every transformer block (as torchtitan applies it)
+    # Sample-based run (Megatron-LM's --train-samples): train_iters = train_samples // global_batch_size
+    # (set so by the command line); the schedule counts in samples. 0 = iteration-based.
+    train_samples: int = 0
+    exit_duration_in_mins: int = 0  # save a checkpoint and exit after this many minutes of training (0 = never)
 
     def num_microbatches(self, data_parallel_size: int) -> int:
         """Micro-batches per rank and optimizer step: global / (micro x dp) (Megatron-LM's rule)."""
@@ -324,9 +361,9 @@ class TrainingConfig:
         return self.global_batch_size // per_step
 
     @property
-    def train_samples(self) -> int:
-        """Sequences consumed by a full run: train_iters x global_batch_size."""
-        return self.train_iters * self.global_batch_size
+    def run_samples(self) -> int:
+        """Sequences a full run trains on: ``train_samples``, else train_iters x global_batch_size."""
+        return self.train_samples or self.train_iters * self.global_batch_size
 
     def validate(self) -> None:
         _check_choice("training.device", self.device, DEVICES)
@@ -341,7 +378,15 @@ class TrainingConfig:
             "training.eval_iters": self.eval_iters,
             "training.num_threads": self.num_threads,
             "training.exit_interval": self.exit_interval,
+            "training.train_samples": self.train_samples,
+            "training.exit_duration_in_mins": self.exit_duration_in_mins,
         })
+        if self.train_samples and self.train_iters != self.train_samples // self.global_batch_size:
+            raise ConfigError(
+                f"training.train_samples = {self.train_samples} trains train_samples // global_batch_size = "
+                f"{self.train_samples // self.global_batch_size} iterations, but training.train_iters = "
+                f"{self.train_iters}: give one of --train-iters and --train-samples"
+            )
 
 
 @dataclass
@@ -380,9 +425,12 @@ class CheckpointConfig:
     save: str = ""  # run directory: metrics.jsonl, checkpoints
     load: str = ""  # a save directory (its latest checkpoint) or one checkpoint directory
     save_interval: int = 0  # 0 = save only at the end of training and on SIGTERM/SIGINT
-    keep_last: int = 3  # checkpoints kept in the save directory (0 = all)
+    keep_last: int = 0  # checkpoints kept in the save directory (0 = all, as Megatron-LM)
     async_save: bool = False  # stage to CPU memory, write in the background, publish before the next save
     allow_tokenizer_change: bool = False  # resume with a tokenizer other than the checkpoint's
+    load_optim: bool = True  # False: resume the step and data position, not the optimizer state (--no-load-optim)
+    load_rng: bool = True  # False: reseed instead of restoring the random state (--no-load-rng)
+    finetune: bool = False  # load the model weights only and start at step 0 (--finetune)
 
     def validate(self) -> None:
         _check_non_negative({"checkpoint.save_interval": self.save_interval, "checkpoint.keep_last": self.keep_last})
@@ -390,11 +438,13 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 10
+    log_interval: int = 100
     wandb_project: str = ""
     wandb_mode: str = "offline"  # one of WANDB_MODES
     tensorboard_dir: str = ""  # "" = no TensorBoard
-    run_name: str = ""
+    run_name: str = ""  # the wandb run's name (--wandb-exp-name)
+    wandb_save_dir: str = ""  # where wandb writes its files; "" = <checkpoint.save>/wandb
+    wandb_entity: str = ""  # the wandb team or user; "" = wandb's default
 
     def validate(self) -> None:
         _check_choice("logging.wandb_mode", self.wandb_mode, WANDB_MODES)
@@ -440,11 +490,43 @@ class Config:
                 f"moe.first_k_dense = {e.first_k_dense} leaves no MoE layer among model.num_layers = "
                 f"{m.num_layers}; set moe.num_experts = 0 for a dense model"
             )
-        if self.optimizer.lr_warmup_iters > t.train_iters:
-            raise ConfigError(
-                f"optimizer.lr_warmup_iters = {self.optimizer.lr_warmup_iters} exceeds "
-                f"training.train_iters = {t.train_iters}"
-            )
+        if self.data.train_data_path and not self.data.eval_data_path and t.eval_iters:
+            raise ConfigError("data.train_data_path (--train-data-path) needs data.eval_data_path (--valid-data-path) "
+                              "to validate on, or training.eval_iters = 0 (--eval-iters 0) for no validation")
+        self._check_schedule()
+
+    def lr_schedule_samples(self) -> tuple[float, int, int]:
+        """(warmup, decay, WSD annealing) lengths of the learning-rate schedule in samples, as Megatron-LM's
+        ``get_optimizer_param_scheduler`` derives them: iteration settings x global batch size, or the
+        sample settings of a ``training.train_samples`` run; a warmup fraction is of the decay length."""
+        o, t = self.optimizer, self.training
+        if t.train_samples:
+            decay = o.lr_decay_samples or t.train_samples
+            warmup, wsd = o.lr_warmup_samples, o.lr_wsd_decay_samples
+        else:
+            decay = (o.lr_decay_iters or t.train_iters) * t.global_batch_size
+            warmup, wsd = o.lr_warmup_iters * t.global_batch_size, o.lr_wsd_decay_iters * t.global_batch_size
+        return (o.lr_warmup_fraction * decay if o.lr_warmup_fraction else warmup), decay, wsd
+
+    def _check_schedule(self) -> None:
+        """Megatron-LM's rules: iteration and sample settings are not mixed, one warmup length, warmup
+        shorter than the decay, WSD's annealing within the decay."""
+        o = self.optimizer
+        unit, other = ("samples", "iters") if self.training.train_samples else ("iters", "samples")
+        mixed = [f"optimizer.{name}" for name in (f"lr_warmup_{other}", f"lr_decay_{other}", f"lr_wsd_decay_{other}")
+                 if getattr(o, name)]
+        if mixed:
+            mode = "sample-based (training.train_samples)" if unit == "samples" else "iteration-based"
+            raise ConfigError(f"{', '.join(mixed)}: this run is {mode}; use the lr_*_{unit} settings")
+        if o.lr_warmup_fraction and getattr(o, f"lr_warmup_{unit}"):
+            raise ConfigError(f"give one of optimizer.lr_warmup_fraction and optimizer.lr_warmup_{unit}")
+        warmup, decay, wsd = self.lr_schedule_samples()
+        if warmup >= decay:
+            raise ConfigError(f"the learning-rate warmup ({warmup:g} samples) must be shorter than the decay "
+                              f"({decay} samples: optimizer.lr_decay_{unit}, else the whole run)")
+        if o.lr_decay_style == "WSD" and not 0 < wsd <= decay:
+            raise ConfigError(f"optimizer.lr_decay_style = 'WSD' needs optimizer.lr_wsd_decay_{unit} in (0, the "
+                              f"decay length]: the annealing phase at the end of the decay")
 
 
 # Flags that imply a value: Megatron-LM's --recompute-activations is selective recompute.
@@ -453,6 +535,17 @@ IMPLIED_FLAGS: dict[str, tuple[str, str]] = {
     "untie-embeddings-and-output-weights": ("model.tie_embeddings", "false"),
     "disable-bias-linear": ("model.add_bias_linear", "false"),
     "use-rope-scaling": ("model.rope_scaling", "llama3"),
+    "no-load-optim": ("checkpoint.load_optim", "false"),
+    "no-load-rng": ("checkpoint.load_rng", "false"),
+    "finetune": ("checkpoint.finetune", "true"),
+    "eod-mask-loss": ("data.eod_mask_loss", "true"),
+    "moe-router-pre-softmax": ("moe.renormalize", "false"),  # softmax over all experts, then top-K: unnormalised
+}
+
+# Flags that set a second setting besides their own: a capacity factor given means tokens are dropped
+# (Megatron-LM is dropless exactly when --moe-expert-capacity-factor is absent).
+ALSO_SETS: dict[str, tuple[str, str]] = {
+    "moe-expert-capacity-factor": ("moe.dropless", "false"),
 }
 
 # Settings renamed since checkpoints were first written: old dotted name -> (new name, value mapping).
@@ -518,6 +611,23 @@ MEGATRON_FLAGS: dict[str, str] = {
     "add-qkv-bias": "model.add_qkv_bias",
     "add-bias-linear": "model.add_bias_linear",
     "rope-scaling-factor": "model.rope_scaling_factor",
+    "train-samples": "training.train_samples",
+    "exit-duration-in-mins": "training.exit_duration_in_mins",
+    "lr-warmup-fraction": "optimizer.lr_warmup_fraction",
+    "lr-warmup-samples": "optimizer.lr_warmup_samples",
+    "lr-decay-samples": "optimizer.lr_decay_samples",
+    "lr-warmup-init": "optimizer.lr_warmup_init",
+    "lr-wsd-decay-style": "optimizer.lr_wsd_decay_style",
+    "lr-wsd-decay-iters": "optimizer.lr_wsd_decay_iters",
+    "lr-wsd-decay-samples": "optimizer.lr_wsd_decay_samples",
+    "train-data-path": "data.train_data_path",
+    "valid-data-path": "data.eval_data_path",
+    "data-cache-path": "data.cache_dir",
+    "moe-input-jitter-eps": "moe.input_jitter_eps",
+    "moe-layer-freq": "moe.layer_freq",
+    "wandb-exp-name": "logging.run_name",
+    "wandb-save-dir": "logging.wandb_save_dir",
+    "wandb-entity": "logging.wandb_entity",
 }
 
 def _group_fields(obj: Any) -> dict[str, tuple[Any, Any]]:
@@ -671,6 +781,11 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
             _apply_flag(cfg, name, values, extras, given)
         except ConfigError as e:
             errors.append(str(e))
+    if not errors:
+        try:
+            _derive_train_iters(cfg, given)
+        except ConfigError as e:
+            errors.append(str(e))
     if errors:
         raise ConfigError(errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  " + "\n  ".join(errors))
     cfg.validate()
@@ -733,6 +848,25 @@ def _apply_flag(cfg: Config, name: str, values: list[str], extras: dict[str, Any
         raise ConfigError(f"--{name} takes one value, got {values}")
     set_value(cfg, dotted, values if is_list else values[0])
     given.add(dotted)
+    if name in ALSO_SETS:
+        set_value(cfg, *ALSO_SETS[name])
+        given.add(ALSO_SETS[name][0])
+
+
+def _derive_train_iters(cfg: Config, given: set[str]) -> None:
+    """A sample-based run (``training.train_samples``) trains train_samples // global_batch_size iterations,
+    as Megatron-LM's ``update_train_iters``; giving both lengths is an error there and here."""
+    t = cfg.training
+    if not t.train_samples:
+        return
+    if "training.train_iters" in given:
+        raise ConfigError("give one of training.train_iters (--train-iters) and training.train_samples "
+                          "(--train-samples)")
+    if t.global_batch_size > 0:
+        t.train_iters = t.train_samples // t.global_batch_size
+        if not t.train_iters:
+            raise ConfigError(f"training.train_samples = {t.train_samples} is less than one global batch "
+                              f"({t.global_batch_size} samples)")
 
 
 def _check_no_ignored_settings(cfg: Config, given: set[str]) -> None:

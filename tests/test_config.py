@@ -84,7 +84,7 @@ def test_global_scope_needs_the_switch_loss():
 def test_grouped_gemm_alignment_checked_for_cuda():
     from megatron_moe.parallel.mesh import check_grouped_gemm_shapes
 
-    cfg, _ = parse_args(["--moe.expert_ffn_hidden_size", "1000"])
+    cfg, _ = parse_args(["--num-experts", "8", "--moe.expert_ffn_hidden_size", "1000"])
     check_grouped_gemm_shapes(cfg, 4, "cpu")  # CPU: no constraint
     check_grouped_gemm_shapes(cfg, 1, "cuda")
     with pytest.raises(ConfigError, match="expert_ffn_hidden_size / tensor parallel size"):
@@ -113,7 +113,7 @@ def test_megatron_flags_that_state_the_architecture_or_tune_kernels():
         "--position-embedding-type", "rope", "--swiglu", "--untie-embeddings-and-output-weights",
         "--group-query-attention", "--num-query-groups", "2", "--normalization", "RMSNorm",
         "--no-masked-softmax-fusion", "--no-position-embedding", "--rotary-base", "1000000",
-        "--moe-router-load-balancing-type", "aux_loss",
+        "--num-experts", "8", "--moe-router-load-balancing-type", "aux_loss",
         "--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall", "--expert-model-parallel-size", "1",
         "--sequence-parallel", "--use-distributed-optimizer", "--overlap-grad-reduce", "--attention-dropout", "0.0",
         "--hidden-dropout", "0", "--ckpt-format", "torch_dist",

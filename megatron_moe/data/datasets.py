@@ -272,6 +272,7 @@ def build_gpt_datasets(
     seed: int,
     num_samples: tuple[int, int],
     blend_cache_dir: str | None = None,
+    eod_mask_loss: bool = False,
 ):
     """Build the train and validation GPT datasets with megatron-core.
 
@@ -288,6 +289,8 @@ def build_gpt_datasets(
             repeat epochs of their documents to reach them. A zero count still builds one epoch.
         blend_cache_dir: folder for the cached sample indices (``.npy``); default
             ``<folder of the first prefix>/index-cache``.
+        eod_mask_loss: ``loss_mask`` is 0 where the token is the end-of-document id (Megatron-LM's
+            ``--eod-mask-loss``).
 
     Returns:
         ``(train_ds, valid_ds)``: ``GPTDataset`` or ``BlendedDataset`` instances (``None`` for a
@@ -331,7 +334,7 @@ def build_gpt_datasets(
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
-        eod_mask_loss=False,
+        eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,
         # Without torch.distributed, megatron-core's BlendedDataset calls get_rank() when its
         # cache misses; so the shared path stays None there and _GPTDataset takes its own.

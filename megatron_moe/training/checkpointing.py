@@ -151,28 +151,33 @@ class CheckpointManager:
     def restore(self, loaded: LoadedCheckpoint, optimizer, coefficients) -> ResumePoint:
         """Load ``loaded`` into the model (and, for a training checkpoint, the optimizer, aux
         coefficients and RNG); returns where training continues."""
-        engine, t = self.engine, self.cfg.training
-        if not loaded.is_training_checkpoint:
+        engine, t, c = self.engine, self.cfg.training, self.cfg.checkpoint
+        if not loaded.is_training_checkpoint or c.finetune:
             load_model_only(loaded.path, engine.parts)
             self._print(f"loaded model weights from {loaded.path}; starting a new run at step 0")
             return ResumePoint()
         info = load_training_state(loaded.path, engine.parts, optimizer, engine.num_moe_layers, engine.rank,
-                                   engine.device, same_layout=loaded.meta.get("layout") == self.layout)
+                                   engine.device, same_layout=loaded.meta.get("layout") == self.layout,
+                                   load_optimizer=c.load_optim, load_rng=c.load_rng)
+        if not c.load_optim:
+            self._print("optimizer state not loaded (checkpoint.load_optim = false): AdamW starts afresh")
         if info["step"] != loaded.meta.get("step"):
             raise CheckpointError(f"checkpoint {loaded.path}: meta.json says step {loaded.meta.get('step')} but its "
                                   f"tensors hold step {info['step']}; the directory mixes two checkpoints")
         saved_samples = loaded.meta.get("train_samples")
-        if saved_samples not in (None, t.train_samples):
+        if saved_samples not in (None, t.run_samples):
             self._print(f"warning: training.train_iters x global_batch_size changed since the checkpoint "
-                        f"({saved_samples} -> {t.train_samples} samples): megatron-core shuffles over all "
+                        f"({saved_samples} -> {t.run_samples} samples): megatron-core shuffles over all "
                         "epochs, so the sample order after the resume point may differ")
         saved_aux = loaded.meta.get("aux_coefficients", {})
         if info["aux_coefficients"] is not None and saved_aux.get("kind") == coefficients.kind:
             coefficients.load_state_dict(saved_aux | {"coefficients": info["aux_coefficients"]}, strict=False)
         if not info["rng_restored"]:  # another layout: a deterministic, step-dependent reseed
             torch.manual_seed(t.seed + engine.dp_rank + 1_000_003 * info["step"])
+        rng = "restored" if info["rng_restored"] else "reseeded: " + ("different layout" if c.load_rng else
+                                                                      "checkpoint.load_rng = false")
         self._print(f"resumed from {loaded.path} at step {info['step']} ({info['consumed_samples']} samples "
-                    f"consumed; RNG {'restored' if info['rng_restored'] else 'reseeded: different layout'})")
+                    f"consumed; RNG {rng})")
         return ResumePoint(info["step"], info["consumed_samples"])
 
     # ------------------------------------------------------------------ save
@@ -185,7 +190,7 @@ class CheckpointManager:
         aux_settings = {k: v for k, v in coefficients.state_dict().items() if not isinstance(v, torch.Tensor)}
         meta = {"config": self.cfg.to_dict(), "contents": ["model", "optimizer", "train_state"],
                 "layout": self.layout, "tokenizer": self.tokenizer_id,
-                "train_samples": self.cfg.training.train_samples, "consumed_samples": consumed_samples,
+                "train_samples": self.cfg.training.run_samples, "consumed_samples": consumed_samples,
                 "aux_coefficients": aux_settings, "run_id": self.run_id}
         self.finish()
         result = save_checkpoint(c.save, step, state, meta, keep_last=c.keep_last, async_save=c.async_save)

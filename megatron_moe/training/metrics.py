@@ -19,11 +19,12 @@ class MetricsWriter:
 
     Only the process that should log (rank 0) creates an enabled one; ``enabled=False`` makes every
     call a no-op. wandb runs offline unless ``wandb_mode = "online"`` (its files go to
-    ``<run_dir>/wandb``); TensorBoard event files go to ``tensorboard_dir`` when it is set.
+    ``<wandb_dir or run_dir>/wandb``); TensorBoard event files go to ``tensorboard_dir`` when it is set.
     """
 
     def __init__(self, run_dir: str, enabled: bool = True, wandb_project: str = "", wandb_mode: str = "offline",
-                 run_name: str = "", config: dict | None = None, tensorboard_dir: str = ""):
+                 run_name: str = "", config: dict | None = None, tensorboard_dir: str = "", wandb_dir: str = "",
+                 wandb_entity: str = ""):
         self.enabled = enabled and bool(run_dir)
         self.path = Path(run_dir) / "metrics.jsonl" if run_dir else None
         self._wandb = None
@@ -48,8 +49,11 @@ class MetricsWriter:
 
             if wandb_mode == "offline":
                 settings = wandb.Settings(**quiet)
-            self._wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=str(self.path.parent),
-                                     name=run_name or None, config=config or {}, settings=settings)
+            if wandb_dir:
+                Path(wandb_dir).mkdir(parents=True, exist_ok=True)
+            self._wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=wandb_dir or str(self.path.parent),
+                                     entity=wandb_entity or None, name=run_name or None, config=config or {},
+                                     settings=settings)
         if tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -1,4 +1,5 @@
-"""AdamW and the learning-rate schedule (linear warmup, then cosine / linear / constant decay)."""
+"""AdamW and Megatron-LM's learning-rate schedule (linear warmup, then constant / linear / cosine /
+inverse-square-root / WSD decay), step for step as its ``OptimizerParamScheduler``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from megatron_moe.config import OptimizerConfig
+from megatron_moe.config import Config, OptimizerConfig
 from megatron_moe.parallel.data import split_param_groups_by_mesh
 
 
@@ -31,19 +32,46 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW
     return split_param_groups_by_mesh(optimizer)
 
 
-def learning_rate(step: int, cfg: OptimizerConfig, train_iters: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): warmup to ``lr``, then decay to ``min_lr``."""
-    if cfg.lr_warmup_iters and step < cfg.lr_warmup_iters:
-        return cfg.lr * (step + 1) / cfg.lr_warmup_iters
-    decay_iters = (cfg.lr_decay_iters or train_iters) - cfg.lr_warmup_iters
-    if cfg.lr_decay_style == "constant" or decay_iters <= 0:
-        return cfg.lr
-    progress = min(1.0, (step - cfg.lr_warmup_iters) / decay_iters)
-    if cfg.lr_decay_style == "linear":
+def learning_rate(step: int, cfg: Config) -> float:
+    """Learning rate of the optimizer step after ``step`` completed steps: Megatron-LM's
+    ``OptimizerParamScheduler.get_lr`` at ``step x global_batch_size`` consumed samples.
+
+    Lengths come from :meth:`~megatron_moe.config.Config.lr_schedule_samples`. Warmup goes linearly
+    from ``lr_warmup_init`` (step 0) to ``lr`` (reached at the end of the warmup, inclusive); then the
+    decay style runs from ``lr`` to ``min_lr`` over the rest of the decay length, and ``min_lr`` holds
+    after it. WSD keeps ``lr`` until its annealing phase, the last ``lr_wsd_decay_*`` of the decay.
+    """
+    o = cfg.optimizer
+    warmup, decay, wsd = cfg.lr_schedule_samples()
+    samples = step * cfg.training.global_batch_size
+    if warmup > 0 and samples <= warmup:
+        return o.lr_warmup_init + (o.lr - o.lr_warmup_init) * samples / warmup
+    if o.lr_decay_style == "constant":
+        return o.lr
+    if samples > decay:
+        return o.min_lr
+    if o.lr_decay_style == "inverse-square-root":
+        return max(o.min_lr, o.lr * math.sqrt(max(warmup, 1)) / math.sqrt(max(samples, 1)))
+    progress = (samples - warmup) / (decay - warmup)
+    if o.lr_decay_style == "linear":
         factor = 1.0 - progress
-    else:
+    elif o.lr_decay_style == "cosine":
         factor = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
+    else:  # WSD: stable at lr, then anneal over the last `wsd` samples of the decay
+        anneal = (samples - (decay - wsd)) / wsd
+        factor = 1.0 if anneal <= 0 else _wsd_anneal(anneal, o.lr_wsd_decay_style)
+    return o.min_lr + (o.lr - o.min_lr) * factor
+
+
+def _wsd_anneal(progress: float, style: str) -> float:
+    """WSD's annealing factor, 1 -> 0 as ``progress`` goes 0 -> 1 (one of LR_WSD_DECAY_STYLES)."""
+    if style == "linear":
+        return 1.0 - progress
+    if style == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if style == "exponential":
+        return 2.0 * 0.5**progress - 1.0
+    return 1.0 - math.sqrt(progress)  # minus_sqrt
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -92,20 +92,23 @@ def training_state(parts, optimizer, step: int, consumed_samples: int, aux_coeff
 
 
 def load_training_state(checkpoint, parts, optimizer, num_moe_layers: int, rank: int, device: torch.device,
-                        same_layout: bool, group=None) -> dict:
+                        same_layout: bool, group=None, load_optimizer: bool = True, load_rng: bool = True) -> dict:
     """Load a training checkpoint into ``parts`` and ``optimizer`` in place.
 
     Returns ``{"step", "consumed_samples", "aux_coefficients" (tensor or None), "rng_restored"}``.
-    RNG states are restored only when ``same_layout`` (rank r of the same layout saved them).
+    RNG states are restored only when ``load_rng`` and ``same_layout`` (rank r of the same layout saved
+    them); without ``load_optimizer`` the optimizer keeps its fresh state (Megatron-LM's --no-load-optim).
     """
     stored = checkpoint_keys(checkpoint)
     state = training_state(parts, optimizer, 0, 0, torch.zeros(num_moe_layers) if num_moe_layers else None,
-                           rank, device, create_optimizer_state=True)
+                           rank, device, create_optimizer_state=load_optimizer)
+    if not load_optimizer:
+        del state["optimizer"]
     rng = state["rng"][f"rank{rank}"]
     for name in list(rng):  # e.g. a CPU-saved checkpoint resumed on a GPU has no CUDA generator state
         if f"rng.rank{rank}.{name}" not in stored:
             del rng[name]
-    restore_rng = same_layout and "cpu" in rng
+    restore_rng = load_rng and same_layout and "cpu" in rng
     if not restore_rng:
         del state["rng"]
     load_checkpoint(checkpoint, state, group=group)

@@ -26,6 +26,7 @@ from megatron_moe.config import Config, ConfigError, adopt_checkpoint_architectu
 from megatron_moe.data.datasets import MicroBatchIterator, build_gpt_datasets
 from megatron_moe.data.tokenizer import SentencePieceTokenizer
 from megatron_moe.parallel.engine import ParallelEngine, StepResult, init_distributed_from_env
+from megatron_moe.parallel.mesh import export_launch_environment
 from megatron_moe.routing.adaptive import AdaptiveAuxLossCoefficients, ConstantAuxLossCoefficients
 from megatron_moe.training.checkpoint import CheckpointError, write_text_atomic
 from megatron_moe.training.checkpointing import (
@@ -114,8 +115,8 @@ class Trainer:
         torch.manual_seed(cfg.training.seed)
         if not cfg.data.tokenizer_model:
             raise ConfigError("data.tokenizer_model (--tokenizer-model) is required")
-        if not cfg.data.data_path:
-            raise ConfigError("data.data_path (--data-path) is required")
+        if not cfg.data.data_path and not cfg.data.train_data_path:
+            raise ConfigError("data.data_path (--data-path) or data.train_data_path (--train-data-path) is required")
         self.loaded = open_checkpoint(cfg.checkpoint.load, start_if_absent=not eval_only)
         if self.loaded is not None and given is not None:
             cfg = adopt_checkpoint_architecture(cfg, self.loaded.saved_config, given, f"checkpoint {self.loaded.path}")
@@ -135,7 +136,8 @@ class Trainer:
         self._build_data(tokenizer)
         self.checkpoints = CheckpointManager(cfg, engine, tokenizer_id, self.log)
         self.writer = MetricsWriter(cfg.checkpoint.save, self.log, cfg.logging.wandb_project, cfg.logging.wandb_mode,
-                                    cfg.logging.run_name, cfg.to_dict(), cfg.logging.tensorboard_dir)
+                                    cfg.logging.run_name, cfg.to_dict(), cfg.logging.tensorboard_dir,
+                                    cfg.logging.wandb_save_dir, cfg.logging.wandb_entity)
 
     def _print_model_summary(self) -> None:
         if not self.log:
@@ -148,13 +150,16 @@ class Trainer:
     def _build_data(self, tokenizer) -> None:
         t, d = self.cfg.training, self.cfg.data
         eval_samples = max(1, t.eval_iters) * t.global_batch_size
-        self.train_ds, valid_ds = build_gpt_datasets(
-            d.data_path, d.split, tokenizer, d.seq_length, t.seed, (t.train_samples, eval_samples),
-            blend_cache_dir=d.cache_dir or None,
-        )
+        common = {"blend_cache_dir": d.cache_dir or None, "eod_mask_loss": d.eod_mask_loss}
+        if d.train_data_path:  # Megatron-LM's per-split paths: all of it trains
+            self.train_ds, valid_ds = build_gpt_datasets(d.train_data_path, "1,0,0", tokenizer, d.seq_length, t.seed,
+                                                         (t.run_samples, 0), **common)
+        else:
+            self.train_ds, valid_ds = build_gpt_datasets(
+                d.data_path, d.split, tokenizer, d.seq_length, t.seed, (t.run_samples, eval_samples), **common)
         if d.eval_data_path:  # evaluate on other data: all of it is validation
             _, valid_ds = build_gpt_datasets(d.eval_data_path, "0,1,0", tokenizer, d.seq_length, t.seed,
-                                             (0, eval_samples), blend_cache_dir=d.cache_dir or None)
+                                             (0, eval_samples), **common)
         num_micro = self.engine.sizes.num_microbatches
         self.evaluator = Evaluator(self.engine, valid_ds, t.eval_iters * num_micro, t.micro_batch_size)
 
@@ -218,10 +223,11 @@ class Trainer:
         validate_every = t.eval_interval if t.eval_iters else 0  # eval_iters = 0: no validation (as Megatron-LM)
         if validate_every and resume.step == 0:
             self._validate(0)
-        start, throughput = time.perf_counter(), _Throughput(t.global_batch_size * cfg.data.seq_length)
+        self._start = start = time.perf_counter()
+        throughput = _Throughput(t.global_batch_size * cfg.data.seq_length)
         with StopRequest() as stop:
             for step in range(resume.step + 1, t.train_iters + 1):
-                lr = learning_rate(step - 1, cfg.optimizer, t.train_iters)
+                lr = learning_rate(step - 1, cfg)
                 set_learning_rate(optimizer, lr)
                 self.module.train()
                 result = engine.train_step([next(train_iter) for _ in range(engine.sizes.num_microbatches)],
@@ -265,17 +271,22 @@ class Trainer:
         self.writer.log(validation_record(step, result, self.engine.num_moe_layers > 0), console if self.log else None)
 
     def _save_and_maybe_stop(self, step: int, stop: StopRequest, optimizer, consumed: int, coefficients) -> bool:
-        """Checkpoint when due (interval, last step, a signal, ``exit_interval``); True to stop after it."""
+        """Checkpoint when due (interval, last step, a signal, ``exit_interval``, ``exit_duration_in_mins``);
+        True to stop after it."""
         t, c = self.cfg.training, self.cfg.checkpoint
         by_signal = _any_rank(stop.requested, self.device)
         by_exit_interval = bool(t.exit_interval) and step % t.exit_interval == 0 and step < t.train_iters
+        if t.exit_duration_in_mins and step < t.train_iters:  # every rank decides alike (clocks differ)
+            elapsed = time.perf_counter() - self._start
+            by_exit_interval |= _any_rank(elapsed >= 60 * t.exit_duration_in_mins, self.device)
         due = (c.save_interval and step % c.save_interval == 0) or step == t.train_iters
         if c.save and (due or by_signal or by_exit_interval):
             self.checkpoints.save(step, optimizer, consumed, coefficients)
         if by_signal or by_exit_interval:
             self.summary["stopped_at"] = step
             if self.log:
-                print(f"stopping at step {step} ({'signal' if by_signal else 'training.exit_interval'})", flush=True)
+                reason = "signal" if by_signal else "training.exit_interval / exit_duration_in_mins"
+                print(f"stopping at step {step} ({reason})", flush=True)
         return by_signal or by_exit_interval
 
     def _print_done(self, start_step: int) -> None:
@@ -297,6 +308,7 @@ def train(cfg: Config, eval_only: bool = False, given: set[str] | None = None) -
     """
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
+    export_launch_environment()  # slurm's one task per GPU becomes torchrun's variables; bad launches refused
     device = resolve_device(cfg.training.device)
     owns_group = not dist.is_initialized() and init_distributed_from_env(device.type, cfg.training.bf16)
     try:

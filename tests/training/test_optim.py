@@ -1,28 +1,99 @@
-import math
+import types
 
 import pytest
 import torch
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_moe.config import OptimizerConfig
+from megatron_moe.config import LR_WSD_DECAY_STYLES, Config, ConfigError, OptimizerConfig
 from megatron_moe.training.optim import build_optimizer, learning_rate
 
 
-def test_warmup_then_cosine():
-    cfg = OptimizerConfig(lr=1.0, min_lr=0.1, lr_warmup_iters=10)
-    assert learning_rate(0, cfg, 110) == pytest.approx(0.1)
-    assert learning_rate(9, cfg, 110) == pytest.approx(1.0)
-    assert learning_rate(10, cfg, 110) == pytest.approx(1.0)
-    assert learning_rate(60, cfg, 110) == pytest.approx(0.55)
-    assert learning_rate(110, cfg, 110) == pytest.approx(0.1)
-    assert learning_rate(500, cfg, 110) == pytest.approx(0.1)
-    s = 35
-    ref = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 10) / 100))
-    assert learning_rate(s, cfg, 110) == pytest.approx(ref)
+def _config(**settings) -> Config:
+    cfg = Config()
+    for group in ("optimizer", "training"):
+        for name, value in settings.items():
+            if hasattr(getattr(cfg, group), name):
+                setattr(getattr(cfg, group), name, value)
+    cfg.validate()
+    return cfg
 
 
-def test_linear_and_constant():
-    assert learning_rate(50, OptimizerConfig(lr=1.0, min_lr=0.0, lr_decay_style="linear"), 100) == pytest.approx(0.5)
-    assert learning_rate(50, OptimizerConfig(lr=1.0, lr_decay_style="constant"), 100) == pytest.approx(1.0)
+def _megatron_lrs(cfg: Config, steps: int) -> list[float]:
+    """The learning rate of each iteration under megatron-core's own OptimizerParamScheduler, built
+    as Megatron-LM's training.get_optimizer_param_scheduler builds it, stepped by one global batch
+    per iteration as its train loop does."""
+    o, t = cfg.optimizer, cfg.training
+    if t.train_samples:
+        decay = o.lr_decay_samples or t.train_samples
+        wsd = o.lr_wsd_decay_samples or None
+        warmup = o.lr_warmup_fraction * decay if o.lr_warmup_fraction else o.lr_warmup_samples
+    else:
+        decay = (o.lr_decay_iters or t.train_iters) * t.global_batch_size
+        wsd = o.lr_wsd_decay_iters * t.global_batch_size if o.lr_wsd_decay_iters else None
+        warmup = o.lr_warmup_fraction * decay if o.lr_warmup_fraction else o.lr_warmup_iters * t.global_batch_size
+    optimizer = types.SimpleNamespace(param_groups=[{}])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=o.lr_warmup_init, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=decay, lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=t.train_iters * t.global_batch_size, wd_incr_style="constant",
+        wsd_decay_steps=wsd, lr_wsd_decay_style=o.lr_wsd_decay_style)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(t.global_batch_size)
+    return lrs
+
+
+SCHEDULES = {
+    "warmup+cosine": dict(lr=1.0, min_lr=0.1, lr_warmup_iters=10, lr_decay_style="cosine", train_iters=110),
+    "linear, decay shorter than the run": dict(lr=2.0, min_lr=0.5, lr_warmup_iters=3, lr_decay_iters=40,
+                                               lr_decay_style="linear", train_iters=60),
+    "constant with warmup from init": dict(lr=1.0, lr_warmup_iters=7, lr_warmup_init=0.25,
+                                           lr_decay_style="constant", train_iters=30),
+    "no warmup": dict(lr=1.0, min_lr=0.0, lr_decay_style="cosine", train_iters=20),
+    "inverse-square-root": dict(lr=1.0, min_lr=0.05, lr_warmup_iters=5, lr_decay_style="inverse-square-root",
+                                train_iters=80),
+    "warmup fraction (not a whole step)": dict(lr=1.0, min_lr=0.1, lr_warmup_fraction=0.013, lr_decay_style="cosine",
+                                               train_iters=300, global_batch_size=3),
+    "sample-based": dict(lr=1.0, min_lr=0.1, train_samples=1001, global_batch_size=8, train_iters=125,
+                         lr_warmup_samples=50, lr_decay_samples=900, lr_decay_style="cosine"),
+    "sample-based, fraction": dict(lr=1.0, train_samples=1000, global_batch_size=16, train_iters=62,
+                                   lr_warmup_fraction=0.1),
+    **{f"WSD {style}": dict(lr=1.0, min_lr=0.01, lr_warmup_iters=5, lr_decay_style="WSD", lr_wsd_decay_style=style,
+                            lr_wsd_decay_iters=30, train_iters=100, global_batch_size=4)
+       for style in LR_WSD_DECAY_STYLES},
+    "WSD sample-based": dict(lr=1.0, lr_decay_style="WSD", lr_wsd_decay_samples=100, train_samples=640,
+                             global_batch_size=8, train_iters=80, lr_warmup_fraction=0.05),
+}
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_schedule_equals_megatron_optimizer_param_scheduler(name):
+    """Every iteration's lr (and a few beyond the run) equals megatron-core's scheduler to 1e-12."""
+    cfg = _config(**SCHEDULES[name])
+    steps = cfg.training.train_iters + 5
+    ours = [learning_rate(step, cfg) for step in range(steps)]
+    assert ours == pytest.approx(_megatron_lrs(cfg, steps), rel=1e-12, abs=1e-15)
+
+
+def test_first_step_of_a_warmup_uses_the_initial_lr():
+    """Megatron-LM's first iteration trains at lr_warmup_init (0 by default), not one warmup step in."""
+    cfg = _config(lr=1.0, lr_warmup_iters=10, train_iters=20)
+    assert learning_rate(0, cfg) == 0.0 and learning_rate(10, cfg) == 1.0
+    assert learning_rate(5, cfg) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("settings, needle", [
+    (dict(lr_warmup_iters=20, train_iters=20), "warmup"),
+    (dict(lr_warmup_samples=5, train_iters=20), "lr_warmup_samples"),
+    (dict(lr_decay_iters=5, train_samples=80, train_iters=10), "lr_decay_iters"),
+    (dict(lr_warmup_iters=2, lr_warmup_fraction=0.1, train_iters=20), "lr_warmup_fraction"),
+    (dict(lr_decay_style="WSD", train_iters=20), "lr_wsd_decay_iters"),
+    (dict(lr_warmup_init=1.0, lr=0.5), "lr_warmup_init"),
+])
+def test_schedule_settings_megatron_refuses_are_refused(settings, needle):
+    with pytest.raises(ConfigError, match=needle):
+        _config(**settings)
 
 
 def test_no_weight_decay_on_norms_and_vectors():
