@@ -789,7 +789,8 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
     if errors:
         raise ConfigError(errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  " + "\n  ".join(errors))
     cfg.validate()
-    _check_no_ignored_settings(cfg, given)
+    if not cfg.checkpoint.load:  # with --load the checkpoint may supply moe.num_experts: checked after adopting it
+        _check_no_ignored_settings(cfg, given)
     extras["given"] = given
     return cfg, extras
 

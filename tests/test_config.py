@@ -171,7 +171,7 @@ def test_checkpoint_architecture_fills_what_was_not_given():
     saved.model.hidden_size, saved.model.normalization, saved.model.add_bias_linear = 48, "LayerNorm", True
     saved.moe.num_experts, saved.moe.router, saved.moe.jitter_eps = 6, "sparsemixer", 0.05
     saved.training.train_iters, saved.moe.aux_loss_coeff = 7, 0.5  # training settings: never taken
-    cfg, extras = parse_args(["--num-layers", "4", "--moe.jitter_eps", "0.02", "--train-iters", "3"])
+    cfg, extras = parse_args(["--num-layers", "4", "--moe.jitter_eps", "0.02", "--train-iters", "3", "--load", "ckpt"])
     adopted = adopt_checkpoint_architecture(cfg, saved.to_dict(), extras["given"], "ckpt")
     assert (adopted.model.hidden_size, adopted.model.normalization, adopted.model.add_bias_linear) == (
         48, "LayerNorm", True)
@@ -181,7 +181,7 @@ def test_checkpoint_architecture_fills_what_was_not_given():
     assert cfg.model.hidden_size == Config().model.hidden_size  # the input is not changed
     dense = Config()
     dense.moe.num_experts = 0
-    cfg, extras = parse_args(["--moe-aux-loss-coeff", "0.1"])
+    cfg, extras = parse_args(["--moe-aux-loss-coeff", "0.1", "--load", "ckpt"])  # checked once the checkpoint is read
     with pytest.raises(ConfigError, match="moe.aux_loss_coeff: no effect on a dense model"):
         adopt_checkpoint_architecture(cfg, dense.to_dict(), extras["given"], "ckpt")
     with pytest.raises(ConfigError, match="ckpt: .*model.hidden_size: expected an integer"):
