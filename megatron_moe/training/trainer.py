@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from megatron_moe.config import Config, ConfigError, adopt_checkpoint_architecture
 from megatron_moe.data.datasets import MicroBatchIterator, build_gpt_datasets
-from megatron_moe.data.tokenizer import SentencePieceTokenizer
+from megatron_moe.data.tokenizer import load_tokenizer
 from megatron_moe.parallel.engine import ParallelEngine, StepResult, init_distributed_from_env
 from megatron_moe.parallel.mesh import export_launch_environment
 from megatron_moe.routing.adaptive import AdaptiveAuxLossCoefficients, ConstantAuxLossCoefficients
@@ -125,7 +125,7 @@ class Trainer:
             raise ConfigError("--eval-only needs a checkpoint to evaluate: pass --load DIR")
         if eval_only and not cfg.training.eval_iters:
             raise ConfigError("--eval-only with training.eval_iters = 0 (--eval-iters) evaluates nothing")
-        tokenizer = SentencePieceTokenizer(cfg.data.tokenizer_model)
+        tokenizer = load_tokenizer(cfg.data.tokenizer_model)  # SentencePiece or Hugging Face, told from the file
         tokenizer_id = tokenizer_identity(tokenizer.vocab_size, tokenizer.unique_identifiers["model_sha256"])
         check_tokenizer(self.loaded, tokenizer_id, cfg)
         self.cfg = cfg = resolve_vocab_size(cfg, tokenizer.vocab_size, self.loaded)
