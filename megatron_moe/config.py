@@ -41,7 +41,7 @@ RECOMPUTE_GRANULARITIES = ("none", "full", "selective")  # Megatron-LM's --recom
 WANDB_MODES = ("offline", "online", "disabled")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")  # Megatron-LM's --normalization; LayerNorm has a weight and a bias
 ROPE_SCALINGS = ("none", "llama3")  # "llama3": Llama 3.1's frequency scaling (Megatron-LM's --use-rope-scaling)
-TOKENIZER_TYPES = ("sentencepiece", "huggingface")
+TOKENIZER_TYPES = ("auto", "sentencepiece", "huggingface")  # auto: told from the file (data.tokenizer.load_tokenizer)
 
 
 def check_sparsemixer_topk(topk: int) -> None:
@@ -235,7 +235,7 @@ class DataConfig:
     cache_dir: str = ""  # where megatron-core writes its index caches; "" = next to the run
     # Independent training data (Megatron-LM's --train-data-path): all of it trains, data_path and split unused.
     train_data_path: list[str] = field(default_factory=list)
-    tokenizer_type: str = "sentencepiece"  # one of TOKENIZER_TYPES (Megatron-LM's --tokenizer-type, mapped)
+    tokenizer_type: str = "auto"  # one of TOKENIZER_TYPES (Megatron-LM's --tokenizer-type, mapped)
     eod_mask_loss: bool = False  # no loss on the end-of-document token (Megatron-LM's --eod-mask-loss)
 
     def validate(self) -> None:

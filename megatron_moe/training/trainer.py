@@ -125,7 +125,7 @@ class Trainer:
             raise ConfigError("--eval-only needs a checkpoint to evaluate: pass --load DIR")
         if eval_only and not cfg.training.eval_iters:
             raise ConfigError("--eval-only with training.eval_iters = 0 (--eval-iters) evaluates nothing")
-        tokenizer = load_tokenizer(cfg.data.tokenizer_model)  # SentencePiece or Hugging Face, told from the file
+        tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.tokenizer_type)  # "auto": told from the file
         tokenizer_id = tokenizer_identity(tokenizer.vocab_size, tokenizer.unique_identifiers["model_sha256"])
         check_tokenizer(self.loaded, tokenizer_id, cfg)
         self.cfg = cfg = resolve_vocab_size(cfg, tokenizer.vocab_size, self.loaded)
