@@ -317,15 +317,19 @@ def main(argv: list[str] | None = None) -> int:
     elif args.vocab_size is not None:
         print("error: --vocab-size is only used with --train-tokenizer", file=sys.stderr)
         return 2
-    preprocess_files(
-        args.input,
-        args.output_prefix,
-        args.tokenizer_model,
-        json_key=args.json_key,
-        txt_mode=args.txt_mode,
-        log_interval=args.log_interval,
-        log=lambda msg: print(msg, flush=True),
-    )
+    try:
+        preprocess_files(
+            args.input,
+            args.output_prefix,
+            args.tokenizer_model,
+            json_key=args.json_key,
+            txt_mode=args.txt_mode,
+            log_interval=args.log_interval,
+            log=lambda msg: print(msg, flush=True),
+        )
+    except (DataError, FileNotFoundError) as e:  # bad input: one line, pretrain_moe.py's data exit code
+        print(f"data error: {e}", file=sys.stderr)
+        return 4
     return 0
 
 
