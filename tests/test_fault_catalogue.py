@@ -588,6 +588,32 @@ def test_sigkill_inside_a_training_save_keeps_latest(loop_corpus, trained, tmp_p
     assert ok, (blocked, lost, code, stderr)
 
 
+def test_a_real_full_disk_under_pretrain_moe_py(loop_corpus, trained, tmp_path):
+    """``python pretrain_moe.py`` resuming a run on a tmpfs with room for little more than that run."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    room = sum(p.stat().st_size for p in trained.rglob("*") if p.is_file()) + (256 << 10)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        run = disk / "run"
+        shutil.copytree(trained, run, ignore=shutil.ignore_patterns(".run.lock"))
+        before = _digest(run)
+        argv = _flags(loop_corpus, run, **{"--load": str(run), "--train-iters": "3"})
+        proc = subprocess.run([sys.executable, "pretrain_moe.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+        lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith(("note:", "warning:"))]
+        lost = _lost(before, run)
+        ok = (proc.returncode == 6 and len(lines) == 1 and lines[0].startswith("disk full error: ")
+              and "Traceback" not in proc.stderr and resolve_checkpoint(run).name == "iter_0000002")
+        RESULTS["full tmpfs under pretrain_moe.py"] = "data lost" if lost else (
+            "traceback" if "Traceback" in proc.stderr else "clean error" if ok else "silent failure")
+        assert ok and not lost, (proc.returncode, lost, proc.stderr[-3000:])
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def test_catalogue_counts():
     """The counts of issue 14's closing note: cases, clean errors, tracebacks, silent failures, data lost,
     code executed (the last four must be zero)."""

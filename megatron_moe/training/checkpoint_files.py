@@ -13,9 +13,14 @@ does not need (at most the checkpoint's size divided by the world size, per rank
 :class:`CheckpointError` naming the file. Checkpoints written before checksums existed load with a
 warning (their files are not verified).
 
-Measured on this project's 2-core CPU machine (``bench/checkpoint_checksum.py``, 1.5 GiB of float32
-tensors in the page cache): XXH3-64 hashes 6-11 GB/s; a save is 1-3 % slower and a load 2-5 % slower
-than DCP's own writer and reader. A plain ``zlib.crc32`` pass ran at 1.4-1.6 GB/s, too slow for that.
+Cost, measured with ``bench/checkpoint_checksum.py`` on this project's 2-core CPU machine while other
+jobs loaded it (load average 12-19), 1-1.5 GiB of tensors in the page cache: XXH3-64 hashed 6-11 GB/s
+when the machine was quiet, 2-3 GB/s under load (``zlib.crc32``: 1.4-1.6 GB/s quiet, too slow); the
+checksums added -6 to +14 % CPU time to a save and +7 to +10 % to a load, and the wall-clock
+differences (-9 % to +31 %) were within the run-to-run noise of the loaded machine. The hashing runs
+on its own threads beside the file writes and reads (both release the GIL), so with a free core it
+adds wall time only where storage is faster than the hash. A measurement on a quiet multi-core host
+is still owed.
 
 **No code execution.** The DCP ``.metadata`` file is a pickle. :class:`_SafeUnpickler` admits exactly
 the globals DCP's metadata is made of, and checkpoints holding pickled (non-tensor) entries are
