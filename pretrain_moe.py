@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         if kind is None:
             raise
         message = str(e).strip() or type(e).__name__
+        if kind == "out of memory":
+            message += (" (the model, --micro-batch-size or --seq-length does not fit in memory: split it over more "
+                        "devices with --tensor/--pipeline-model-parallel-size, or make them smaller)")
         print(f"{kind} error: {message}", file=sys.stderr)
         return EXIT_CODES[kind]
     return 0

@@ -506,8 +506,8 @@ def main(argv: list[str] | None = None) -> int:
             log_interval=args.log_interval,
             log=lambda msg: print(msg, flush=True),
         )
-    except (ValueError, FileNotFoundError) as e:  # DataError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:  # DataError is a ValueError; one line, pretrain_moe.py's data code
+        print(f"data error: {e}", file=sys.stderr)
         return 4
     return 0
 

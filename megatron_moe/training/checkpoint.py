@@ -1,26 +1,29 @@
-"""Distributed checkpoints (torch.distributed.checkpoint), written atomically, loaded without unpickling code.
+"""Distributed checkpoints (torch.distributed.checkpoint), written atomically, verified, loaded without
+unpickling code.
 
 On-disk layout of a save directory::
 
     <save>/latest                 text: name of the newest complete checkpoint (replaced last, atomically)
     <save>/iter_0000100/          one DCP checkpoint: .metadata + *.distcp shards, and
-    <save>/iter_0000100/meta.json step, config, layout, format version (JSON, human readable)
+    <save>/iter_0000100/meta.json step, config, layout, format version, each file's checksum (JSON)
 
 A checkpoint is first written to ``iter_XXXXXXX.tmp`` and renamed into place once every rank has
 finished, then ``latest`` is replaced; a crash at any point leaves the previous checkpoint loadable.
+A save that fails (a full disk: an ``OSError`` with ``errno.ENOSPC``; any other write error: a
+:class:`CheckpointError`), synchronous or in DCP's background thread, publishes nothing: its
+``.tmp`` directory is removed and ``latest`` still names the previous checkpoint.
 DCP stores tensors by fully-qualified name, so a checkpoint saved in one parallel layout loads
 into another (DTensor shards are resharded on load).
 
-Loading never runs pickled code: the DCP ``.metadata`` file is read with an unpickler that only
-admits DCP's own metadata classes, and non-tensor entries are refused (all state is tensors; the
-rest lives in meta.json).
+Every file's checksum is recorded at save and verified on load, and the DCP ``.metadata`` pickle
+is read without running code: :mod:`megatron_moe.training.checkpoint_files`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -29,9 +32,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+
+from megatron_moe.training.checkpoint_files import (
+    CheckpointError,
+    ChecksummingWriter,
+    SafeFileSystemReader,
+    collect_checksums,
+    write_failure,
+)
 
 # Single-process saves (no process group) are intended here; DCP's notice about it, also raised
 # from its background thread for async saves, is noise.
@@ -40,10 +49,6 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 FORMAT_VERSION = 1
 LATEST = "latest"
 META = "meta.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, corrupt or incompatible; the message names the path."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -80,65 +85,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Admits exactly the globals DCP's metadata is made of, by (module, name): no other name of those
-    modules, no dotted name (pickle resolves ``module.a.b`` attribute chains), so loading runs no code.
-
-    The list was taken from the metadata this project writes (model, optimizer, DTensor shards, FSDP);
-    the ``.metadata`` of a checkpoint written by another version of torch may need an entry more.
-    """
-
-    _ALLOWED = {
-        *(("torch.distributed.checkpoint.metadata", name) for name in (
-            "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-            "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-        ("torch", "Size"),
-        ("torch.serialization", "_get_layout"),  # a lookup in a dict of torch's layouts
-        ("collections", "OrderedDict"),
-        *((module, name) for module in ("pathlib", "pathlib._local") for name in ("PosixPath", "PurePosixPath")),
-    }
-
-    @classmethod
-    def allowed(cls, module: str, name: str) -> bool:
-        """Whether ``module.name`` may be looked up while loading checkpoint metadata."""
-        if "." in name:
-            return False
-        if (module, name) in cls._ALLOWED:
-            return True
-        return module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-
-    def find_class(self, module: str, name: str):
-        if not self.allowed(module, name):
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from checkpoint metadata")
-        return super().find_class(module, name)
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """FileSystemReader whose metadata is read with :class:`_SafeUnpickler` and must hold tensors only."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = Path(self.path) / ".metadata"
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {self.path} is incomplete: {path.name} is missing")
-        try:
-            with open(path, "rb") as f:
-                metadata = _SafeUnpickler(f).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
-            raise CheckpointError(f"checkpoint metadata {path} is corrupt or not a DCP checkpoint: {e}") from None
-        if not isinstance(metadata, Metadata):
-            raise CheckpointError(f"checkpoint metadata {path} does not hold DCP metadata")
-        pickled = [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
-        if pickled:
-            raise CheckpointError(f"checkpoint {self.path} holds pickled objects ({pickled[:3]}...); refusing to load")
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
 def save_checkpoint(save_dir: str | Path, step: int, state: dict[str, Any], meta: dict[str, Any],
                     keep_last: int = 0, group=None, async_save: bool = False) -> Path | PendingSave:
     """Write ``state`` (nested dicts of tensors / DTensors) as checkpoint ``step`` under ``save_dir``.
@@ -149,6 +95,7 @@ def save_checkpoint(save_dir: str | Path, step: int, state: dict[str, Any], meta
     Returns the final checkpoint directory; with ``async_save`` the state is staged to CPU memory,
     written by a background thread, and a :class:`PendingSave` is returned whose ``wait()`` (called
     by every rank at the same point) makes the checkpoint visible.
+    Raises OSError(ENOSPC) for a full disk, CheckpointError for any other failed write (module docstring).
     """
     save_dir = Path(save_dir)
     final = save_dir / checkpoint_name(step)
@@ -158,34 +105,69 @@ def save_checkpoint(save_dir: str | Path, step: int, state: dict[str, Any], meta
         if tmp.exists():
             shutil.rmtree(tmp)  # debris of an earlier crash
     _barrier(group)
-    kwargs = dict(checkpoint_id=str(tmp), process_group=group, no_dist=not dist.is_initialized())
-    if async_save:
-        future = dcp.async_save(state, **kwargs)
-        return PendingSave(future, lambda: _finalize(save_dir, tmp, final, step, meta, keep_last, group))
-    dcp.save(state, **kwargs)
-    return _finalize(save_dir, tmp, final, step, meta, keep_last, group)
+    kwargs = dict(storage_writer=ChecksummingWriter(tmp), checkpoint_id=str(tmp), process_group=group,
+                  no_dist=not dist.is_initialized())
+    publish = _Publisher(save_dir, tmp, final, step, meta, keep_last, group)
+    try:
+        if async_save:
+            return PendingSave(dcp.async_save(state, **kwargs), publish)
+        dcp.save(state, **kwargs)
+    except (Exception, CheckpointException) as e:
+        raise publish.failed(e) from None
+    return publish()
+
+
+class _Publisher:
+    """Publishes a written checkpoint (:meth:`__call__`) or cleans up after a failed write (:meth:`failed`)."""
+
+    def __init__(self, save_dir: Path, tmp: Path, final: Path, step: int, meta: dict, keep_last: int, group):
+        self.save_dir, self.tmp, self.final, self.step = save_dir, tmp, final, step
+        self.meta, self.keep_last, self.group = meta, keep_last, group
+
+    def __call__(self) -> Path:
+        return _finalize(self.save_dir, self.tmp, self.final, self.step, self.meta, self.keep_last, self.group)
+
+    def failed(self, e: BaseException) -> Exception:
+        """The one error to raise for a failed write ``e``, after removing the partial ``.tmp`` directory."""
+        if _rank(self.group) == 0:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # every rank's write has ended: DCP gathered the error
+        unchanged = f"the previous checkpoint and '{LATEST}' are unchanged"
+        cause = write_failure(e)
+        if cause is not None and cause.errno == errno.ENOSPC:
+            return OSError(errno.ENOSPC, f"no space left on device while writing checkpoint {self.final.name} "
+                                         f"({cause.filename or self.tmp}); {unchanged}")
+        reason = f"{cause.strerror}: {cause.filename}" if cause is not None else _root_cause(e)
+        return CheckpointError(f"writing checkpoint {self.final} failed ({reason}); {unchanged}")
 
 
 class PendingSave:
-    """An asynchronous save in flight; ``wait()`` blocks until it is written, then publishes it."""
+    """An asynchronous save in flight; ``wait()`` blocks until it is written, then publishes it.
 
-    def __init__(self, future, finalize):
-        self._future, self._finalize, self.path = future, finalize, None
+    An error of the background write is raised by ``wait()`` as :meth:`_Publisher.failed` describes,
+    and nothing is published.
+    """
+
+    def __init__(self, future, publish: _Publisher):
+        self._future, self._publish, self.path = future, publish, None
 
     def wait(self) -> Path:
         if self.path is None:
-            # torch returns a Future, or a response holding one (upload_completion) in newer versions
-            getattr(self._future, "upload_completion", self._future).result()
-            self.path = self._finalize()
+            try:  # torch returns a Future, or a response holding one (upload_completion) in newer versions
+                getattr(self._future, "upload_completion", self._future).result()
+            except (Exception, CheckpointException) as e:
+                raise self._publish.failed(e) from None
+            self.path = self._publish()
         return self.path
 
 
 def _finalize(save_dir: Path, tmp: Path, final: Path, step: int, meta: dict, keep_last: int, group) -> Path:
-    """After every rank wrote its shards: meta.json, rename into place, then replace ``latest``."""
+    """After every rank wrote its shards: meta.json (with every file's checksum), rename into place,
+    then replace ``latest``."""
     _barrier(group)
     if _rank(group) == 0:
-        write_text_atomic(tmp / META, json.dumps({"format_version": FORMAT_VERSION, "step": step, **meta},
-                                                  indent=1))
+        checksums = collect_checksums(tmp)
+        write_text_atomic(tmp / META, json.dumps({"format_version": FORMAT_VERSION, "step": step, **meta,
+                                                  "checksums": checksums}, indent=1))
         if final.exists():
             old = final.with_name(final.name + ".old")
             if old.exists():
@@ -260,16 +242,37 @@ def read_meta(checkpoint: str | Path) -> dict[str, Any]:
     return meta
 
 
+_warned_unverified: set[Path] = set()
+
+
+def _reader(checkpoint: Path, group=None) -> SafeFileSystemReader:
+    """A reader of ``checkpoint`` that verifies the checksums its meta.json records (a checkpoint written
+    before checksums were recorded is read unverified, with a warning once)."""
+    checksums = None
+    try:
+        checksums = json.loads((checkpoint / META).read_text()).get("checksums")
+    except (OSError, ValueError, AttributeError):
+        pass  # a missing or corrupt meta.json is reported by read_meta; the files themselves still load
+    if not checksums and checkpoint not in _warned_unverified:
+        _warned_unverified.add(checkpoint)
+        if _rank(group) == 0:
+            print(f"warning: checkpoint {checkpoint} records no checksums (saved by an older version); its files "
+                  "are loaded unverified", flush=True)
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    return SafeFileSystemReader(checkpoint, checksums, rank=_rank(group), world_size=world)
+
+
 def checkpoint_keys(checkpoint: str | Path) -> dict[str, tuple[int, ...]]:
     """Flattened state keys stored in a checkpoint and their global shapes."""
-    metadata = SafeFileSystemReader(str(checkpoint)).read_metadata()
+    metadata = _reader(Path(checkpoint)).read_metadata()
     return {k: tuple(v.size) for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
 
 
 def load_checkpoint(checkpoint: str | Path, state: dict[str, Any], group=None) -> None:
     """Load into ``state`` in place (its tensors define what is read and how it is sharded).
 
-    Raises CheckpointError naming the checkpoint when entries are missing or shapes differ.
+    Raises CheckpointError naming the checkpoint when entries are missing or shapes differ, and naming
+    the file when a file is missing, truncated or fails its checksum (``state`` is then undefined).
     """
     checkpoint = Path(checkpoint)
     stored = checkpoint_keys(checkpoint)
@@ -284,11 +287,14 @@ def load_checkpoint(checkpoint: str | Path, state: dict[str, Any], group=None) -
         raise CheckpointError(f"checkpoint {checkpoint}: {k} has shape {got}, the model expects {want} "
                               f"({len(wrong)} mismatched entries): different model configuration?")
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(checkpoint)), process_group=group,
+        dcp.load(state, storage_reader=_reader(checkpoint, group), process_group=group,
                  no_dist=not dist.is_initialized())
     except CheckpointError:
         raise
-    except (Exception, CheckpointException) as e:  # DCP wraps shard read errors (missing/truncated shards)
+    except (Exception, CheckpointException) as e:  # DCP wraps each rank's read error
+        ours = [exc for exc, _ in getattr(e, "failures", {}).values() if isinstance(exc, CheckpointError)]
+        if ours:
+            raise ours[0] from None
         raise CheckpointError(f"checkpoint {checkpoint} could not be read (missing or truncated shard?): "
                               f"{_root_cause(e)}") from e
 

@@ -1,3 +1,4 @@
+import json
 import os
 import pickle
 import signal
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from megatron_moe.training import checkpoint as ck
+from megatron_moe.training import checkpoint_files
 from megatron_moe.training.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -76,6 +78,7 @@ _KILL_SCRIPT = """
 import sys, time, torch
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from megatron_moe.training import checkpoint as ck
+from megatron_moe.training import checkpoint_files
 
 where = sys.argv[2]
 
@@ -149,7 +152,7 @@ def test_corrupt_incomplete_and_missing(tmp_path):
         load_checkpoint(path, zeros_like(state(0)))
     path = save_checkpoint(tmp_path / "run2", 1, state(1), {})
     os.remove(path / "__0_0.distcp")
-    with pytest.raises(CheckpointError, match="could not be read"):
+    with pytest.raises(CheckpointError, match="is incomplete: __0_0.distcp is missing"):
         load_checkpoint(path, zeros_like(state(0)))
     (path / "meta.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="meta.json is corrupt"):
@@ -157,6 +160,13 @@ def test_corrupt_incomplete_and_missing(tmp_path):
     (tmp_path / "run2" / "latest").write_text("iter_0000009\n")
     with pytest.raises(CheckpointError, match="points to iter_0000009"):
         resolve_checkpoint(tmp_path / "run2")
+
+
+def forge_checksums(checkpoint: Path) -> None:
+    """What an attacker who crafted a file also does: record its checksum in meta.json."""
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    meta["checksums"] = {name: checkpoint_files.file_checksum(checkpoint / name) for name in meta["checksums"]}
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
 
 
 class _Boom:
@@ -167,6 +177,9 @@ class _Boom:
 def test_loading_never_unpickles_arbitrary_objects(tmp_path):
     path = save_checkpoint(tmp_path, 1, state(1), {})
     (path / ".metadata").write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(CheckpointError, match=r"\.metadata is corrupt: checksum"):
+        load_checkpoint(path, zeros_like(state(0)))
+    forge_checksums(path)
     with pytest.raises(CheckpointError, match="refusing to unpickle posix.system|refusing to unpickle os.system"):
         load_checkpoint(path, zeros_like(state(0)))
     # A checkpoint holding a pickled (non-tensor) object is refused before anything is read.
@@ -183,7 +196,8 @@ def test_no_global_reachable_through_the_allowed_modules_is_admitted(tmp_path):
     import importlib
     import io
 
-    admitted = ck._SafeUnpickler._ALLOWED
+    unpickler = checkpoint_files._SafeUnpickler
+    admitted = unpickler._ALLOWED
     tried = refused = 0
     for module_name in sorted({m for m, _ in admitted} | {"torch"}):
         try:
@@ -194,21 +208,22 @@ def test_no_global_reachable_through_the_allowed_modules_is_admitted(tmp_path):
             tried += 1
             expected = (module_name, name) in admitted or isinstance(getattr(module, name), torch.dtype) and (
                 module_name == "torch")
-            assert ck._SafeUnpickler.allowed(module_name, name) == expected, (module_name, name)
+            assert unpickler.allowed(module_name, name) == expected, (module_name, name)
             refused += not expected
             inner = getattr(module, name, None)
             if module_name != "torch" and inner is not None:
                 for attr in dir(inner)[:50]:
                     tried += 1
-                    assert not ck._SafeUnpickler.allowed(module_name, f"{name}.{attr}"), (module_name, name, attr)
+                    assert not unpickler.allowed(module_name, f"{name}.{attr}"), (module_name, name, attr)
     assert tried > 1000 and refused > 500
     # The crafted file of the report: STACK_GLOBAL of an admitted module with the name "os.system".
     payload = (b"\x80\x04\x8c\x27torch.distributed.checkpoint.filesystem\x8c\x09os.system\x93"
                b"\x8c\x0eecho pwned\x85R.")
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        ck._SafeUnpickler(io.BytesIO(payload)).load()
+        unpickler(io.BytesIO(payload)).load()
     path = save_checkpoint(tmp_path, 1, state(1), {})
     (path / ".metadata").write_bytes(payload)
+    forge_checksums(path)
     with pytest.raises(CheckpointError, match="refusing to unpickle torch.distributed.checkpoint.filesystem.os"):
         load_checkpoint(path, zeros_like(state(0)))
 
