@@ -61,6 +61,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
@@ -548,8 +549,10 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
             dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
         except ConversionError:
             raise
-        except Exception as e:
-            raise ConversionError(f"{ckpt}: reading {key} failed: {e}") from None
+        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+            cause = next(iter(getattr(e, "failures", {}).values()), e)  # DCP: rank -> (exception, frames)
+            cause = cause[0] if isinstance(cause, tuple) else cause
+            raise ConversionError(f"{ckpt}: reading {key} failed: {type(cause).__name__}: {cause}") from None
         if planner.covered != buffer.numel():
             raise ConversionError(f"{ckpt}: the saved chunks of {key} cover {planner.covered} of the "
                                   f"{buffer.numel()} values asked for; the checkpoint is incomplete")
