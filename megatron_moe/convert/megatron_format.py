@@ -1,4 +1,4 @@
-"""Read a dense Megatron-LM GPT checkpoint in its legacy torch format as a :class:`DenseSource`.
+"""Read a dense Megatron-LM GPT checkpoint as a :class:`DenseSource`: the legacy torch format or torch_dist.
 
 Layout on disk (Megatron-LM ``--ckpt-format torch``)::
 
@@ -24,29 +24,57 @@ Tensor layouts (per tensor-parallel shard, then concatenated over shards):
   (attention output ``linear_proj``/``dense``, ``linear_fc2``/``dense_4h_to_h``) along dim 1;
   norms are replicated (checked equal across shards).
 
+Megatron-LM ``--ckpt-format torch_dist`` (its default; megatron-core ``dist_checkpointing``)::
+
+    <save>/latest_checkpointed_iteration.txt
+    <save>/iter_0000100/.metadata  __*_*.distcp  common.pt  metadata.json ("sharded_backend": "torch_dist")
+
+is a torch.distributed.checkpoint (DCP) checkpoint of global tensors, whatever the tensor/pipeline layout
+that wrote it: megatron-core stacks the layers of a homogeneous decoder into one tensor per weight with a
+leading layer dimension (``decoder.layers.self_attention.linear_qkv.weight`` ``[num_layers, rows, hidden]``;
+per-layer keys ``decoder.layers.N....`` of a non-homogeneous decoder are read too), names the norms by
+Transformer Engine's fused names, and stores SwiGLU's fc1 as ``[gate of all ranks; up of all ranks]`` (so
+the halves are split once, not per shard). One layer is read at a time. ``common.pt`` holds ``args``.
+megatron-core's own loader is not used: it unpickles ``.metadata`` and pickled objects without restriction.
+
 Loading runs no pickled code: ``torch.load(weights_only=True)`` with ``argparse.Namespace`` allowed
 (Megatron stores its arguments as one) and every other non-tensor global of the file (numpy RNG
 state, Megatron enums inside ``args``...) replaced by an inert placeholder that only records its
 arguments. The architecture comes from ``args``; a checkpoint without it needs ``overrides`` (the
 CLI's ``--megatron-args FILE.json``: a JSON object of Megatron argument names, which also override
-fields of ``args``). Files are memory-mapped (``mmap=True``).
+fields of ``args``). Files are memory-mapped (``mmap=True``). A torch_dist ``.metadata`` is read with the
+training checkpoints' restricted unpickler (:mod:`megatron_moe.training.checkpoint`), ``common.pt`` as above,
+and only tensor entries are read (with ``weights_only=True``); pickled entries (Transformer Engine extra
+state, RNG state) are never read.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import pickle
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_moe.config import Config
 from megatron_moe.convert.source import ConversionError, DenseSource
+from megatron_moe.training.checkpoint_files import _SafeUnpickler
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SHARD_FILE = "model_optim_rng.pt"
+DIST_COMMON = "common.pt"
+DIST_METADATA = ".metadata"
+DIST_CONFIG = "metadata.json"
 
 
 class OpaqueObject:
@@ -118,7 +146,9 @@ def shard_files(path: str | Path) -> list[Path]:
     ckpt = _checkpoint_dir(path)
     ranks = sorted(p for p in ckpt.iterdir() if p.is_dir() and p.name.startswith("mp_rank_"))
     if not ranks:
-        raise ConversionError(f"{ckpt}: no mp_rank_* directories (and no {TRACKER}); not a Megatron checkpoint")
+        found = sorted(p.name for p in ckpt.iterdir())[:6]
+        raise ConversionError(f"{ckpt}: neither mp_rank_* directories (--ckpt-format torch) nor {DIST_METADATA} + "
+                              f"{DIST_COMMON} (torch_dist) found (it holds {found}); not a Megatron checkpoint")
     if any(len(p.name.split("_")) > 3 for p in ranks):
         raise ConversionError(f"{ckpt}: pipeline-parallel shards ({ranks[0].name}...) are not supported; merge to "
                               "pipeline size 1 with Megatron-LM tools/checkpoint/convert.py first")
@@ -263,10 +293,14 @@ def _split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int, where:
 
 
 def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> DenseSource:
-    """A :class:`DenseSource` for a Megatron-LM legacy torch checkpoint (all TP shards merged).
+    """A :class:`DenseSource` for a Megatron-LM checkpoint, legacy torch (all TP shards merged) or torch_dist.
 
-    The shards are loaded memory-mapped; the merged tensors are computed on demand.
+    The shards are loaded memory-mapped (legacy) or one layer at a time (torch_dist); the merged tensors are
+    computed on demand.
     """
+    dist_dir = torch_dist_dir(path)
+    if dist_dir is not None:
+        return read_megatron_torch_dist(dist_dir, overrides)
     files = shard_files(path)
     shards = [safe_torch_load(f) for f in files]
     where = str(files[0])
@@ -363,5 +397,200 @@ def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     if beyond:
         raise ConversionError(f"{where}: holds layer {beyond[0]} but args say num_layers = {m.num_layers}")
     source = DenseSource(cfg, loaders, f"megatron:{path}", extra={"megatron_args": sorted(args)})
+    source.check()
+    return source
+
+
+# ---- torch_dist (megatron-core dist_checkpointing) ----
+
+def torch_dist_dir(path: str | Path) -> Path | None:
+    """The checkpoint directory of a torch_dist checkpoint at ``path`` (a save directory with its tracker
+    file, or an ``iter_*`` directory), or None when ``path`` is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    ckpt = _checkpoint_dir(path)
+    if (ckpt / DIST_METADATA).is_file() or (ckpt / DIST_CONFIG).is_file():
+        return ckpt
+    return None
+
+
+def _read_dist_metadata(ckpt: Path) -> Metadata:
+    config = ckpt / DIST_CONFIG
+    if config.is_file():
+        try:
+            backend = json.loads(config.read_text()).get("sharded_backend")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ConversionError(f"{config}: unreadable ({e})") from None
+        if backend != "torch_dist":
+            raise ConversionError(f"{config}: sharded_backend {backend!r}; only 'torch_dist' is read (convert a "
+                                  "zarr checkpoint with Megatron-LM --ckpt-convert-format torch_dist first)")
+    path = ckpt / DIST_METADATA
+    if not path.is_file():
+        raise ConversionError(f"{ckpt}: {DIST_METADATA} is missing; an incomplete torch_dist checkpoint")
+    try:
+        with open(path, "rb") as f:
+            metadata = _SafeUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, ImportError) as e:
+        raise ConversionError(f"{path}: cannot be loaded without running pickled code, or not DCP metadata: "
+                              f"{e}") from None
+    if not isinstance(metadata, Metadata):
+        raise ConversionError(f"{path}: does not hold torch.distributed.checkpoint metadata")
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    return metadata
+
+
+class _MetadataReader(FileSystemReader):
+    """DCP's file reader, given metadata already read safely (it would otherwise unpickle it itself)."""
+
+    def __init__(self, path: Path, metadata: Metadata):
+        super().__init__(str(path))
+        self._safe_metadata = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        self._safe_metadata.storage_meta.load_id = self.load_id
+        return self._safe_metadata
+
+
+class _ChunkPlanner(LoadPlanner):
+    """Loads one region (``offsets``, ``buffer.shape``) of one checkpoint tensor into ``buffer``, reading only
+    the saved chunks that overlap it; never reads a pickled entry."""
+
+    def __init__(self, key: str, offsets: tuple[int, ...], buffer: torch.Tensor):
+        self.key, self.offsets, self.buffer = key, offsets, buffer
+        self.covered = 0
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
+        self.metadata = metadata
+
+    def create_local_plan(self) -> LoadPlan:
+        chunk = ChunkStorageMetadata(offsets=torch.Size(self.offsets), sizes=self.buffer.shape)
+        items = create_read_items_for_chunk_list(self.key, self.metadata.state_dict_metadata[self.key], [chunk])
+        self.covered = sum(math.prod(item.lengths) for item in items)
+        return LoadPlan(items)
+
+    def create_global_plan(self, global_plan):
+        return global_plan
+
+    def finish_plan(self, new_plan):
+        return new_plan
+
+    def load_bytes(self, read_item, value) -> None:
+        raise ConversionError(f"refusing to unpickle checkpoint entry {read_item.dest_index.fqn}")
+
+    def resolve_tensor(self, read_item) -> torch.Tensor:
+        region = self.buffer
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=True)):
+            region = region.narrow(dim, start, length)
+        return region
+
+    def commit_tensor(self, read_item, tensor) -> None:
+        pass
+
+
+def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None = None) -> DenseSource:
+    """A :class:`DenseSource` for the torch_dist checkpoint directory ``ckpt`` (see the module docstring)."""
+    ckpt = Path(ckpt)
+    metadata = _read_dist_metadata(ckpt)
+    common_file = ckpt / DIST_COMMON
+    common = safe_torch_load(common_file) if common_file.is_file() else {}
+    where = str(common_file)
+    if not isinstance(common, dict):
+        raise ConversionError(f"{where}: expected a dict of Megatron's common state")
+    version = common.get("checkpoint_version", 3.0)
+    if version is not None and float(version) < 3.0:
+        raise ConversionError(f"{where}: checkpoint_version = {version}; versions before 3.0 are not supported")
+    args_obj = common.get("args")
+    args = dict(vars(args_obj)) if isinstance(args_obj, argparse.Namespace) else {}
+    args.update(overrides or {})
+    # The tensors are global: whatever tensor/pipeline layout wrote them reads as one model.
+    cfg = config_from_megatron_args({**args, "pipeline_model_parallel_size": 1}, where)
+    m = cfg.model
+
+    table: dict[tuple[str, int | None], tuple[str, int | None]] = {}  # (role, layer) -> (key, stacked index)
+    for key, entry in metadata.state_dict_metadata.items():
+        if not key.startswith(("embedding.", "decoder.", "output_layer.")) or not isinstance(
+                entry, TensorStorageMetadata):
+            continue  # optimizer state, RNG state, Transformer Engine extra state
+        per_layer = re.match(r"decoder\.layers\.\d+\.", key)
+        stacked = key.startswith("decoder.layers.") and not per_layer
+        found = _classify("decoder.layers.0." + key[len("decoder.layers."):] if stacked else key)
+        if found is None:
+            raise ConversionError(f"{ckpt}: tensor {key} has no counterpart in this project's model")
+        role, layer = found
+        if not stacked:
+            table[(role, layer)] = (key, None)
+            continue
+        if entry.size[0] != m.num_layers:
+            raise ConversionError(f"{ckpt}: {key} stacks {entry.size[0]} layers but args say num_layers = "
+                                  f"{m.num_layers}")
+        for i in range(m.num_layers):
+            table[(role, i)] = (key, i)
+    if not m.vocab_size:
+        emb = table.get(("emb", None))
+        if emb is None:
+            raise ConversionError(f"{ckpt}: no embedding.word_embeddings.weight")
+        m.vocab_size = int(metadata.state_dict_metadata[emb[0]].size[0])
+        m.make_vocab_size_divisible_by = math.gcd(max(m.vocab_size, 1), 128)
+    reader = _MetadataReader(ckpt, metadata)
+
+    def get(role: str, layer: int | None) -> torch.Tensor:
+        if (role, layer) not in table:
+            raise ConversionError(f"{ckpt}: no tensor for {role if layer is None else f'layer {layer} {role}'}")
+        key, index = table[(role, layer)]
+        entry = metadata.state_dict_metadata[key]
+        size = tuple(entry.size)
+        offsets, shape = ((0,) * len(size), size) if index is None else ((index,) + (0,) * (len(size) - 1),
+                                                                         (1, *size[1:]))
+        buffer = torch.empty(shape, dtype=entry.properties.dtype)
+        planner = _ChunkPlanner(key, offsets, buffer)
+        try:
+            dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
+        except ConversionError:
+            raise
+        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+            cause = next(iter(getattr(e, "failures", {}).values()), e)  # DCP: rank -> (exception, frames)
+            cause = cause[0] if isinstance(cause, tuple) else cause
+            raise ConversionError(f"{ckpt}: reading {key} failed: {type(cause).__name__}: {cause}") from None
+        if planner.covered != buffer.numel():
+            raise ConversionError(f"{ckpt}: the saved chunks of {key} cover {planner.covered} of the "
+                                  f"{buffer.numel()} values asked for; the checkpoint is incomplete")
+        return buffer if index is None else buffer[0]
+
+    def plain(role: str, layer: int | None = None):
+        return lambda: get(role, layer)
+
+    def qkv_part(layer: int, which: int):
+        return lambda: _split_qkv(get("qkv", layer), m.num_attention_heads, m.num_kv_heads, m.head_dim,
+                                  f"{ckpt} layer {layer}")[which]
+
+    def fc1_part(layer: int, which: int):
+        def load() -> torch.Tensor:
+            fc1 = get("fc1", layer)
+            if fc1.shape[0] % 2:
+                raise ConversionError(f"{ckpt}: layer {layer} fc1 has an odd number of rows ({fc1.shape[0]}); "
+                                      "expected [gate; up] for SwiGLU")
+            return fc1.chunk(2, dim=0)[which]
+        return load
+
+    loaders = {"tok_embeddings.weight": plain("emb"), "norm.weight": plain("final_norm")}
+    if not m.tie_embeddings:
+        loaders["output.weight"] = plain("out")
+    for i in range(m.num_layers):
+        p = f"layers.{i}."
+        loaders[p + "attention_norm.weight"] = plain("norm1", i)
+        loaders[p + "ffn_norm.weight"] = plain("norm2", i)
+        for which, name in enumerate(("wq", "wk", "wv")):
+            loaders[p + f"attention.{name}.weight"] = qkv_part(i, which)
+        loaders[p + "attention.wo.weight"] = plain("proj", i)
+        loaders[p + "feed_forward.w1.weight"] = fc1_part(i, 0)
+        loaders[p + "feed_forward.w3.weight"] = fc1_part(i, 1)
+        loaders[p + "feed_forward.w2.weight"] = plain("fc2", i)
+    beyond = sorted(layer for (_, layer) in table if layer is not None and layer >= m.num_layers)
+    if beyond:
+        raise ConversionError(f"{ckpt}: holds layer {beyond[0]} but args say num_layers = {m.num_layers}")
+    source = DenseSource(cfg, loaders, f"megatron:{ckpt}", extra={"megatron_args": sorted(args),
+                                                                   "megatron_format": "torch_dist"})
     source.check()
     return source

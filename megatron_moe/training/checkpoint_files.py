@@ -237,6 +237,9 @@ class _SafeUnpickler(pickle.Unpickler):
             "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
             "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
         ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        # megatron-core's torch_dist saves also pickle their save plans (Metadata.all_local_plans)
+        *(("torch.distributed.checkpoint.planner", name) for name in (
+            "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")),
         ("torch", "Size"),
         ("torch.serialization", "_get_layout"),  # a lookup in a dict of torch's layouts
         ("collections", "OrderedDict"),

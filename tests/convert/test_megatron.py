@@ -210,3 +210,166 @@ def test_megatron_args_override_file(tmp_path, capsys, reference):
     rc = upcycle_checkpoint.main(["--input", str(root), "--input-format", "megatron", "--megatron-args",
                                   str(tmp_path / "args.json"), "--num-experts", "2", "--output", str(tmp_path / "o")])
     assert rc == 0, capsys.readouterr().err
+
+
+# ---- torch_dist: written by megatron-core's own GPTModel.sharded_state_dict + dist_checkpointing.save ----
+
+def _megatron_gpt_save(rank: int, world: int, state: dict, cfg, root: str, tokens_in: torch.Tensor):
+    """One tensor-parallel rank (TP = world): megatron-core's GPTModel (local spec, built on CPU) holding
+    ``state`` split as Megatron splits it, saved with dist_checkpointing.save into ``root/iter_0000010`` with
+    Megatron-LM's common state (``args``, ...) and an RNG ShardedObject holding pickled code that must never
+    run. Returns megatron-core's own logits for ``tokens_in`` (gathered over TP ranks).
+
+    megatron-core 0.16.1 on a CPU-only torch, in this (spawned) process only: its torch_dist writer calls
+    torch.cuda.synchronize() / current_device() even for CPU tensors, and its attention enters the CUDA RNG
+    tracker for dropout (0 here): those three are replaced by no-ops.
+    """
+    import contextlib
+
+    import torch.nn.functional as F
+    from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if not torch.cuda.is_available():
+        torch.cuda.synchronize = lambda *a, **k: None
+        torch.cuda.current_device = lambda: "cpu"
+        tensor_parallel.get_cuda_rng_tracker = lambda: type("NoRng", (), {"fork": contextlib.nullcontext})()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    m = cfg.model
+    config = TransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size, gated_linear_unit=True,
+        activation_func=F.silu, normalization="RMSNorm", layernorm_epsilon=m.norm_eps, add_bias_linear=False,
+        tensor_model_parallel_size=world, use_cpu_initialization=True, params_dtype=torch.float32,
+        hidden_dropout=0.0, attention_dropout=0.0)
+    model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=m.vocab_size,
+                     max_sequence_length=64, position_embedding_type="rope", rotary_base=int(m.rope_theta),
+                     share_embeddings_and_output_weights=m.tie_embeddings, parallel_output=False).eval()
+    te_names = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+                "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+    mine = {}
+    for key, value in shard_model(state, cfg, world, rank, "mcore").items():
+        for te, local in te_names.items():
+            key = key.replace(te, local)
+        mine[key] = value
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        assert set(params) == {k for k, v in mine.items() if v is not None}, sorted(set(params) ^ set(mine))
+        for name, p in params.items():
+            p.copy_(mine[name])
+        seq = tokens_in.shape[1]
+        causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]  # True: masked
+        logits = model(tokens_in, torch.arange(seq).expand_as(tokens_in), causal)
+    ckpt = pathlib.Path(root) / "iter_0000010"
+    if rank == 0:
+        ckpt.mkdir(parents=True)
+        (pathlib.Path(root) / "latest_checkpointed_iteration.txt").write_text("10")
+    torch.distributed.barrier()
+    evil = Evil(pathlib.Path(root) / "pwned")
+    sharded = {
+        "args": megatron_args(cfg, world, ckpt_format="torch_dist"), "checkpoint_version": 3.0, "iteration": 10,
+        "model": model.sharded_state_dict(),
+        "rng_state": ShardedObject("rng_state", [evil], (world,), (rank,), replica_id=0),
+    }
+    dist_checkpointing.save(sharded, str(ckpt))
+    return logits.detach()
+
+
+@pytest.fixture(scope="module")
+def megatron_dist(tmp_path_factory):
+    """A TP=2 torch_dist save of a random dense model written by megatron-core (2 gloo ranks on CPU), the
+    model, and megatron-core's own logits on ``tokens()``; built once (about 15 s of CPU)."""
+    from megatron_moe.testing import run_distributed
+
+    pytest.importorskip("psutil", reason="megatron-core's torch_dist writer needs psutil (in the test extra)")
+    root = tmp_path_factory.mktemp("megatron_dist")
+    cfg = tiny_config(num_experts=0)
+    dense = save_native(root / "native_dense", cfg, seed=3)
+    state = {k: v.detach().clone() for k, v in dense.state_dict().items()}
+    x = tokens()
+    logits = run_distributed(_megatron_gpt_save, 2, (state, cfg, str(root / "dist"), x))
+    return {"root": root / "dist", "cfg": cfg, "state": state, "dense": dense, "tokens": x, "logits": logits[0]}
+
+
+@pytest.mark.slow
+def test_torch_dist_checkpoint_of_megatron_core_upcycles_like_the_legacy_format(tmp_path, capsys, megatron_dist):
+    """A TP=2 torch_dist checkpoint written by megatron-core itself reads back bit-exactly into the dense
+    model; megatron-core's own logits equal the dense model's (fp32, tolerance 1e-5: the same sums in
+    another order); the upcycled model's logits equal the legacy-format upcycle's bit for bit; nothing
+    pickled in the checkpoint ran."""
+    cfg, state, dense, x = (megatron_dist[k] for k in ("cfg", "state", "dense", "tokens"))
+    with torch.no_grad():
+        torch.testing.assert_close(megatron_dist["logits"], dense(x), atol=1e-5, rtol=0)
+    source = read_megatron(megatron_dist["root"])
+    assert source.extra["megatron_format"] == "torch_dist"
+    assert source.cfg.model == read_megatron(write_megatron(tmp_path / "legacy", state, cfg, 2)).cfg.model
+    got = source.state_dict()
+    assert set(got) == set(state)
+    for name in state:
+        assert torch.equal(got[name], state[name]), name
+    outputs = {}
+    for name, path in (("dist", megatron_dist["root"]), ("legacy", tmp_path / "legacy")):
+        rc = upcycle_checkpoint.main(["--input", str(path), "--input-format", "megatron", "--num-experts", "4",
+                                      "--output", str(tmp_path / f"moe_{name}")])
+        assert rc == 0, capsys.readouterr().err
+        moe, _ = load_model(tmp_path / f"moe_{name}")
+        with torch.no_grad():
+            outputs[name] = moe(x)
+    assert torch.equal(outputs["dist"], outputs["legacy"])
+    assert not (megatron_dist["root"] / "pwned").exists()
+
+
+@pytest.mark.slow
+def test_torch_dist_bad_inputs(tmp_path, megatron_dist):
+    """Pickled code in .metadata or common.pt is refused without running; a lost shard file, another
+    backend and an empty iteration directory are named."""
+    import pickle
+    import shutil
+
+    def copy(name):
+        return pathlib.Path(shutil.copytree(megatron_dist["root"], tmp_path / name))
+
+    evil = tmp_path / "pwned"
+    root = copy("meta")
+    (root / "iter_0000010" / ".metadata").write_bytes(pickle.dumps(Evil(evil)))
+    with pytest.raises(ConversionError, match=r"\.metadata: cannot be loaded without running pickled code"):
+        read_megatron(root)
+    root = copy("common")
+    common = root / "iter_0000010" / "common.pt"
+    torch.save({**torch.load(common, weights_only=False), "evil": Evil(evil)}, common)
+    with pytest.raises(ConversionError, match="common.pt: cannot be loaded without running pickled code"):
+        read_megatron(root)
+    assert not evil.exists(), "loading ran pickled code"
+    root = copy("lost")
+    next((root / "iter_0000010").glob("*.distcp")).unlink()
+    with pytest.raises(ConversionError, match="reading .* failed"):
+        read_megatron(root).state_dict()
+    root = copy("zarr")
+    (root / "iter_0000010" / "metadata.json").write_text('{"sharded_backend": "zarr"}')
+    with pytest.raises(ConversionError, match="sharded_backend 'zarr'; only 'torch_dist'"):
+        read_megatron(root)
+    (tmp_path / "empty" / "iter_0000010").mkdir(parents=True)
+    (tmp_path / "empty" / "latest_checkpointed_iteration.txt").write_text("10")
+    with pytest.raises(ConversionError, match="nor .metadata \\+ common.pt \\(torch_dist\\)"):
+        read_megatron(tmp_path / "empty")
+
+
+def test_torch_dist_per_layer_keys(tmp_path, reference):
+    """megatron-core's layout for a non-homogeneous decoder (``decoder.layers.N.`` keys, one tensor per
+    layer, no layer dimension), written with torch.distributed.checkpoint directly; read bit-exactly."""
+    import torch.distributed.checkpoint as dcp
+
+    cfg, state, _ = reference
+    flat = shard_model(state, cfg, 1, 0, "mcore")  # TP=1: the global tensors under Megatron's names
+    ckpt = tmp_path / "m" / "iter_0000010"
+    dcp.save({k: v for k, v in flat.items() if v is not None}, checkpoint_id=str(ckpt), no_dist=True)
+    torch.save({"args": megatron_args(cfg, 4, pipeline_model_parallel_size=2), "checkpoint_version": 3.0,
+                "iteration": 10}, ckpt / "common.pt")
+    (tmp_path / "m" / "latest_checkpointed_iteration.txt").write_text("10")
+    got = read_megatron(tmp_path / "m").state_dict()  # any TP/PP of the args: the tensors are global
+    assert set(got) == set(state)
+    for name in state:
+        assert torch.equal(got[name], state[name]), name

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_moe.data.datasets import validate_indexed_dataset
 from megatron_moe.data.preprocess import iter_documents, main, preprocess_files
 from megatron_moe.data.tokenizer import SentencePieceTokenizer, load_tokenizer
 from tests.builders import WORDS_A, WORDS_B, make_documents, write_jsonl
@@ -183,6 +184,8 @@ def test_bytes_equal_megatron_indexed_dataset_builder(tmp_path, corpus_dir, hf_t
     assert len(ds.document_indices) == len(RECORDS) + 1
     assert len(ds) == len(RECORDS) - res.num_empty
     assert ds.document_indices[1] == 0  # the first record's text is ""
+    info = validate_indexed_dataset(res.prefix)  # what training checks first accepts them
+    assert (info.num_documents, info.num_sequences, info.num_tokens) == (len(RECORDS), len(ds), res.num_tokens)
 
 
 def test_workers_run_in_parallel_and_write_what_one_worker_writes(tmp_path, corpus_dir):
