@@ -724,6 +724,7 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
         cfg = load_toml(args[i + 1], cfg, given)
         del args[i : i + 2]
     errors: list[str] = []
+    derived: dict[str, list[str]] = {}  # flags checked against the finished configuration (mc.DERIVED)
     i = 0
     while i < len(args):
         flag = args[i]
@@ -742,6 +743,9 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
                 j += 1
             values = args[i + 1 : j]
             i = j
+        if name in mc.DERIVED:
+            derived[name] = values
+            continue
         try:
             _apply_flag(cfg, name, values, extras, given)
         except ConfigError as e:
@@ -755,7 +759,16 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
         raise ConfigError(errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  " + "\n  ".join(errors))
     cfg.validate()
     _check_no_ignored_settings(cfg, given)
+    _check_derived_flags(cfg, derived)
     return cfg, extras
+
+
+def _check_derived_flags(cfg: Config, derived: dict[str, list[str]]) -> None:
+    """Megatron-LM flags that restate a size this configuration implies (``--kv-channels``) must agree."""
+    for name, values in derived.items():
+        implied, what = mc.DERIVED[name]
+        if len(values) != 1 or not mc.same_value(values[0], str(implied(cfg))):
+            raise ConfigError(f"--{name} {' '.join(values) or '(no value)'}: {what} = {implied(cfg)} here")
 
 
 def _apply_flag(cfg: Config, name: str, values: list[str], extras: dict[str, Any], given: set[str]) -> None:

@@ -194,7 +194,8 @@ def test_megatron_training_data_and_logging_flags():
                          "--train-data-path", "1", "t1", "2", "t2", "--eod-mask-loss", "--data-cache-path", "c",
                          "--wandb-exp-name", "x", "--wandb-save-dir", "w", "--no-load-optim", "--no-load-rng",
                          "--finetune", "--lr-decay-style", "WSD", "--lr-wsd-decay-style", "cosine",
-                         "--lr-wsd-decay-samples", "20", "--lr-warmup-init", "1e-6", "--exit-duration-in-mins", "5"])
+                         "--lr-wsd-decay-samples", "20", "--lr-warmup-init", "1e-6", "--exit-duration-in-mins", "5",
+                         "--kv-channels", "64"])
     assert cfg.training.train_iters == 12 and cfg.training.run_samples == 100  # train_samples // global batch
     assert cfg.lr_schedule_samples() == (0.9, 90, 20)
     assert cfg.data.train_data_path == ["1", "t1", "2", "t2"] and cfg.data.eval_data_path == ["v"]
@@ -214,7 +215,46 @@ def test_megatron_training_data_and_logging_flags():
     (["--tokenizer-type", "BertWordPieceCase"], "--tokenizer-type BertWordPieceCase: not available"),
     (["--lr-decay-style", "WSD"], "lr_wsd_decay_iters"),
     (["--decoupled-lr", "5e-4"], "one learning rate schedule"),
+    (["--hidden-size", "256", "--num-attention-heads", "4", "--kv-channels", "128"], "--kv-channels 128: the head"),
 ])
 def test_megatron_training_flag_errors(argv, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         parse_args(argv)
+
+
+# Every flag of Megatron-LM's example scripts for this architecture (examples/mixtral/
+# train_mixtral_8x7b_distributed.sh, examples/llama/train_llama3_8b_h100_fp8.sh) and of
+# examples/gpt3/train_gpt3_175b_distributed.sh, torchrun's own flags left out.
+MEGATRON_EXAMPLE_FLAGS = """
+use-mcore-models disable-bias-linear seq-length max-position-embeddings num-layers hidden-size ffn-hidden-size
+num-attention-heads init-method-std attention-dropout hidden-dropout normalization position-embedding-type swiglu
+untie-embeddings-and-output-weights group-query-attention num-query-groups no-masked-softmax-fusion
+no-position-embedding rotary-base num-experts moe-router-topk moe-router-load-balancing-type moe-aux-loss-coeff
+moe-grouped-gemm moe-token-dispatcher-type overlap-param-gather overlap-grad-reduce tokenizer-type tokenizer-model
+data-path split micro-batch-size global-batch-size lr train-iters lr-decay-iters lr-decay-style min-lr weight-decay
+lr-warmup-iters clip-grad bf16 tensor-model-parallel-size pipeline-model-parallel-size expert-model-parallel-size
+use-distributed-optimizer sequence-parallel log-interval save-interval eval-interval eval-iters save load
+tensorboard-dir no-load-optim no-load-rng wandb-project wandb-exp-name
+kv-channels rotary-percent attention-backend apply-layernorm-1p train-samples lr-decay-samples lr-warmup-samples
+decoupled-lr decoupled-min-lr adam-beta1 adam-beta2 grad-reduce-in-bf16 cross-entropy-loss-fusion
+calculate-per-token-loss manual-gc empty-unused-memory-level exit-duration-in-mins fp8-format fp8-amax-history-len
+fp8-amax-compute-algo fp8-param-gather context-parallel-size mock-data vocab-size data-cache-path tiktoken-pattern
+no-create-attention-mask-in-dataloader no-mmap-bin-files num-workers log-throughput profile profile-step-start
+profile-step-end ckpt-format distributed-timeout-minutes
+step-batch-size-schedule fp16 lr-warmup-fraction vocab-file merge-file
+""".split()
+
+
+def test_every_flag_of_megatrons_example_scripts_is_classified_and_in_the_readme():
+    from pathlib import Path
+
+    from megatron_moe import megatron_compat as mc
+    from megatron_moe.config import IMPLIED_FLAGS, MEGATRON_FLAGS
+
+    tables = (MEGATRON_FLAGS, IMPLIED_FLAGS, mc.STATES, mc.NO_EFFECT, mc.REFUSED, mc.VALUE_MAPS, mc.DERIVED)
+    unclassified = [f for f in MEGATRON_EXAMPLE_FLAGS if not any(f in table for table in tables)]
+    assert not unclassified
+    readme = Path(__file__).parents[1].joinpath("README.md").read_text()
+    section = readme[readme.index("## Coming from Megatron-LM"):]
+    missing = [f for f in MEGATRON_EXAMPLE_FLAGS if not re.search(f"`--{f}[` ]", section) and not f.startswith("fp8-")]
+    assert not missing and "`--fp8-*`" in section
