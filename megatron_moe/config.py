@@ -715,13 +715,14 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
     """
     cfg = cfg or Config()
     extras: dict[str, Any] = {"eval_only": False, "notes": []}
-    given: set[str] = set()
+    given: set[str] = set()  # set on the command line
+    from_file: set[str] = set()  # set by the --config file
     args = list(argv)
     if "--config" in args:
         i = args.index("--config")
         if i + 1 >= len(args):
             raise ConfigError("--config needs a path to a TOML file")
-        cfg = load_toml(args[i + 1], cfg, given)
+        cfg = load_toml(args[i + 1], cfg, from_file)
         del args[i : i + 2]
     errors: list[str] = []
     derived: dict[str, list[str]] = {}  # flags checked against the finished configuration (mc.DERIVED)
@@ -752,13 +753,14 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
             errors.append(str(e))
     if not errors:
         try:
-            _derive_train_iters(cfg, given)
+            _derive_train_iters(cfg, given, from_file)
         except ConfigError as e:
             errors.append(str(e))
     if errors:
         raise ConfigError(errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  " + "\n  ".join(errors))
     cfg.validate()
-    _check_no_ignored_settings(cfg, given)
+    # A file's MoE settings are moot once the command line makes the model dense (--num-experts 0).
+    _check_no_ignored_settings(cfg, given if "moe.num_experts" in given else given | from_file)
     _check_derived_flags(cfg, derived)
     return cfg, extras
 
@@ -830,13 +832,15 @@ def _apply_flag(cfg: Config, name: str, values: list[str], extras: dict[str, Any
         given.add(ALSO_SETS[name][0])
 
 
-def _derive_train_iters(cfg: Config, given: set[str]) -> None:
+def _derive_train_iters(cfg: Config, given: set[str], from_file: set[str]) -> None:
     """A sample-based run (``training.train_samples``) trains train_samples // global_batch_size iterations,
-    as Megatron-LM's ``update_train_iters``; giving both lengths is an error there and here."""
+    as Megatron-LM's ``update_train_iters``; giving both lengths is an error there and here (a file's
+    train_iters gives way to --train-samples on the command line)."""
     t = cfg.training
     if not t.train_samples:
         return
-    if "training.train_iters" in given:
+    both = {"training.train_iters", "training.train_samples"}
+    if "training.train_iters" in given or both <= from_file:
         raise ConfigError("give one of training.train_iters (--train-iters) and training.train_samples "
                           "(--train-samples)")
     if t.global_batch_size > 0:

@@ -258,3 +258,13 @@ def test_every_flag_of_megatrons_example_scripts_is_classified_and_in_the_readme
     section = readme[readme.index("## Coming from Megatron-LM"):]
     missing = [f for f in MEGATRON_EXAMPLE_FLAGS if not re.search(f"`--{f}[` ]", section) and not f.startswith("fp8-")]
     assert not missing and "`--fp8-*`" in section
+
+
+def test_command_line_overrides_a_files_moe_table_and_run_length(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[moe]\nnum_experts = 8\nrouter = "topk"\n[training]\ntrain_iters = 300\nglobal_batch_size = 8\n')
+    assert parse_args(["--config", str(path), "--num-experts", "0"])[0].moe.num_experts == 0  # dense: file's moe moot
+    assert parse_args(["--config", str(path), "--train-samples", "80"])[0].training.train_iters == 10
+    path.write_text('[moe]\nnum_experts = 0\nrouter = "topk"\n')
+    with pytest.raises(ConfigError, match="moe.router: no effect on a dense model"):
+        parse_args(["--config", str(path)])
