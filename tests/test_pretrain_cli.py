@@ -143,3 +143,13 @@ def test_megatron_per_split_paths_and_sample_based_run(loop_corpus, tmp_path):
     assert pretrain_moe.main(argv) == 0
     meta = read_meta(tmp_path / "run" / "iter_0000002")  # 5 samples // global batch 2 = 2 iterations
     assert meta["train_samples"] == 5 and meta["config"]["data"]["eod_mask_loss"] is True
+
+
+@pytest.mark.slow
+def test_finetune_loads_the_weights_only_and_starts_at_step_zero(loop_corpus, tmp_path, capsys):
+    assert pretrain_moe.main(_flags(loop_corpus, tmp_path / "base") + ["--train-iters", "2"]) == 0
+    capsys.readouterr()
+    argv = _flags(loop_corpus, tmp_path / "ft") + ["--load", str(tmp_path / "base"), "--finetune"]
+    assert pretrain_moe.main(argv) == 0
+    assert "starting a new run at step 0" in capsys.readouterr().out
+    assert (tmp_path / "ft" / "latest").read_text().strip() == "iter_0000001"
