@@ -41,6 +41,8 @@ STATES: dict[str, tuple[str | None, str]] = {
     "moe-token-drop-policy": ("probs", "with a capacity factor, each expert keeps its highest-probability tokens"),
     "dataloader-type": ("single", "the data is read once in the order megatron-core's GPTDataset shuffles it"),
     "weight-decay-incr-style": ("constant", "weight decay is constant (--weight-decay)"),
+    "main-grads-dtype": ("fp32", "gradients are accumulated and reduced in fp32"),
+    "main-params-dtype": ("fp32", "master weights are fp32"),
 }
 
 # flag -> why it has no effect here
@@ -114,6 +116,11 @@ NO_EFFECT: dict[str, str] = {
     "profile-step-start": "there is no built-in profiler (wrap a run in torch.profiler or nsys)",
     "profile-step-end": "there is no built-in profiler (wrap a run in torch.profiler or nsys)",
     "profile-ranks": "there is no built-in profiler (wrap a run in torch.profiler or nsys)",
+    "loss-scale": "there is no loss scaling: bf16 needs none (fp16 is not supported)",
+    "initial-loss-scale": "there is no loss scaling: bf16 needs none (fp16 is not supported)",
+    "min-loss-scale": "there is no loss scaling: bf16 needs none (fp16 is not supported)",
+    "loss-scale-window": "there is no loss scaling: bf16 needs none (fp16 is not supported)",
+    "hysteresis": "there is no loss scaling: bf16 needs none (fp16 is not supported)",
 }
 
 # flag -> (a value that asks for nothing and is accepted, or None; why it is refused)
@@ -157,6 +164,8 @@ REFUSED: dict[str, tuple[str | None, str]] = {
     "merge-file": (None, "GPT-2 BPE vocab/merge files are not read: use a SentencePiece model or a Hugging Face "
                          "tokenizer.json (--tokenizer-type HuggingFaceTokenizer --tokenizer-model)"),
     "tiktoken-pattern": (None, "TikToken tokenizers are not supported"),
+    "reset-position-ids": (None, "positions run over the whole sequence; document-level resets are not implemented"),
+    "reset-attention-mask": (None, "attention is causal over the whole sequence; document masks are not implemented"),
 }
 
 # flag -> (setting, Megatron value -> this project's value); other values are refused, naming these
