@@ -483,7 +483,7 @@ class Config:
 
     def _check_schedule(self) -> None:
         """Megatron-LM's rules: iteration and sample settings are not mixed, one warmup length, warmup
-        shorter than the decay, WSD's annealing within the decay."""
+        not longer than the decay, WSD's annealing within the decay."""
         o = self.optimizer
         unit, other = ("samples", "iters") if self.training.train_samples else ("iters", "samples")
         mixed = [f"optimizer.{name}" for name in (f"lr_warmup_{other}", f"lr_decay_{other}", f"lr_wsd_decay_{other}")
@@ -494,8 +494,8 @@ class Config:
         if o.lr_warmup_fraction and getattr(o, f"lr_warmup_{unit}"):
             raise ConfigError(f"give one of optimizer.lr_warmup_fraction and optimizer.lr_warmup_{unit}")
         warmup, decay, wsd = self.lr_schedule_samples()
-        if warmup >= decay:
-            raise ConfigError(f"the learning-rate warmup ({warmup:g} samples) must be shorter than the decay "
+        if warmup > decay:  # Megatron-LM asserts warmup < decay; a warmup over the whole decay is well defined
+            raise ConfigError(f"the learning-rate warmup ({warmup:g} samples) is longer than the decay "
                               f"({decay} samples: optimizer.lr_decay_{unit}, else the whole run)")
         if o.lr_decay_style == "WSD" and not 0 < wsd <= decay:
             raise ConfigError(f"optimizer.lr_decay_style = 'WSD' needs optimizer.lr_wsd_decay_{unit} in (0, the "
