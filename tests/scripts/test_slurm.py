@@ -124,7 +124,7 @@ def slurm_cluster(tmp_path):
         yield env
     finally:
         if (root / "slurmctld.pid").is_file():  # a job still running (a failed test) ends with the cluster
-            subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True, timeout=30)
+            subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True, timeout=30)
             time.sleep(1)
         for pid_file in pid_files:
             _stop(pid_file)
