@@ -510,7 +510,7 @@ class Config:
 
     def _check_schedule(self) -> None:
         """Megatron-LM's rules: iteration and sample settings are not mixed, one warmup length, warmup
-        shorter than the decay, WSD's annealing within the decay."""
+        not longer than the decay, WSD's annealing within the decay."""
         o = self.optimizer
         unit, other = ("samples", "iters") if self.training.train_samples else ("iters", "samples")
         mixed = [f"optimizer.{name}" for name in (f"lr_warmup_{other}", f"lr_decay_{other}", f"lr_wsd_decay_{other}")
@@ -521,8 +521,8 @@ class Config:
         if o.lr_warmup_fraction and getattr(o, f"lr_warmup_{unit}"):
             raise ConfigError(f"give one of optimizer.lr_warmup_fraction and optimizer.lr_warmup_{unit}")
         warmup, decay, wsd = self.lr_schedule_samples()
-        if warmup >= decay:
-            raise ConfigError(f"the learning-rate warmup ({warmup:g} samples) must be shorter than the decay "
+        if warmup > decay:  # Megatron-LM asserts warmup < decay; a warmup over the whole decay is well defined
+            raise ConfigError(f"the learning-rate warmup ({warmup:g} samples) is longer than the decay "
                               f"({decay} samples: optimizer.lr_decay_{unit}, else the whole run)")
         if o.lr_decay_style == "WSD" and not 0 < wsd <= decay:
             raise ConfigError(f"optimizer.lr_decay_style = 'WSD' needs optimizer.lr_wsd_decay_{unit} in (0, the "
@@ -750,15 +750,17 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
     """
     cfg = cfg or Config()
     extras: dict[str, Any] = {"eval_only": False, "notes": []}
-    given: set[str] = set()
+    given: set[str] = set()  # set on the command line
+    from_file: set[str] = set()  # set by the --config file
     args = list(argv)
     if "--config" in args:
         i = args.index("--config")
         if i + 1 >= len(args):
             raise ConfigError("--config needs a path to a TOML file")
-        cfg = load_toml(args[i + 1], cfg, given)
+        cfg = load_toml(args[i + 1], cfg, from_file)
         del args[i : i + 2]
     errors: list[str] = []
+    derived: dict[str, list[str]] = {}  # flags checked against the finished configuration (mc.DERIVED)
     i = 0
     while i < len(args):
         flag = args[i]
@@ -777,22 +779,36 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
                 j += 1
             values = args[i + 1 : j]
             i = j
+        if name in mc.DERIVED:
+            derived[name] = values
+            continue
         try:
             _apply_flag(cfg, name, values, extras, given)
         except ConfigError as e:
             errors.append(str(e))
     if not errors:
         try:
-            _derive_train_iters(cfg, given)
+            _derive_train_iters(cfg, given, from_file)
         except ConfigError as e:
             errors.append(str(e))
     if errors:
         raise ConfigError(errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  " + "\n  ".join(errors))
     cfg.validate()
-    if not cfg.checkpoint.load:  # with --load the checkpoint may supply moe.num_experts: checked after adopting it
-        _check_no_ignored_settings(cfg, given)
+    # A file's MoE settings are moot once the command line makes the model dense (--num-experts 0).
+    # With --load the checkpoint may supply moe.num_experts: checked once it is adopted (Trainer).
+    if not cfg.checkpoint.load:
+        _check_no_ignored_settings(cfg, given if "moe.num_experts" in given else given | from_file)
+    _check_derived_flags(cfg, derived)
     extras["given"] = given
     return cfg, extras
+
+
+def _check_derived_flags(cfg: Config, derived: dict[str, list[str]]) -> None:
+    """Megatron-LM flags that restate a size this configuration implies (``--kv-channels``) must agree."""
+    for name, values in derived.items():
+        implied, what = mc.DERIVED[name]
+        if len(values) != 1 or not mc.same_value(values[0], str(implied(cfg))):
+            raise ConfigError(f"--{name} {' '.join(values) or '(no value)'}: {what} = {implied(cfg)} here")
 
 
 def _apply_flag(cfg: Config, name: str, values: list[str], extras: dict[str, Any], given: set[str]) -> None:
@@ -854,13 +870,15 @@ def _apply_flag(cfg: Config, name: str, values: list[str], extras: dict[str, Any
         given.add(ALSO_SETS[name][0])
 
 
-def _derive_train_iters(cfg: Config, given: set[str]) -> None:
+def _derive_train_iters(cfg: Config, given: set[str], from_file: set[str]) -> None:
     """A sample-based run (``training.train_samples``) trains train_samples // global_batch_size iterations,
-    as Megatron-LM's ``update_train_iters``; giving both lengths is an error there and here."""
+    as Megatron-LM's ``update_train_iters``; giving both lengths is an error there and here (a file's
+    train_iters gives way to --train-samples on the command line)."""
     t = cfg.training
     if not t.train_samples:
         return
-    if "training.train_iters" in given:
+    both = {"training.train_iters", "training.train_samples"}
+    if "training.train_iters" in given or both <= from_file:
         raise ConfigError("give one of training.train_iters (--train-iters) and training.train_samples "
                           "(--train-samples)")
     if t.global_batch_size > 0:

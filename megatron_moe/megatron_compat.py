@@ -10,6 +10,9 @@ Names, values and meanings follow Megatron-LM's ``megatron/training/arguments.py
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 # flag -> (the value it must have, or None for a switch; what this model always is)
 STATES: dict[str, tuple[str | None, str]] = {
     "swiglu": (None, "the MLPs and experts are SwiGLU"),
@@ -36,6 +39,8 @@ STATES: dict[str, tuple[str | None, str]] = {
     "moe-token-drop-policy": ("probs", "with a capacity factor, each expert keeps its highest-probability tokens"),
     "dataloader-type": ("single", "the data is read once in the order megatron-core's GPTDataset shuffles it"),
     "weight-decay-incr-style": ("constant", "weight decay is constant (--weight-decay)"),
+    "main-grads-dtype": ("fp32", "gradients are accumulated and reduced in fp32"),
+    "main-params-dtype": ("fp32", "master weights are fp32"),
 }
 
 # flag -> why it has no effect here
@@ -105,6 +110,15 @@ NO_EFFECT: dict[str, str] = {
     "override-opt_param-scheduler": "the schedule always follows the current command line",
     "override-opt-param-scheduler": "the schedule always follows the current command line",
     "tokenizer-hf-use-fast": "Hugging Face tokenizers are read by the tokenizers library",
+    "profile": "there is no built-in profiler (wrap a run in torch.profiler or nsys)",
+    "profile-step-start": "there is no built-in profiler (wrap a run in torch.profiler or nsys)",
+    "profile-step-end": "there is no built-in profiler (wrap a run in torch.profiler or nsys)",
+    "profile-ranks": "there is no built-in profiler (wrap a run in torch.profiler or nsys)",
+    "loss-scale": "there is no loss scaling: bf16 needs none (fp16 is not supported)",
+    "initial-loss-scale": "there is no loss scaling: bf16 needs none (fp16 is not supported)",
+    "min-loss-scale": "there is no loss scaling: bf16 needs none (fp16 is not supported)",
+    "loss-scale-window": "there is no loss scaling: bf16 needs none (fp16 is not supported)",
+    "hysteresis": "there is no loss scaling: bf16 needs none (fp16 is not supported)",
 }
 
 # flag -> (a value that asks for nothing and is accepted, or None; why it is refused)
@@ -141,6 +155,15 @@ REFUSED: dict[str, tuple[str | None, str]] = {
     "apply-layernorm-1p": (None, "the norms are plain RMSNorm (no zero-centred gamma)"),
     "qk-layernorm": (None, "there is no query/key normalisation"),
     "num-layers-per-virtual-pipeline-stage": (None, "use --virtual-pipeline-model-parallel-size"),
+    "fp8-amax-history-len": (None, "fp8 training is not supported: use --bf16"),
+    "fp8-amax-compute-algo": (None, "fp8 training is not supported: use --bf16"),
+    "vocab-file": (None, "GPT-2 BPE vocab/merge files are not read: use a SentencePiece model or a Hugging Face "
+                         "tokenizer.json (--tokenizer-type HuggingFaceTokenizer --tokenizer-model)"),
+    "merge-file": (None, "GPT-2 BPE vocab/merge files are not read: use a SentencePiece model or a Hugging Face "
+                         "tokenizer.json (--tokenizer-type HuggingFaceTokenizer --tokenizer-model)"),
+    "tiktoken-pattern": (None, "TikToken tokenizers are not supported"),
+    "reset-position-ids": (None, "positions run over the whole sequence; document-level resets are not implemented"),
+    "reset-attention-mask": (None, "attention is causal over the whole sequence; document masks are not implemented"),
 }
 
 # flag -> (setting, Megatron value -> this project's value); other values are refused, naming these
@@ -152,6 +175,12 @@ VALUE_MAPS: dict[str, tuple[str, dict[str, str]]] = {
                                                "SentencePieceTokenizer": "sentencepiece",
                                                "Llama2Tokenizer": "sentencepiece",
                                                "HuggingFaceTokenizer": "huggingface"}),
+}
+
+
+# flag -> (the value this configuration implies, what it is): accepted when equal, checked after every flag
+DERIVED: dict[str, tuple[Callable[[Any], int], str]] = {
+    "kv-channels": (lambda cfg: cfg.model.head_dim, "the head dimension is --hidden-size / --num-attention-heads"),
 }
 
 

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from megatron_moe.config import Config, ConfigError, load_toml, parse_args
@@ -186,3 +188,135 @@ def test_checkpoint_architecture_fills_what_was_not_given():
         adopt_checkpoint_architecture(cfg, dense.to_dict(), extras["given"], "ckpt")
     with pytest.raises(ConfigError, match="ckpt: .*model.hidden_size: expected an integer"):
         adopt_checkpoint_architecture(cfg, {"model": {"hidden_size": "wide"}}, set(), "ckpt")
+
+
+def test_defaults_without_config_are_megatron_lms():
+    """megatron/training/arguments.py's defaults (and megatron-core's OptimizerConfig / TransformerConfig)."""
+    cfg, _ = parse_args([])
+    o, t = cfg.optimizer, cfg.training
+    assert cfg.moe.num_experts == 0  # dense without --num-experts
+    assert (o.min_lr, o.weight_decay, o.adam_beta1, o.adam_beta2, o.adam_eps, o.clip_grad) == (
+        0.0, 0.01, 0.9, 0.999, 1e-8, 1.0)
+    assert (o.lr_decay_style, o.lr_warmup_iters, o.lr_warmup_init, o.lr_wsd_decay_style) == (
+        "linear", 0, 0.0, "exponential")
+    assert (cfg.model.init_std, cfg.model.rope_theta, cfg.model.norm_eps) == (0.02, 10000.0, 1e-5)
+    assert (t.eval_interval, t.eval_iters, t.seed, cfg.logging.log_interval) == (1000, 100, 1234, 100)
+    assert (cfg.moe.topk, cfg.moe.aux_loss_coeff, cfg.moe.z_loss_coeff, cfg.moe.renormalize) == (2, 0.0, 0.0, True)
+    assert cfg.data.split == "969,30,1" and cfg.checkpoint.keep_last == 0
+    assert parse_args(["--lr", "1e-5"])[0].optimizer.lr == 1e-5  # min-lr 0 lets any lr stand alone
+
+
+def test_examples_state_the_settings_they_rely_on():
+    """The TOML examples carry this project's recommended settings, so changing a built-in default
+    (Megatron-LM's) never changes what they train."""
+    import tomllib
+    from pathlib import Path
+
+    stated = {"optimizer": {"lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad",
+                            "lr_decay_style"},
+              "moe": {"num_experts", "topk", "aux_loss_coeff"}, "checkpoint": {"keep_last"},
+              "training": {"micro_batch_size", "global_batch_size", "eval_interval", "eval_iters"},
+              "logging": {"log_interval"}}
+    for path in sorted(Path(__file__).parents[1].joinpath("examples").glob("*.toml")):
+        data = tomllib.loads(path.read_text())
+        for group, keys in stated.items():
+            missing = keys - set(data.get(group, {}))
+            assert not missing, f"{path.name} [{group}] relies on the defaults for {sorted(missing)}"
+
+
+def test_megatron_meanings_of_moe_flags():
+    moe = ["--num-experts", "8"]
+    assert parse_args(moe)[0].moe.dropless is True  # no capacity factor: dropless, as Megatron-LM
+    cfg, _ = parse_args(moe + ["--moe-expert-capacity-factor", "1.25"])
+    assert cfg.moe.dropless is False and cfg.moe.capacity_factor == 1.25  # a capacity factor drops tokens
+    assert parse_args(moe + ["--moe-router-pre-softmax"])[0].moe.renormalize is False
+    assert parse_args(moe + ["--moe-input-jitter-eps", "0.01"])[0].moe.input_jitter_eps == 0.01
+
+
+@pytest.mark.parametrize("megatron, ours", [("GPTSentencePieceTokenizer", "sentencepiece"),
+                                            ("Llama2Tokenizer", "sentencepiece"),
+                                            ("HuggingFaceTokenizer", "huggingface")])
+def test_tokenizer_types(megatron, ours):
+    assert parse_args(["--tokenizer-type", megatron])[0].data.tokenizer_type == ours
+
+
+def test_megatron_training_data_and_logging_flags():
+    cfg, _ = parse_args(["--train-samples", "100", "--global-batch-size", "8", "--micro-batch-size", "2",
+                         "--lr-warmup-fraction", ".01", "--lr-decay-samples", "90", "--valid-data-path", "v",
+                         "--train-data-path", "1", "t1", "2", "t2", "--eod-mask-loss", "--data-cache-path", "c",
+                         "--wandb-exp-name", "x", "--wandb-save-dir", "w", "--no-load-optim", "--no-load-rng",
+                         "--finetune", "--lr-decay-style", "WSD", "--lr-wsd-decay-style", "cosine",
+                         "--lr-wsd-decay-samples", "20", "--lr-warmup-init", "1e-6", "--exit-duration-in-mins", "5",
+                         "--kv-channels", "64"])
+    assert cfg.training.train_iters == 12 and cfg.training.run_samples == 100  # train_samples // global batch
+    assert cfg.lr_schedule_samples() == (0.9, 90, 20)
+    assert cfg.data.train_data_path == ["1", "t1", "2", "t2"] and cfg.data.eval_data_path == ["v"]
+    assert cfg.data.eod_mask_loss and cfg.data.cache_dir == "c"
+    assert (cfg.logging.run_name, cfg.logging.wandb_save_dir) == ("x", "w")
+    c = cfg.checkpoint
+    assert (c.load_optim, c.load_rng, c.finetune) == (False, False, True)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--train-samples", "100", "--train-iters", "10"], "give one of training.train_iters"),
+    (["--train-samples", "4", "--global-batch-size", "8"], "less than one global batch"),
+    (["--train-samples", "100", "--lr-warmup-iters", "2"], "optimizer.lr_warmup_iters: this run is sample-based"),
+    (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"], "one of optimizer.lr_warmup_fraction"),
+    (["--data-path", "a", "--train-data-path", "b"], "exclude each other"),
+    (["--train-data-path", "b"], "needs data.eval_data_path"),
+    (["--tokenizer-type", "BertWordPieceCase"], "--tokenizer-type BertWordPieceCase: not available"),
+    (["--lr-decay-style", "WSD"], "lr_wsd_decay_iters"),
+    (["--decoupled-lr", "5e-4"], "one learning rate schedule"),
+    (["--hidden-size", "256", "--num-attention-heads", "4", "--kv-channels", "128"], "--kv-channels 128: the head"),
+])
+def test_megatron_training_flag_errors(argv, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        parse_args(argv)
+
+
+# Every flag of Megatron-LM's example scripts for this architecture (examples/mixtral/
+# train_mixtral_8x7b_distributed.sh, examples/llama/train_llama3_8b_h100_fp8.sh) and of
+# examples/gpt3/train_gpt3_175b_distributed.sh, torchrun's own flags left out.
+MEGATRON_EXAMPLE_FLAGS = """
+use-mcore-models disable-bias-linear seq-length max-position-embeddings num-layers hidden-size ffn-hidden-size
+num-attention-heads init-method-std attention-dropout hidden-dropout normalization position-embedding-type swiglu
+untie-embeddings-and-output-weights group-query-attention num-query-groups no-masked-softmax-fusion
+no-position-embedding rotary-base num-experts moe-router-topk moe-router-load-balancing-type moe-aux-loss-coeff
+moe-grouped-gemm moe-token-dispatcher-type overlap-param-gather overlap-grad-reduce tokenizer-type tokenizer-model
+data-path split micro-batch-size global-batch-size lr train-iters lr-decay-iters lr-decay-style min-lr weight-decay
+lr-warmup-iters clip-grad bf16 tensor-model-parallel-size pipeline-model-parallel-size expert-model-parallel-size
+use-distributed-optimizer sequence-parallel log-interval save-interval eval-interval eval-iters save load
+tensorboard-dir no-load-optim no-load-rng wandb-project wandb-exp-name
+kv-channels rotary-percent attention-backend apply-layernorm-1p train-samples lr-decay-samples lr-warmup-samples
+decoupled-lr decoupled-min-lr adam-beta1 adam-beta2 grad-reduce-in-bf16 cross-entropy-loss-fusion
+calculate-per-token-loss manual-gc empty-unused-memory-level exit-duration-in-mins fp8-format fp8-amax-history-len
+fp8-amax-compute-algo fp8-param-gather context-parallel-size mock-data vocab-size data-cache-path tiktoken-pattern
+no-create-attention-mask-in-dataloader no-mmap-bin-files num-workers log-throughput profile profile-step-start
+profile-step-end ckpt-format distributed-timeout-minutes
+step-batch-size-schedule fp16 lr-warmup-fraction vocab-file merge-file
+""".split()
+
+
+def test_every_flag_of_megatrons_example_scripts_is_classified_and_in_the_readme():
+    from pathlib import Path
+
+    from megatron_moe import megatron_compat as mc
+    from megatron_moe.config import IMPLIED_FLAGS, MEGATRON_FLAGS
+
+    tables = (MEGATRON_FLAGS, IMPLIED_FLAGS, mc.STATES, mc.NO_EFFECT, mc.REFUSED, mc.VALUE_MAPS, mc.DERIVED)
+    unclassified = [f for f in MEGATRON_EXAMPLE_FLAGS if not any(f in table for table in tables)]
+    assert not unclassified
+    readme = Path(__file__).parents[1].joinpath("README.md").read_text()
+    section = readme[readme.index("## Coming from Megatron-LM"):]
+    missing = [f for f in MEGATRON_EXAMPLE_FLAGS if not re.search(f"`--{f}[` ]", section) and not f.startswith("fp8-")]
+    assert not missing and "`--fp8-*`" in section
+
+
+def test_command_line_overrides_a_files_moe_table_and_run_length(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[moe]\nnum_experts = 8\nrouter = "topk"\n[training]\ntrain_iters = 300\nglobal_batch_size = 8\n')
+    assert parse_args(["--config", str(path), "--num-experts", "0"])[0].moe.num_experts == 0  # dense: file's moe moot
+    assert parse_args(["--config", str(path), "--train-samples", "80"])[0].training.train_iters == 10
+    path.write_text('[moe]\nnum_experts = 0\nrouter = "topk"\n')
+    with pytest.raises(ConfigError, match="moe.router: no effect on a dense model"):
+        parse_args(["--config", str(path)])

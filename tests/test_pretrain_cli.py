@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import pretrain_moe
+from megatron_moe.training.checkpoint import read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,3 +95,90 @@ def test_load_takes_the_architecture_from_the_checkpoint(loop_corpus, tmp_path, 
     assert pretrain_moe.main(contradicting) == 3
     err = capsys.readouterr().err
     assert "model.hidden_size: checkpoint 48, config 64" in err, err
+
+
+def _mixtral_example(corpus: dict, checkpoint: Path, moe: bool = True) -> list[str]:
+    """Megatron-LM's examples/mixtral/train_mixtral_8x7b_distributed.sh, flag for flag in its order, with the
+    sizes shrunk (layers, widths, experts, batch, iterations, intervals, parallel sizes) and the paths and the
+    split pointed at the test corpus. Nothing else changed."""
+    model = ["--use-mcore-models", "--disable-bias-linear", "--seq-length", "16", "--max-position-embeddings", "64",
+             "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64", "--num-attention-heads", "4",
+             "--init-method-std", "0.01", "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
+             "--normalization", "RMSNorm", "--position-embedding-type", "rope", "--swiglu",
+             "--untie-embeddings-and-output-weights", "--group-query-attention", "--num-query-groups", "2",
+             "--no-masked-softmax-fusion", "--no-position-embedding", "--rotary-base", "1000000"]
+    moe_args = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-router-load-balancing-type", "aux_loss",
+                "--moe-aux-loss-coeff", "1e-2", "--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall",
+                "--overlap-param-gather", "--overlap-grad-reduce"]
+    data = ["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", corpus["tokenizer"],
+            "--data-path", corpus["prefix"], "--split", "90,8,2"]
+    training = ["--micro-batch-size", "1", "--global-batch-size", "2", "--lr", "1e-4", "--train-iters", "2",
+                "--lr-decay-iters", "2", "--lr-decay-style", "cosine", "--min-lr", "1.0e-5", "--weight-decay", "0.1",
+                "--lr-warmup-iters", "1", "--clip-grad", "1.0", "--bf16"]
+    model_parallel = ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
+                      "--expert-model-parallel-size", "1", "--use-distributed-optimizer", "--sequence-parallel"]
+    logging = ["--log-interval", "1", "--save-interval", "1", "--eval-interval", "1", "--eval-iters", "1",
+               "--save", str(checkpoint), "--load", str(checkpoint), "--tensorboard-dir", f"{checkpoint}/tensorboard",
+               "--no-load-optim", "--no-load-rng", "--wandb-project", "Mixtral", "--wandb-exp-name", "Mixtral_8x7B"]
+    return model + (moe_args if moe else []) + data + training + model_parallel + logging
+
+
+@pytest.mark.slow
+def test_megatron_mixtral_example_command_line_runs_unmodified(loop_corpus, tmp_path, capsys, monkeypatch):
+    """Its first run starts from scratch in the empty --load directory, the second resumes (without the
+    optimizer state: --no-load-optim); both print only notes for Megatron's own machinery."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    checkpoint = tmp_path / "mixtral"
+    argv = _mixtral_example(loop_corpus, checkpoint)
+    assert pretrain_moe.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "holds no checkpoint yet; starting from scratch" in captured.out
+    notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
+    assert {n.split()[1] for n in notes} == {"--use-mcore-models", "--max-position-embeddings",
+                                             "--no-masked-softmax-fusion", "--moe-grouped-gemm",
+                                             "--moe-token-dispatcher-type", "--overlap-param-gather",
+                                             "--use-distributed-optimizer"}, captured.err
+    assert (checkpoint / "latest").read_text().strip() == "iter_0000002"
+    assert list((checkpoint / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((checkpoint / "wandb").glob("offline-run-*"))
+    more = [v if v not in ("2",) or argv[i - 1] not in ("--train-iters", "--lr-decay-iters") else "4"
+            for i, v in enumerate(argv)]
+    assert pretrain_moe.main(more) == 0
+    out = capsys.readouterr().out
+    assert "optimizer state not loaded" in out and "resumed from" in out and "at step 2" in out
+    assert "RNG reseeded: checkpoint.load_rng = false" in out
+    assert (checkpoint / "latest").read_text().strip() == "iter_0000004"
+
+
+@pytest.mark.slow
+def test_megatron_dense_command_line_trains_a_dense_model(loop_corpus, tmp_path, capsys):
+    """The same script without its MoE flags is a dense model, as in Megatron-LM (not this project's MoE)."""
+    argv = _mixtral_example(loop_corpus, tmp_path / "dense", moe=False)
+    argv = argv[: argv.index("--wandb-project")]
+    assert pretrain_moe.main(argv) == 0
+    meta = read_meta(tmp_path / "dense" / "iter_0000002")
+    assert meta["config"]["moe"]["num_experts"] == 0
+    assert meta["config"]["optimizer"]["adam_beta2"] == 0.999  # Megatron-LM's default, not this project's 0.95
+
+
+@pytest.mark.slow
+def test_megatron_per_split_paths_and_sample_based_run(loop_corpus, tmp_path):
+    """--train-data-path / --valid-data-path, --train-samples with --lr-warmup-fraction, --eod-mask-loss."""
+    argv = _flags(loop_corpus, tmp_path / "run")
+    i = argv.index("--data-path")
+    argv[i:i + 2] = ["--train-data-path", loop_corpus["prefix"], "--valid-data-path", loop_corpus["prefix"]]
+    i = argv.index("--train-iters")
+    argv[i:i + 2] = ["--train-samples", "5", "--lr-warmup-fraction", "0.2", "--eod-mask-loss", "--eval-iters", "1"]
+    assert pretrain_moe.main(argv) == 0
+    meta = read_meta(tmp_path / "run" / "iter_0000002")  # 5 samples // global batch 2 = 2 iterations
+    assert meta["train_samples"] == 5 and meta["config"]["data"]["eod_mask_loss"] is True
+
+
+@pytest.mark.slow
+def test_finetune_loads_the_weights_only_and_starts_at_step_zero(loop_corpus, tmp_path, capsys):
+    assert pretrain_moe.main(_flags(loop_corpus, tmp_path / "base") + ["--train-iters", "2"]) == 0
+    capsys.readouterr()
+    argv = _flags(loop_corpus, tmp_path / "ft") + ["--load", str(tmp_path / "base"), "--finetune"]
+    assert pretrain_moe.main(argv) == 0
+    assert "starting a new run at step 0" in capsys.readouterr().out
+    assert (tmp_path / "ft" / "latest").read_text().strip() == "iter_0000001"

@@ -19,6 +19,7 @@ import re
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
+import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from megatron_moe.config import Config, ConfigError
@@ -190,8 +191,6 @@ def export_launch_environment(env: MutableMapping[str, str] | None = None) -> La
     launch = launch_environment(env)
     if launch.launcher == "slurm":
         local = launch.local_rank
-        import torch
-
         if torch.cuda.is_available():
             local %= torch.cuda.device_count()
         env.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(local),

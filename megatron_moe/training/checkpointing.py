@@ -68,17 +68,23 @@ class ResumePoint:
     consumed_samples: int = 0
 
 
+# What a run writes into its save directory besides checkpoints (Megatron-LM's examples put the
+# TensorBoard directory there too): a directory holding only these has no checkpoint yet.
+RUN_FILES = frozenset({LOCK, "metrics.jsonl", "tensorboard", "wandb"})
+
+
 def open_checkpoint(load: str, start_if_absent: bool = False) -> LoadedCheckpoint | None:
     """Resolve ``checkpoint.load`` (None when it is empty); raises CheckpointError naming the path.
 
     ``start_if_absent`` (training): a ``--load`` directory that does not exist or holds nothing yet
-    means a first run, as in Megatron-LM (``--save X --load X``): a warning, and None. A directory
-    holding anything that is not a checkpoint is still an error.
+    (but :data:`RUN_FILES`, left by a run that stopped before its first checkpoint) means a first run,
+    as in Megatron-LM (``--save X --load X``): a warning, and None. A directory holding anything that
+    is not a checkpoint is still an error.
     """
     if not load:
         return None
     if start_if_absent and (not os.path.exists(load) or (
-            os.path.isdir(load) and not [n for n in os.listdir(load) if n != LOCK])):
+            os.path.isdir(load) and not [n for n in os.listdir(load) if n not in RUN_FILES])):
         if os.environ.get("RANK", "0") == "0":
             print(f"warning: --load {load} holds no checkpoint yet; starting from scratch", flush=True)
         return None

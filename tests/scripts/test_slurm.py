@@ -23,7 +23,7 @@ from megatron_moe.parallel.mesh import first_host
 from megatron_moe.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo")
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel")
 
 
 def _missing() -> str:
@@ -123,6 +123,9 @@ def slurm_cluster(tmp_path):
             time.sleep(0.3)
         yield env
     finally:
+        if (root / "slurmctld.pid").is_file():  # a job still running (a failed test) ends with the cluster
+            subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True, timeout=30)
+            time.sleep(1)
         for pid_file in pid_files:
             _stop(pid_file)
 

@@ -81,10 +81,12 @@ def test_first_step_of_a_warmup_uses_the_initial_lr():
     cfg = _config(lr=1.0, lr_warmup_iters=10, train_iters=20)
     assert learning_rate(0, cfg) == 0.0 and learning_rate(10, cfg) == 1.0
     assert learning_rate(5, cfg) == pytest.approx(0.5)
+    whole = _config(lr=1.0, min_lr=0.1, lr_warmup_iters=4, train_iters=4)  # warmup over the whole run
+    assert [learning_rate(s, whole) for s in range(6)] == pytest.approx([0, 0.25, 0.5, 0.75, 1.0, 0.1])
 
 
 @pytest.mark.parametrize("settings, needle", [
-    (dict(lr_warmup_iters=20, train_iters=20), "warmup"),
+    (dict(lr_warmup_iters=21, train_iters=20), "warmup"),
     (dict(lr_warmup_samples=5, train_iters=20), "lr_warmup_samples"),
     (dict(lr_decay_iters=5, train_samples=80, train_iters=10), "lr_decay_iters"),
     (dict(lr_warmup_iters=2, lr_warmup_fraction=0.1, train_iters=20), "lr_warmup_fraction"),
