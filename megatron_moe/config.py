@@ -674,7 +674,8 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
     if errors:
         raise ConfigError(errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  " + "\n  ".join(errors))
     cfg.validate()
-    _check_no_ignored_settings(cfg, given)
+    if not cfg.checkpoint.load:  # else once the checkpoint's architecture is known (adopt_checkpoint_architecture)
+        _check_no_ignored_settings(cfg, given)
     extras["given"] = given
     return cfg, extras
 
@@ -764,7 +765,10 @@ def adopt_checkpoint_architecture(cfg: Config, saved_config: dict[str, Any], giv
     ``cfg``'s). Settings in ``given`` (set by the TOML file or the command line: :func:`parse_args`)
     are kept as given; whether they contradict the checkpoint is checked when it is loaded
     (:func:`megatron_moe.training.state.check_compatible`). Training settings are never taken.
-    Raises ConfigError naming ``source`` for a saved value of the wrong type or an unknown setting.
+    Then the given settings the resolved model would ignore are refused (what :func:`parse_args`
+    leaves to this function when ``checkpoint.load`` is set; ``saved_config = {}``, no checkpoint
+    found, only checks). Raises ConfigError naming ``source`` for a saved value of the wrong type or
+    an unknown setting.
     """
     wanted = {"model": None, "moe": MOE_ARCHITECTURE_SETTINGS}
     adopted: dict[str, dict[str, Any]] = {}

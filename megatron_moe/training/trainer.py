@@ -117,8 +117,10 @@ class Trainer:
         if not cfg.data.data_path:
             raise ConfigError("data.data_path (--data-path) is required")
         self.loaded = open_checkpoint(cfg.checkpoint.load, start_if_absent=not eval_only)
-        if self.loaded is not None and given is not None:
-            cfg = adopt_checkpoint_architecture(cfg, self.loaded.saved_config, given, f"checkpoint {self.loaded.path}")
+        if given is not None:
+            loaded = self.loaded
+            cfg = adopt_checkpoint_architecture(cfg, loaded.saved_config if loaded else {}, given,
+                                                f"checkpoint {loaded.path}" if loaded else "--load")
         if eval_only and self.loaded is None:
             raise ConfigError("--eval-only needs a checkpoint to evaluate: pass --load DIR")
         if eval_only and not cfg.training.eval_iters:
