@@ -917,7 +917,10 @@ def adopt_checkpoint_architecture(cfg: Config, saved_config: dict[str, Any], giv
     ``cfg``'s). Settings in ``given`` (set by the TOML file or the command line: :func:`parse_args`)
     are kept as given; whether they contradict the checkpoint is checked when it is loaded
     (:func:`megatron_moe.training.state.check_compatible`). Training settings are never taken.
-    Raises ConfigError naming ``source`` for a saved value of the wrong type or an unknown setting.
+    Then the given settings the resolved model would ignore are refused (what :func:`parse_args`
+    leaves to this function when ``checkpoint.load`` is set; ``saved_config = {}``, no checkpoint
+    found, only checks). Raises ConfigError naming ``source`` for a saved value of the wrong type or
+    an unknown setting.
     """
     wanted = {"model": None, "moe": MOE_ARCHITECTURE_SETTINGS}
     adopted: dict[str, dict[str, Any]] = {}

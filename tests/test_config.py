@@ -188,6 +188,13 @@ def test_checkpoint_architecture_fills_what_was_not_given():
         adopt_checkpoint_architecture(cfg, dense.to_dict(), extras["given"], "ckpt")
     with pytest.raises(ConfigError, match="ckpt: .*model.hidden_size: expected an integer"):
         adopt_checkpoint_architecture(cfg, {"model": {"hidden_size": "wide"}}, set(), "ckpt")
+    # With --load, a setting that only the checkpoint's architecture makes meaningful waits for it.
+    scaled = Config()
+    scaled.model.rope_scaling, scaled.model.rope_scaling_factor = "llama3", 16.0
+    cfg, extras = parse_args(["--load", "ckpt", "--rope-scaling-factor", "16"])
+    assert adopt_checkpoint_architecture(cfg, scaled.to_dict(), extras["given"], "ckpt").model.rope_scaling == "llama3"
+    with pytest.raises(ConfigError, match="model.rope_scaling_factor: no effect without rope scaling"):
+        adopt_checkpoint_architecture(cfg, Config().to_dict(), extras["given"], "ckpt")
 
 
 def test_defaults_without_config_are_megatron_lms():

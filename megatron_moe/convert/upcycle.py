@@ -1,8 +1,7 @@
 """Sparse upcycling: a dense model's weights -> an MoE model's weights (docs/routing.md §6).
 
 Every feed-forward layer becomes an MoE layer with ``E`` experts and a freshly initialised router;
-attention, norms, embeddings and the output layer are copied unchanged (with their biases, if any).
-Experts have no biases: a dense MLP's biases are refused unless they are all zero.
+attention, norms, embeddings and the output layer are copied unchanged.
 
 Copies (``granularity`` G = 1): every expert is the dense SwiGLU FFN. With top-K softmax routing and
 renormalised weights the K weights of a token sum to 1, so the MoE output equals the dense output
@@ -156,10 +155,6 @@ def upcycle(source: DenseSource, opts: UpcycleOptions) -> tuple[Config, dict[str
     for i in range(cfg.model.num_layers):
         p = f"layers.{i}.feed_forward."
         w1, w3, w2 = (source.get(p + f"{w}.weight") for w in ("w1", "w3", "w2"))
-        for bias in (p + f"{w}.bias" for w in ("w1", "w3", "w2")):
-            if bias in source.loaders and source.get(bias).any():  # zero biases (e.g. at init) are dropped exactly
-                raise ConversionError(f"{source.origin}: {bias} is not zero; experts have no biases, so a dense MLP "
-                                      "with biases (model.add_bias_linear) cannot be upcycled exactly")
         state[p + "router.gate.weight"] = init_router(opts.num_experts, cfg.model.hidden_size, opts.granularity,
                                                       std, generator)
         state[p + "experts.w1"], state[p + "experts.w3"], state[p + "experts.w2"] = upcycle_ffn(

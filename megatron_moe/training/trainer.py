@@ -118,9 +118,10 @@ class Trainer:
         if not cfg.data.data_path and not cfg.data.train_data_path:
             raise ConfigError("data.data_path (--data-path) or data.train_data_path (--train-data-path) is required")
         self.loaded = open_checkpoint(cfg.checkpoint.load, start_if_absent=not eval_only)
-        if given is not None:  # also checks the settings given against the architecture when nothing is loaded
-            saved, source = (self.loaded.saved_config, f"checkpoint {self.loaded.path}") if self.loaded else ({}, "")
-            cfg = adopt_checkpoint_architecture(cfg, saved, given, source)
+        if given is not None:
+            loaded = self.loaded
+            cfg = adopt_checkpoint_architecture(cfg, loaded.saved_config if loaded else {}, given,
+                                                f"checkpoint {loaded.path}" if loaded else "--load")
         if eval_only and self.loaded is None:
             raise ConfigError("--eval-only needs a checkpoint to evaluate: pass --load DIR")
         if eval_only and not cfg.training.eval_iters:
