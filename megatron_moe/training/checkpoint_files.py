@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import pickle
 import re
 import threading
@@ -83,6 +84,14 @@ def _hasher() -> ThreadPoolExecutor:
     if _hash_pool is None:
         _hash_pool = ThreadPoolExecutor(4, thread_name_prefix="checkpoint-hash")
     return _hash_pool
+
+
+def _forget_pool_in_child() -> None:  # a forked child (e.g. a data loader worker) has none of its threads
+    global _hash_pool
+    _hash_pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 class _HashingStream(io.RawIOBase):
