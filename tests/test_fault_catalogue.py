@@ -623,8 +623,8 @@ def test_sigkill_inside_a_training_save_keeps_latest(loop_corpus, trained, tmp_p
     assert ok, (blocked, lost, code, stderr)
 
 
-def test_a_real_full_disk_under_pretrain_moe_py(loop_corpus, trained, tmp_path):
-    """``python pretrain_moe.py`` resuming a run on a tmpfs with room for little more than that run."""
+def test_a_real_full_disk(loop_corpus, trained, tmp_path):
+    """A run resumed on a tmpfs with room for little more than the run it resumes: its save fills it."""
     disk = tmp_path / "disk"
     disk.mkdir()
     room = sum(p.stat().st_size for p in trained.rglob("*") if p.is_file()) + (256 << 10)
@@ -635,16 +635,14 @@ def test_a_real_full_disk_under_pretrain_moe_py(loop_corpus, trained, tmp_path):
         run = disk / "run"
         shutil.copytree(trained, run, ignore=shutil.ignore_patterns(".run.lock"))
         before = _digest(run)
-        argv = _flags(loop_corpus, run, **{"--load": str(run), "--train-iters": "3"})
-        proc = subprocess.run([sys.executable, "pretrain_moe.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                              timeout=300)
-        lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith(("note:", "warning:"))]
+        code, stderr = _run("pretrain", _flags(loop_corpus, run, **{"--load": str(run), "--train-iters": "3"}))
+        lines = [ln for ln in stderr.strip().splitlines() if not ln.startswith(("note:", "warning:"))]
         lost = _lost(before, run)
-        ok = (proc.returncode == 6 and len(lines) == 1 and lines[0].startswith("disk full error: ")
-              and "Traceback" not in proc.stderr and resolve_checkpoint(run).name == "iter_0000002")
-        RESULTS["full tmpfs under pretrain_moe.py"] = "data lost" if lost else (
-            "traceback" if "Traceback" in proc.stderr else "clean error" if ok else "silent failure")
-        assert ok and not lost, (proc.returncode, lost, proc.stderr[-3000:])
+        ok = (code == 6 and len(lines) == 1 and lines[0].startswith("disk full error: ")
+              and resolve_checkpoint(run).name == "iter_0000002")
+        RESULTS["full tmpfs"] = "data lost" if lost else (
+            "traceback" if code is None else "clean error" if ok else "silent failure")
+        assert ok and not lost, (code, lost, stderr[-3000:])
     finally:
         subprocess.run(["umount", str(disk)], check=True)
 
