@@ -5,13 +5,15 @@ read, and their DCP metadata unpickled without running code.
 shard file as it passes to the file, with xxHash's XXH3-64, and each rank records its files'
 checksums in a sidecar ``__<rank>_checksums.json``; the publishing rank merges them, adds the
 ``.metadata`` file's, into ``meta.json["checksums"]`` (``{"__0_0.distcp": "xxh3_64:<hex>", ...}``).
-:class:`SafeFileSystemReader` verifies while it reads: each file is read once, in order, and hashed
-on the way. Every file is verified by one rank (the rank whose prefix ``__<r>_`` it carries, modulo
-the world size) and by every rank that reads all of it anyway, so a load in the layout that saved
-the checkpoint reads nothing twice; loading into another layout may read parts of a file that rank
-does not need (at most the checkpoint's size divided by the world size, per rank). A mismatch is a
-:class:`CheckpointError` naming the file. Checkpoints written before checksums existed load with a
-warning (their files are not verified).
+:class:`SafeFileSystemReader` verifies while DCP reads: beside DCP's own reads, one thread hashes
+each whole file this rank verifies (a second read of the file, normally served by the page cache
+that DCP's read has just filled). Every file is verified by one rank (the rank whose prefix
+``__<r>_`` it carries, modulo the world size) and by every rank that reads all of it anyway; in the
+layout that saved the checkpoint that is the rank that reads it, and in another layout a rank may
+hash parts of a file it does not need (at most the checkpoint's size divided by the world size). A
+mismatch is a :class:`CheckpointError` naming the file; it is reported in preference to any decode
+error DCP met in the same file. The loaded state is undefined after an error (the run stops).
+Checkpoints written before checksums existed load with a warning (their files are not verified).
 
 Cost, measured with ``bench/checkpoint_checksum.py`` on this project's 2-core CPU machine while other
 jobs loaded it (load average 12-19), 1-1.5 GiB of tensors in the page cache: XXH3-64 hashed 6-11 GB/s
@@ -32,6 +34,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import pickle
 import re
 import threading
@@ -83,6 +86,14 @@ def _hasher() -> ThreadPoolExecutor:
     if _hash_pool is None:
         _hash_pool = ThreadPoolExecutor(4, thread_name_prefix="checkpoint-hash")
     return _hash_pool
+
+
+def _forget_pool_in_child() -> None:  # a forked child (e.g. a data loader worker) has none of its threads
+    global _hash_pool
+    _hash_pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 class _HashingStream(io.RawIOBase):

@@ -50,8 +50,10 @@ def tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".run.lock"}
 
 
-def test_checksums_are_those_of_the_files_on_disk(tmp_path):
-    path = save_checkpoint(tmp_path, 1, state(1), {})
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_checksums_are_those_of_the_files_on_disk(tmp_path, async_save):
+    path = save_checkpoint(tmp_path, 1, state(1, n=1 << 16), {}, async_save=async_save)  # 2 MiB: hashed on a thread
+    path = path.wait() if async_save else path
     recorded = read_meta(path)["checksums"]
     # Reference: each whole file read back and hashed in one call (the writer hashed the stream).
     on_disk = {p.name: "xxh3_64:" + xxhash.xxh3_64(p.read_bytes()).hexdigest()
