@@ -247,6 +247,9 @@ _WORKER: tuple = ()
 
 def _init_worker(tokenizer, append_eod: bool, dtype) -> None:
     global _WORKER
+    # The processes are the parallelism: a Hugging Face tokenizer's own thread pool per worker would
+    # oversubscribe the cores.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _WORKER = (tokenizer, append_eod, dtype)
 
 
@@ -360,6 +363,7 @@ def preprocess_files(
     next_log = log_interval
     t0 = time.time()
 
+    chunks = None
     try:
         chunks = _encoded_chunks(input_files, keys, txt_mode, min(_ENCODE_CHUNK, log_interval), tokenizer, append_eod,
                                  dtype, workers)
@@ -384,6 +388,8 @@ def preprocess_files(
         for key in keys:
             builders[key].finalize(tmp[key][1])
     except BaseException:
+        if chunks is not None:
+            chunks.close()  # stops the worker processes now, not when the generator is collected
         for key in keys:
             builders[key].data_file.close()
             for path in tmp[key]:

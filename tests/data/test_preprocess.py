@@ -204,6 +204,13 @@ def test_workers_run_in_parallel_and_write_what_one_worker_writes(tmp_path, corp
     assert _same_bytes(one.prefix, two.prefix)
     assert (one.num_documents, one.num_tokens, one.num_empty) == (two.num_documents, two.num_tokens, 1)
     assert "with 2 worker(s)" in lines[-1] and sum("ETA" in line for line in lines) == 121 // 8
+    # A worker that fails (here: waits for a third process that never comes) fails the run; nothing is left.
+    marks = tmp_path / "marks3"
+    marks.mkdir()
+    never = RendezvousTokenizer(corpus_dir["tokenizer"], str(marks), parties=3, timeout=1.0)
+    with pytest.raises(RuntimeError, match="no other process started encoding"):
+        preprocess_files([src], str(tmp_path / "failed"), never, workers=2, log=None)
+    assert not list(tmp_path.glob("failed*"))
 
 
 def test_megatron_command_line(tmp_path, hf_tokenizer, capsys):
