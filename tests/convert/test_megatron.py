@@ -1,4 +1,5 @@
-"""Megatron-LM legacy torch checkpoints (written here, TP=1 and TP=2, mcore and old layouts) -> our model."""
+"""Megatron-LM checkpoints -> our model: legacy torch (written here, TP=1 and TP=2, mcore and old layouts) and
+torch_dist (written by megatron-core's own GPTModel.sharded_state_dict + dist_checkpointing.save, TP=2)."""
 
 from __future__ import annotations
 
