@@ -518,8 +518,7 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
 
     table: dict[tuple[str, int | None], tuple[str, int | None]] = {}  # (role, layer) -> (key, stacked index)
     for key, entry in metadata.state_dict_metadata.items():
-        if not key.startswith(_MODEL_PREFIXES) or not isinstance(
-                entry, TensorStorageMetadata):
+        if not key.startswith(_MODEL_PREFIXES) or not isinstance(entry, TensorStorageMetadata):
             continue  # optimizer state, RNG state, Transformer Engine extra state
         per_layer = re.match(r"decoder\.layers\.\d+\.", key)
         stacked = key.startswith("decoder.layers.") and not per_layer
