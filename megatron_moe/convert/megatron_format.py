@@ -75,6 +75,7 @@ SHARD_FILE = "model_optim_rng.pt"
 DIST_COMMON = "common.pt"
 DIST_METADATA = ".metadata"
 DIST_CONFIG = "metadata.json"
+_MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")  # megatron-core GPTModel's sharded keys
 
 
 class OpaqueObject:
@@ -407,6 +408,8 @@ def torch_dist_dir(path: str | Path) -> Path | None:
     """The checkpoint directory of a torch_dist checkpoint at ``path`` (a save directory with its tracker
     file, or an ``iter_*`` directory), or None when ``path`` is not one."""
     path = Path(path)
+    if path.is_file() and path.name in (DIST_COMMON, DIST_METADATA, DIST_CONFIG):
+        return path.parent
     if not path.is_dir():
         return None
     ckpt = _checkpoint_dir(path)
@@ -493,6 +496,11 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
     """A :class:`DenseSource` for the torch_dist checkpoint directory ``ckpt`` (see the module docstring)."""
     ckpt = Path(ckpt)
     metadata = _read_dist_metadata(ckpt)
+    if not any(key.startswith(_MODEL_PREFIXES) for key in metadata.state_dict_metadata):
+        keys = sorted(metadata.state_dict_metadata)[:4]
+        raise ConversionError(f"{ckpt}: no megatron-core model tensors (embedding.*, decoder.*, output_layer.*) in "
+                              f"{DIST_METADATA}, only e.g. {keys}; --ckpt-format torch_dcp / fsdp_dtensor checkpoints "
+                              "are not read")
     common_file = ckpt / DIST_COMMON
     common = safe_torch_load(common_file) if common_file.is_file() else {}
     where = str(common_file)
@@ -510,8 +518,7 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
 
     table: dict[tuple[str, int | None], tuple[str, int | None]] = {}  # (role, layer) -> (key, stacked index)
     for key, entry in metadata.state_dict_metadata.items():
-        if not key.startswith(("embedding.", "decoder.", "output_layer.")) or not isinstance(
-                entry, TensorStorageMetadata):
+        if not key.startswith(_MODEL_PREFIXES) or not isinstance(entry, TensorStorageMetadata):
             continue  # optimizer state, RNG state, Transformer Engine extra state
         per_layer = re.match(r"decoder\.layers\.\d+\.", key)
         stacked = key.startswith("decoder.layers.") and not per_layer

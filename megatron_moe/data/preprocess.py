@@ -435,7 +435,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX_<json-key>_document.bin/.idx")
     parser.add_argument("--tokenizer-model", required=True,
                         help="SentencePiece .model, Hugging Face tokenizer.json, or a folder holding one")
-    parser.add_argument("--tokenizer-type", default="auto", choices=_TOKENIZER_TYPES, metavar="TYPE",
+    parser.add_argument("--tokenizer-type", default="auto", metavar="TYPE",
                         help=f"one of {list(_TOKENIZER_TYPES)} (default: auto, told from --tokenizer-model)")
     parser.add_argument("--tokenizer-hf-include-special-tokens", action="store_true",
                         help="Hugging Face tokenizers: add the tokenizer's special tokens (bos...) to every document")
@@ -472,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     errors = [f"{flag}: {why}" for flag, why in _REFUSED.items() if getattr(args, flag[2:].replace("-", "_"))]
     if args.lang not in (None, "english"):
         errors.append(f"--lang {args.lang}: {_REFUSED['--split-sentences']}")
+    if args.tokenizer_type not in _TOKENIZER_TYPES:
+        errors.append(f"--tokenizer-type {args.tokenizer_type}: not supported here (other Megatron-LM tokenizers "
+                      f"give other ids or eod); expected one of {list(_TOKENIZER_TYPES)}")
     if args.workers < 1:
         errors.append(f"--workers {args.workers}: must be at least 1")
     if args.train_tokenizer and args.vocab_size is None:

@@ -1,4 +1,5 @@
-"""Megatron-LM legacy torch checkpoints (written here, TP=1 and TP=2, mcore and old layouts) -> our model."""
+"""Megatron-LM checkpoints -> our model: legacy torch (written here, TP=1 and TP=2, mcore and old layouts) and
+torch_dist (written by megatron-core's own GPTModel.sharded_state_dict + dist_checkpointing.save, TP=2)."""
 
 from __future__ import annotations
 
@@ -373,3 +374,8 @@ def test_torch_dist_per_layer_keys(tmp_path, reference):
     assert set(got) == set(state)
     for name in state:
         assert torch.equal(got[name], state[name]), name
+    assert read_megatron(ckpt / "common.pt").cfg.model == read_megatron(tmp_path / "m").cfg.model
+    other = tmp_path / "dcp" / "iter_0000010"  # DCP, but not megatron-core's names (--ckpt-format torch_dcp)
+    dcp.save({"model.module.weight": torch.zeros(2)}, checkpoint_id=str(other), no_dist=True)
+    with pytest.raises(ConversionError, match=r"no megatron-core model tensors .* e.g. \['model.module.weight'\]"):
+        read_megatron(other)

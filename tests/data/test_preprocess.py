@@ -238,8 +238,8 @@ def test_megatron_command_line(tmp_path, hf_tokenizer, capsys):
     assert main(argv + ["--split-sentences", "--lang", "german"]) == 2
     err = capsys.readouterr().err
     assert "--split-sentences: sentence splitting (NLTK punkt) is not provided" in err and "--lang german" in err
-    with pytest.raises(SystemExit):
-        main(argv[:4] + ["--tokenizer-type", "BertWordPieceLowerCase", "--tokenizer-model", str(hf_tokenizer)])
+    assert main(argv[:4] + ["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", str(hf_tokenizer)]) == 2
+    assert "--tokenizer-type Llama2Tokenizer: not supported here" in capsys.readouterr().err
     capsys.readouterr()
     assert main(argv[:6] + ["--tokenizer-model", str(hf_tokenizer), "--json-keys", "nokey"]) == 4
     assert "r.jsonl:1: JSON object has no key 'nokey'" in capsys.readouterr().err
