@@ -37,6 +37,8 @@ NONFINITE_POLICIES = ("stop", "skip")
 PIPELINE_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
 RECOMPUTE_GRANULARITIES = ("none", "full", "selective")  # Megatron-LM's --recompute-granularity (+ none)
 WANDB_MODES = ("offline", "online", "disabled")
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")  # Megatron-LM's --normalization; LayerNorm has a weight and a bias
+ROPE_SCALINGS = ("none", "llama3")  # "llama3": Llama 3.1's frequency scaling (Megatron-LM's --use-rope-scaling)
 
 
 def check_sparsemixer_topk(topk: int) -> None:
@@ -81,6 +83,16 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Options of released models (GRIN/PhiMoE, Qwen2, Llama 3). Experts and routers never have biases.
+    normalization: str = "RMSNorm"  # one of NORMALIZATIONS, for every norm of the model
+    add_qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2, PhiMoE)
+    add_bias_linear: bool = False  # biases on the attention output and the dense MLP's linears
+    lm_head_bias: bool = False  # a bias on the output layer (PhiMoE's lm_head_bias)
+    rope_scaling: str = "none"  # one of ROPE_SCALINGS
+    rope_scaling_factor: float = 8.0  # llama3: long wavelengths are divided by this
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / low are fully scaled
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / high are kept
+    rope_original_max_position: int = 8192  # llama3: the context length the model was trained at
 
     @property
     def dense_ffn_size(self) -> int:
@@ -123,6 +135,20 @@ class ModelConfig:
                 f"model.num_query_groups = {self.num_kv_heads} does not divide "
                 f"model.num_attention_heads = {self.num_attention_heads}"
             )
+        _check_choice("model.normalization", self.normalization, NORMALIZATIONS)
+        _check_choice("model.rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        if self.lm_head_bias and self.tie_embeddings:
+            raise ConfigError("model.lm_head_bias with model.tie_embeddings: a tied output layer has no bias here "
+                              "(no released model this project reads combines them); untie the embeddings")
+        if self.rope_scaling == "llama3":
+            _check_positive({
+                "model.rope_scaling_factor": self.rope_scaling_factor,
+                "model.rope_low_freq_factor": self.rope_low_freq_factor,
+                "model.rope_original_max_position": self.rope_original_max_position,
+            })
+            if not self.rope_high_freq_factor > self.rope_low_freq_factor:
+                raise ConfigError(f"model.rope_high_freq_factor = {self.rope_high_freq_factor} must exceed "
+                                  f"model.rope_low_freq_factor = {self.rope_low_freq_factor} (llama3 rope scaling)")
 
 
 @dataclass
@@ -424,6 +450,8 @@ class Config:
 IMPLIED_FLAGS: dict[str, tuple[str, str]] = {
     "recompute-activations": ("parallel.recompute_granularity", "selective"),
     "untie-embeddings-and-output-weights": ("model.tie_embeddings", "false"),
+    "disable-bias-linear": ("model.add_bias_linear", "false"),
+    "use-rope-scaling": ("model.rope_scaling", "llama3"),
 }
 
 # Settings renamed since checkpoints were first written: old dotted name -> (new name, value mapping).
@@ -485,6 +513,10 @@ MEGATRON_FLAGS: dict[str, str] = {
     "log-interval": "logging.log_interval",
     "wandb-project": "logging.wandb_project",
     "tensorboard-dir": "logging.tensorboard_dir",
+    "normalization": "model.normalization",
+    "add-qkv-bias": "model.add_qkv_bias",
+    "add-bias-linear": "model.add_bias_linear",
+    "rope-scaling-factor": "model.rope_scaling_factor",
 }
 
 def _group_fields(obj: Any) -> dict[str, tuple[Any, Any]]:
@@ -706,6 +738,12 @@ def _check_no_ignored_settings(cfg: Config, given: set[str]) -> None:
         if ignored:
             raise ConfigError(f"{', '.join(ignored)}: no effect on a dense model (moe.num_experts = 0); remove "
                               f"{'it' if len(ignored) == 1 else 'them'} or set --num-experts")
+    if cfg.model.rope_scaling == "none":
+        ignored = sorted(k for k in given if k.startswith("model.rope_") and k not in ("model.rope_theta",
+                                                                                     "model.rope_scaling"))
+        if ignored:
+            raise ConfigError(f"{', '.join(ignored)}: no effect without rope scaling (model.rope_scaling = 'none'); "
+                              "set --model.rope_scaling llama3 (--use-rope-scaling)")
 
 
 def default_ffn_hidden_size(hidden_size: int) -> int:

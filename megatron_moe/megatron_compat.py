@@ -13,8 +13,6 @@ from __future__ import annotations
 # flag -> (the value it must have, or None for a switch; what this model always is)
 STATES: dict[str, tuple[str | None, str]] = {
     "swiglu": (None, "the MLPs and experts are SwiGLU"),
-    "disable-bias-linear": (None, "linear layers have no biases"),
-    "normalization": ("RMSNorm", "the norms are RMSNorm (LayerNorm is not implemented)"),
     "position-embedding-type": ("rope", "positions are rotary embeddings"),
     "use-rotary-position-embeddings": (None, "positions are rotary embeddings"),
     "no-position-embedding": (None, "there is no learned position embedding"),

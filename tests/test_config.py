@@ -127,10 +127,38 @@ def test_megatron_flags_that_state_the_architecture_or_tune_kernels():
 
 def test_megatron_flags_for_missing_features_are_refused_together_with_reasons():
     with pytest.raises(ConfigError) as err:
-        parse_args(["--normalization", "LayerNorm", "--expert-model-parallel-size", "4", "--fp16",
+        parse_args(["--context-parallel-size", "2", "--expert-model-parallel-size", "4", "--fp16",
                     "--moe-router-load-balancing-type", "sinkhorn", "--colour", "blue", "--swiglu", "yes"])
     message = str(err.value)
     assert message.startswith("6 problems:")
-    for needle in ("--normalization LayerNorm: not available here", "no expert parallelism by design", "use --bf16",
+    for needle in ("context parallelism is not implemented", "no expert parallelism by design", "use --bf16",
                    "choose one of ['aux_loss', 'none']", "unknown flag --colour", "--swiglu takes no value"):
         assert needle in message, needle
+
+
+def test_architecture_option_flags():
+    """Megatron-LM's flags of the released models' options (LayerNorm, biases, llama3 rope scaling)."""
+    cfg, _ = parse_args(["--normalization", "LayerNorm", "--add-qkv-bias", "--add-bias-linear", "--use-rope-scaling",
+                         "--rope-scaling-factor", "32", "--model.lm_head_bias", "true"])
+    m = cfg.model
+    assert (m.normalization, m.add_qkv_bias, m.add_bias_linear, m.lm_head_bias) == ("LayerNorm", True, True, True)
+    assert (m.rope_scaling, m.rope_scaling_factor) == ("llama3", 32.0)
+    cfg, _ = parse_args(["--add-bias-linear", "--disable-bias-linear"])
+    assert cfg.model.add_bias_linear is False
+    defaults = parse_args([])[0].model
+    assert (defaults.normalization, defaults.add_qkv_bias, defaults.add_bias_linear, defaults.lm_head_bias,
+            defaults.rope_scaling) == ("RMSNorm", False, False, False, "none")
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--normalization", "GroupNorm"], "model.normalization = 'GroupNorm'"),
+    (["--model.rope_scaling", "yarn"], "model.rope_scaling = 'yarn'"),
+    (["--model.lm_head_bias", "true", "--model.tie_embeddings", "true"], "untie the embeddings"),
+    (["--use-rope-scaling", "--model.rope_high_freq_factor", "1"], "model.rope_high_freq_factor = 1.0 must exceed"),
+    (["--use-rope-scaling", "--rope-scaling-factor", "0"], "model.rope_scaling_factor = 0.0; must be positive"),
+    (["--rope-scaling-factor", "16"], "model.rope_scaling_factor: no effect without rope scaling"),
+])
+def test_architecture_option_errors_name_the_setting(argv, needle):
+    with pytest.raises(ConfigError) as err:
+        parse_args(argv)
+    assert needle in str(err.value)
