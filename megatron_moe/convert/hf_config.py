@@ -184,6 +184,11 @@ def _moe_settings(cfg: Config, hf: dict[str, Any], model_type: str, where: str) 
 
 # ------------------------------------------------------------------------------------------ export
 
+
+class ExportError(ConversionError):
+    """The model cannot be expressed in the requested Hugging Face architecture; the message says why."""
+
+
 EXPORT_ARCHITECTURES = ("llama", "qwen2", "phi3", "mixtral", "phimoe")
 _CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM",
           "mixtral": "MixtralForCausalLM", "phimoe": "PhimoeForCausalLM"}
@@ -294,13 +299,12 @@ def hf_config(cfg: Config, arch: str | None = None, dtype: str = "float32",
     """config.json of the model ``cfg`` as HF architecture ``arch`` (None: :func:`choose_architecture`).
 
     ``special_tokens`` (bos/eos/pad token ids, from the tokenizer) are written when given. Raises
-    :class:`~megatron_moe.convert.source.ConversionError` listing every reason when ``cfg`` is not
-    expressible as ``arch``.
+    :class:`ExportError` listing every reason when ``cfg`` is not expressible as ``arch``.
     """
     arch = arch or choose_architecture(cfg)
     reasons = export_blockers(cfg, arch)
     if reasons:
-        raise ConversionError(f"this model cannot be exported as {arch}:\n  - " + "\n  - ".join(reasons))
+        raise ExportError(f"this model cannot be exported as {arch}:\n  - " + "\n  - ".join(reasons))
     m, e = cfg.model, cfg.moe
     out: dict[str, Any] = {
         "architectures": [_CLASS[arch]], "model_type": arch,
@@ -310,6 +314,7 @@ def hf_config(cfg: Config, arch: str | None = None, dtype: str = "float32",
         "max_position_embeddings": cfg.data.seq_length, "rms_norm_eps": m.norm_eps, **_rope_fields(cfg),
         "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu", "initializer_range": m.init_std,
         "attention_dropout": 0.0, "torch_dtype": dtype, "dtype": dtype, "use_cache": True,
+        "pad_token_id": None,  # not a class default that may lie outside the vocabulary (Phi-3's 32000)
         **(special_tokens or {}),
     }
     if arch == "llama":

@@ -15,22 +15,37 @@ TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_laye
             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
 
 
-def make_hf(path: Path, model_type: str = "llama", seed: int = 0, save_kwargs: dict | None = None, **overrides):
-    """Save a random tiny HF model of ``model_type`` to ``path``; returns the model (eval, float32)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+# Per architecture: transformers' config class name and the settings the tiny model adds.
+HF_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "phi3": "Phi3", "mixtral": "Mixtral",
+              "phimoe": "Phimoe"}
+HF_DEFAULTS = {
+    "mistral": {"sliding_window": None},
+    "phi3": {"pad_token_id": None},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    # GRIN-MoE's released settings (attention and LM-head biases, both jitters 0.01), tiny shapes.
+    "phimoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "attention_bias": True, "lm_head_bias": True,
+               "router_jitter_noise": 0.01, "input_jitter_noise": 0.01, "rope_theta": 10000.0},
+}
 
-    kwargs = {**TINY, **overrides}
-    if model_type == "mistral":
-        kwargs.setdefault("sliding_window", None)
-        config, cls = MistralConfig(**kwargs), MistralForCausalLM
-    else:
-        config, cls = LlamaConfig(**kwargs), LlamaForCausalLM
+
+def make_hf(path: Path, model_type: str = "llama", seed: int = 0, save_kwargs: dict | None = None, **overrides):
+    """Save a random tiny HF model of ``model_type`` to ``path``; returns the model (eval, float32).
+
+    Built with ``from_config`` offline. Norm weights and all biases are randomised (transformers
+    initialises them to 1 and 0, which would let a dropped or misplaced one go unnoticed).
+    """
+    import transformers
+
+    name = HF_CLASSES[model_type]
+    config = getattr(transformers, f"{name}Config")(**{**TINY, **HF_DEFAULTS.get(model_type, {}), **overrides})
     torch.manual_seed(seed)
-    model = cls(config).eval()
-    with torch.no_grad():  # default init leaves norms at 1: randomise them so the copy is really checked
-        for name, p in model.named_parameters():
-            if "norm" in name:
+    model = getattr(transformers, f"{name}ForCausalLM")._from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname and pname.endswith("weight"):
                 p.uniform_(0.5, 1.5)
+            elif pname.endswith("bias"):
+                p.uniform_(-0.2, 0.2)
     model.save_pretrained(path, **(save_kwargs or {}))
     return model
 

@@ -1,0 +1,55 @@
+"""The run's sentencepiece tokenizer in a form transformers loads offline, and a generation config.
+
+``tokenizer.model`` is the sentencepiece file itself; ``tokenizer_config.json`` names
+``LlamaTokenizer`` (transformers builds its fast tokenizer from the .model file, no download) with
+the model's special pieces, no dummy prefix (``add_prefix_space: false``, ``legacy: false``: the
+project's tokenizers are trained without one) and no automatic BOS/EOS, as the training data was
+tokenized (documents end with EOS, nothing is prepended). tests/convert/test_export_hf.py checks
+that transformers' tokenizer gives the same ids as ours on mixed text.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from megatron_moe.convert.source import ConversionError
+from megatron_moe.data.tokenizer import SentencePieceTokenizer
+
+
+def special_token_ids(tokenizer: SentencePieceTokenizer) -> dict[str, int]:
+    """bos/eos/pad token ids of ``tokenizer`` (those it defines), as config.json names them."""
+    sp = tokenizer._sp
+    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+    return {k: int(v) for k, v in ids.items() if v >= 0}
+
+
+def load_tokenizer(model_path: str | Path) -> SentencePieceTokenizer:
+    """The sentencepiece tokenizer at ``model_path``; ConversionError naming the file if unreadable."""
+    try:
+        return SentencePieceTokenizer(str(model_path))
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"tokenizer {model_path}: {e}") from None
+
+
+def write_tokenizer(tokenizer: SentencePieceTokenizer, output: Path, max_length: int) -> list[str]:
+    """Write tokenizer.model, tokenizer_config.json and special_tokens_map.json into ``output``."""
+    sp = tokenizer._sp
+    shutil.copyfile(tokenizer.model_path, output / "tokenizer.model")
+    special = {name: sp.id_to_piece(i) for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
+                                                       ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id()))
+               if i >= 0}
+    config = {"tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": False, "add_eos_token": False,
+              "add_prefix_space": False, "legacy": False, "model_max_length": max_length,
+              "clean_up_tokenization_spaces": False}
+    (output / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (output / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    return ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def write_generation_config(output: Path, special_ids: dict[str, int]) -> str:
+    """generation_config.json with the special token ids (greedy decoding, transformers' defaults otherwise)."""
+    config = {"_from_model_config": False, **special_ids}
+    (output / "generation_config.json").write_text(json.dumps(config, indent=2))
+    return "generation_config.json"
