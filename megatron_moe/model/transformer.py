@@ -1,9 +1,16 @@
 """Decoder-only transformer with MoE feed-forward layers. Single-device code only.
 
-Pre-norm blocks: RMSNorm -> grouped-query causal attention (rotary embeddings, SDPA) -> residual,
-RMSNorm -> SwiGLU FFN or MoE layer -> residual. Layers live in a ``ModuleDict`` keyed by their
+Pre-norm blocks: norm -> grouped-query causal attention (rotary embeddings, SDPA) -> residual,
+norm -> SwiGLU FFN or MoE layer -> residual. Layers live in a ``ModuleDict`` keyed by their
 global index and the embedding/norm/output may be ``None``, so pipeline stages can be cut from
 the same class (torchtitan's layout). Parallelism is applied from outside.
+
+Options of released models (``model.*``, Megatron-LM's flags): every norm RMSNorm (default) or
+LayerNorm with weight and bias (``normalization``); biases on q, k, v (``add_qkv_bias``: Qwen2,
+PhiMoE); biases on the attention output and the dense SwiGLU's linears (``add_bias_linear``); a
+bias on the output layer (``lm_head_bias``: PhiMoE); Llama 3.1's RoPE frequency scaling
+(``rope_scaling = "llama3"``). Experts and routers never have biases (Mixtral, PhiMoE and GRIN have
+none there).
 
 Weight initialisation (:meth:`MoETransformer.init_weights`), deterministic for a generator:
 - embeddings, every input projection (q, k, v, SwiGLU gate/up, expert gate/up) and the output
@@ -11,19 +18,20 @@ Weight initialisation (:meth:`MoETransformer.init_weights`), deterministic for a
 - output projections of each residual branch (attention ``wo``, SwiGLU ``w2``, expert ``w2``):
   normal(0, init_std / sqrt(2 * num_layers)) (GPT-2 / Megatron-LM scaled init), so the residual
   stream's variance does not grow with depth;
-- router gates: normal(0, init_std); RMSNorm weights: 1.
+- router gates: normal(0, init_std); norm weights: 1; every bias (norms and linears): 0.
 Build large models with ``torch.device("meta")`` and call :func:`materialize` (to_empty + init).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_moe.config import Config
+from megatron_moe.config import Config, ModelConfig
 from megatron_moe.model.moe import MoELayer
 
 
@@ -42,9 +50,55 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [seq_len, head_dim] for rotary embeddings (half-split "rotate_half" layout)."""
+def build_norm(m: ModelConfig) -> nn.Module:
+    """A norm over ``m.hidden_size`` as ``m.normalization`` says: :class:`RMSNorm` (a weight) or torch's
+    ``LayerNorm`` (a weight and a bias), with ``m.norm_eps``."""
+    if m.normalization == "LayerNorm":
+        return nn.LayerNorm(m.hidden_size, eps=m.norm_eps)
+    return RMSNorm(m.hidden_size, m.norm_eps)
+
+
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1's RoPE frequency scaling (transformers' ``rope_type: llama3``, Megatron-LM's --use-rope-scaling).
+
+    With wavelength ``w = 2 pi / f`` of each frequency ``f``: ``w < original / high_freq_factor``
+    (high frequencies) keep ``f``; ``w > original / low_freq_factor`` use ``f / factor``; in between
+    ``f`` is interpolated, ``(1 - a) f / factor + a f`` with ``a = (original / w - low) / (high - low)``.
+    """
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position: int
+
+    @classmethod
+    def of(cls, m: ModelConfig) -> Llama3RopeScaling | None:
+        """The scaling ``m`` asks for, or None (``m.rope_scaling = "none"``)."""
+        if m.rope_scaling != "llama3":
+            return None
+        return cls(m.rope_scaling_factor, m.rope_low_freq_factor, m.rope_high_freq_factor,
+                   m.rope_original_max_position)
+
+    def apply(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        """Scaled frequencies (radians per position) of ``inv_freq``; same shape and dtype."""
+        wavelength = 2 * math.pi / inv_freq
+        low_wavelength = self.original_max_position / self.low_freq_factor
+        high_wavelength = self.original_max_position / self.high_freq_factor
+        alpha = (self.original_max_position / wavelength - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor)
+        interpolated = (1 - alpha) * inv_freq / self.factor + alpha * inv_freq
+        scaled = torch.where(wavelength > low_wavelength, inv_freq / self.factor, interpolated)
+        return torch.where(wavelength < high_wavelength, inv_freq, scaled)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device=None,
+                scaling: Llama3RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [seq_len, head_dim] for rotary embeddings (half-split "rotate_half" layout),
+    computed in float64 (frequencies scaled by ``scaling`` if given) and returned in float32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    if scaling is not None:
+        inv_freq = scaling.apply(inv_freq)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()
@@ -75,15 +129,19 @@ class CoreAttention(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query causal self-attention. Head counts are read from the (possibly sharded) weights."""
+    """Grouped-query causal self-attention. Head counts are read from the (possibly sharded) weights.
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int):
+    ``qkv_bias``: biases on the q, k, v projections; ``out_bias``: a bias on the output projection ``wo``.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, qkv_bias: bool = False,
+                 out_bias: bool = False):
         super().__init__()
         self.head_dim = hidden_size // num_heads
-        self.wq = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
+        self.wq = nn.Linear(hidden_size, num_heads * self.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(num_heads * self.head_dim, hidden_size, bias=out_bias)
         self.core = CoreAttention()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -96,13 +154,13 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x), every linear with a bias if ``bias``."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, bias: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
-        self.w3 = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
-        self.w2 = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+        self.w1 = nn.Linear(hidden_size, ffn_hidden_size, bias=bias)
+        self.w3 = nn.Linear(hidden_size, ffn_hidden_size, bias=bias)
+        self.w2 = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -115,13 +173,14 @@ class TransformerBlock(nn.Module):
         super().__init__()
         m, e = cfg.model, cfg.moe
         self.layer_idx = layer_idx
-        self.attention_norm = RMSNorm(m.hidden_size, m.norm_eps)
-        self.attention = Attention(m.hidden_size, m.num_attention_heads, m.num_kv_heads)
-        self.ffn_norm = RMSNorm(m.hidden_size, m.norm_eps)
+        self.attention_norm = build_norm(m)
+        self.attention = Attention(m.hidden_size, m.num_attention_heads, m.num_kv_heads, m.add_qkv_bias,
+                                   m.add_bias_linear)
+        self.ffn_norm = build_norm(m)
         if is_moe_layer(cfg, layer_idx):
             self.feed_forward: nn.Module = MoELayer(m.hidden_size, cfg.expert_ffn_size, e)
         else:
-            self.feed_forward = FeedForward(m.hidden_size, m.dense_ffn_size)
+            self.feed_forward = FeedForward(m.hidden_size, m.dense_ffn_size, m.add_bias_linear)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin)
@@ -145,9 +204,10 @@ class MoETransformer(nn.Module):
         self.cfg = cfg
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(m.vocab_size, m.hidden_size)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(m.num_layers)})
-        self.norm: RMSNorm | None = RMSNorm(m.hidden_size, m.norm_eps)
-        self.output: nn.Linear | None = None if m.tie_embeddings else nn.Linear(m.hidden_size, m.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.data.seq_length, m.head_dim, m.rope_theta)
+        self.norm: nn.Module | None = build_norm(m)
+        self.output: nn.Linear | None = (
+            None if m.tie_embeddings else nn.Linear(m.hidden_size, m.vocab_size, bias=m.lm_head_bias))
+        cos, sin = rope_tables(cfg.data.seq_length, m.head_dim, m.rope_theta, scaling=Llama3RopeScaling.of(m))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -169,7 +229,8 @@ class MoETransformer(nn.Module):
         """(Re)initialise every parameter and buffer deterministically (scheme in the module docstring)."""
         m = self.cfg.model
         std, out_std = m.init_std, m.init_std / math.sqrt(2 * m.num_layers)
-        cos, sin = rope_tables(self.cfg.data.seq_length, m.head_dim, m.rope_theta, device=self.rope_cos.device)
+        cos, sin = rope_tables(self.cfg.data.seq_length, m.head_dim, m.rope_theta, device=self.rope_cos.device,
+                               scaling=Llama3RopeScaling.of(m))
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         for module in self.modules():
@@ -177,7 +238,9 @@ class MoETransformer(nn.Module):
                 module.reset_buffers()
         for name, p in self.named_parameters():
             parts = name.split(".")
-            if name.endswith("norm.weight"):
+            if parts[-1] == "bias":
+                p.zero_()
+            elif name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif parts[-1] == "w2" or parts[-2:-1] in (["wo"], ["w2"]):  # residual-branch outputs
                 p.normal_(0.0, out_std, generator=generator)

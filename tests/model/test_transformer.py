@@ -5,6 +5,7 @@ import torch
 
 from megatron_moe.model.transformer import (
     Attention,
+    Llama3RopeScaling,
     MoETransformer,
     apply_rope,
     build_model,
@@ -117,3 +118,173 @@ def test_missing_vocab_size_is_an_error(tiny_config):
     cfg.model.vocab_size = 0
     with pytest.raises(ValueError, match="model.vocab_size"):
         MoETransformer(cfg)
+
+
+# ----------------------------------------------------------------- options of released models
+# LayerNorm, every bias, llama3 RoPE scaling with original context 64 at head_dim 8 (theta 1e4): the
+# wavelengths 6.3, 63, 628, 6283 hit the kept, interpolated and fully scaled regimes of the formula.
+RELEASED_OPTIONS = dict(normalization="LayerNorm", add_qkv_bias=True, add_bias_linear=True, lm_head_bias=True,
+                        rope_scaling="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
+                        rope_high_freq_factor=4.0, rope_original_max_position=64)
+
+
+def _llama3_frequencies_loop(head_dim, theta, factor, low, high, original):
+    """Meta's llama3 ``apply_scaling``, one frequency at a time in Python floats (float64)."""
+    out = []
+    for i in range(0, head_dim, 2):
+        freq = 1.0 / theta ** (i / head_dim)
+        wavelength = 2 * math.pi / freq
+        if wavelength < original / high:
+            out.append(freq)
+        elif wavelength > original / low:
+            out.append(freq / factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            out.append((1 - smooth) * freq / factor + smooth * freq)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("head_dim", [8, 64, 128])
+def test_llama3_rope_scaling_matches_transformers_and_a_loop(head_dim):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = Llama3RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)
+    theta = 500000.0
+    base = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    ours = scaling.apply(base)
+    loop = _llama3_frequencies_loop(head_dim, theta, 8.0, 1.0, 4.0, 8192)
+    torch.testing.assert_close(ours, loop, rtol=1e-15, atol=0)  # same formula, float64: rounding only
+    hf_config = LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, max_position_embeddings=131072,
+                            rope_parameters={"rope_type": "llama3", "rope_theta": theta, "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 8192})
+    hf, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
+    assert attention_factor == 1.0
+    torch.testing.assert_close(ours.float(), hf, rtol=1e-6, atol=0)  # transformers computes in float32
+    if head_dim == 128:  # Llama 3.1's shape: all three regimes present, so the test could fail
+        assert (ours == base).any() and (ours == base / 8).any() and ((ours != base) & (ours != base / 8)).any()
+    cos, sin = rope_tables(16, head_dim, theta, scaling=scaling)
+    angles = torch.outer(torch.arange(16, dtype=torch.float64), loop)
+    torch.testing.assert_close(cos[:, : head_dim // 2], angles.cos().float(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(sin[:, head_dim // 2 :], angles.sin().float(), rtol=0, atol=1e-7)
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    """Every parameter random (norm weights around 1, biases nonzero), so each one matters to the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            values = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            p.copy_(1 + 0.3 * values if name.endswith("norm.weight") else 0.3 * values)
+
+
+def _reference_forward(params: dict, tokens: torch.Tensor, m, num_layers: int) -> torch.Tensor:
+    """The decoder written out in float64: LayerNorm from mean and variance, x @ W^T + b, RoPE as a
+    rotation of each (i, i + d/2) pair by position x frequency (loop frequencies), attention per head."""
+    heads, kv_heads, d = m.num_attention_heads, m.num_kv_heads, m.head_dim
+    freqs = _llama3_frequencies_loop(d, m.rope_theta, m.rope_scaling_factor, m.rope_low_freq_factor,
+                                     m.rope_high_freq_factor, m.rope_original_max_position)
+
+    def layer_norm(x, prefix):
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + m.norm_eps) * params[prefix + ".weight"] + params[prefix + ".bias"]
+
+    def linear(x, prefix):
+        return x @ params[prefix + ".weight"].T + params[prefix + ".bias"]
+
+    def rotate(x):  # [B, S, n, d]
+        out = x.clone()
+        for pos in range(x.shape[1]):
+            for i in range(d // 2):
+                c, s = math.cos(pos * freqs[i]), math.sin(pos * freqs[i])
+                a, b = x[:, pos, :, i], x[:, pos, :, i + d // 2]
+                out[:, pos, :, i], out[:, pos, :, i + d // 2] = a * c - b * s, a * s + b * c
+        return out
+
+    h = params["tok_embeddings.weight"][tokens]
+    b, s = tokens.shape
+    causal = torch.ones(s, s, dtype=torch.bool).triu(1)
+    for layer in range(num_layers):
+        p = f"layers.{layer}."
+        x = layer_norm(h, p + "attention_norm")
+        q = rotate(linear(x, p + "attention.wq").view(b, s, heads, d))
+        k = rotate(linear(x, p + "attention.wk").view(b, s, kv_heads, d))
+        v = linear(x, p + "attention.wv").view(b, s, kv_heads, d)
+        outs = []
+        for head in range(heads):
+            kv = head // (heads // kv_heads)
+            scores = (q[:, :, head] @ k[:, :, kv].transpose(1, 2) / math.sqrt(d)).masked_fill(causal, float("-inf"))
+            outs.append(scores.softmax(-1) @ v[:, :, kv])
+        h = h + linear(torch.cat(outs, -1), p + "attention.wo")
+        x = layer_norm(h, p + "ffn_norm")
+        gate = linear(x, p + "feed_forward.w1")
+        h = h + linear(gate * torch.sigmoid(gate) * linear(x, p + "feed_forward.w3"), p + "feed_forward.w2")
+    return linear(layer_norm(h, "norm"), "output")
+
+
+def test_layernorm_bias_llama3_model_matches_float64_reference(tiny_config):
+    cfg = tiny_config(num_experts=0, num_layers=2, hidden_size=16, num_attention_heads=2, num_query_groups=1,
+                      ffn_hidden_size=24, vocab_size=40, **RELEASED_OPTIONS)
+    model = build_model(cfg).double()
+    assert isinstance(model.norm, torch.nn.LayerNorm) and model.norm.bias is not None
+    biases = {n for n, _ in model.named_parameters() if n.endswith(".bias")}
+    assert biases == {"norm.bias", "output.bias"} | {
+        f"layers.{i}.{n}.bias" for i in range(2) for n in (
+            "attention_norm", "ffn_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo",
+            "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}
+    assert all(not model.state_dict()[n].any() for n in biases)  # initialised to zero
+    _randomize(model, seed=1)
+    tokens = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(2))
+    ours = model.eval()(tokens)
+    ref = _reference_forward(dict(model.named_parameters()), tokens, cfg.model, 2)
+    # float64 both ways, except the model's cos/sin tables, which are float32 buffers (6e-8 relative):
+    # observed 1.6e-7 absolute on O(1) logits. A missing bias or an unscaled RoPE frequency moves them by O(0.1).
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_moe_experts_and_router_stay_bias_free(tiny_config):
+    model = build_model(tiny_config(**RELEASED_OPTIONS))
+    moe = model.layers["0"].feed_forward
+    assert not [n for n, _ in moe.named_parameters() if "bias" in n]
+    assert model.layers["0"].attention.wo.bias is not None
+
+
+def test_biased_rope_scaled_model_matches_transformers_llama(tiny_config):
+    """transformers' Llama with attention and MLP biases and llama3 RoPE = our add_qkv_bias + add_bias_linear
+    (RMSNorm), weights copied; eval logits equal at float64 rounding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    options = {k: v for k, v in RELEASED_OPTIONS.items() if k not in ("normalization", "lm_head_bias")}
+    cfg = tiny_config(num_experts=0, num_layers=2, hidden_size=16, num_attention_heads=2, num_query_groups=1,
+                      ffn_hidden_size=24, vocab_size=40, **options)
+    m = cfg.model
+    model = build_model(cfg).double()
+    _randomize(model, seed=3)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, rms_norm_eps=m.norm_eps, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+        max_position_embeddings=128, rope_parameters={"rope_type": "llama3", "rope_theta": m.rope_theta, "factor": 8.0,
+                                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 64},
+        attn_implementation="eager")).double().eval()
+    names = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
+             "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+             "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",
+             "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj"}
+    hf_params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            module, kind = name.rsplit(".", 1)
+            if module.startswith("layers."):
+                _, i, rest = module.split(".", 2)
+                target = f"model.layers.{i}.{names[rest]}.{kind}"
+            else:
+                target = f"{names[module]}.{kind}"
+            hf_params.pop(target).copy_(p)
+    assert not hf_params, f"transformers parameters without a counterpart: {sorted(hf_params)}"
+    tokens = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(4))
+    # transformers computes the RoPE frequencies in float32 (~1e-7 relative): logits agree to ~1e-6.
+    torch.testing.assert_close(model.eval()(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
