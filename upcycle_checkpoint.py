@@ -77,8 +77,8 @@ def read_source(fmt: str, path: str, megatron_args: str | None = None) -> ModelS
 
 
 def hf_import_meta(source: ModelSource) -> dict:
-    """meta.json entry of a checkpoint read from HF: its model_type (export picks Phi-3 for a Phi-3 import),
-    its special token ids (exported when no tokenizer is shipped) and the reader's notes."""
+    """meta.json entry of a checkpoint read from HF: its model_type, its special token ids (exported when
+    no tokenizer is shipped) and the reader's notes."""
     hf = source.extra.get("hf_config")
     if hf is None:
         return {}

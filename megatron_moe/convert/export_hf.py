@@ -7,10 +7,11 @@ Usage::
 
 Architectures (``--architecture auto`` picks by the model, :func:`~.hf_config.choose_architecture`):
 SparseMixer-v2 MoE -> PhiMoE (GRIN-MoE's format), top-K MoE -> Mixtral, dense -> Qwen2 (q/k/v biases
-only), Phi-3 (dense models imported from Phi-3) or Llama. A model not expressible exactly in the
-chosen architecture is refused with every reason listed (:func:`~.hf_config.export_blockers`) and
-nothing is written. Training-only settings map where the format has them (jitter, aux coefficient);
-the others (z-loss, global balancing, adaptive coefficients, dropping) do not change inference.
+only) or Llama; ``--architecture phi3`` writes a bias-free dense model in Phi-3's fused layout. A
+model not expressible exactly in the chosen architecture is refused with every reason listed
+(:func:`~.hf_config.export_blockers`) and nothing is written. Training-only settings map where the
+format has them (jitter, aux coefficient); the others (z-loss, global balancing, adaptive
+coefficients, dropping) do not change inference.
 
 Written: ``config.json``; ``model.safetensors`` or shards of at most ``--max-shard-size`` with
 ``model.safetensors.index.json`` (tensor names of the released checkpoints: per-expert ``w1/w2/w3``,
@@ -113,7 +114,7 @@ def export(load: str | Path, output: str | Path, max_shard_bytes: int = 5 * 10**
     model, meta = load_model(load)
     cfg = model.cfg
     imported = meta.get("hf_import", {})
-    arch = choose_architecture(cfg, imported.get("model_type")) if architecture == "auto" else architecture
+    arch = choose_architecture(cfg) if architecture == "auto" else architecture
     tokenizer_path = tokenizer_model or cfg.data.tokenizer_model
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
     if tokenizer is not None:
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load", required=True, help="save directory or checkpoint directory")
     p.add_argument("--output", required=True, help="directory for config.json, safetensors and tokenizer")
     p.add_argument("--architecture", default="auto", choices=("auto",) + EXPORT_ARCHITECTURES,
-                   help="HF architecture (auto: phimoe for SparseMixer-v2, mixtral for top-K, qwen2/phi3/llama dense)")
+                   help="HF architecture (auto: phimoe for SparseMixer-v2, mixtral for top-K, qwen2 or llama dense)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the written weights")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (5GB, 500MB, 2GiB, bytes)")
     p.add_argument("--tokenizer-model", default=None,

@@ -273,15 +273,14 @@ def export_blockers(cfg: Config, arch: str) -> list[str]:
     return reasons
 
 
-def choose_architecture(cfg: Config, source_model_type: str | None = None) -> str:
+def choose_architecture(cfg: Config) -> str:
     """The HF architecture a model exports to by default: phimoe for SparseMixer-v2, mixtral for top-K,
-    qwen2 for q/k/v-only biases, phi3 for a dense model imported from Phi-3, llama otherwise."""
+    qwen2 for q/k/v-only biases, llama for other dense models (Phi-3 computes the same function as a
+    bias-free Llama; ``--architecture phi3`` writes its fused layout)."""
     m, e = cfg.model, cfg.moe
     if e.num_experts:
         return "phimoe" if e.router == "sparsemixer" else "mixtral"
-    if m.add_qkv_bias and not m.add_bias_linear:
-        return "qwen2"
-    return "phi3" if source_model_type == "phi3" else "llama"
+    return "qwen2" if m.add_qkv_bias and not m.add_bias_linear else "llama"
 
 
 def _rope_fields(cfg: Config) -> dict[str, Any]:

@@ -4,8 +4,11 @@
 ``LlamaTokenizer`` (transformers builds its fast tokenizer from the .model file, no download) with
 the model's special pieces, no dummy prefix (``add_prefix_space: false``, ``legacy: false``: the
 project's tokenizers are trained without one) and no automatic BOS/EOS, as the training data was
-tokenized (documents end with EOS, nothing is prepended). tests/convert/test_export_hf.py checks
-that transformers' tokenizer gives the same ids as ours on mixed text.
+tokenized (documents end with EOS, nothing is prepended). When transformers is installed the same
+tokenizer is also written as ``tokenizer.json``: transformers 5's ``AutoTokenizer`` loads phi3 and
+phimoe directories from that file only. For ``model_type`` qwen2 it substitutes Qwen2's byte-level
+tokenizer class whatever the files say: load those exports with ``LlamaTokenizer.from_pretrained``.
+tests/convert/test_export_hf.py checks that transformers' tokenizer gives the same ids as ours.
 """
 
 from __future__ import annotations
@@ -45,7 +48,14 @@ def write_tokenizer(tokenizer: SentencePieceTokenizer, output: Path, max_length:
               "clean_up_tokenization_spaces": False}
     (output / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (output / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    return ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+    written = ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+    try:
+        from transformers import LlamaTokenizer
+    except ImportError:  # the .model file alone is enough for LlamaTokenizer
+        return written
+    fast = LlamaTokenizer.from_pretrained(str(output), local_files_only=True)
+    fast.backend_tokenizer.save(str(output / "tokenizer.json"))
+    return written + ["tokenizer.json"]
 
 
 def write_generation_config(output: Path, special_ids: dict[str, int]) -> str:

@@ -63,10 +63,13 @@ def tiny_config(**settings) -> Config:
 def save_native(path: Path, cfg: Config, seed: int = 0) -> torch.nn.Module:
     """Build a random model for ``cfg`` and save it as a model-only native checkpoint under ``path``."""
     model = build_model(cfg, "cpu", seed=seed).eval()
-    with torch.no_grad():
+    with torch.no_grad():  # norm weights start at 1 and biases at 0: randomise them so their copy is checked
         for name, p in model.named_parameters():
+            generator = torch.Generator().manual_seed(seed + len(name))
             if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(seed + len(name)))
+                p.uniform_(0.5, 1.5, generator=generator)
+            elif name.endswith(".bias"):
+                p.uniform_(-0.2, 0.2, generator=generator)
     save_model_checkpoint(path, cfg, {k: v.detach() for k, v in model.state_dict().items()}, "test")
     return model
 
