@@ -143,3 +143,31 @@ def test_dense_ffn_biases_cannot_be_upcycled(tmp_path, capsys):
     rc = upcycle_checkpoint.main(["--input", str(tmp_path / "hf"), "--input-format", "hf", "--num-experts", "4",
                                   "--output", str(tmp_path / "moe")])
     assert rc == 2 and "the dense FFN has biases" in capsys.readouterr().err
+
+
+# microsoft/GRIN-MoE's released config.json (the fields that describe the model).
+GRIN_RELEASED = {
+    "model_type": "grinmoe", "attention_bias": True, "attention_dropout": 0.0, "bos_token_id": 1,
+    "eos_token_id": 32000, "hidden_act": "silu", "hidden_dropout": 0.0, "hidden_size": 4096, "initializer_range": 0.02,
+    "input_jitter_noise": 0.01, "intermediate_size": 6400, "lm_head_bias": True, "max_position_embeddings": 4096,
+    "num_attention_heads": 32, "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "num_local_experts": 16, "output_router_logits": False, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+    "router_aux_loss_coef": 0.0, "router_jitter_noise": 0.01, "sliding_window": 2047, "tie_word_embeddings": False,
+    "vocab_size": 32064,
+}
+
+
+def test_grin_example_is_the_released_architecture():
+    """examples/grin_moe_16x3.8b.toml has every model and router setting of GRIN-MoE's config.json."""
+    from pathlib import Path
+
+    from megatron_moe.config import load_toml
+    from megatron_moe.convert.hf_config import config_from_hf
+
+    example = load_toml(Path(__file__).parents[2] / "examples" / "grin_moe_16x3.8b.toml")
+    released = config_from_hf(GRIN_RELEASED)
+    assert example.model == released.model
+    for key in ("num_experts", "topk", "expert_ffn_hidden_size", "router", "jitter_eps", "input_jitter_eps",
+                "layer_freq", "first_k_dense", "logit_norm"):
+        assert getattr(example.moe, key) == getattr(released.moe, key), key
+    assert released.data.seq_length == 2047  # the released sliding window (see the example's comment)
