@@ -116,7 +116,8 @@ def export(load: str | Path, output: str | Path, max_shard_bytes: int = 5 * 10**
     imported = meta.get("hf_import", {})
     arch = choose_architecture(cfg) if architecture == "auto" else architecture
     tokenizer_path = tokenizer_model or cfg.data.tokenizer_model
-    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+    setting = "--tokenizer-model" if tokenizer_model else "the checkpoint's data.tokenizer_model"
+    tokenizer = load_tokenizer(tokenizer_path, setting) if tokenizer_path else None
     if tokenizer is not None:
         special = special_token_ids(tokenizer)
     else:  # an imported model keeps the ids its source declared

@@ -47,6 +47,10 @@ def _rope_settings(hf: dict[str, Any], model_type: str, where: str) -> dict[str,
     params = hf.get("rope_parameters")
     scaling = hf.get("rope_scaling")
     out: dict[str, Any] = {"rope_theta": float(hf.get("rope_theta") or _DEFAULT_THETA.get(model_type, 1e4))}
+    partial = (params or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ConversionError(f"{where}: partial_rotary_factor = {partial}; only full rotary embeddings (1.0) "
+                              "are supported")
     for field_name, value in (("rope_scaling", scaling), ("rope_parameters", params)):
         if value is None:
             continue
@@ -54,10 +58,6 @@ def _rope_settings(hf: dict[str, Any], model_type: str, where: str) -> dict[str,
             raise ConversionError(f"{where}: {field_name} = {value!r} is not understood")
         if value.get("rope_theta") is not None:
             out["rope_theta"] = float(value["rope_theta"])
-        partial = value.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-        if partial not in (None, 1, 1.0):
-            raise ConversionError(f"{where}: partial_rotary_factor = {partial}; only full rotary embeddings "
-                                  "(1.0) are supported")
         kind = value.get("rope_type", value.get("type", "default"))
         if kind in (None, "default"):
             if value.get("factor") not in (None, 1, 1.0):

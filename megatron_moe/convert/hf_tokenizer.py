@@ -23,26 +23,25 @@ from megatron_moe.data.tokenizer import SentencePieceTokenizer
 
 def special_token_ids(tokenizer: SentencePieceTokenizer) -> dict[str, int]:
     """bos/eos/pad token ids of ``tokenizer`` (those it defines), as config.json names them."""
-    sp = tokenizer._sp
-    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
-    return {k: int(v) for k, v in ids.items() if v >= 0}
+    ids = {"bos_token_id": tokenizer.bos, "eos_token_id": tokenizer.eos, "pad_token_id": tokenizer.pad}
+    return {k: v for k, v in ids.items() if v >= 0}
 
 
-def load_tokenizer(model_path: str | Path) -> SentencePieceTokenizer:
-    """The sentencepiece tokenizer at ``model_path``; ConversionError naming the file if unreadable."""
+def load_tokenizer(model_path: str | Path, setting: str) -> SentencePieceTokenizer:
+    """The sentencepiece tokenizer at ``model_path`` (given by ``setting``, for the message);
+    ConversionError naming the file and the setting if it is missing or unreadable."""
     try:
         return SentencePieceTokenizer(str(model_path))
     except (OSError, ValueError) as e:
-        raise ConversionError(f"tokenizer {model_path}: {e}") from None
+        raise ConversionError(f"{setting} {model_path}: {e}; pass --tokenizer-model FILE.model") from None
 
 
 def write_tokenizer(tokenizer: SentencePieceTokenizer, output: Path, max_length: int) -> list[str]:
     """Write tokenizer.model, tokenizer_config.json and special_tokens_map.json into ``output``."""
-    sp = tokenizer._sp
     shutil.copyfile(tokenizer.model_path, output / "tokenizer.model")
-    special = {name: sp.id_to_piece(i) for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
-                                                       ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id()))
-               if i >= 0}
+    t = tokenizer
+    ids = {"bos_token": t.bos, "eos_token": t.eos, "unk_token": t.unk, "pad_token": t.pad}
+    special = {name: t.id_to_piece(i) for name, i in ids.items() if i >= 0}
     config = {"tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": False, "add_eos_token": False,
               "add_prefix_space": False, "legacy": False, "model_max_length": max_length,
               "clean_up_tokenization_spaces": False}

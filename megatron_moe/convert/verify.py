@@ -16,7 +16,10 @@ def load_transformers_model(path: str | Path) -> torch.nn.Module:
     GRIN-MoE's released config says ``model_type: grinmoe`` (its own remote code); its format is
     PhiMoE's, so it is loaded as :class:`transformers.PhimoeForCausalLM` without running remote code.
     """
-    import transformers
+    try:
+        import transformers
+    except ImportError:
+        raise ConversionError("--verify compares with transformers' model: pip install transformers") from None
 
     hf = read_hf_config(path)
     if hf.get("model_type") == "grinmoe":

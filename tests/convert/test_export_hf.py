@@ -192,8 +192,8 @@ def test_bf16_shards_tokenizer_and_generation_config(tmp_path, loop_corpus):
     sp = SentencePieceTokenizer(loop_corpus["tokenizer"])
     tok = AutoTokenizer.from_pretrained(out)
     for text in ("alpha beta,  gamma.\nthe expert", " leading and trailing  ", "unicode é ü 日本 42"):
-        assert tok.encode(text, add_special_tokens=False) == sp._sp.encode(text), text
-        assert tok.decode(sp._sp.encode(text)) == text
+        assert tok.encode(text, add_special_tokens=False) == sp.encode(text), text
+        assert tok.decode(sp.encode(text)) == text
     generation = json.loads((out / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 3)
 

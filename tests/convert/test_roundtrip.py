@@ -1,10 +1,13 @@
 """Round trip per Hugging Face format: a tiny random model written by transformers -> import -> two
 training steps in a tp2 x pp2 layout (4 gloo ranks, the real trainer and data path) -> export ->
-transformers loads it and its logits equal ours.
+transformers loads it and its logits equal ours, and the exported tokenizer encodes as ours.
 
-One distributed launch trains every format in turn (the spawn and import cost is paid once); each
-format is its own test. Tolerance: 1e-5 absolute on logits of magnitude ~0.1-1 (float32 on both
-sides; the two implementations sum in different orders, observed ~1e-7).
+One distributed launch trains every format in turn: the ranks' start (importing megatron-core takes
+most of it) is paid once; each format is its own test. Measured on the shared 2-core CI machine
+under load: ~10 s to build and import the models, ~125 s for the 4-rank launch (~17 s of it
+training all five), ~2 s per format to export and compare. Tolerance: 1e-5 absolute on logits of
+magnitude ~0.1-1 (float32 on both sides; the two implementations sum in different orders, observed
+~1e-7).
 """
 
 from __future__ import annotations
@@ -31,26 +34,49 @@ FORMATS = {
                           "sliding_window": 32}),
 }
 VOCAB = 320  # >= the test tokenizer's vocabulary; divisible by tp = 2
+SEQ = 32  # training sequence length of every format (the same data settings: one dataset index cache)
 STEPS = 2
 ATOL = 1e-5
 
 
+def _run_config(load: str, save: str, corpus: dict):
+    """The training run of one format: the imported checkpoint's config, STEPS steps, tp2 x pp2, no validation."""
+    from megatron_moe.convert.native import read_config
+
+    _, cfg, _ = read_config(load)
+    cfg.parallel.tensor_model_parallel_size = cfg.parallel.pipeline_model_parallel_size = 2
+    cfg.data.data_path, cfg.data.tokenizer_model = [corpus["prefix"]], corpus["tokenizer"]
+    cfg.data.split, cfg.data.cache_dir, cfg.data.seq_length = "90,10,0", str(corpus["root"] / "cache"), SEQ
+    cfg.training.micro_batch_size, cfg.training.global_batch_size = 2, 4
+    cfg.training.train_iters, cfg.training.eval_interval, cfg.training.eval_iters = STEPS, 0, 0
+    cfg.training.device = "cpu"
+    cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.optimizer.lr_warmup_iters = 1e-2, 1e-3, 0
+    cfg.checkpoint.load, cfg.checkpoint.save = load, save
+    cfg.logging.log_interval = 1
+    return cfg
+
+
+def _prebuild_index_cache(cfg) -> None:
+    """Build the runs' dataset index cache in this process, as the trainer would (same arguments).
+
+    Every rank scans the cache folder for unsafe .npy files before megatron-core's rank 0 writes new
+    ones, so ranks that start while rank 0 writes can read a half-written file; with the cache
+    complete before the ranks start, they only read it.
+    """
+    from megatron_moe.data.datasets import build_gpt_datasets
+    from megatron_moe.data.tokenizer import SentencePieceTokenizer
+
+    t, d = cfg.training, cfg.data
+    build_gpt_datasets(d.data_path, d.split, SentencePieceTokenizer(d.tokenizer_model), d.seq_length, t.seed,
+                       (t.train_samples, max(1, t.eval_iters) * t.global_batch_size), blend_cache_dir=d.cache_dir)
+
+
 def _train_all(rank: int, world_size: int, jobs: list[tuple[str, str]], corpus: dict) -> None:
     """Train every (load, save) job for STEPS steps in a tp2 x pp2 layout with the project's trainer."""
-    from megatron_moe.convert.native import read_config
     from megatron_moe.training.trainer import train
 
     for load, save in jobs:
-        _, cfg, _ = read_config(load)
-        cfg.parallel.tensor_model_parallel_size = cfg.parallel.pipeline_model_parallel_size = 2
-        cfg.data.data_path, cfg.data.tokenizer_model = [corpus["prefix"]], corpus["tokenizer"]
-        cfg.data.split, cfg.data.cache_dir = "90,10,0", str(corpus["root"] / "cache")
-        cfg.training.micro_batch_size, cfg.training.global_batch_size = 2, 4
-        cfg.training.train_iters, cfg.training.eval_interval, cfg.training.device = STEPS, 0, "cpu"
-        cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.optimizer.lr_warmup_iters = 1e-2, 1e-3, 0
-        cfg.checkpoint.load, cfg.checkpoint.save = load, save
-        cfg.logging.log_interval = 1
-        train(cfg)
+        train(_run_config(load, save, corpus))
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +95,7 @@ def trained(tmp_path_factory, loop_corpus):
                                         "--output", str(d["imported"])]) == 0
         dirs[name] = d
     jobs = [(str(d["imported"]), str(d["trained"])) for d in dirs.values()]
+    _prebuild_index_cache(_run_config(*jobs[0], loop_corpus))
     run_distributed(_train_all, world_size=4, args=(jobs, loop_corpus), timeout=600)
     return dirs
 
@@ -112,4 +139,4 @@ def test_round_trip_through_tp2_pp2_training(trained, name):
 def _sp_ids(model_path: str, text: str) -> list[int]:
     from megatron_moe.data.tokenizer import SentencePieceTokenizer
 
-    return SentencePieceTokenizer(model_path)._sp.encode(text)
+    return SentencePieceTokenizer(model_path).encode(text)
