@@ -118,6 +118,7 @@ GRIN_FIELDS = ("attention_bias", "attention_dropout", "hidden_act", "hidden_drop
                "router_jitter_noise", "sliding_window", "tie_word_embeddings", "use_cache", "vocab_size")
 
 
+@pytest.mark.slow
 def test_sparsemixer_model_exports_to_phimoe_with_grin_fields(tmp_path):
     from transformers import PhimoeForCausalLM
 
@@ -164,6 +165,7 @@ def test_dense_architectures(tmp_path, settings, arch, cls):
         assert torch.equal(source.get(name), t), name
 
 
+@pytest.mark.slow
 def test_bf16_shards_tokenizer_and_generation_config(tmp_path, loop_corpus):
     from safetensors import safe_open
     from transformers import AutoTokenizer, MixtralForCausalLM

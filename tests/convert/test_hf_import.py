@@ -41,11 +41,13 @@ def verified_relative_difference(out: str) -> float:
     ("llama", {"attention_bias": True, "mlp_bias": True}, {"add_qkv_bias": True, "add_bias_linear": True}),
     ("qwen2", {}, {"add_qkv_bias": True, "add_bias_linear": False, "num_experts": 0}),
     ("phi3", {"bos_token_id": 1, "eos_token_id": 2}, {"add_qkv_bias": False, "num_experts": 0}),
-    ("mixtral", {"router_jitter_noise": 0.1},
-     {"router": "topk", "topk": 2, "renormalize": True, "input_jitter_eps": 0.1, "num_experts": 4}),
-    ("phimoe", {"router_jitter_noise": 0.03, "input_jitter_noise": 0.02},
-     {"router": "sparsemixer", "jitter_eps": 0.03, "input_jitter_eps": 0.02, "normalization": "LayerNorm",
-      "add_qkv_bias": True, "add_bias_linear": True, "lm_head_bias": True, "num_experts": 4}),
+    pytest.param("mixtral", {"router_jitter_noise": 0.1},
+                 {"router": "topk", "topk": 2, "renormalize": True, "input_jitter_eps": 0.1, "num_experts": 4},
+                 marks=pytest.mark.slow),
+    pytest.param("phimoe", {"router_jitter_noise": 0.03, "input_jitter_noise": 0.02},
+                 {"router": "sparsemixer", "jitter_eps": 0.03, "input_jitter_eps": 0.02, "normalization": "LayerNorm",
+                  "add_qkv_bias": True, "add_bias_linear": True, "lm_head_bias": True, "num_experts": 4},
+                 marks=pytest.mark.slow),
 ])
 def test_import_gives_transformers_logits(tmp_path, capsys, model_type, overrides, expect):
     hf = make_hf(tmp_path / "hf", model_type, **overrides)
