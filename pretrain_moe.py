@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             for note in extras["notes"]:
                 print(f"note: {note}", file=sys.stderr)
-        train(cfg, eval_only=extras["eval_only"])
+        train(cfg, eval_only=extras["eval_only"], given=extras["given"])
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - user errors become one line; bugs re-raise
         kind = _classify(e)
         if kind is None:

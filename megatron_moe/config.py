@@ -9,6 +9,7 @@ Unknown keys, wrong types and inconsistent values raise :class:`ConfigError` nam
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -631,7 +632,9 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
     """Build a Config from ``--config FILE`` plus overrides in ``argv``.
 
     Returns (config, extras) where extras holds run-level switches that are not settings
-    (``eval_only``) and ``notes``: one line per accepted Megatron-LM flag that has no effect here.
+    (``eval_only``), ``notes``: one line per accepted Megatron-LM flag that has no effect here, and
+    ``given``: the dotted names of the settings the TOML file or the command line set (for
+    :func:`adopt_checkpoint_architecture`).
     Boolean settings may be given without a value (``--bf16``). List settings take all following
     values up to the next ``--flag``. Every flag error is collected and reported together.
     """
@@ -671,7 +674,9 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
     if errors:
         raise ConfigError(errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  " + "\n  ".join(errors))
     cfg.validate()
-    _check_no_ignored_settings(cfg, given)
+    if not cfg.checkpoint.load:  # else once the checkpoint's architecture is known (adopt_checkpoint_architecture)
+        _check_no_ignored_settings(cfg, given)
+    extras["given"] = given
     return cfg, extras
 
 
@@ -744,6 +749,44 @@ def _check_no_ignored_settings(cfg: Config, given: set[str]) -> None:
         if ignored:
             raise ConfigError(f"{', '.join(ignored)}: no effect without rope scaling (model.rope_scaling = 'none'); "
                               "set --model.rope_scaling llama3 (--use-rope-scaling)")
+
+
+# MoE settings that, with every model.* setting, define a checkpoint's model: its parameters and routing.
+MOE_ARCHITECTURE_SETTINGS = ("num_experts", "topk", "expert_ffn_hidden_size", "layer_freq", "first_k_dense",
+                             "router", "renormalize", "logit_norm", "logit_norm_scale", "jitter_eps",
+                             "input_jitter_eps")
+
+
+def adopt_checkpoint_architecture(cfg: Config, saved_config: dict[str, Any], given: set[str], source: str) -> Config:
+    """A validated copy of ``cfg`` whose architecture settings not in ``given`` are the checkpoint's.
+
+    Architecture: every ``model.*`` setting and the ``moe.*`` of :data:`MOE_ARCHITECTURE_SETTINGS`, as
+    recorded in ``saved_config`` (a checkpoint's meta.json ``config``; settings it lacks keep
+    ``cfg``'s). Settings in ``given`` (set by the TOML file or the command line: :func:`parse_args`)
+    are kept as given; whether they contradict the checkpoint is checked when it is loaded
+    (:func:`megatron_moe.training.state.check_compatible`). Training settings are never taken.
+    Then the given settings the resolved model would ignore are refused (what :func:`parse_args`
+    leaves to this function when ``checkpoint.load`` is set; ``saved_config = {}``, no checkpoint
+    found, only checks). Raises ConfigError naming ``source`` for a saved value of the wrong type or
+    an unknown setting.
+    """
+    wanted = {"model": None, "moe": MOE_ARCHITECTURE_SETTINGS}
+    adopted: dict[str, dict[str, Any]] = {}
+    for group, keys in wanted.items():
+        table = saved_config.get(group, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: {group!r} must be a table of settings, got {type(table).__name__}")
+        for key, value in table.items():
+            if (keys is None or key in keys) and f"{group}.{key}" not in given:
+                adopted.setdefault(group, {})[key] = value
+    resolved = copy.deepcopy(cfg)
+    try:
+        apply_settings(resolved, adopted, source)
+    except ConfigError as e:
+        raise ConfigError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
+    resolved.validate()
+    _check_no_ignored_settings(resolved, given)
+    return resolved
 
 
 def default_ffn_hidden_size(hidden_size: int) -> int:

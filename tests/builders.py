@@ -20,6 +20,14 @@ _TINY = {
     "ffn_hidden_size": 64, "num_experts": 4, "topk": 2, "expert_ffn_hidden_size": 32, "aux_loss_coeff": 0.1,
     "z_loss_coeff": 1e-3, "seq_length": 16, "micro_batch_size": 2, "global_batch_size": 8,
 }
+# The options of released models (GRIN/PhiMoE, Qwen2, Llama 3) all on: LayerNorm, every bias, llama3 RoPE
+# scaling with original context 64, so that at head_dim 8 (theta 1e4) the wavelengths 6.3, 63, 628, 6283
+# hit the kept, interpolated and fully scaled regimes of the formula.
+RELEASED_OPTIONS = {
+    "normalization": "LayerNorm", "add_qkv_bias": True, "add_bias_linear": True, "lm_head_bias": True,
+    "rope_scaling": "llama3", "rope_scaling_factor": 8.0, "rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0,
+    "rope_original_max_position": 64,
+}
 _SHORT_NAMES = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size",
                 "micro": "micro_batch_size", "global_batch": "global_batch_size"}
 

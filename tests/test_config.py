@@ -5,7 +5,7 @@ from megatron_moe.config import Config, ConfigError, load_toml, parse_args
 
 def test_defaults_validate():
     cfg, extras = parse_args([])
-    assert cfg == Config() and extras == {"eval_only": False, "notes": []}
+    assert cfg == Config() and extras == {"eval_only": False, "notes": [], "given": set()}
 
 
 def test_toml_then_dotted_and_megatron_overrides(tmp_path):
@@ -162,3 +162,34 @@ def test_architecture_option_errors_name_the_setting(argv, needle):
     with pytest.raises(ConfigError) as err:
         parse_args(argv)
     assert needle in str(err.value)
+
+
+def test_checkpoint_architecture_fills_what_was_not_given():
+    from megatron_moe.config import adopt_checkpoint_architecture
+
+    saved = Config()
+    saved.model.hidden_size, saved.model.normalization, saved.model.add_bias_linear = 48, "LayerNorm", True
+    saved.moe.num_experts, saved.moe.router, saved.moe.jitter_eps = 6, "sparsemixer", 0.05
+    saved.training.train_iters, saved.moe.aux_loss_coeff = 7, 0.5  # training settings: never taken
+    cfg, extras = parse_args(["--num-layers", "4", "--moe.jitter_eps", "0.02", "--train-iters", "3"])
+    adopted = adopt_checkpoint_architecture(cfg, saved.to_dict(), extras["given"], "ckpt")
+    assert (adopted.model.hidden_size, adopted.model.normalization, adopted.model.add_bias_linear) == (
+        48, "LayerNorm", True)
+    assert (adopted.moe.num_experts, adopted.moe.router) == (6, "sparsemixer")
+    assert adopted.moe.jitter_eps == 0.02 and adopted.model.num_layers == 4  # given: kept
+    assert adopted.training.train_iters == 3 and adopted.moe.aux_loss_coeff == Config().moe.aux_loss_coeff
+    assert cfg.model.hidden_size == Config().model.hidden_size  # the input is not changed
+    dense = Config()
+    dense.moe.num_experts = 0
+    cfg, extras = parse_args(["--moe-aux-loss-coeff", "0.1"])
+    with pytest.raises(ConfigError, match="moe.aux_loss_coeff: no effect on a dense model"):
+        adopt_checkpoint_architecture(cfg, dense.to_dict(), extras["given"], "ckpt")
+    with pytest.raises(ConfigError, match="ckpt: .*model.hidden_size: expected an integer"):
+        adopt_checkpoint_architecture(cfg, {"model": {"hidden_size": "wide"}}, set(), "ckpt")
+    # With --load, a setting that only the checkpoint's architecture makes meaningful waits for it.
+    scaled = Config()
+    scaled.model.rope_scaling, scaled.model.rope_scaling_factor = "llama3", 16.0
+    cfg, extras = parse_args(["--load", "ckpt", "--rope-scaling-factor", "16"])
+    assert adopt_checkpoint_architecture(cfg, scaled.to_dict(), extras["given"], "ckpt").model.rope_scaling == "llama3"
+    with pytest.raises(ConfigError, match="model.rope_scaling_factor: no effect without rope scaling"):
+        adopt_checkpoint_architecture(cfg, Config().to_dict(), extras["given"], "ckpt")

@@ -65,3 +65,32 @@ def test_load_of_a_directory_without_checkpoints_starts_from_scratch(loop_corpus
     eval_only = _flags(loop_corpus, tmp_path / "e") + ["--load", str(tmp_path / "empty"), "--eval-only"]
     assert pretrain_moe.main(eval_only) == 3  # nothing to evaluate is still an error
 
+
+
+@pytest.mark.slow
+def test_load_takes_the_architecture_from_the_checkpoint(loop_corpus, tmp_path, capsys):
+    """--load with only data, tokenizer and training flags builds the checkpoint's model (issue 11 item 5);
+    an architecture flag that contradicts it is an error naming both values."""
+    import json
+
+    shape = ["--num-layers", "2", "--hidden-size", "48", "--num-attention-heads", "4", "--num-query-groups", "2",
+             "--num-experts", "4", "--moe-ffn-hidden-size", "32", "--moe.first_k_dense", "1",
+             "--moe.router", "sparsemixer", "--normalization", "LayerNorm", "--add-qkv-bias", "--use-rope-scaling"]
+    training = ["--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2", "--eval-interval", "0",
+                "--training.device", "cpu", "--data-path", loop_corpus["prefix"],
+                "--tokenizer-model", loop_corpus["tokenizer"], "--split", "90,10,0",
+                "--data.cache_dir", str(loop_corpus["root"] / "cache")]
+    assert pretrain_moe.main(shape + training + ["--train-iters", "1", "--save", str(tmp_path / "a")]) == 0
+    resumed = training + ["--train-iters", "2", "--load", str(tmp_path / "a"), "--save", str(tmp_path / "b")]
+    assert pretrain_moe.main(resumed) == 0
+    assert "resumed from" in capsys.readouterr().out
+    meta = json.loads(next((tmp_path / "b").glob("iter_*/meta.json")).read_text())
+    model, moe = meta["config"]["model"], meta["config"]["moe"]
+    assert (model["hidden_size"], model["num_query_groups"], model["normalization"], model["add_qkv_bias"],
+            model["rope_scaling"]) == (48, 2, "LayerNorm", True, "llama3")
+    assert (moe["num_experts"], moe["first_k_dense"], moe["router"]) == (4, 1, "sparsemixer")
+    assert meta["config"]["training"]["train_iters"] == 2  # training settings are the command line's
+    contradicting = resumed[:-1] + [str(tmp_path / "c"), "--hidden-size", "64"]
+    assert pretrain_moe.main(contradicting) == 3
+    err = capsys.readouterr().err
+    assert "model.hidden_size: checkpoint 48, config 64" in err, err

@@ -3,13 +3,22 @@
 Applied from outside to an unmodified model with DTensor parallel styles (torchtitan's layout):
 
 - residual stream between blocks: sequence-sharded local tensors ``[B, S/tp, H]``;
-- RMSNorms: :class:`SequenceParallel` (replicated weight, sharded sequence);
+- norms (RMSNorm or LayerNorm): :class:`SequenceParallel` (replicated weight and bias, sharded
+  sequence; their gradients come out as ``Partial`` sums over TP, made whole after backward by
+  :func:`megatron_moe.parallel.data.materialize_partial_grads`);
 - attention: all-gather the sequence, q/k/v :class:`ColwiseParallel` (heads split, KV heads too),
   ``wo`` :class:`RowwiseParallel` reduce-scattered back to sequence shards;
 - dense SwiGLU: w1/w3 column-, w2 row-parallel, same gather / reduce-scatter;
 - embedding: vocabulary-parallel (:class:`RowwiseParallel` on the vocab dim) into sequence shards;
 - output: vocabulary-parallel :class:`ColwiseParallel` returning logits as a DTensor sharded on the
   vocab dim, for :func:`torch.distributed.tensor.parallel.loss_parallel` (no full-logit gather);
+- biases (``model.add_qkv_bias``, ``add_bias_linear``, ``lm_head_bias``), placed by the same styles:
+  a column-parallel layer's bias is sharded with its output rows (q/k/v biases with their heads,
+  w1/w3 with the ffn slice, the LM-head bias with the vocabulary slice, padded rows included); a
+  row-parallel layer's bias (``wo``, ``w2``) is replicated and DTensor adds it once to the partial
+  sums before the reduce-scatter; its gradient comes out ``Replicate``, the whole gradient on every
+  TP rank (computed from the all-gathered output gradient). The norms' biases are treated as their
+  weights. tests/parallel/test_parity.py checks all of it against one process;
 - MoE (no expert parallelism): :class:`MoETensorParallel`, the whole tensor-parallel contract of
   an :class:`MoELayer` in one place. Every TP rank holds a 1/tp slice of EVERY expert's ffn
   dimension (w1/w3 ``Shard(2)``, w2 ``Shard(1)``; :class:`GroupedExperts` calls ``to_local``). The

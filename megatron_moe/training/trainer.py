@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_moe.config import Config, ConfigError
+from megatron_moe.config import Config, ConfigError, adopt_checkpoint_architecture
 from megatron_moe.data.datasets import MicroBatchIterator, build_gpt_datasets
 from megatron_moe.data.tokenizer import SentencePieceTokenizer
 from megatron_moe.parallel.engine import ParallelEngine, StepResult, init_distributed_from_env
@@ -110,13 +110,17 @@ class Trainer:
     Every rank builds and runs a Trainer; only global rank 0 prints and writes metrics.
     """
 
-    def __init__(self, cfg: Config, device: torch.device, eval_only: bool = False):
+    def __init__(self, cfg: Config, device: torch.device, eval_only: bool = False, given: set[str] | None = None):
         torch.manual_seed(cfg.training.seed)
         if not cfg.data.tokenizer_model:
             raise ConfigError("data.tokenizer_model (--tokenizer-model) is required")
         if not cfg.data.data_path:
             raise ConfigError("data.data_path (--data-path) is required")
         self.loaded = open_checkpoint(cfg.checkpoint.load, start_if_absent=not eval_only)
+        if given is not None:
+            loaded = self.loaded
+            cfg = adopt_checkpoint_architecture(cfg, loaded.saved_config if loaded else {}, given,
+                                                f"checkpoint {loaded.path}" if loaded else "--load")
         if eval_only and self.loaded is None:
             raise ConfigError("--eval-only needs a checkpoint to evaluate: pass --load DIR")
         if eval_only and not cfg.training.eval_iters:
@@ -284,16 +288,21 @@ class Trainer:
                   f"validation loss {valid[0]['loss']:.4f} -> {valid[-1]['loss']:.4f}")
 
 
-def train(cfg: Config, eval_only: bool = False) -> dict:
+def train(cfg: Config, eval_only: bool = False, given: set[str] | None = None) -> dict:
     """Run pretraining (or, with ``eval_only``, evaluate ``--load``) as configured, single process or
     under torchrun (any tp x pp x dp layout). Returns a summary with the validation losses (identical
-    on every rank); ``cfg`` itself is not changed."""
+    on every rank); ``cfg`` itself is not changed.
+
+    ``given``: the settings the user set (``parse_args``' ``extras["given"]``); the architecture
+    settings not among them are taken from the ``--load`` checkpoint
+    (:func:`~megatron_moe.config.adopt_checkpoint_architecture`). None: ``cfg`` is used as it is.
+    """
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
     device = resolve_device(cfg.training.device)
     owns_group = not dist.is_initialized() and init_distributed_from_env(device.type, cfg.training.bf16)
     try:
-        trainer = Trainer(cfg, device, eval_only)
+        trainer = Trainer(cfg, device, eval_only, given)
         return trainer.evaluate_checkpoint() if eval_only else trainer.fit()
     finally:
         if owns_group and dist.is_initialized():

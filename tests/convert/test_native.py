@@ -54,3 +54,28 @@ def test_native_moe_input_is_refused(tmp_path, capsys):
     rc = upcycle_checkpoint.main(["--input", str(tmp_path / "absent"), "--input-format", "native", "--num-experts",
                                   "8", "--output", str(tmp_path / "o")])
     assert rc == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_native_dense_with_layernorm_biases_and_llama3_rope_upcycles_exactly(tmp_path):
+    """Norm, q/k/v and LM-head biases and llama3 RoPE are carried into the MoE model (the dense FFN has no
+    biases: experts cannot have any)."""
+    from megatron_moe.convert.native import save_model_checkpoint
+    from megatron_moe.model.transformer import build_model
+
+    cfg = tiny_config(num_experts=0, normalization="LayerNorm", add_qkv_bias=True, lm_head_bias=True,
+                      rope_scaling="llama3", rope_original_max_position=32)
+    dense = build_model(cfg, "cpu", seed=5).eval()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in dense.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1, generator=g)
+    save_model_checkpoint(tmp_path / "dense", cfg, dense.state_dict(), "test")
+    rc = upcycle_checkpoint.main(["--input", str(tmp_path / "dense"), "--input-format", "native", "--num-experts",
+                                  "4", "--moe-router-topk", "2", "--output", str(tmp_path / "moe")])
+    assert rc == 0
+    moe, meta = load_model(tmp_path / "moe")
+    assert meta["config"]["model"]["normalization"] == "LayerNorm" and moe.output.bias is not None
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), dense(x), atol=1e-5, rtol=0)  # as the bias-free test above

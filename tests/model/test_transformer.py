@@ -12,6 +12,7 @@ from megatron_moe.model.transformer import (
     is_moe_layer,
     rope_tables,
 )
+from tests.builders import RELEASED_OPTIONS
 
 # This module's model: vocab 96, 3 layers, dense ffn 48, 4 experts of ffn 16, Config's default losses and batches.
 SMALL = dict(vocab_size=96, num_layers=3, ffn_hidden_size=48, expert_ffn_hidden_size=16, aux_loss_coeff=0.01,
@@ -121,13 +122,6 @@ def test_missing_vocab_size_is_an_error(tiny_config):
 
 
 # ----------------------------------------------------------------- options of released models
-# LayerNorm, every bias, llama3 RoPE scaling with original context 64 at head_dim 8 (theta 1e4): the
-# wavelengths 6.3, 63, 628, 6283 hit the kept, interpolated and fully scaled regimes of the formula.
-RELEASED_OPTIONS = dict(normalization="LayerNorm", add_qkv_bias=True, add_bias_linear=True, lm_head_bias=True,
-                        rope_scaling="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
-                        rope_high_freq_factor=4.0, rope_original_max_position=64)
-
-
 def _llama3_frequencies_loop(head_dim, theta, factor, low, high, original):
     """Meta's llama3 ``apply_scaling``, one frequency at a time in Python floats (float64)."""
     out = []

@@ -6,7 +6,8 @@ bf16 hidden states as the single process and dp averages fp32 gradients, so pp2 
 bitwise equal here; TP sums partial matmul results in bf16 in another order (observed: 1.4e-4
 relative on losses, 3.8e-4 absolute on parameters after one SGD step with lr = 1). We allow 1e-3
 and 2e-3 (about 5x the observed, well under one bf16 step of the O(1) losses); a missing dp average
-or a gradient counted tp times is off by >= 50%.
+or a gradient counted tp times is off by >= 50%. The released-model options (LayerNorm, biases,
+llama3 RoPE: tests/builders.py, layer 0 dense) run in bf16 under tp2 with the same tolerances.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from megatron_moe.testing import run_distributed
-from tests.builders import tiny_config
+from tests.builders import RELEASED_OPTIONS, tiny_config
 from tests.parallel.helpers import compare, make_batches, run_steps
 
 BF16_LOSS_RTOL = 1e-3
@@ -23,33 +24,34 @@ BF16_PARAM_ATOL = 2e-3
 STEP_BATCHES = [make_batches(seed=0), make_batches(seed=1)]
 
 
-def _bf16_config(tp: int = 1, pp: int = 1):
-    cfg = tiny_config(tp=tp, pp=pp)
+def _bf16_config(tp: int = 1, pp: int = 1, released: bool = False):
+    cfg = tiny_config(tp=tp, pp=pp, **({**RELEASED_OPTIONS, "first_k_dense": 1} if released else {}))
     cfg.training.bf16 = True
     return cfg
 
 
 def _reference_body(rank, world):
-    return run_steps(_bf16_config(), STEP_BATCHES)
+    return {released: run_steps(_bf16_config(released=released), STEP_BATCHES) for released in (False, True)}
 
 
-def _layouts_body(rank, world, ref):
+def _layouts_body(rank, world, refs):
     from torch.distributed.device_mesh import init_device_mesh
 
     out = {}
-    for tp, pp, dp in ((2, 1, 1), (1, 2, 1), (1, 1, 2)):
+    for tp, pp, dp, released in ((2, 1, 1, False), (1, 2, 1, False), (1, 1, 2, False), (2, 1, 1, True)):
         mesh = init_device_mesh("cpu", (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
-        out[(tp, pp, dp)] = compare(run_steps(_bf16_config(tp, pp), STEP_BATCHES, mesh), ref)
+        run = run_steps(_bf16_config(tp, pp, released), STEP_BATCHES, mesh)
+        out[(tp, pp, dp, "released" if released else "default")] = compare(run, refs[released])
     return out
 
 
 @pytest.mark.slow
 def test_bf16_layouts_match_single_process_bf16():
-    (ref,) = run_distributed(_reference_body, 1)
+    (refs,) = run_distributed(_reference_body, 1)
     fp32 = run_steps(tiny_config(), STEP_BATCHES)
     # bf16 is not fp32 (the comparison below could not pass with the fp32 values) but close to it.
-    assert ref["lm"] != fp32["lm"] and ref["lm"][0] == pytest.approx(fp32["lm"][0], rel=1e-2)
-    for rank, results in enumerate(run_distributed(_layouts_body, 2, (ref,), timeout=300)):
+    assert refs[False]["lm"] != fp32["lm"] and refs[False]["lm"][0] == pytest.approx(fp32["lm"][0], rel=1e-2)
+    for rank, results in enumerate(run_distributed(_layouts_body, 2, (refs,), timeout=300)):
         for layout, r in results.items():
             assert r["loss_rel"] <= BF16_LOSS_RTOL, f"rank {rank} {layout}: loss rel diff {r['loss_rel']:.2e}"
             assert r["param_abs"] <= BF16_PARAM_ATOL, f"rank {rank} {layout}: param abs diff {r['param_abs']:.2e}"

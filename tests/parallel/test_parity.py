@@ -3,6 +3,14 @@
 One spawn per world size runs every variant of every layout of that size (both routers, 1F1B and
 interleaved 1F1B when pp > 1, plus a few layout-specific extras); the single-process references are
 computed once in the parent. Tolerances and their justification: tests/parallel/helpers.py.
+
+The released-model options (LayerNorm with bias, q/k/v, attention-output, dense-MLP and LM-head
+biases, llama3 RoPE: :data:`RELEASED`) run on the layouts whose code they touch: tp2 (biases
+sharded with column-parallel weights, replicated and added once after row-parallel reductions,
+sequence-parallel LayerNorm), pp2, dp2 with FSDP2, tp2 x pp2. Biases start at zero, so the first
+step checks their gradients (parameters after it) and the second their forward (its loss). A
+checkpoint of that model with nonzero biases, written by one process, loads resharded into tp2
+(DCP names of the biases and their shards) and gives the single-process logits.
 """
 
 from __future__ import annotations
@@ -16,16 +24,26 @@ import torch.distributed as dist
 
 from megatron_moe.config import ParallelConfig
 from megatron_moe.testing import run_distributed
-from tests.builders import tiny_config
+from tests.builders import RELEASED_OPTIONS, tiny_config
 from tests.parallel.helpers import LOSS_RTOL, PARAM_ATOL, compare, make_batches, run_steps
 
 STEP_BATCHES = [make_batches(seed=0), make_batches(seed=1)]
+# Layer 0 dense (first_k_dense = 1) so that the dense MLP's biases are there too.
+RELEASED = {**RELEASED_OPTIONS, "first_k_dense": 1}
+RELEASED_LAYOUTS = {(2, 1, 1): {}, (1, 2, 1): {}, (1, 1, 2): {"data_parallel_shard": True}, (2, 2, 1): {}}
 GLOBAL_BALANCE_BATCHES = [make_batches(num=2, seed=2, full_mask=True)]
 
 
+def _config(model: str, tp: int = 1, pp: int = 1):
+    """The tiny model with router ``model`` ("topk", "sparsemixer"), or "released": :data:`RELEASED`."""
+    if model == "released":
+        return tiny_config(tp=tp, pp=pp, **RELEASED)
+    return tiny_config(tp=tp, pp=pp, router=model)
+
+
 @functools.cache
-def reference(router: str) -> dict:
-    return run_steps(tiny_config(router=router), STEP_BATCHES)
+def reference(model: str) -> dict:
+    return run_steps(_config(model), STEP_BATCHES)
 
 
 @functools.cache
@@ -37,7 +55,7 @@ def global_balance_reference() -> dict:
 
 
 def _variants(tp: int, pp: int, dp: int) -> list[tuple[str, str, dict]]:
-    """(router, name, parallel settings) of every variant of a layout."""
+    """(model of :func:`_config`, name, parallel settings) of every variant of a layout."""
     schedules = [{}]
     if pp > 1:
         schedules.append({"pipeline_schedule": "interleaved_1f1b", "virtual_pipeline_stages": 2})
@@ -51,6 +69,8 @@ def _variants(tp: int, pp: int, dp: int) -> list[tuple[str, str, dict]]:
         out.append(("sparsemixer", "sparsemixer/1f1b+checkpointing", {"recompute_granularity": "full"}))
     if (tp, pp, dp) == (2, 1, 1):
         out.append(("sparsemixer", "sparsemixer/selective-recompute", {"recompute_granularity": "selective"}))
+    if (tp, pp, dp) in RELEASED_LAYOUTS:
+        out.append(("released", "layernorm+biases+llama3", RELEASED_LAYOUTS[(tp, pp, dp)]))
     return out
 
 
@@ -91,7 +111,37 @@ def _meta_init_trains(mesh, tp: int, pp: int) -> bool:
     return math.isfinite(res.lm_loss.item()) and math.isfinite(res.grad_norm.item())
 
 
-def _layouts_body(rank, world, layouts, refs, gb_ref):
+def _released_checkpoint_logit_diff(mesh, ckpt: str, tokens: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest |logit difference| of the checkpoint at ``ckpt`` loaded into this tp layout vs ``ref``."""
+    from megatron_moe.parallel.engine import ParallelEngine
+    from megatron_moe.training.state import load_model_only
+
+    engine = ParallelEngine(_config("released", tp=mesh["tp"].size()), mesh=mesh)
+    module = engine.build_model(seed=99)  # other weights, overwritten by the load
+    load_model_only(ckpt, engine.parts)
+    with torch.no_grad():
+        logits = module.eval()[0](tokens)
+    return (logits.full_tensor() - ref).abs().max().item()
+
+
+def _save_released_checkpoint(path) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """A model-only checkpoint of the released-options model with random biases; (path, tokens, logits)."""
+    from megatron_moe.convert.native import save_model_checkpoint
+    from megatron_moe.model.transformer import build_model
+
+    cfg = _config("released")
+    model = build_model(cfg, seed=5).eval()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1, generator=g)
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=g)
+        ref = model(tokens)
+    return str(save_model_checkpoint(path, cfg, model.state_dict(), "test")), tokens, ref
+
+
+def _layouts_body(rank, world, layouts, refs, gb_ref, released_ckpt=None):
     """Every variant of every layout in ``layouts`` (all of this world size) in one spawn."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -99,13 +149,15 @@ def _layouts_body(rank, world, layouts, refs, gb_ref):
     for tp, pp, dp in layouts:
         mesh = init_device_mesh("cpu", (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
         prefix = f"tp{tp}-pp{pp}-dp{dp}"
-        for router, name, parallel in _variants(tp, pp, dp):
-            cfg = tiny_config(tp=tp, pp=pp, router=router)
+        for model, name, parallel in _variants(tp, pp, dp):
+            cfg = _config(model, tp, pp)
             cfg.parallel = dataclasses.replace(cfg.parallel, **parallel)
             run = run_steps(cfg, STEP_BATCHES, mesh)
-            results[f"{prefix} {name}"] = compare(run, refs[router])
+            results[f"{prefix} {name}"] = compare(run, refs[model])
         if (tp, pp, dp) == (2, 1, 1):
             results[f"{prefix} tp_same_sparsemixer_samples"] = _tp_ranks_draw_same_routing(mesh)
+            results[f"{prefix} released_checkpoint_logit_abs"] = _released_checkpoint_logit_diff(
+                mesh, *released_ckpt)
         if (tp, pp, dp) == (1, 2, 1):
             results[f"{prefix} meta_init_trains"] = _meta_init_trains(mesh, tp, pp)
         if (tp, pp, dp) == (1, 1, 2):
@@ -123,18 +175,22 @@ WORLDS = sorted({t * p * d for t, p, d in LAYOUTS})
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", WORLDS, ids=[f"world{w}" for w in WORLDS])
-def test_layouts_match_single_process(world):
+def test_layouts_match_single_process(world, tmp_path):
     """Layouts (tp, pp, dp) of this world size: losses, grad norms and parameters after a step."""
     layouts = [lay for lay in LAYOUTS if lay[0] * lay[1] * lay[2] == world]
-    refs = {r: reference(r) for r in ("topk", "sparsemixer")}
+    refs = {m: reference(m) for m in ("topk", "sparsemixer", "released")}
     gb_ref = global_balance_reference() if (1, 1, 2) in layouts else None
-    results = run_distributed(_layouts_body, world, (layouts, refs, gb_ref), timeout=400)
+    released_ckpt = _save_released_checkpoint(tmp_path / "released") if (2, 1, 1) in layouts else None
+    results = run_distributed(_layouts_body, world, (layouts, refs, gb_ref, released_ckpt), timeout=400)
     expected = {f"tp{t}-pp{p}-dp{d} {name}" for t, p, d in layouts for _, name, _ in _variants(t, p, d)}
     for rank, res in enumerate(results):
         assert expected <= set(res), f"rank {rank}: missing variants {expected - set(res)}"
         for name, r in res.items():
             if isinstance(r, bool):  # tp_same_sparsemixer_samples, meta_init_trains
                 assert r, f"rank {rank}: {name} failed"
+                continue
+            if isinstance(r, float):  # released_checkpoint_logit_abs: fp32 TP sums in another order
+                assert r <= 1e-5, f"rank {rank} {name}: {r:.2e}"
                 continue
             assert r["num_params"] > 0, (rank, name)
             assert r["loss_rel"] <= LOSS_RTOL, (
