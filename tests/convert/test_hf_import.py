@@ -173,3 +173,14 @@ def test_grin_example_is_the_released_architecture():
                 "layer_freq", "first_k_dense", "logit_norm"):
         assert getattr(example.moe, key) == getattr(released.moe, key), key
     assert released.data.seq_length == 2047  # the released sliding window (see the example's comment)
+
+
+def test_verify_fails_when_the_import_is_wrong(tmp_path, capsys, monkeypatch):
+    """A wrong mapping (here: k and v swapped on import) is caught by --verify, not only printed."""
+    from megatron_moe.convert import hf_tensors
+
+    make_hf(tmp_path / "hf", "llama")
+    original = hf_tensors._ATTN
+    monkeypatch.setattr(hf_tensors, "_ATTN", {**original, "wk": original["wv"], "wv": original["wk"]})
+    rc, out, err = import_cli(capsys, tmp_path / "hf", tmp_path / "ours", "--verify")
+    assert rc == 2 and "differ from transformers'" in err and verified_relative_difference(out) > 1e-3
