@@ -25,6 +25,10 @@ sequences of at most ``W`` tokens (``data.seq_length = W``): transformers masks 
 model cannot compute exactly (other activations, rope types, partial rotary, head_dim overrides) is
 refused, naming the field. Balance-loss coefficients are training recipe, not architecture: they are
 not imported (the run's config sets them) and are exported as ``router_aux_loss_coef``.
+
+Input jitter is applied once per MoE layer in training here, as in GRIN's released code
+(transformers 5's PhiMoE multiplies by it in both its MoE block and its router); evaluation, which
+the tests compare, has no jitter.
 """
 
 from __future__ import annotations
