@@ -3,9 +3,9 @@ training steps in a tp2 x pp2 layout (4 gloo ranks, the real trainer and data pa
 transformers loads it and its logits equal ours, and the exported tokenizer encodes as ours.
 
 One distributed launch trains every format in turn: the ranks' start (importing megatron-core takes
-most of it) is paid once; each format is its own test. Measured on the shared 2-core CI machine
-under load: ~10 s to build and import the models, ~125 s for the 4-rank launch (~17 s of it
-training all five), ~2 s per format to export and compare. Tolerance: 1e-5 absolute on logits of
+most of it) is paid once; each format is its own test. Measured on the shared 2-core machine: 48 s
+for all five formats (load average 5), 155 s under heavy load (20; the 4-rank launch is ~125 s of
+it, ~17 s of which train the five models). Tolerance: 1e-5 absolute on logits of
 magnitude ~0.1-1 (float32 on both sides; the two implementations sum in different orders, observed
 ~1e-7).
 """
