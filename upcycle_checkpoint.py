@@ -10,7 +10,8 @@ Usage::
 With ``--num-experts`` the dense input is upcycled (:mod:`megatron_moe.convert.upcycle`). Without it
 a Hugging Face checkpoint is imported unchanged to continue pretraining: an MoE one (Mixtral ->
 top-K router, PhiMoE / GRIN-MoE -> SparseMixer-v2 with its jitter settings) or a dense one
-(Llama, Mistral, Qwen2, Phi-3); :mod:`megatron_moe.convert.hf_config` has the mapping.
+(Llama, Mistral, Qwen2, Phi-3); :mod:`megatron_moe.convert.hf_config` has the mapping. The weights
+keep the dtype they are stored in (bf16 for released models).
 
 Writes a model-only step-0 checkpoint under DIR (``DIR/iter_0000000`` + ``DIR/latest``) that
 ``pretrain_moe.py --load DIR`` starts from. ``--verify``: after upcycling, the dense and the upcycled
@@ -96,7 +97,9 @@ def import_hf(args: argparse.Namespace) -> None:
                               "upcycling reads Hugging Face checkpoints only (--input-format hf)")
     require_empty_output(args.output, args.overwrite)
     source = read_hf(args.input)
-    cfg, state = source.cfg, source.state_dict()
+    # Stored dtype (bf16 for released checkpoints): half the memory of float32; the trainer loads the
+    # checkpoint into its float32 master weights.
+    cfg, state = source.cfg, source.state_dict(dtype=None)
     hf = source.extra["hf_config"]
     out = save_model_checkpoint(args.output, cfg, state, f"imported from {source.origin}", hf_import_meta(source))
     m, e = cfg.model, cfg.moe

@@ -47,8 +47,9 @@ class ModelSource:
     notes: list[str] = field(default_factory=list)
     _shapes: dict[str, tuple[int, ...]] | None = field(default=None, repr=False)
 
-    def get(self, name: str) -> torch.Tensor:
-        """The float32 tensor ``name``; raises ConversionError if it is absent or has the wrong shape."""
+    def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """The tensor ``name`` in ``dtype`` (None: as stored); raises ConversionError if it is absent or has
+        the wrong shape."""
         if name not in self.loaders:
             raise ConversionError(f"{self.origin}: no tensor for parameter {name}")
         if self._shapes is None:
@@ -58,7 +59,7 @@ class ModelSource:
         if want is not None and tuple(tensor.shape) != want:
             raise ConversionError(f"{self.origin}: {name} has shape {tuple(tensor.shape)}, the config "
                                   f"implies {want}")
-        return tensor.to(torch.float32).contiguous()
+        return (tensor if dtype is None else tensor.to(dtype)).contiguous()
 
     def check(self) -> None:
         """Raise ConversionError unless the source provides exactly the model's parameters."""
@@ -70,9 +71,9 @@ class ModelSource:
         if extra:
             raise ConversionError(f"{self.origin}: weights this model has no place for, e.g. {extra[:4]}")
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor, loaded (float32). Holds the whole model in memory."""
-        return {name: self.get(name) for name in self.loaders}
+    def state_dict(self, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+        """Every tensor, loaded in ``dtype`` (None: as stored). Holds the whole model in memory."""
+        return {name: self.get(name, dtype) for name in self.loaders}
 
 
 def require_dense(source: ModelSource) -> None:

@@ -28,8 +28,10 @@ HF_DEFAULTS = {
 }
 
 
-def make_hf(path: Path, model_type: str = "llama", seed: int = 0, save_kwargs: dict | None = None, **overrides):
-    """Save a random tiny HF model of ``model_type`` to ``path``; returns the model (eval, float32).
+def make_hf(path: Path, model_type: str = "llama", seed: int = 0, save_kwargs: dict | None = None,
+            save_dtype: torch.dtype = torch.float32, **overrides):
+    """Save a random tiny HF model of ``model_type`` to ``path`` in ``save_dtype``; returns the model (eval,
+    float32, its weights rounded to ``save_dtype``).
 
     Built with ``from_config`` offline. Norm weights and all biases are randomised (transformers
     initialises them to 1 and 0, which would let a dropped or misplaced one go unnoticed).
@@ -46,8 +48,9 @@ def make_hf(path: Path, model_type: str = "llama", seed: int = 0, save_kwargs: d
                 p.uniform_(0.5, 1.5)
             elif pname.endswith("bias"):
                 p.uniform_(-0.2, 0.2)
-    model.save_pretrained(path, **(save_kwargs or {}))
-    return model
+            p.copy_(p.to(save_dtype).float())
+    model.to(save_dtype).save_pretrained(path, **(save_kwargs or {}))
+    return model.float()
 
 
 # This directory's model: vocab 96, 2 layers, dense ffn 64, sequence 64, Config's MoE and batch defaults.

@@ -184,3 +184,18 @@ def test_verify_fails_when_the_import_is_wrong(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(hf_tensors, "_ATTN", {**original, "wk": original["wv"], "wv": original["wk"]})
     rc, out, err = import_cli(capsys, tmp_path / "hf", tmp_path / "ours", "--verify")
     assert rc == 2 and "differ from transformers'" in err and verified_relative_difference(out) > 1e-3
+
+
+def test_bf16_checkpoint_is_imported_in_bf16(tmp_path, capsys):
+    """Released checkpoints are bf16: the import keeps them so (half the memory of float32) and the
+    model loaded from it in float32 computes transformers' logits."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    hf = make_hf(tmp_path / "hf", "qwen2", save_dtype=torch.bfloat16)
+    rc, out, err = import_cli(capsys, tmp_path / "hf", tmp_path / "ours", "--verify")
+    assert rc == 0 and verified_relative_difference(out) < REL, err
+    stored = FileSystemReader(str(resolve_checkpoint(tmp_path / "ours"))).read_metadata().state_dict_metadata
+    assert {m.properties.dtype for m in stored.values() if hasattr(m, "properties")} == {torch.bfloat16}
+    ours, _ = load_model(tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens()), hf(tokens()).logits, atol=1e-5, rtol=0)

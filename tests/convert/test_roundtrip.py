@@ -21,7 +21,8 @@ import torch
 
 # name -> (model_type, transformers config overrides). "phimoe" has GRIN-MoE's released shape ratios
 # (4 query heads per KV head, expert FFN = 1.5625 x hidden, 16 experts top-2, LayerNorm, attention and
-# LM-head biases, both jitters 0.01, rope theta 1e4, a sliding window of about half the context).
+# LM-head biases, both jitters 0.01, rope theta 1e4, a sliding window of about half the context) and,
+# as released, bf16 weights (imported as bf16, trained in float32).
 FORMATS = {
     "llama3": ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
@@ -90,7 +91,8 @@ def trained(tmp_path_factory, loop_corpus):
     dirs = {}
     for name, (model_type, overrides) in FORMATS.items():
         d = {k: root / name / k for k in ("hf", "imported", "trained", "exported")}
-        make_hf(d["hf"], model_type, vocab_size=VOCAB, **overrides)
+        dtype = torch.bfloat16 if name == "phimoe" else torch.float32
+        make_hf(d["hf"], model_type, vocab_size=VOCAB, save_dtype=dtype, **overrides)
         assert upcycle_checkpoint.main(["--input", str(d["hf"]), "--input-format", "hf",
                                         "--output", str(d["imported"])]) == 0
         dirs[name] = d
