@@ -1,26 +1,31 @@
-"""Export a native checkpoint to Hugging Face format: Mixtral for MoE models, Llama for dense ones.
+"""Export a native checkpoint to Hugging Face format: the architecture that computes the same function.
 
 Usage::
 
-    python -m megatron_moe.convert.export_hf --load DIR --output DIR [--max-shard-size-gb 5]
+    python -m megatron_moe.convert.export_hf --load DIR --output DIR [--architecture auto] \\
+        [--dtype {fp32,bf16}] [--max-shard-size 5GB] [--tokenizer-model FILE.model] [--overwrite]
 
-Writes ``config.json`` plus ``model.safetensors`` (or shards with ``model.safetensors.index.json``)
-in float32, on-disk names as transformers' Mixtral/Llama checkpoints use them
-(``model.layers.N.block_sparse_moe.experts.E.w1.weight``...; transformers 5 fuses experts on load).
+Architectures (``--architecture auto`` picks by the model, :func:`~.hf_config.choose_architecture`):
+SparseMixer-v2 MoE -> PhiMoE (GRIN-MoE's format), top-K MoE -> Mixtral, dense -> Qwen2 (q/k/v biases
+only) or Llama; ``--architecture phi3`` writes a bias-free dense model in Phi-3's fused layout. A
+model not expressible exactly in the chosen architecture is refused with every reason listed
+(:func:`~.hf_config.export_blockers`) and nothing is written. Training-only settings map where the
+format has them (jitter, aux coefficient); the others (z-loss, global balancing, adaptive
+coefficients, dropping) do not change inference.
 
-An MoE model is expressible in Mixtral only if Mixtral computes the same function: top-K softmax
-router with renormalised weights, no gating logit normalisation, and every layer an MoE layer
-(Mixtral has no dense layers, so ``moe.first_k_dense`` and ``moe.layer_freq`` must be 0 and 1).
-Otherwise :func:`mixtral_blockers` lists every reason and nothing is written. Training-only settings
-map where Mixtral has them (input jitter -> ``router_jitter_noise``, aux coefficient ->
-``router_aux_loss_coef``); the others (z-loss, global balancing, adaptive coefficients,
-dropping) do not change inference and are not exported.
+Written: ``config.json``; ``model.safetensors`` or shards of at most ``--max-shard-size`` with
+``model.safetensors.index.json`` (tensor names of the released checkpoints: per-expert ``w1/w2/w3``,
+Phi-3's fused ``qkv_proj`` / ``gate_up_proj``; transformers 5 fuses experts on load); in float32 or
+bfloat16; the run's sentencepiece tokenizer (``data.tokenizer_model`` or ``--tokenizer-model``) as
+``tokenizer.model`` + ``tokenizer_config.json`` (:mod:`.hf_tokenizer`); ``generation_config.json``
+with the special token ids.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,103 +34,47 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_moe.config import Config, ConfigError
+from megatron_moe.convert.hf import hf_names_family
+from megatron_moe.convert.hf_config import EXPORT_ARCHITECTURES, ExportError, choose_architecture, hf_config
+from megatron_moe.convert.hf_tensors import tensor_links, to_hf
+from megatron_moe.convert.hf_tokenizer import (
+    load_tokenizer,
+    special_token_ids,
+    write_generation_config,
+    write_tokenizer,
+)
 from megatron_moe.convert.native import load_model
 from megatron_moe.convert.source import ConversionError, require_empty_output
 from megatron_moe.training.checkpoint import CheckpointError
 
+__all__ = ["ExportError", "export", "hf_config", "hf_state_dict", "write_safetensors"]
 
-class ExportError(ConversionError):
-    """The model cannot be expressed in the requested Hugging Face architecture; the message says why."""
-
-
-def mixtral_blockers(cfg: Config) -> list[str]:
-    """Reasons the MoE model ``cfg`` is not expressible as Mixtral (empty when it is)."""
-    e = cfg.moe
-    reasons = []
-    if e.router != "topk":
-        reasons.append(f"moe.router = {e.router!r}: Mixtral routes by top-K softmax only (SparseMixer-v2 samples "
-                       "experts and weights them differently)")
-    elif not e.renormalize:
-        reasons.append("moe.renormalize = false: Mixtral always renormalises the top-K weights to sum 1")
-    if e.logit_norm:
-        reasons.append("moe.logit_norm = true: Mixtral has no gating logit normalisation")
-    if e.first_k_dense:
-        reasons.append(f"moe.first_k_dense = {e.first_k_dense}: Mixtral has no dense feed-forward layers")
-    if e.layer_freq != 1:
-        reasons.append(f"moe.layer_freq = {e.layer_freq}: Mixtral has no dense feed-forward layers "
-                       "(every layer must be MoE)")
-    return reasons
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+               "GIB": 2**30, "TIB": 2**40}
 
 
-def _common_config(cfg: Config) -> dict[str, Any]:
-    m = cfg.model
-    return {
-        "hidden_size": m.hidden_size,
-        "num_hidden_layers": m.num_layers,
-        "num_attention_heads": m.num_attention_heads,
-        "num_key_value_heads": m.num_kv_heads,
-        "head_dim": m.head_dim,
-        "vocab_size": m.vocab_size,
-        "max_position_embeddings": cfg.data.seq_length,
-        "rms_norm_eps": m.norm_eps,
-        "rope_theta": m.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-        "tie_word_embeddings": m.tie_embeddings,
-        "hidden_act": "silu",
-        "initializer_range": m.init_std,
-        "attention_dropout": 0.0,
-        "torch_dtype": "float32",
-        "dtype": "float32",
-        "use_cache": True,
-    }
+def parse_size(text: str) -> int:
+    """Bytes of a size like transformers' ``max_shard_size``: ``5GB`` (10^9), ``500MiB`` (2^20), ``1000``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(text), flags=re.IGNORECASE)
+    if not match:
+        raise ConversionError(f"--max-shard-size {text!r}; expected a size like 5GB, 500MB, 2GiB or bytes")
+    size = int(float(match[1]) * _SIZE_UNITS[(match[2] or "").upper()])
+    if size <= 0:
+        raise ConversionError(f"--max-shard-size {text!r}; must be positive")
+    return size
 
 
-def hf_config(cfg: Config) -> dict[str, Any]:
-    """config.json for ``cfg``: Mixtral if MoE (ExportError if not expressible), else Llama."""
-    out = _common_config(cfg)
-    m, e = cfg.model, cfg.moe
-    if e.num_experts:
-        reasons = mixtral_blockers(cfg)
-        if reasons:
-            raise ExportError("this MoE model cannot be exported as Mixtral:\n  - " + "\n  - ".join(reasons))
-        out.update(model_type="mixtral", architectures=["MixtralForCausalLM"],
-                   intermediate_size=cfg.expert_ffn_size,
-                   num_local_experts=e.num_experts, num_experts_per_tok=e.topk,
-                   router_jitter_noise=e.input_jitter_eps, router_aux_loss_coef=e.aux_loss_coeff,
-                   output_router_logits=False, sliding_window=None)
-    else:
-        out.update(model_type="llama", architectures=["LlamaForCausalLM"], intermediate_size=m.dense_ffn_size,
-                   attention_bias=False, mlp_bias=False, pretraining_tp=1)
-    return out
-
-
-def hf_state_dict(cfg: Config, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF tensor names -> contiguous tensors for the native ``state`` (names of MoETransformer)."""
-    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": state["tok_embeddings.weight"],
-                                    "model.norm.weight": state["norm.weight"]}
-    if not cfg.model.tie_embeddings:
-        out["lm_head.weight"] = state["output.weight"]
-    attn = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
-    for i in range(cfg.model.num_layers):
-        src, dst = f"layers.{i}.", f"model.layers.{i}."
-        for ours, theirs in attn.items():
-            out[dst + f"self_attn.{theirs}.weight"] = state[src + f"attention.{ours}.weight"]
-        out[dst + "input_layernorm.weight"] = state[src + "attention_norm.weight"]
-        out[dst + "post_attention_layernorm.weight"] = state[src + "ffn_norm.weight"]
-        ff = src + "feed_forward."
-        if ff + "router.gate.weight" in state:
-            moe = dst + "block_sparse_moe."
-            out[moe + "gate.weight"] = state[ff + "router.gate.weight"]
-            w1, w3, w2 = state[ff + "experts.w1"], state[ff + "experts.w3"], state[ff + "experts.w2"]
-            for x in range(w1.shape[0]):
-                out[moe + f"experts.{x}.w1.weight"] = w1[x].t()  # [H, F] -> nn.Linear [F, H]
-                out[moe + f"experts.{x}.w3.weight"] = w3[x].t()
-                out[moe + f"experts.{x}.w2.weight"] = w2[x].t()  # [F, H] -> [H, F]
-        else:
-            out[dst + "mlp.gate_proj.weight"] = state[ff + "w1.weight"]
-            out[dst + "mlp.up_proj.weight"] = state[ff + "w3.weight"]
-            out[dst + "mlp.down_proj.weight"] = state[ff + "w2.weight"]
-    return {k: v.detach().to(torch.float32).contiguous() for k, v in out.items()}
+def hf_state_dict(cfg: Config, state: dict[str, torch.Tensor], arch: str | None = None,
+                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """HF tensor names -> contiguous ``dtype`` tensors for the native ``state`` (names of MoETransformer)."""
+    arch = arch or choose_architecture(cfg)
+    shapes = {name: tuple(t.shape) for name, t in state.items()}
+    out: dict[str, torch.Tensor] = {}
+    for link in tensor_links(shapes, hf_names_family(arch), cfg.moe.num_experts):
+        out.update(to_hf(link, state))
+    return {k: v.detach().to(dtype).contiguous() for k, v in out.items()}
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], output: Path, max_shard_bytes: int) -> list[str]:
@@ -153,37 +102,62 @@ def write_safetensors(tensors: dict[str, torch.Tensor], output: Path, max_shard_
     return names
 
 
-def export(load: str | Path, output: str | Path, max_shard_bytes: int = 5 * 2**30) -> dict[str, Any]:
+def export(load: str | Path, output: str | Path, max_shard_bytes: int = 5 * 10**9, dtype: str = "fp32",
+           architecture: str = "auto", tokenizer_model: str | None = None) -> dict[str, Any]:
     """Export the native checkpoint at ``load`` to HF format in ``output``; returns the written config.
 
-    Raises ExportError (nothing written) when the MoE model is not expressible as Mixtral.
+    Raises ExportError (nothing written) when the model is not expressible as ``architecture``
+    (``"auto"``: :func:`~.hf_config.choose_architecture`), ConversionError for an unreadable tokenizer.
     """
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     model, meta = load_model(load)
     cfg = model.cfg
-    config = hf_config(cfg)  # raises before anything is written
-    tensors = hf_state_dict(cfg, model.state_dict())
+    imported = meta.get("hf_import", {})
+    arch = choose_architecture(cfg) if architecture == "auto" else architecture
+    tokenizer_path = tokenizer_model or cfg.data.tokenizer_model
+    setting = "--tokenizer-model" if tokenizer_model else "the checkpoint's data.tokenizer_model"
+    tokenizer = load_tokenizer(tokenizer_path, setting) if tokenizer_path else None
+    if tokenizer is not None:
+        special = special_token_ids(tokenizer)
+    else:  # an imported model keeps the ids its source declared
+        special = {k: imported["special_tokens"][k] for k in imported.get("special_tokens", {})}
+    torch_dtype = DTYPES[dtype]
+    config = hf_config(cfg, arch, _DTYPE_NAMES[torch_dtype], special)  # raises before anything is written
+    tensors = hf_state_dict(cfg, model.state_dict(), arch, torch_dtype)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     write_safetensors(tensors, output, max_shard_bytes)
     config["exported_from"] = str(meta.get("source", load))
     (output / "config.json").write_text(json.dumps(config, indent=2))
+    write_generation_config(output, special)
+    if tokenizer is not None:
+        write_tokenizer(tokenizer, output, cfg.data.seq_length)
     return config
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Native checkpoint -> Hugging Face (Mixtral for MoE, Llama for dense).")
+    p = argparse.ArgumentParser(description="Native checkpoint -> Hugging Face (PhiMoE, Mixtral, Llama, Qwen2, Phi-3).")
     p.add_argument("--load", required=True, help="save directory or checkpoint directory")
-    p.add_argument("--output", required=True, help="directory for config.json and safetensors")
-    p.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    p.add_argument("--output", required=True, help="directory for config.json, safetensors and tokenizer")
+    p.add_argument("--architecture", default="auto", choices=("auto",) + EXPORT_ARCHITECTURES,
+                   help="HF architecture (auto: phimoe for SparseMixer-v2, mixtral for top-K, qwen2 or llama dense)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the written weights")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (5GB, 500MB, 2GiB, bytes)")
+    p.add_argument("--tokenizer-model", default=None,
+                   help="sentencepiece .model to ship (default: the checkpoint's data.tokenizer_model)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output directory")
     args = p.parse_args(argv)
     try:
+        max_shard = parse_size(args.max_shard_size)
         require_empty_output(args.output, args.overwrite)
-        config = export(args.load, args.output, int(args.max_shard_size_gb * 2**30))
+        config = export(args.load, args.output, max_shard, args.dtype, args.architecture, args.tokenizer_model)
     except (ConversionError, ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {config['architectures'][0]} to {args.output}")
+    shipped = "with tokenizer" if (Path(args.output) / "tokenizer.model").is_file() else (
+        "without tokenizer (no data.tokenizer_model; pass --tokenizer-model)")
+    print(f"exported {config['architectures'][0]} ({config['dtype']}) to {args.output}, {shipped}")
     return 0
 
 

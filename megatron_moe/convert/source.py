@@ -1,8 +1,8 @@
-"""A dense model to convert: its project Config and its weights under this project's parameter names.
+"""A model to convert: its project Config and its weights under this project's parameter names.
 
-Readers (:mod:`.hf`, :mod:`.megatron_format`, :mod:`.native`) return a :class:`DenseSource`
-whose tensors are loaded on demand (one at a time), so a converter holds at most the tensors it is
-working on plus its output.
+Readers (:mod:`.hf`, :mod:`.megatron_format`, :mod:`.native`) return a :class:`ModelSource` (a
+:class:`DenseSource` where only dense models are read) whose tensors are loaded on demand (one at a
+time), so a converter holds at most the tensors it is working on plus its output.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
 
 
 @dataclass
-class DenseSource:
-    """A dense (``moe.num_experts == 0``) model: config plus lazily loaded weights.
+class ModelSource:
+    """A model (dense or MoE): config plus lazily loaded weights.
 
     Attributes:
         cfg: the project configuration of the dense model.
@@ -37,16 +37,19 @@ class DenseSource:
             returning the tensor, in the layout of :class:`MoETransformer` (nn.Linear ``[out, in]``).
         origin: a short description for messages and meta.json (``"hf:/path"``...).
         extra: reader-specific details (the HF config dict, Megatron argument names).
+        notes: what the reader changed or left out on purpose (printed by the command line).
     """
 
     cfg: Config
     loaders: dict[str, Callable[[], torch.Tensor]]
     origin: str
     extra: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     _shapes: dict[str, tuple[int, ...]] | None = field(default=None, repr=False)
 
-    def get(self, name: str) -> torch.Tensor:
-        """The float32 tensor ``name``; raises ConversionError if it is absent or has the wrong shape."""
+    def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """The tensor ``name`` in ``dtype`` (None: as stored); raises ConversionError if it is absent or has
+        the wrong shape."""
         if name not in self.loaders:
             raise ConversionError(f"{self.origin}: no tensor for parameter {name}")
         if self._shapes is None:
@@ -56,13 +59,10 @@ class DenseSource:
         if want is not None and tuple(tensor.shape) != want:
             raise ConversionError(f"{self.origin}: {name} has shape {tuple(tensor.shape)}, the config "
                                   f"implies {want}")
-        return tensor.to(torch.float32).contiguous()
+        return (tensor if dtype is None else tensor.to(dtype)).contiguous()
 
     def check(self) -> None:
-        """Raise ConversionError unless the source provides exactly the dense model's parameters."""
-        if self.cfg.moe.num_experts != 0:
-            raise ConversionError(f"{self.origin}: expected a dense model, config has moe.num_experts = "
-                                  f"{self.cfg.moe.num_experts}")
+        """Raise ConversionError unless the source provides exactly the model's parameters."""
         want = expected_shapes(self.cfg)
         missing = sorted(set(want) - set(self.loaders))
         extra = sorted(set(self.loaders) - set(want))
@@ -71,9 +71,25 @@ class DenseSource:
         if extra:
             raise ConversionError(f"{self.origin}: weights this model has no place for, e.g. {extra[:4]}")
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor, loaded (float32). Holds the whole dense model in memory."""
-        return {name: self.get(name) for name in self.loaders}
+    def state_dict(self, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+        """Every tensor, loaded in ``dtype`` (None: as stored). Holds the whole model in memory."""
+        return {name: self.get(name, dtype) for name in self.loaders}
+
+
+def require_dense(source: ModelSource) -> None:
+    """Raise ConversionError unless ``source`` is a dense model (``moe.num_experts == 0``)."""
+    if source.cfg.moe.num_experts != 0:
+        raise ConversionError(f"{source.origin}: expected a dense model, config has moe.num_experts = "
+                              f"{source.cfg.moe.num_experts}")
+
+
+class DenseSource(ModelSource):
+    """A :class:`ModelSource` that must be dense (``moe.num_experts == 0``): what upcycling reads."""
+
+    def check(self) -> None:
+        """Raise ConversionError unless the source is dense and provides exactly its parameters."""
+        require_dense(self)
+        super().check()
 
 
 def require_empty_output(output, overwrite: bool) -> None:

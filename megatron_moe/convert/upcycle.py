@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_moe.config import Config, ConfigError
-from megatron_moe.convert.source import ConversionError, DenseSource, expected_shapes
+from megatron_moe.convert.source import ConversionError, ModelSource, expected_shapes, require_dense
 
 
 @dataclass
@@ -139,12 +139,18 @@ def init_router(num_experts: int, hidden: int, granularity: int, std: float,
     return rows.repeat_interleave(granularity, dim=0).contiguous()
 
 
-def upcycle(source: DenseSource, opts: UpcycleOptions) -> tuple[Config, dict[str, torch.Tensor]]:
-    """Upcycle ``source`` into (MoE config, MoE state dict with the names of ``MoETransformer``).
+def upcycle(source: ModelSource, opts: UpcycleOptions) -> tuple[Config, dict[str, torch.Tensor]]:
+    """Upcycle the dense ``source`` into (MoE config, MoE state dict with the names of ``MoETransformer``).
 
-    Tensors are read from the source one at a time. Raises ConversionError on inconsistent input.
+    Tensors are read from the source one at a time. Raises ConversionError on inconsistent input, or
+    when the dense FFN has biases (``model.add_bias_linear``): the experts have none.
     """
+    require_dense(source)
     source.check()
+    ffn_biases = sorted(n for n in source.loaders if ".feed_forward." in n and n.endswith(".bias"))
+    if ffn_biases:
+        raise ConversionError(f"{source.origin}: the dense FFN has biases (e.g. {ffn_biases[0]}); experts are "
+                              "bias-free, so upcycling would change the function")
     cfg = moe_config(source.cfg, opts)
     generator = torch.Generator().manual_seed(opts.seed)
     std = cfg.model.init_std if opts.router_init_std is None else opts.router_init_std

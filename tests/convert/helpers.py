@@ -15,24 +15,42 @@ TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_laye
             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
 
 
-def make_hf(path: Path, model_type: str = "llama", seed: int = 0, save_kwargs: dict | None = None, **overrides):
-    """Save a random tiny HF model of ``model_type`` to ``path``; returns the model (eval, float32)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+# Per architecture: transformers' config class name and the settings the tiny model adds.
+HF_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "phi3": "Phi3", "mixtral": "Mixtral",
+              "phimoe": "Phimoe"}
+HF_DEFAULTS = {
+    "mistral": {"sliding_window": None},
+    "phi3": {"pad_token_id": None},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    # GRIN-MoE's released settings (attention and LM-head biases, both jitters 0.01), tiny shapes.
+    "phimoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "attention_bias": True, "lm_head_bias": True,
+               "router_jitter_noise": 0.01, "input_jitter_noise": 0.01, "rope_theta": 10000.0},
+}
 
-    kwargs = {**TINY, **overrides}
-    if model_type == "mistral":
-        kwargs.setdefault("sliding_window", None)
-        config, cls = MistralConfig(**kwargs), MistralForCausalLM
-    else:
-        config, cls = LlamaConfig(**kwargs), LlamaForCausalLM
+
+def make_hf(path: Path, model_type: str = "llama", seed: int = 0, save_kwargs: dict | None = None,
+            save_dtype: torch.dtype = torch.float32, **overrides):
+    """Save a random tiny HF model of ``model_type`` to ``path`` in ``save_dtype``; returns the model (eval,
+    float32, its weights rounded to ``save_dtype``).
+
+    Built with ``from_config`` offline. Norm weights and all biases are randomised (transformers
+    initialises them to 1 and 0, which would let a dropped or misplaced one go unnoticed).
+    """
+    import transformers
+
+    name = HF_CLASSES[model_type]
+    config = getattr(transformers, f"{name}Config")(**{**TINY, **HF_DEFAULTS.get(model_type, {}), **overrides})
     torch.manual_seed(seed)
-    model = cls(config).eval()
-    with torch.no_grad():  # default init leaves norms at 1: randomise them so the copy is really checked
-        for name, p in model.named_parameters():
-            if "norm" in name:
+    model = getattr(transformers, f"{name}ForCausalLM")._from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname and pname.endswith("weight"):
                 p.uniform_(0.5, 1.5)
-    model.save_pretrained(path, **(save_kwargs or {}))
-    return model
+            elif pname.endswith("bias"):
+                p.uniform_(-0.2, 0.2)
+            p.copy_(p.to(save_dtype).float())
+    model.to(save_dtype).save_pretrained(path, **(save_kwargs or {}))
+    return model.float()
 
 
 # This directory's model: vocab 96, 2 layers, dense ffn 64, sequence 64, Config's MoE and batch defaults.
@@ -48,10 +66,13 @@ def tiny_config(**settings) -> Config:
 def save_native(path: Path, cfg: Config, seed: int = 0) -> torch.nn.Module:
     """Build a random model for ``cfg`` and save it as a model-only native checkpoint under ``path``."""
     model = build_model(cfg, "cpu", seed=seed).eval()
-    with torch.no_grad():
+    with torch.no_grad():  # norm weights start at 1 and biases at 0: randomise them so their copy is checked
         for name, p in model.named_parameters():
+            generator = torch.Generator().manual_seed(seed + len(name))
             if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(seed + len(name)))
+                p.uniform_(0.5, 1.5, generator=generator)
+            elif name.endswith(".bias"):
+                p.uniform_(-0.2, 0.2, generator=generator)
     save_model_checkpoint(path, cfg, {k: v.detach() for k, v in model.state_dict().items()}, "test")
     return model
 

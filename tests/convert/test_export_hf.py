@@ -1,4 +1,5 @@
-"""Export to Hugging Face: MoE -> Mixtral, dense -> Llama, loaded by transformers with the same logits."""
+"""Export to Hugging Face: SparseMixer-v2 -> PhiMoE, top-K -> Mixtral, dense -> Llama / Qwen2 / Phi-3,
+loaded by transformers with the same logits; bf16, shards, tokenizer and generation config."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 from megatron_moe.convert import export_hf
-from megatron_moe.convert.export_hf import ExportError, export
+from megatron_moe.convert.export_hf import ExportError, export, parse_size
 from megatron_moe.convert.hf import read_hf
 from megatron_moe.convert.native import load_model, save_model_checkpoint
+from megatron_moe.convert.source import ConversionError
 from megatron_moe.convert.upcycle import UpcycleOptions, upcycle
 from tests.convert.helpers import make_hf, save_native, tiny_config, tokens
 
@@ -79,23 +81,144 @@ def test_dense_exports_to_llama(tmp_path):
     ({"renormalize": False}, "moe.renormalize = false"),
     ({"first_k_dense": 1}, "moe.first_k_dense = 1"),
     ({"layer_freq": 2}, "moe.layer_freq = 2"),
+    ({"normalization": "LayerNorm"}, "model.normalization = 'LayerNorm': Mixtral uses RMSNorm"),
+    ({"add_qkv_bias": True}, "Mixtral has no attention or MLP biases"),
 ])
 def test_inexpressible_moe_is_explained_and_nothing_written(tmp_path, capsys, moe, reason):
     cfg = tiny_config(num_experts=4, topk=2, **moe)
     save_native(tmp_path / "moe", cfg)
-    with pytest.raises(ExportError, match="cannot be exported as Mixtral"):
-        export(tmp_path / "moe", tmp_path / "out")
+    with pytest.raises(ExportError, match="cannot be exported as mixtral"):
+        export(tmp_path / "moe", tmp_path / "out", architecture="mixtral")
     assert not (tmp_path / "out").exists()
-    rc = export_hf.main(["--load", str(tmp_path / "moe"), "--output", str(tmp_path / "out")])
+    rc = export_hf.main(["--load", str(tmp_path / "moe"), "--output", str(tmp_path / "out"), "--architecture",
+                         "mixtral"])
     assert rc == 2 and reason in capsys.readouterr().err
 
 
 def test_all_reasons_are_listed(tmp_path):
     cfg = tiny_config(num_experts=4, topk=2, router="sparsemixer", logit_norm=True, first_k_dense=1)
     save_native(tmp_path / "moe", cfg)
-    with pytest.raises(ExportError) as err:
+    with pytest.raises(ExportError) as err:  # auto: SparseMixer-v2 -> phimoe, which needs LayerNorm
         export(tmp_path / "moe", tmp_path / "out")
-    assert all(s in str(err.value) for s in ("sparsemixer", "logit_norm", "first_k_dense"))
+    assert all(s in str(err.value) for s in ("cannot be exported as phimoe", "logit_norm", "first_k_dense",
+                                             "PhiMoE uses LayerNorm"))
+    cfg = tiny_config(num_experts=0, normalization="LayerNorm", lm_head_bias=True, add_bias_linear=True)
+    save_native(tmp_path / "dense", cfg)
+    with pytest.raises(ExportError) as err:
+        export(tmp_path / "dense", tmp_path / "out")
+    assert all(s in str(err.value) for s in ("Llama uses RMSNorm", "LM-head bias", "attention_bias covers"))
+
+
+# The fields of GRIN-MoE's released config.json (besides auto_map, torch_dtype and the token ids).
+GRIN_FIELDS = ("attention_bias", "attention_dropout", "hidden_act", "hidden_dropout", "hidden_size",
+               "initializer_range", "input_jitter_noise", "intermediate_size", "lm_head_bias",
+               "max_position_embeddings", "num_attention_heads", "num_experts_per_tok", "num_hidden_layers",
+               "num_key_value_heads",
+               "num_local_experts", "output_router_logits", "rms_norm_eps", "rope_theta", "router_aux_loss_coef",
+               "router_jitter_noise", "sliding_window", "tie_word_embeddings", "use_cache", "vocab_size")
+
+
+@pytest.mark.slow
+def test_sparsemixer_model_exports_to_phimoe_with_grin_fields(tmp_path):
+    from transformers import PhimoeForCausalLM
+
+    cfg = tiny_config(num_experts=4, topk=2, router="sparsemixer", jitter_eps=0.03, input_jitter_eps=0.02,
+                      normalization="LayerNorm", add_qkv_bias=True, add_bias_linear=True, lm_head_bias=True)
+    ours = save_native(tmp_path / "moe", cfg, seed=3)
+    with torch.no_grad():  # a sharper router, so that the relative window keeps fewer experts than all
+        for layer in ours.layers.values():
+            layer.feed_forward.router.gate.weight.mul_(20)
+    save_model_checkpoint(tmp_path / "moe", cfg, ours.state_dict(), "test")
+    config = export(tmp_path / "moe", tmp_path / "phimoe")
+    assert config["model_type"] == "phimoe" and set(GRIN_FIELDS) <= set(config)
+    assert (config["router_jitter_noise"], config["input_jitter_noise"]) == (0.03, 0.02)
+    assert config["attention_bias"] and config["lm_head_bias"] and config["sliding_window"] is None
+    hf = PhimoeForCausalLM.from_pretrained(tmp_path / "phimoe").eval()
+    x = tokens(seq=24)
+    with torch.no_grad():
+        ref = hf(x).logits
+        torch.testing.assert_close(ours(x), ref, atol=ATOL, rtol=0)
+        for layer in ours.layers.values():  # routing matters: reversed experts give other logits
+            layer.feed_forward.experts.w1.data = layer.feed_forward.experts.w1.data.flip(0)
+        assert (ours(x) - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("settings,arch,cls", [
+    ({"add_qkv_bias": True}, "auto", "Qwen2ForCausalLM"),
+    ({"add_qkv_bias": True, "add_bias_linear": True}, "auto", "LlamaForCausalLM"),
+    ({"rope_scaling": "llama3", "rope_original_max_position": 16, "rope_theta": 5e5}, "auto", "LlamaForCausalLM"),
+    ({}, "phi3", "Phi3ForCausalLM"),
+])
+def test_dense_architectures(tmp_path, settings, arch, cls):
+    import transformers
+
+    cfg = tiny_config(num_experts=0, **settings)
+    ours = save_native(tmp_path / "dense", cfg, seed=4)
+    config = export(tmp_path / "dense", tmp_path / "out", architecture=arch)
+    assert config["architectures"] == [cls]
+    hf = getattr(transformers, cls).from_pretrained(tmp_path / "out").eval()
+    x = tokens(seq=24)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=ATOL, rtol=0)
+    source = read_hf(tmp_path / "out")  # ... and the export reads back into the same weights
+    for name, t in ours.state_dict().items():
+        assert torch.equal(source.get(name), t), name
+
+
+@pytest.mark.slow
+def test_bf16_shards_tokenizer_and_generation_config(tmp_path, loop_corpus):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer, MixtralForCausalLM
+
+    from megatron_moe.data.tokenizer import SentencePieceTokenizer
+
+    cfg = tiny_config(num_experts=4, topk=2, vocab_size=320)
+    cfg.data.tokenizer_model = loop_corpus["tokenizer"]
+    ours = save_native(tmp_path / "moe", cfg, seed=5)
+    rc = export_hf.main(["--load", str(tmp_path / "moe"), "--output", str(tmp_path / "out"), "--dtype", "bf16",
+                         "--max-shard-size", "100KB"])
+    assert rc == 0
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / f).stat().st_size <= 100_000 + 10_000 for f in shards)
+    with safe_open(str(out / shards[0]), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    hf = MixtralForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():  # our model with its weights rounded to bf16 is transformers' fp32 model
+        for p in ours.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+        x = tokens(vocab=320)
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=ATOL, rtol=0)
+    sp = SentencePieceTokenizer(loop_corpus["tokenizer"])
+    tok = AutoTokenizer.from_pretrained(out)
+    for text in ("alpha beta,  gamma.\nthe expert", " leading and trailing  ", "unicode é ü 日本 42"):
+        assert tok.encode(text, add_special_tokens=False) == sp.encode(text), text
+        assert tok.decode(sp.encode(text)) == text
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 3)
+
+
+def test_imported_model_without_tokenizer_keeps_its_special_ids(tmp_path, capsys):
+    import upcycle_checkpoint
+
+    make_hf(tmp_path / "hf", "mixtral", bos_token_id=5, eos_token_id=7)
+    assert upcycle_checkpoint.main(["--input", str(tmp_path / "hf"), "--input-format", "hf",
+                                    "--output", str(tmp_path / "ours")]) == 0
+    assert export_hf.main(["--load", str(tmp_path / "ours"), "--output", str(tmp_path / "out")]) == 0
+    assert "without tokenizer" in capsys.readouterr().out
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (5, 7)
+    assert not (tmp_path / "out" / "tokenizer.model").exists()
+
+
+def test_parse_size():
+    assert (parse_size("5GB"), parse_size("2GiB"), parse_size("500kb"), parse_size("1000")) == (
+        5 * 10**9, 2 * 2**30, 500_000, 1000)
+    for bad in ("5XB", "-1GB", "0", "GB"):
+        with pytest.raises(ConversionError, match="--max-shard-size"):
+            parse_size(bad)
 
 
 def test_export_refuses_a_non_empty_output_unless_overwrite(tmp_path, capsys):

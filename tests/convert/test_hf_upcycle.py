@@ -101,7 +101,7 @@ def test_sharded_index_and_missing_shard(tmp_path, capsys):
 
 @pytest.mark.parametrize("overrides,field", [
     ({"attention_bias": True}, "attention_bias"),
-    ({"mlp_bias": True}, "mlp_bias"),
+    ({"mlp_bias": True}, "mlp_bias = true"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, "rope_type"),
     ({"head_dim": 16}, "head_dim"),
@@ -112,16 +112,9 @@ def test_unsupported_architectures_name_the_field(tmp_path, overrides, field):
         read_hf(tmp_path / "hf")
 
 
-def test_qwen2_and_sliding_window_refused(tmp_path):
-    make_hf(tmp_path / "m", "mistral", sliding_window=16)
-    with pytest.raises(ConversionError, match="sliding_window = 16"):
-        read_hf(tmp_path / "m")
+def test_unknown_model_type_refused(tmp_path):
     make_hf(tmp_path / "q")
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
-    cfg["model_type"] = "qwen2"
-    (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConversionError, match="qwen2.*bias"):
-        read_hf(tmp_path / "q")
     cfg["model_type"] = "gpt2"
     (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConversionError, match="model_type = 'gpt2'"):

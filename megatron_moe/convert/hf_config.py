@@ -1,0 +1,339 @@
+"""Hugging Face ``config.json`` <-> this project's :class:`~megatron_moe.config.Config`.
+
+Architectures (``model_type``) and what they map to:
+
+========== ======= ================================================================================
+model_type kind    settings
+========== ======= ================================================================================
+llama      dense   RMSNorm; ``attention_bias`` + ``mlp_bias`` (both or neither) -> ``add_qkv_bias`` +
+                   ``add_bias_linear``; rope ``default`` or ``llama3``
+mistral    dense   RMSNorm, no biases
+qwen2      dense   RMSNorm, q/k/v biases (``add_qkv_bias``)
+phi3       dense   RMSNorm, no biases, fused ``qkv_proj`` / ``gate_up_proj`` tensors (split on import)
+mixtral    MoE     top-K softmax router, renormalised; ``router_jitter_noise`` is Mixtral's
+                   multiplicative input jitter -> ``moe.input_jitter_eps``
+phimoe     MoE     LayerNorm (weight and bias, eps ``rms_norm_eps``), ``attention_bias`` (q, k, v and
+                   o_proj) -> ``add_qkv_bias`` + ``add_bias_linear``, ``lm_head_bias``; SparseMixer-v2
+                   top-2 router: ``router_jitter_noise`` -> ``moe.jitter_eps`` (the relative masking
+                   window), ``input_jitter_noise`` -> ``moe.input_jitter_eps``. ``grinmoe`` (GRIN-MoE's
+                   released config, its own remote code) is the same format.
+========== ======= ================================================================================
+
+A sliding window ``W`` shorter than ``max_position_embeddings`` is kept exact by training on
+sequences of at most ``W`` tokens (``data.seq_length = W``): transformers masks key ``j`` for query
+``i`` only when ``i - j >= W``, which never happens within ``W`` tokens. Anything else the project's
+model cannot compute exactly (other activations, rope types, partial rotary, head_dim overrides) is
+refused, naming the field. Balance-loss coefficients are training recipe, not architecture: they are
+not imported (the run's config sets them) and are exported as ``router_aux_loss_coef``.
+
+Input jitter is applied once per MoE layer in training here, as in GRIN's released code
+(transformers 5's PhiMoE multiplies by it in both its MoE block and its router); evaluation, which
+the tests compare, has no jitter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from megatron_moe.config import Config
+from megatron_moe.convert.source import ConversionError
+
+DENSE_TYPES = ("llama", "mistral", "qwen2", "phi3")
+MOE_TYPES = ("mixtral", "phimoe", "grinmoe")
+# transformers' default rope theta per config class, used when a config.json has none.
+_DEFAULT_THETA = {"mixtral": 1e6, "phimoe": 1e6, "grinmoe": 1e6}
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_settings(hf: dict[str, Any], model_type: str, where: str) -> dict[str, Any]:
+    """ModelConfig rope fields from transformers 5 ``rope_parameters`` or 4.x ``rope_theta`` / ``rope_scaling``."""
+    params = hf.get("rope_parameters")
+    scaling = hf.get("rope_scaling")
+    out: dict[str, Any] = {"rope_theta": float(hf.get("rope_theta") or _DEFAULT_THETA.get(model_type, 1e4))}
+    partial = (params or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ConversionError(f"{where}: partial_rotary_factor = {partial}; only full rotary embeddings (1.0) "
+                              "are supported")
+    for field_name, value in (("rope_scaling", scaling), ("rope_parameters", params)):
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConversionError(f"{where}: {field_name} = {value!r} is not understood")
+        if value.get("rope_theta") is not None:
+            out["rope_theta"] = float(value["rope_theta"])
+        kind = value.get("rope_type", value.get("type", "default"))
+        if kind in (None, "default"):
+            if value.get("factor") not in (None, 1, 1.0):
+                raise ConversionError(f"{where}: {field_name}.factor = {value['factor']} with rope_type "
+                                      "'default'; not understood")
+        elif kind == "llama3":
+            missing = [k for k in _LLAMA3_KEYS if value.get(k) is None]
+            if missing:
+                raise ConversionError(f"{where}: {field_name} of rope_type 'llama3' lacks {missing}")
+            out.update(rope_scaling="llama3", rope_scaling_factor=float(value["factor"]),
+                       rope_low_freq_factor=float(value["low_freq_factor"]),
+                       rope_high_freq_factor=float(value["high_freq_factor"]),
+                       rope_original_max_position=int(value["original_max_position_embeddings"]))
+        else:
+            raise ConversionError(f"{where}: {field_name}.rope_type = {kind!r}; supported: 'default' and "
+                                  "'llama3'")
+    return out
+
+
+def _bias_settings(hf: dict[str, Any], model_type: str, where: str) -> dict[str, bool]:
+    """add_qkv_bias / add_bias_linear / lm_head_bias of the HF architecture."""
+    attention, mlp = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
+    if model_type == "qwen2":
+        if attention or mlp:
+            raise ConversionError(f"{where}: qwen2 with attention_bias/mlp_bias set is not the Qwen2 format")
+        return {"add_qkv_bias": True}
+    if model_type in ("phimoe", "grinmoe"):
+        out = {"add_qkv_bias": attention, "add_bias_linear": attention}
+        return out | {"lm_head_bias": bool(hf.get("lm_head_bias"))}
+    if model_type == "llama" and attention != mlp:
+        raise ConversionError(
+            f"{where}: attention_bias = {str(attention).lower()} with mlp_bias = {str(mlp).lower()}; this project "
+            "ties the attention output bias to the MLP biases (model.add_bias_linear), so both or neither")
+    if model_type != "llama" and (attention or mlp):
+        raise ConversionError(f"{where}: attention_bias/mlp_bias = true is not part of the {model_type} format")
+    return {"add_qkv_bias": attention, "add_bias_linear": attention} if attention else {}
+
+
+def _sequence_length(hf: dict[str, Any], model_type: str, notes: list[str], where: str) -> int:
+    """data.seq_length: max_position_embeddings, or an active sliding window shorter than it."""
+    max_pos = int(hf.get("max_position_embeddings") or 4096)
+    window = hf.get("sliding_window")
+    # Qwen2 stores a window it does not use unless use_sliding_window is set.
+    if window is None or not hf.get("use_sliding_window", model_type != "qwen2"):
+        return max_pos
+    if not isinstance(window, int) or window < 1:
+        raise ConversionError(f"{where}: sliding_window = {window!r}; expected a positive integer")
+    if window < max_pos:
+        notes.append(f"sliding_window = {window} < max_position_embeddings = {max_pos}: data.seq_length set to "
+                     f"{window}, where full causal attention equals the windowed one")
+        return window
+    return max_pos
+
+
+def config_from_hf(hf: dict[str, Any], where: str = "config.json", notes: list[str] | None = None) -> Config:
+    """Map a supported ``config.json`` dict (table in the module docstring) to a project :class:`Config`.
+
+    Dense architectures give ``moe.num_experts = 0``; MoE ones every layer an MoE layer with the
+    checkpoint's router. ``notes`` (if given) receives what was adapted on purpose. Raises
+    ConversionError naming the field when the architecture is not representable exactly.
+    """
+    notes = [] if notes is None else notes
+    model_type = hf.get("model_type")
+    if model_type not in DENSE_TYPES + MOE_TYPES:
+        raise ConversionError(f"{where}: model_type = {model_type!r}; supported: {DENSE_TYPES + MOE_TYPES}")
+    for key in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers", "vocab_size"):
+        if not isinstance(hf.get(key), int) or hf[key] <= 0:
+            raise ConversionError(f"{where}: {key} = {hf.get(key)!r}; expected a positive integer")
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ConversionError(f"{where}: hidden_act = {act!r}; only silu (SwiGLU) is supported")
+    if hf.get("pretraining_tp", 1) not in (None, 1):
+        raise ConversionError(f"{where}: pretraining_tp = {hf['pretraining_tp']}; only 1 is supported")
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    if hidden % heads:
+        raise ConversionError(f"{where}: num_attention_heads = {heads} does not divide hidden_size = {hidden}")
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim != hidden // heads:
+        raise ConversionError(f"{where}: head_dim = {head_dim} differs from hidden_size / num_attention_heads = "
+                              f"{hidden // heads}; not supported")
+    cfg = Config()
+    m = cfg.model
+    m.hidden_size, m.num_attention_heads = hidden, heads
+    m.num_query_groups = hf.get("num_key_value_heads") or heads
+    m.num_layers, m.ffn_hidden_size, m.vocab_size = hf["num_hidden_layers"], hf["intermediate_size"], hf["vocab_size"]
+    for name, value in _rope_settings(hf, model_type, where).items():
+        setattr(m, name, value)
+    for name, value in _bias_settings(hf, model_type, where).items():
+        if value:
+            setattr(m, name, value)
+    if model_type in ("phimoe", "grinmoe"):
+        m.normalization = "LayerNorm"
+    m.norm_eps = float(hf.get("rms_norm_eps", 1e-6))
+    m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
+    m.init_std = float(hf.get("initializer_range", m.init_std))
+    m.make_vocab_size_divisible_by = math.gcd(m.vocab_size, 128)  # never pads the imported vocabulary
+    cfg.data.seq_length = _sequence_length(hf, model_type, notes, where)
+    _moe_settings(cfg, hf, model_type, where)
+    return cfg
+
+
+def _moe_settings(cfg: Config, hf: dict[str, Any], model_type: str, where: str) -> None:
+    e = cfg.moe
+    if model_type in DENSE_TYPES:
+        e.num_experts = 0
+        return
+    experts, topk = hf.get("num_local_experts"), hf.get("num_experts_per_tok")
+    for key, value in (("num_local_experts", experts), ("num_experts_per_tok", topk)):
+        if not isinstance(value, int) or value <= 0:
+            raise ConversionError(f"{where}: {key} = {value!r}; expected a positive integer")
+    e.num_experts, e.topk = experts, topk
+    e.expert_ffn_hidden_size = hf["intermediate_size"]
+    e.layer_freq, e.first_k_dense, e.logit_norm = 1, 0, False
+    if model_type == "mixtral":
+        e.router, e.renormalize = "topk", True
+        e.input_jitter_eps = float(hf.get("router_jitter_noise") or 0.0)
+    else:
+        if topk != 2:
+            raise ConversionError(f"{where}: num_experts_per_tok = {topk}; SparseMixer-v2 routes exactly 2")
+        e.router = "sparsemixer"
+        e.jitter_eps = float(hf.get("router_jitter_noise", 0.01))
+        e.input_jitter_eps = float(hf.get("input_jitter_noise") or 0.0)
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+class ExportError(ConversionError):
+    """The model cannot be expressed in the requested Hugging Face architecture; the message says why."""
+
+
+EXPORT_ARCHITECTURES = ("llama", "qwen2", "phi3", "mixtral", "phimoe")
+_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM",
+          "mixtral": "MixtralForCausalLM", "phimoe": "PhimoeForCausalLM"}
+
+
+def _moe_layout_blockers(cfg: Config, fmt: str) -> list[str]:
+    e = cfg.moe
+    reasons = []
+    if e.logit_norm:
+        reasons.append(f"moe.logit_norm = true: {fmt} has no gating logit normalisation")
+    if e.first_k_dense:
+        reasons.append(f"moe.first_k_dense = {e.first_k_dense}: {fmt} has no dense feed-forward layers")
+    if e.layer_freq != 1:
+        reasons.append(f"moe.layer_freq = {e.layer_freq}: {fmt} has no dense feed-forward layers "
+                       "(every layer must be MoE)")
+    return reasons
+
+
+def _rmsnorm_no_bias_blockers(cfg: Config, fmt: str) -> list[str]:
+    m = cfg.model
+    reasons = []
+    if m.normalization != "RMSNorm":
+        reasons.append(f"model.normalization = {m.normalization!r}: {fmt} uses RMSNorm")
+    if m.add_qkv_bias or m.add_bias_linear:
+        reasons.append(f"model.add_qkv_bias / model.add_bias_linear: {fmt} has no attention or MLP biases")
+    if m.lm_head_bias:
+        reasons.append(f"model.lm_head_bias = true: {fmt} has no LM-head bias")
+    return reasons
+
+
+def export_blockers(cfg: Config, arch: str) -> list[str]:
+    """Every reason the model ``cfg`` is not expressible exactly as HF architecture ``arch`` (empty if it is)."""
+    m, e = cfg.model, cfg.moe
+    if arch not in EXPORT_ARCHITECTURES:
+        return [f"architecture {arch!r}; supported: {EXPORT_ARCHITECTURES}"]
+    if arch in ("mixtral", "phimoe") and not e.num_experts:
+        return [f"moe.num_experts = 0: {arch} is an MoE format (dense models export as llama, qwen2 or phi3)"]
+    if arch not in ("mixtral", "phimoe") and e.num_experts:
+        return [f"moe.num_experts = {e.num_experts}: {arch} is a dense format (MoE exports as mixtral or phimoe)"]
+    reasons: list[str] = []
+    if arch == "mixtral":
+        if e.router != "topk":
+            reasons.append(f"moe.router = {e.router!r}: Mixtral routes by top-K softmax only (SparseMixer-v2 "
+                           "samples experts and weights them differently; it exports as phimoe)")
+        elif not e.renormalize:
+            reasons.append("moe.renormalize = false: Mixtral always renormalises the top-K weights to sum 1")
+        reasons += _moe_layout_blockers(cfg, "Mixtral") + _rmsnorm_no_bias_blockers(cfg, "Mixtral")
+    elif arch == "phimoe":
+        if e.router != "sparsemixer":
+            reasons.append(f"moe.router = {e.router!r}: PhiMoE routes by SparseMixer-v2 only (top-K exports as "
+                           "mixtral)")
+        reasons += _moe_layout_blockers(cfg, "PhiMoE")
+        if m.normalization != "LayerNorm":
+            reasons.append(f"model.normalization = {m.normalization!r}: PhiMoE uses LayerNorm")
+        if m.add_qkv_bias != m.add_bias_linear:
+            reasons.append(f"model.add_qkv_bias = {str(m.add_qkv_bias).lower()} with model.add_bias_linear = "
+                           f"{str(m.add_bias_linear).lower()}: PhiMoE's attention_bias covers q, k, v and o_proj "
+                           "together")
+        if m.rope_scaling != "none":
+            reasons.append(f"model.rope_scaling = {m.rope_scaling!r}: PhiMoE's rotary embedding knows only "
+                           "default and longrope")
+    elif arch == "qwen2":
+        if m.normalization != "RMSNorm":
+            reasons.append(f"model.normalization = {m.normalization!r}: Qwen2 uses RMSNorm")
+        if not m.add_qkv_bias:
+            reasons.append("model.add_qkv_bias = false: Qwen2 always has q/k/v biases (export as llama)")
+        if m.add_bias_linear:
+            reasons.append("model.add_bias_linear = true: Qwen2 has no output or MLP biases (export as llama)")
+        if m.lm_head_bias:
+            reasons.append("model.lm_head_bias = true: Qwen2 has no LM-head bias")
+    elif arch == "llama":
+        if m.normalization != "RMSNorm":
+            reasons.append(f"model.normalization = {m.normalization!r}: Llama uses RMSNorm")
+        if m.add_qkv_bias != m.add_bias_linear:
+            reasons.append(f"model.add_qkv_bias = {str(m.add_qkv_bias).lower()} with model.add_bias_linear = "
+                           f"{str(m.add_bias_linear).lower()}: Llama's attention_bias covers q, k, v and o_proj "
+                           "together (q/k/v biases alone export as qwen2)")
+        if m.lm_head_bias:
+            reasons.append("model.lm_head_bias = true: Llama has no LM-head bias")
+    else:  # phi3
+        reasons += _rmsnorm_no_bias_blockers(cfg, "Phi-3")
+    return reasons
+
+
+def choose_architecture(cfg: Config) -> str:
+    """The HF architecture a model exports to by default: phimoe for SparseMixer-v2, mixtral for top-K,
+    qwen2 for q/k/v-only biases, llama for other dense models (Phi-3 computes the same function as a
+    bias-free Llama; ``--architecture phi3`` writes its fused layout)."""
+    m, e = cfg.model, cfg.moe
+    if e.num_experts:
+        return "phimoe" if e.router == "sparsemixer" else "mixtral"
+    return "qwen2" if m.add_qkv_bias and not m.add_bias_linear else "llama"
+
+
+def _rope_fields(cfg: Config) -> dict[str, Any]:
+    m = cfg.model
+    params: dict[str, Any] = {"rope_type": "default", "rope_theta": m.rope_theta}
+    if m.rope_scaling == "llama3":
+        params.update(rope_type="llama3", factor=m.rope_scaling_factor, low_freq_factor=m.rope_low_freq_factor,
+                      high_freq_factor=m.rope_high_freq_factor,
+                      original_max_position_embeddings=m.rope_original_max_position)
+    return {"rope_theta": m.rope_theta, "rope_parameters": params}
+
+
+def hf_config(cfg: Config, arch: str | None = None, dtype: str = "float32",
+              special_tokens: dict[str, int] | None = None) -> dict[str, Any]:
+    """config.json of the model ``cfg`` as HF architecture ``arch`` (None: :func:`choose_architecture`).
+
+    ``special_tokens`` (bos/eos/pad token ids, from the tokenizer) are written when given. Raises
+    :class:`ExportError` listing every reason when ``cfg`` is not expressible as ``arch``.
+    """
+    arch = arch or choose_architecture(cfg)
+    reasons = export_blockers(cfg, arch)
+    if reasons:
+        raise ExportError(f"this model cannot be exported as {arch}:\n  - " + "\n  - ".join(reasons))
+    m, e = cfg.model, cfg.moe
+    out: dict[str, Any] = {
+        "architectures": [_CLASS[arch]], "model_type": arch,
+        "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_kv_heads, "head_dim": m.head_dim, "vocab_size": m.vocab_size,
+        "intermediate_size": cfg.expert_ffn_size if e.num_experts else m.dense_ffn_size,
+        "max_position_embeddings": cfg.data.seq_length, "rms_norm_eps": m.norm_eps, **_rope_fields(cfg),
+        "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu", "initializer_range": m.init_std,
+        "attention_dropout": 0.0, "torch_dtype": dtype, "dtype": dtype, "use_cache": True,
+        "pad_token_id": None,  # not a class default that may lie outside the vocabulary (Phi-3's 32000)
+        **(special_tokens or {}),
+    }
+    if arch == "llama":
+        out.update(attention_bias=m.add_qkv_bias, mlp_bias=m.add_bias_linear, pretraining_tp=1)
+    elif arch == "qwen2":
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.num_layers)
+    elif arch == "phi3":
+        out.update(original_max_position_embeddings=cfg.data.seq_length, resid_pdrop=0.0, embd_pdrop=0.0,
+                   sliding_window=None, partial_rotary_factor=1.0)
+        out["rope_parameters"]["partial_rotary_factor"] = 1.0
+    elif arch == "mixtral":
+        out.update(num_local_experts=e.num_experts, num_experts_per_tok=e.topk, router_jitter_noise=e.input_jitter_eps,
+                   router_aux_loss_coef=e.aux_loss_coeff, output_router_logits=False, sliding_window=None)
+    else:  # phimoe: the fields of GRIN-MoE's released config.json
+        out.update(num_local_experts=e.num_experts, num_experts_per_tok=e.topk, router_jitter_noise=e.jitter_eps,
+                   input_jitter_noise=e.input_jitter_eps, router_aux_loss_coef=e.aux_loss_coeff,
+                   attention_bias=m.add_qkv_bias, lm_head_bias=m.lm_head_bias, output_router_logits=False,
+                   sliding_window=None, hidden_dropout=0.0)
+    return out

@@ -1,0 +1,201 @@
+"""Hugging Face checkpoints imported as they are (no upcycling): every supported architecture gives
+transformers' own logits; the config records the architecture and the router; bad inputs are named.
+
+Tolerance: 1e-6 relative to the largest logit (float32 on both sides; the sums run in different
+orders, observed ~2e-7).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import upcycle_checkpoint
+from megatron_moe.convert.hf import read_hf
+from megatron_moe.convert.native import load_model
+from megatron_moe.convert.source import ConversionError
+from megatron_moe.training.checkpoint import read_meta, resolve_checkpoint
+from tests.convert.helpers import make_hf, tokens
+
+REL = 1e-6
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+
+
+def import_cli(capsys, src, out, *extra) -> tuple[int, str, str]:
+    rc = upcycle_checkpoint.main(["--input", str(src), "--input-format", "hf", "--output", str(out), *map(str, extra)])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def verified_relative_difference(out: str) -> float:
+    line = next(line for line in out.splitlines() if line.startswith("verify:"))
+    return float(line.split("(relative ")[1].split(")")[0])
+
+
+@pytest.mark.parametrize("model_type,overrides,expect", [
+    ("llama", {"rope_parameters": LLAMA3_ROPE},
+     {"rope_scaling": "llama3", "rope_theta": 500000.0, "rope_original_max_position": 16, "num_experts": 0}),
+    ("llama", {"attention_bias": True, "mlp_bias": True}, {"add_qkv_bias": True, "add_bias_linear": True}),
+    ("qwen2", {}, {"add_qkv_bias": True, "add_bias_linear": False, "num_experts": 0}),
+    ("phi3", {"bos_token_id": 1, "eos_token_id": 2}, {"add_qkv_bias": False, "num_experts": 0}),
+    pytest.param("mixtral", {"router_jitter_noise": 0.1},
+                 {"router": "topk", "topk": 2, "renormalize": True, "input_jitter_eps": 0.1, "num_experts": 4},
+                 marks=pytest.mark.slow),
+    pytest.param("phimoe", {"router_jitter_noise": 0.03, "input_jitter_noise": 0.02},
+                 {"router": "sparsemixer", "jitter_eps": 0.03, "input_jitter_eps": 0.02, "normalization": "LayerNorm",
+                  "add_qkv_bias": True, "add_bias_linear": True, "lm_head_bias": True, "num_experts": 4},
+                 marks=pytest.mark.slow),
+])
+def test_import_gives_transformers_logits(tmp_path, capsys, model_type, overrides, expect):
+    hf = make_hf(tmp_path / "hf", model_type, **overrides)
+    rc, out, err = import_cli(capsys, tmp_path / "hf", tmp_path / "ours", "--verify")
+    assert rc == 0, err
+    assert verified_relative_difference(out) < REL, out
+    ours, meta = load_model(tmp_path / "ours")
+    settings = {**vars(ours.cfg.model), **vars(ours.cfg.moe)}
+    assert {k: settings[k] for k in expect} == expect
+    assert meta["hf_import"]["model_type"] == model_type and "upcycling" not in meta and meta["step"] == 0
+    x = tokens(seq=24)
+    with torch.no_grad():
+        ref, got = hf(x).logits, ours(x)
+    torch.testing.assert_close(got, ref, atol=REL * ref.abs().max().item(), rtol=0)
+    if ours.cfg.moe.num_experts:  # the experts differ: routing decides the logits (reversed experts differ)
+        for layer in ours.layers.values():
+            experts = layer.feed_forward.experts
+            for w in (experts.w1, experts.w3, experts.w2):
+                w.data = w.data.flip(0)
+        with torch.no_grad():
+            assert (ours(x) - ref).abs().max() > 1e-4
+
+
+def test_grin_moe_released_config_imports_as_phimoe(tmp_path, capsys):
+    """GRIN-MoE's config.json says model_type grinmoe (remote code); its format is PhiMoE's."""
+    make_hf(tmp_path / "hf", "phimoe", sliding_window=32)
+    path = tmp_path / "hf" / "config.json"
+    config = json.loads(path.read_text())
+    config.update(model_type="grinmoe", architectures=["GRIN-MoE"], rope_parameters=None, rope_theta=10000.0,
+                  auto_map={"AutoConfig": "configuration_grinmoe.GRINMoEConfig"})
+    path.write_text(json.dumps(config))
+    rc, out, err = import_cli(capsys, tmp_path / "hf", tmp_path / "ours", "--verify")
+    assert rc == 0, err
+    assert verified_relative_difference(out) < REL
+    assert "sliding_window = 32" in out  # the window became the sequence length, with a note
+    ours, _ = load_model(tmp_path / "ours")
+    assert (ours.cfg.data.seq_length, ours.cfg.model.rope_theta, ours.cfg.moe.router) == (32, 1e4, "sparsemixer")
+
+
+def test_sliding_window_sets_the_sequence_length(tmp_path):
+    make_hf(tmp_path / "m", "mistral", sliding_window=16)
+    source = read_hf(tmp_path / "m")
+    assert source.cfg.data.seq_length == 16 and "sliding_window = 16" in source.notes[0]
+    make_hf(tmp_path / "q", "qwen2", sliding_window=16)  # stored but unused without use_sliding_window
+    assert read_hf(tmp_path / "q").cfg.data.seq_length == 64
+
+
+@pytest.mark.parametrize("model_type,overrides,message", [
+    ("llama", {"attention_bias": True}, "attention_bias = true with mlp_bias = false"),
+    ("phi3", {"partial_rotary_factor": 0.5}, "partial_rotary_factor = 0.5"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, "'yarn'"),
+    ("phimoe", {"num_experts_per_tok": 1}, "SparseMixer-v2 routes exactly 2"),
+])
+def test_unrepresentable_inputs_name_the_field(tmp_path, model_type, overrides, message):
+    make_hf(tmp_path / "hf", model_type, **overrides)
+    with pytest.raises(ConversionError, match=message):
+        read_hf(tmp_path / "hf")
+
+
+def test_undeclared_bias_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    make_hf(tmp_path / "hf", "llama")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(32)
+    save_file(tensors, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(ConversionError, match="q_proj.bias has a bias the config does not declare"):
+        read_hf(tmp_path / "hf")
+
+
+def test_upcycling_an_moe_or_importing_a_non_hf_input_is_refused(tmp_path, capsys):
+    make_hf(tmp_path / "hf", "mixtral")
+    rc, _, err = import_cli(capsys, tmp_path / "hf", tmp_path / "o", "--num-experts", 8)
+    assert rc == 2 and "already an MoE model (4 experts)" in err and not (tmp_path / "o").exists()
+    rc = upcycle_checkpoint.main(["--input", str(tmp_path / "hf"), "--input-format", "native",
+                                  "--output", str(tmp_path / "o")])
+    assert rc == 2 and "--input-format hf" in capsys.readouterr().err
+
+
+def test_dense_upcycling_from_qwen2_keeps_biases_and_is_exact(tmp_path, capsys):
+    hf = make_hf(tmp_path / "hf", "qwen2")
+    rc = upcycle_checkpoint.main(["--input", str(tmp_path / "hf"), "--input-format", "hf", "--num-experts", "4",
+                                  "--output", str(tmp_path / "moe")])
+    assert rc == 0, capsys.readouterr().err
+    moe, meta = load_model(tmp_path / "moe")
+    assert moe.cfg.model.add_qkv_bias and meta["hf_import"]["model_type"] == "qwen2"
+    assert read_meta(resolve_checkpoint(tmp_path / "moe"))["upcycling"]["num_experts"] == 4
+    x = tokens(seq=24)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), hf(x).logits, atol=1e-5, rtol=0)
+
+
+def test_dense_ffn_biases_cannot_be_upcycled(tmp_path, capsys):
+    make_hf(tmp_path / "hf", "llama", attention_bias=True, mlp_bias=True)
+    rc = upcycle_checkpoint.main(["--input", str(tmp_path / "hf"), "--input-format", "hf", "--num-experts", "4",
+                                  "--output", str(tmp_path / "moe")])
+    assert rc == 2 and "the dense FFN has biases" in capsys.readouterr().err
+
+
+# microsoft/GRIN-MoE's released config.json (the fields that describe the model).
+GRIN_RELEASED = {
+    "model_type": "grinmoe", "attention_bias": True, "attention_dropout": 0.0, "bos_token_id": 1,
+    "eos_token_id": 32000, "hidden_act": "silu", "hidden_dropout": 0.0, "hidden_size": 4096, "initializer_range": 0.02,
+    "input_jitter_noise": 0.01, "intermediate_size": 6400, "lm_head_bias": True, "max_position_embeddings": 4096,
+    "num_attention_heads": 32, "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "num_local_experts": 16, "output_router_logits": False, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+    "router_aux_loss_coef": 0.0, "router_jitter_noise": 0.01, "sliding_window": 2047, "tie_word_embeddings": False,
+    "vocab_size": 32064,
+}
+
+
+def test_grin_example_is_the_released_architecture():
+    """examples/grin_moe_16x3.8b.toml has every model and router setting of GRIN-MoE's config.json."""
+    from pathlib import Path
+
+    from megatron_moe.config import load_toml
+    from megatron_moe.convert.hf_config import config_from_hf
+
+    example = load_toml(Path(__file__).parents[2] / "examples" / "grin_moe_16x3.8b.toml")
+    released = config_from_hf(GRIN_RELEASED)
+    assert example.model == released.model
+    for key in ("num_experts", "topk", "expert_ffn_hidden_size", "router", "jitter_eps", "input_jitter_eps",
+                "layer_freq", "first_k_dense", "logit_norm"):
+        assert getattr(example.moe, key) == getattr(released.moe, key), key
+    assert released.data.seq_length == 2047  # the released sliding window (see the example's comment)
+
+
+def test_verify_fails_when_the_import_is_wrong(tmp_path, capsys, monkeypatch):
+    """A wrong mapping (here: k and v swapped on import) is caught by --verify, not only printed."""
+    from megatron_moe.convert import hf_tensors
+
+    make_hf(tmp_path / "hf", "llama")
+    original = hf_tensors._ATTN
+    monkeypatch.setattr(hf_tensors, "_ATTN", {**original, "wk": original["wv"], "wv": original["wk"]})
+    rc, out, err = import_cli(capsys, tmp_path / "hf", tmp_path / "ours", "--verify")
+    assert rc == 2 and "differ from transformers'" in err and verified_relative_difference(out) > 1e-3
+
+
+def test_bf16_checkpoint_is_imported_in_bf16(tmp_path, capsys):
+    """Released checkpoints are bf16: the import keeps them so (half the memory of float32) and the
+    model loaded from it in float32 computes transformers' logits."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    hf = make_hf(tmp_path / "hf", "qwen2", save_dtype=torch.bfloat16)
+    rc, out, err = import_cli(capsys, tmp_path / "hf", tmp_path / "ours", "--verify")
+    assert rc == 0 and verified_relative_difference(out) < REL, err
+    stored = FileSystemReader(str(resolve_checkpoint(tmp_path / "ours"))).read_metadata().state_dict_metadata
+    assert {m.properties.dtype for m in stored.values() if hasattr(m, "properties")} == {torch.bfloat16}
+    ours, _ = load_model(tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens()), hf(tokens()).logits, atol=1e-5, rtol=0)
