@@ -321,6 +321,10 @@ def build_gpt_datasets(
         blend_cache_dir = os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
     os.makedirs(blend_cache_dir, exist_ok=True)
     check_index_cache(blend_cache_dir)
+    if torch.distributed.is_initialized():
+        # Every rank checks the cache before megatron-core's rank 0 starts writing to it (its builder has
+        # rank 0 build first, then the others read): a rank still checking would meet half-written files.
+        torch.distributed.barrier()
     # megatron-core keys its cache by paths and settings; the files' sizes and times key it by content
     # too, so replacing the data never reuses stale indices.
     blend_cache_dir = os.path.join(blend_cache_dir, _data_fingerprint(prefixes))
