@@ -112,5 +112,7 @@ def run(cfg: Config, options: DryRunOptions, source: str = "") -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
     if result["does_not_fit"]:
-        raise LayoutDoesNotFit("; ".join(result["does_not_fit"]))
+        n = len(result["does_not_fit"])
+        raise LayoutDoesNotFit(f"{n} of {len(result['ranks'])} ranks shown need more than "
+                               f"{options.device_memory_gb:g} GB (DOES NOT FIT lines above)")
     return result

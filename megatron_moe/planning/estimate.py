@@ -17,10 +17,11 @@ Communication per step (payload bytes, :mod:`.comm` counts the same way on real 
   the once-per-step reductions of partial gradients (sequence-parallel norm weights);
 - pp: each micro-batch sends the stage output forward and the input gradient backward: ``B S/tp H``
   elements in the activation dtype per direction and chunk boundary;
-- dp: replication all-reduces the fp32 gradients once per step (``4 P``); FSDP2 all-gathers the
-  parameters (compute dtype) for forward and again for backward and reduce-scatters the fp32
-  gradients, per micro-batch without a pipeline and once per step with one - an upper bound (under
-  pipelining FSDP2 keeps parameters gathered between some micro-batches);
+- dp: replication all-reduces the fp32 gradients once per step (``4 P``); FSDP2 all-gathers each
+  unit's parameters (compute dtype, dim 0 padded to a multiple of dp) as often as the schedule's
+  order of forwards and backwards requires (:func:`.schedule.fsdp_gathers`; interleaved: bounded
+  by one per chunk forward and backward) and reduce-scatters the fp32 gradients, per micro-batch
+  without a pipeline and once per step with one;
 - balance: the global load-balancing all-reduce of E fp32 token counts per MoE layer and micro-batch
   over dp (twice with full recompute, which reruns the router);
 - world: LM loss and gradient norm (4 bytes each) and the per-layer MoE statistics (E + 4 floats).
@@ -34,7 +35,7 @@ from megatron_moe.config import Config
 from megatron_moe.model.transformer import is_moe_layer
 from megatron_moe.parallel.mesh import ParallelSizes
 from megatron_moe.planning.flops import model_flops_per_token
-from megatron_moe.planning.schedule import bubble_fraction, in_flight
+from megatron_moe.planning.schedule import actions, bubble_fraction, fsdp_gathers, in_flight
 from megatron_moe.planning.simulate import RankSim
 
 GB = 1e9
@@ -92,9 +93,13 @@ def _comm(cfg: Config, sizes: ParallelSizes, sim: RankSim) -> dict[str, int]:
     dp = 0
     if sizes.dp > 1:
         if cfg.parallel.data_parallel_shard:
-            rounds = 1 if sizes.pp > 1 else m
-            gathered = sum(sim.fsdp_units)
-            dp = 2 * m * gathered * act + rounds * gathered * 4
+            units = sum(sim.fsdp_units)
+            if sizes.virtual_stages > 1:  # interleaved: bounded by a gather per forward and backward
+                gathers = 2 * m * sizes.virtual_stages
+            else:
+                gathers = fsdp_gathers(actions(cfg.parallel.pipeline_schedule, sizes.pp, sim.pp_rank, m), sizes.pp > 1)
+            reductions = 1 if sizes.pp > 1 else m
+            dp = gathers * units * act + reductions * units * 4
         else:
             dp = 4 * sim.local_params
     balance = 0

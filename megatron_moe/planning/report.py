@@ -8,7 +8,7 @@ from megatron_moe.planning.estimate import GB, RankPlan
 
 
 def _gb(nbytes: float) -> str:
-    return f"{nbytes / GB:.2f} GB"
+    return f"{nbytes / GB:.2f} GB" if nbytes >= 0.1 * GB or nbytes == 0 else f"{nbytes / 1e6:.3f} MB"
 
 
 def _count(n: float) -> str:
@@ -46,8 +46,8 @@ def does_not_fit(cfg: Config, sizes: ParallelSizes, plan: RankPlan, capacity: fl
 
 
 def _fits(option: str, capacity: float) -> bool:
-    value = float(option.rsplit("(", 1)[1].split()[-2])
-    return value * GB <= capacity
+    amount, unit = option.rsplit("(", 1)[1].rstrip(")").split()[-2:]
+    return float(amount) * (GB if unit == "GB" else 1e6) <= capacity
 
 
 def table(result: dict, source: str = "") -> str:
