@@ -3,10 +3,11 @@
 Memory of a rank at its peak (bytes; ``P`` = its parameter elements, local shards):
 
 - weights: ``4 P`` (fp32 parameters; with bf16 they are the master weights) + buffers;
-- gradients: ``4 P`` (fp32: accumulated and reduced in fp32 in every mode);
+- gradients: ``4 P`` (fp32: accumulated and reduced in fp32 in every mode); with FSDP2's
+  ``fully_shard`` under a pipeline schedule unsharded until the step's last backward (``4 P dp``);
 - optimizer: AdamW's two moments ``8 P`` + one fp32 step counter per parameter tensor;
-- bf16 compute copies (``training.bf16`` only): ``2 P`` with replication (kept across the step's
-  micro-batches); with FSDP2 the gathered bf16 copies of two blocks (the current one and the prefetched next);
+- compute copies, when FSDP2 wraps the model (dp > 1 or bf16): its unsharded parameters in the
+  compute dtype (2 bytes bf16, 4 fp32), :func:`fsdp_buffers`;
 - activations: per chunk, the bytes saved for backward per micro-batch (traced) plus, except on the last
   stage, the stage output the schedule keeps for backward, times the micro-batches in flight
   (:mod:`.schedule`); plus what one block rematerialises in its backward under recompute.
@@ -50,7 +51,7 @@ class RankPlan:
     stages: list[int]
     layers: list[list[int]]
     params_local: int
-    memory: dict[str, int]  # weights, gradients, optimizer, bf16_copies, activations, recompute_transient, peak
+    memory: dict[str, int]  # weights, gradients, optimizer, compute_copies, activations, recompute_transient, peak
     activations_by_recompute: dict[str, int]  # granularity -> activation bytes in flight at the peak
     peak_by_recompute: dict[str, int]
     activations_per_micro_batch: dict[str, int]  # granularity -> one micro-batch of all this rank's chunks
@@ -59,12 +60,29 @@ class RankPlan:
     notes: list[str] = field(default_factory=list)
 
 
+def fsdp_buffers(p: int, dp: int, compute_bytes: int, shard: bool, pipelined: bool, largest_block: int) -> dict:
+    """Unsharded parameter copies and gradients that FSDP2 holds beside ``p`` local parameter elements.
+
+    Replication: one unsharded copy in the compute dtype (``p`` elements), gradients ``4 p``.
+    ``fully_shard`` under a pipeline schedule: after a backward other than the last the units stay
+    gathered, and gradients accumulate unsharded until the last one, so ``p dp`` elements of each;
+    without a pipeline, two blocks gathered at a time and sharded gradients (``4 p``).
+    """
+    if not shard:
+        return {"compute_copies": compute_bytes * p, "gradients": 4 * p}
+    if pipelined:
+        return {"compute_copies": compute_bytes * p * dp, "gradients": 4 * p * dp}
+    return {"compute_copies": compute_bytes * 2 * largest_block * dp, "gradients": 4 * p}
+
+
 def _memory(cfg: Config, sizes: ParallelSizes, sim: RankSim, granularity: str) -> dict[str, int]:
     p = sim.local_params
-    bf16 = cfg.training.bf16
-    copies = 0
-    if bf16:
-        copies = 2 * p if not cfg.parallel.data_parallel_shard else 2 * 2 * sim.largest_block_params * sizes.dp
+    compute_bytes = 2 if cfg.training.bf16 else 4
+    if sizes.dp > 1 or cfg.training.bf16:  # wrapped by FSDP2 (engine.build_model)
+        fsdp = fsdp_buffers(p, sizes.dp, compute_bytes, cfg.parallel.data_parallel_shard, sizes.pp > 1,
+                            sim.largest_block_params)
+    else:
+        fsdp = {"compute_copies": 0, "gradients": 4 * p}
     counts = in_flight(cfg.parallel.pipeline_schedule, sizes.pp, sim.pp_rank, sizes.num_microbatches,
                        sizes.virtual_stages)
     activations = sum(
@@ -74,9 +92,9 @@ def _memory(cfg: Config, sizes: ParallelSizes, sim: RankSim, granularity: str) -
     transient = max(c.recompute_transient[granularity] for c in sim.chunks)
     memory = {
         "weights": 4 * p + sim.buffer_bytes,
-        "gradients": 4 * p,
+        "gradients": fsdp["gradients"],
         "optimizer": 8 * p + 4 * sim.param_tensors,
-        "bf16_copies": copies,
+        "compute_copies": fsdp["compute_copies"],
         "activations": activations,
         "recompute_transient": transient,
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from megatron_moe.config import Config
 from megatron_moe.parallel.mesh import ParallelSizes
-from megatron_moe.planning.estimate import GB, RankPlan
+from megatron_moe.planning.estimate import GB, RankPlan, fsdp_buffers
 
 
 def _gb(nbytes: float) -> str:
@@ -27,12 +27,15 @@ def does_not_fit(cfg: Config, sizes: ParallelSizes, plan: RankPlan, capacity: fl
             break
     states = mem["weights"] + mem["gradients"] + mem["optimizer"]
     if sizes.dp > 1 and not cfg.parallel.data_parallel_shard:
-        peak = mem["peak"] - states * (1 - 1 / sizes.dp) - mem["bf16_copies"] * (1 - 1 / sizes.dp)
+        p = plan.params_local / sizes.dp
+        fsdp = fsdp_buffers(p, sizes.dp, 2 if cfg.training.bf16 else 4, True, sizes.pp > 1,
+                            plan.params_local // max(1, len(plan.layers[0])))
+        peak = (mem["peak"] - states - mem["compute_copies"] + 12 * p + sum(fsdp.values()))
         options.append(f"FSDP2 over dp = {sizes.dp} (--use-torch-fsdp2, about {_gb(peak)})")
     pp = 2 * sizes.pp
     if pp * sizes.virtual_stages <= cfg.model.num_layers and sizes.world % (sizes.tp * pp) == 0:
         # model state per rank halves; the first stage holds twice the micro-batches of half the layers
-        peak = mem["peak"] - (states + mem["bf16_copies"]) / 2
+        peak = mem["peak"] - (states + mem["compute_copies"]) / 2
         options.append(f"raise pp to {pp} (about {_gb(peak)})")
     if cfg.training.micro_batch_size > 1:
         peak = mem["peak"] - (mem["activations"] + mem["recompute_transient"]) * (1 - 1 / cfg.training.micro_batch_size)
@@ -71,7 +74,7 @@ def table(result: dict, source: str = "") -> str:
         ("weights (fp32)", [_gb(r["memory"]["weights"]) for r in ranks]),
         ("gradients (fp32)", [_gb(r["memory"]["gradients"]) for r in ranks]),
         ("optimizer (AdamW, fp32)", [_gb(r["memory"]["optimizer"]) for r in ranks]),
-        ("bf16 compute copies", [_gb(r["memory"]["bf16_copies"]) for r in ranks]),
+        ("FSDP2 unsharded copies", [_gb(r["memory"]["compute_copies"]) for r in ranks]),
     ]
     for g in ("none", "selective", "full"):
         rows.append((f"activations/micro-batch, {g}", [_gb(r["activations_per_micro_batch"][g]) for r in ranks]))
