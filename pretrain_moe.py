@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             for note in extras["notes"]:
                 print(f"note: {note}", file=sys.stderr)
-        if extras["dry_run"]:
+        if extras.get("dry_run"):
             from megatron_moe.planning.dry_run import options_from_extras, run
 
             run(cfg, options_from_extras(extras))

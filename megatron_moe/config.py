@@ -487,7 +487,8 @@ MEGATRON_FLAGS: dict[str, str] = {
     "tensorboard-dir": "logging.tensorboard_dir",
 }
 
-# Run-level switches of the dry run (megatron_moe.planning.dry_run), not settings: flag -> (extras key, type, default).
+# Run-level switches of the dry run (megatron_moe.planning.dry_run), not settings: flag -> (extras key, type,
+# default when not given).
 DRY_RUN_FLAGS: dict[str, tuple[str, type, Any]] = {
     "dry-run": ("dry_run", bool, False),
     "world-size": ("world_size", int, 0),
@@ -612,13 +613,12 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
 
     Returns (config, extras) where extras holds run-level switches that are not settings
     (``eval_only``) and ``notes``: one line per accepted Megatron-LM flag that has no effect here.
-    The dry run's switches (:data:`DRY_RUN_FLAGS`) are extras too.
+    The dry run's switches (:data:`DRY_RUN_FLAGS`) are extras too, present when given.
     Boolean settings may be given without a value (``--bf16``). List settings take all following
     values up to the next ``--flag``. Every flag error is collected and reported together.
     """
     cfg = cfg or Config()
     extras: dict[str, Any] = {"eval_only": False, "notes": []}
-    extras.update({key: default for key, _, default in DRY_RUN_FLAGS.values()})
     given: set[str] = set()
     args = list(argv)
     if "--config" in args:
@@ -650,6 +650,9 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
             _apply_flag(cfg, name, values, extras, given)
         except ConfigError as e:
             errors.append(str(e))
+    dry_run_only = [f"--{flag}" for flag, (key, _, _) in DRY_RUN_FLAGS.items() if key in extras and key != "dry_run"]
+    if dry_run_only and not extras.get("dry_run"):
+        errors.append(f"{', '.join(dry_run_only)} plan a job: they need --dry-run")
     if errors:
         raise ConfigError(errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  " + "\n  ".join(errors))
     cfg.validate()

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_moe.config import Config, ConfigError
+from megatron_moe.config import DRY_RUN_FLAGS, Config, ConfigError
 from megatron_moe.parallel.mesh import check_grouped_gemm_shapes, parallel_sizes
 from megatron_moe.planning import report
 from megatron_moe.planning.errors import LayoutDoesNotFit
@@ -49,9 +49,11 @@ class DryRunOptions:
 
 
 def options_from_extras(extras: dict) -> DryRunOptions:
-    """The :class:`DryRunOptions` of parsed command-line extras (:func:`megatron_moe.config.parse_args`)."""
-    return DryRunOptions(extras["world_size"], list(extras["dry_run_ranks"]), extras["dry_run_output"],
-                         extras["dry_run_device_memory"], extras["dry_run_mfu"], extras["dry_run_peak_tflops"])
+    """The :class:`DryRunOptions` of parsed command-line extras (:func:`megatron_moe.config.parse_args`;
+    :data:`~megatron_moe.config.DRY_RUN_FLAGS` gives the defaults of switches not given)."""
+    value = {key: extras.get(key, default) for key, _, default in DRY_RUN_FLAGS.values()}
+    return DryRunOptions(value["world_size"], list(value["dry_run_ranks"]), value["dry_run_output"],
+                         value["dry_run_device_memory"], value["dry_run_mfu"], value["dry_run_peak_tflops"])
 
 
 def role_ranks(pp: int, dp: int, tp: int) -> list[int]:

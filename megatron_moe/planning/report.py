@@ -69,7 +69,8 @@ def table(result: dict, source: str = "") -> str:
     rows: list[tuple[str, list[str]]] = [
         ("rank", [str(r["rank"]) for r in ranks]),
         ("pipeline stage(s)", [", ".join(map(str, r["stages"])) for r in ranks]),
-        ("layers", [", ".join(f"{ls[0]}-{ls[-1]}" for ls in r["layers"]) for r in ranks]),
+        ("layers", [", ".join(f"{ls[0]}-{ls[-1]}" if len(ls) > 1 else f"{ls[0]}" for ls in r["layers"])
+                    for r in ranks]),
         ("parameters on the rank", [_count(r["params_local"]) for r in ranks]),
         ("weights (fp32)", [_gb(r["memory"]["weights"]) for r in ranks]),
         ("gradients (fp32)", [_gb(r["memory"]["gradients"]) for r in ranks]),

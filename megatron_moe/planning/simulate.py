@@ -78,7 +78,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _fsdp_units(module: nn.Module, dp: int) -> list[int]:
     """Elements each FSDP2 unit gathers / reduces over dp: its parameters' local (TP) shapes with dim 0
-    padded to a multiple of dp, as FSDP2 shards (replication pads alike)."""
+    padded to a multiple of dp, as FSDP2 shards. Reads FSDP2's parameter groups (private attributes of
+    torch 2.13's ``FSDPModule``; the accuracy tests count the real traffic against this)."""
     from torch.distributed.fsdp import FSDPModule
 
     units = []
@@ -141,7 +142,7 @@ def _block_kind(block: nn.Module) -> str:
 
 
 def _trace_chunk(cfg: Config, part: nn.Module, tp: int, mode: FakeTensorMode, act_dtype: torch.dtype) -> dict:
-    """Per-micro-batch traces of a chunk's pieces, without recompute and with selective recompute.
+    """Per-micro-batch traces of a chunk's pieces; blocks once per recompute granularity.
 
     Returns ``{"embedding": PieceTrace, "head": PieceTrace, "blocks": {kind: (count, {granularity: PieceTrace})}}``
     (the ends only where the chunk has them).
@@ -157,28 +158,28 @@ def _trace_chunk(cfg: Config, part: nn.Module, tp: int, mode: FakeTensorMode, ac
 
     if part.tok_embeddings is not None:
         out["embedding"] = trace_piece(mode, part, lambda: part.tok_embeddings(tokens))
-    first_of_kind: dict[str, nn.Module] = {}
+    first_of_kind: dict[str, str] = {}  # kind -> name of its first block
     counts: dict[str, int] = {}
-    for block in part.layers.values():
+    for name, block in part.layers.items():
         kind = _block_kind(block)
         counts[kind] = counts.get(kind, 0) + 1
-        first_of_kind.setdefault(kind, block)
+        first_of_kind.setdefault(kind, name)
 
     def run_block(block: nn.Module) -> PieceTrace:
         x = hidden()
         return trace_piece(mode, part, lambda: block(x, part.rope_cos, part.rope_sin))
 
     # The engine's recompute wrappers, applied in place: full (then removed again), selective.
-    none = {kind: run_block(block) for kind, block in first_of_kind.items()}
+    none = {kind: run_block(part.layers[name]) for kind, name in first_of_kind.items()}
     plain = dict(part.layers.items())
     apply_activation_checkpointing(part, "full")
-    full = {kind: run_block(part.layers[name]) for name, block in plain.items()
-            for kind in [_block_kind(block)] if first_of_kind[kind] is block}
+    full = {kind: run_block(part.layers[name]) for kind, name in first_of_kind.items()}
     for name, block in plain.items():
         part.layers[name] = block
     apply_activation_checkpointing(part, "selective")
-    for kind, block in first_of_kind.items():
-        out["blocks"][kind] = (counts[kind], {"none": none[kind], "full": full[kind], "selective": run_block(block)})
+    for kind, name in first_of_kind.items():
+        traces = {"none": none[kind], "full": full[kind], "selective": run_block(part.layers[name])}
+        out["blocks"][kind] = (counts[kind], traces)
     if part.output is not None:
         x = hidden()
         with loss_context(tp > 1):  # forward and backward, as the engine runs the loss

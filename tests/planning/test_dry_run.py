@@ -54,6 +54,11 @@ def test_bad_dry_run_options_are_configuration_errors(extra, needle, capsys):
     assert needle in capsys.readouterr().err
 
 
+def test_dry_run_switches_need_dry_run(capsys):
+    assert pretrain_moe.main(["--world-size", "8", "--vocab-size", "256"]) == 2
+    assert "--world-size plan a job: they need --dry-run" in capsys.readouterr().err
+
+
 def test_schedule_figures():
     assert [in_flight("1f1b", 4, r, 16) for r in range(4)] == [[4], [3], [2], [1]]
     assert in_flight("gpipe", 4, 3, 16) == [16] and in_flight("1f1b", 1, 0, 16) == [1]
