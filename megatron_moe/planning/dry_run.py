@@ -94,7 +94,8 @@ def plan(cfg: Config, options: DryRunOptions) -> dict:
     problems = [report.does_not_fit(cfg, sizes, p, capacity) for p in plans if p.memory["peak"] > capacity]
     return {
         "layout": dataclasses.asdict(sizes),
-        "settings": {"schedule": cfg.parallel.pipeline_schedule, "micro_batch_size": cfg.training.micro_batch_size,
+        "settings": {"vocab_size": cfg.model.vocab_size, "schedule": cfg.parallel.pipeline_schedule,
+                     "micro_batch_size": cfg.training.micro_batch_size,
                      "global_batch_size": cfg.training.global_batch_size, "seq_length": cfg.data.seq_length,
                      "bf16": cfg.training.bf16, "recompute": cfg.parallel.recompute_granularity,
                      "fsdp2": cfg.parallel.data_parallel_shard, "device_memory_gb": options.device_memory_gb},

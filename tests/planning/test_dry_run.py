@@ -20,12 +20,16 @@ TINY = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4"
         "--dry-run", "--world-size", "8"]
 
 
-def test_dry_run_prints_the_table_and_writes_json_without_data(tmp_path, capsys):
+@pytest.mark.slow
+def test_dry_run_prints_the_table_and_writes_json_without_data(loop_corpus, tmp_path, capsys):
+    """No data path; the vocabulary from the tokenizer, padded as training pads it (300 -> 2 x 128 x tp)."""
     out = tmp_path / "plan.json"
-    assert pretrain_moe.main(TINY + ["--dry-run-output", str(out)]) == 0
+    argv = [a for a in TINY if a not in ("--vocab-size", "256")] + ["--tokenizer-model", loop_corpus["tokenizer"]]
+    assert pretrain_moe.main(argv + ["--dry-run-output", str(out)]) == 0
     table = capsys.readouterr().out
     assert "8 ranks = pp 2 x dp 2 x tp 2" in table and "PEAK (of 80 GB)" in table and "bubble" in table
     plan = json.loads(out.read_text())
+    assert plan["settings"]["vocab_size"] == 512
     assert [r["rank"] for r in plan["ranks"]] == [0, 4]  # first and last stage
     assert plan["does_not_fit"] == [] and plan["parameters"]["total"] > plan["parameters"]["active"] > 0
     first, last = plan["ranks"]
@@ -33,6 +37,7 @@ def test_dry_run_prints_the_table_and_writes_json_without_data(tmp_path, capsys)
     assert first["comm"]["pp"] > 0 and first["comm"]["tp"] > 0 and first["comm"]["dp"] == 4 * first["params_local"]
 
 
+@pytest.mark.slow
 def test_a_layout_that_does_not_fit_says_so_with_exit_code_8(capsys):
     assert pretrain_moe.main(TINY + ["--dry-run-device-memory", "0.001"]) == pretrain_moe.EXIT_CODES[
         "layout does not fit"] == 8
