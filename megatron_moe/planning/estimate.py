@@ -10,7 +10,8 @@ Memory of a rank at its peak (bytes; ``P`` = its parameter elements, local shard
   compute dtype (2 bytes bf16, 4 fp32), :func:`fsdp_buffers`;
 - activations: per chunk, the bytes saved for backward per micro-batch (traced) plus, except on the last
   stage, the stage output the schedule keeps for backward, times the micro-batches in flight
-  (:mod:`.schedule`); plus what one block rematerialises in its backward under recompute.
+  (:mod:`.schedule`); plus what one block adds in its backward: the gradients of its activations (at
+  most what it saves without recompute) and, under recompute, those activations again.
 
 Communication per step (payload bytes, :mod:`.comm` counts the same way on real runs):
 
@@ -51,7 +52,7 @@ class RankPlan:
     stages: list[int]
     layers: list[list[int]]
     params_local: int
-    memory: dict[str, int]  # weights, gradients, optimizer, compute_copies, activations, recompute_transient, peak
+    memory: dict[str, int]  # weights, gradients, optimizer, compute_copies, activations, backward_transient, peak
     activations_by_recompute: dict[str, int]  # granularity -> activation bytes in flight at the peak
     peak_by_recompute: dict[str, int]
     activations_per_micro_batch: dict[str, int]  # granularity -> one micro-batch of all this rank's chunks
@@ -89,14 +90,14 @@ def _memory(cfg: Config, sizes: ParallelSizes, sim: RankSim, granularity: str) -
         n * (c.activations[granularity] + (0 if c.is_last else c.boundary_bytes))
         for n, c in zip(counts, sim.chunks, strict=True)
     )
-    transient = max(c.recompute_transient[granularity] for c in sim.chunks)
+    transient = max(c.backward_transient[granularity] for c in sim.chunks)
     memory = {
         "weights": 4 * p + sim.buffer_bytes,
         "gradients": fsdp["gradients"],
         "optimizer": 8 * p + 4 * sim.param_tensors,
         "compute_copies": fsdp["compute_copies"],
         "activations": activations,
-        "recompute_transient": transient,
+        "backward_transient": transient,
     }
     memory["peak"] = sum(memory.values())
     return memory
@@ -147,7 +148,7 @@ def plan_rank(cfg: Config, sizes: ParallelSizes, sim: RankSim) -> RankPlan:
         layers=[c.layers for c in sim.chunks],
         params_local=sim.local_params,
         memory=memory,
-        activations_by_recompute={g: v["activations"] + v["recompute_transient"] for g, v in by_g.items()},
+        activations_by_recompute={g: v["activations"] + v["backward_transient"] for g, v in by_g.items()},
         peak_by_recompute={g: v["peak"] for g, v in by_g.items()},
         activations_per_micro_batch={g: sum(c.activations[g] for c in sim.chunks) for g in by_g},
         in_flight=counts,

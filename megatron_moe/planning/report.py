@@ -38,7 +38,7 @@ def does_not_fit(cfg: Config, sizes: ParallelSizes, plan: RankPlan, capacity: fl
         peak = mem["peak"] - (states + mem["compute_copies"]) / 2
         options.append(f"raise pp to {pp} (about {_gb(peak)})")
     if cfg.training.micro_batch_size > 1:
-        peak = mem["peak"] - (mem["activations"] + mem["recompute_transient"]) * (1 - 1 / cfg.training.micro_batch_size)
+        peak = mem["peak"] - (mem["activations"] + mem["backward_transient"]) * (1 - 1 / cfg.training.micro_batch_size)
         options.append(f"--micro-batch-size 1 (about {_gb(peak)})")
     fitting = [o for o in options if _fits(o, capacity)]
     advice = " or ".join(fitting) if fitting else (
@@ -81,7 +81,7 @@ def table(result: dict, source: str = "") -> str:
         rows.append((f"activations/micro-batch, {g}", [_gb(r["activations_per_micro_batch"][g]) for r in ranks]))
     rows += [
         ("micro-batches in flight", [" + ".join(map(str, r["in_flight"])) for r in ranks]),
-        ("activations in flight", [_gb(r["memory"]["activations"] + r["memory"]["recompute_transient"])
+        ("activations in flight", [_gb(r["memory"]["activations"] + r["memory"]["backward_transient"])
                                    for r in ranks]),
     ]
     for g in ("none", "selective", "full"):

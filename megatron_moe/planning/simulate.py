@@ -39,7 +39,8 @@ class ChunkSim:
     """One model chunk (pipeline stage) of a rank, per micro-batch.
 
     ``activations[g]``: bytes saved for backward with recompute granularity ``g``;
-    ``recompute_transient[g]``: bytes one block rematerialises during its backward;
+    ``backward_transient[g]``: bytes one block adds during its backward (activation gradients, and the
+    activations it rematerialises under recompute);
     ``tp_bytes[g]``: tensor-parallel payload of forward + backward; ``tp_step_bytes``: once per step.
     """
 
@@ -50,7 +51,7 @@ class ChunkSim:
     moe_layers: int
     boundary_bytes: int  # one hidden-state tensor [B, S/tp, H] between stages
     activations: dict[str, int] = field(default_factory=dict)
-    recompute_transient: dict[str, int] = field(default_factory=dict)
+    backward_transient: dict[str, int] = field(default_factory=dict)
     tp_bytes: dict[str, int] = field(default_factory=dict)
     tp_step_bytes: int = 0
 
@@ -202,9 +203,10 @@ def _fill_chunk(chunk: ChunkSim, traces: dict) -> None:
         chunk.activations[g] = (sum(_total(t, "saved_bytes") for t in ends)
                                 + sum(n * _total(by[g], "saved_bytes") for n, by in blocks))
         chunk.tp_bytes[g] = sum(_total(t, "comm") for t in ends) + sum(n * _total(by[g], "comm") for n, by in blocks)
-        # in backward a recomputed block holds what it would have saved without recompute, briefly
-        chunk.recompute_transient[g] = max(
-            _total(by["none"], "saved_bytes") - _total(by[g], "saved_bytes") for _, by in blocks)
+        # A block in backward holds the gradients of its activations (at most what it saved without
+        # recompute) and, recomputed, those activations again: briefly, one block at a time.
+        chunk.backward_transient[g] = max(
+            2 * _total(by["none"], "saved_bytes") - _total(by[g], "saved_bytes") for _, by in blocks)
     chunk.tp_step_bytes = (sum(_total(t, "step_comm") for t in ends)
                            + sum(n * _total(by["none"], "step_comm") for n, by in blocks))
 
