@@ -20,7 +20,9 @@ def _clear_dtensor_caches() -> None:
     DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
     _redistribute._gen_transform_infos.cache_clear()
     _redistribute.clear_redistribute_planner_cache()
-    torch._C._clear_DTensor_sharding_propagator_cache()
+    clear_native_cache = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)  # torch >= 2.12
+    if clear_native_cache is not None:
+        clear_native_cache()
 
 
 @contextlib.contextmanager
