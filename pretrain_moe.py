@@ -14,6 +14,7 @@ import sys
 
 from megatron_moe.config import ConfigError, parse_args
 from megatron_moe.data.errors import DataError
+from megatron_moe.planning.errors import LayoutDoesNotFit
 from megatron_moe.training.checkpoint import CheckpointError
 
 # Exit code per kind of user error (0 = success, 1 = a bug: Python's code for an uncaught exception).
@@ -24,12 +25,15 @@ EXIT_CODES = {
     "non-finite loss": 5,
     "disk full": 6,
     "out of memory": 7,
+    "layout does not fit": 8,  # --dry-run: a rank needs more memory than the device has
     "interrupted": 130,
 }
 
 
 def _classify(e: BaseException) -> str | None:
     """The kind of user error ``e`` is (a key of EXIT_CODES), or None for a bug."""
+    if isinstance(e, LayoutDoesNotFit):
+        return "layout does not fit"
     if isinstance(e, ConfigError):
         return "configuration"
     if isinstance(e, CheckpointError):
@@ -56,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         if export_launch_environment().rank == 0:  # torchrun's or slurm's rank (bad launches refused here)
             for note in extras["notes"]:
                 print(f"note: {note}", file=sys.stderr)
+        if extras.get("dry_run"):
+            from megatron_moe.planning.dry_run import options_from_extras, run
+
+            run(cfg, options_from_extras(extras))
+            return 0
         train(cfg, eval_only=extras["eval_only"], given=extras["given"])
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - user errors become one line; bugs re-raise
         kind = _classify(e)

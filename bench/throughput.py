@@ -24,14 +24,8 @@ Timing: after warm-up steps, ``--rounds`` rounds in which every row runs ``--ste
 (interleaved, so drifts of the machine hit all rows alike); a row's tokens/s is the median over rounds.
 
 MFU = model FLOP/s / peak FLOP/s of the device (``--peak-tflops``; known for H100/H200 in bf16,
-otherwise not reported). Model FLOPs per token of a training step (backward = 2 x forward):
-
-    6 * N + 6 * L * S * H
-
-N = parameters of the matmuls one token goes through (attention projections, router gate, the K
-routed experts or the dense FFN, output layer; not the embedding lookup), L layers, S sequence
-length, H hidden size: causal attention scores and the weighted sum of values cost 2 * 2 * (S/2) * H
-per token and layer in the forward.
+otherwise not reported). Model FLOPs per token of a training step: ``6 N + 6 L S H``
+(:mod:`megatron_moe.planning.flops`, shared with the dry run).
 
 Peak memory: ``torch.cuda.max_memory_allocated`` over the timed steps on CUDA; on CPU, the peak of
 tensor memory of one step measured by torch's MemTracker.
@@ -58,6 +52,7 @@ from megatron_moe.config import Config, parse_args
 from megatron_moe.model.moe import GroupedExperts
 from megatron_moe.model.transformer import build_model
 from megatron_moe.parallel.engine import ParallelEngine, init_distributed_from_env
+from megatron_moe.planning.flops import matmul_active_params, model_flops_per_token
 from megatron_moe.training.optim import build_optimizer
 from megatron_moe.training.state import canonical_name
 
@@ -82,27 +77,6 @@ class Row:
     note: str = ""
     times: list[float] = dataclasses.field(default_factory=list)
     peak_bytes: int | None = None
-
-
-def model_flops_per_token(cfg: Config, matmul_params: int) -> float:
-    """Training FLOPs per token: 6 N + 6 L S H (module docstring)."""
-    m = cfg.model
-    return 6.0 * matmul_params + 6.0 * m.num_layers * cfg.data.seq_length * m.hidden_size
-
-
-def matmul_active_params(module: torch.nn.Module, cfg: Config) -> int:
-    """Parameters a token multiplies with: all but the embedding lookup and vectors, experts counted K/E."""
-    total = 0
-    for name, p in module.named_parameters():
-        if p.ndim < 2 or name.endswith("tok_embeddings.weight"):
-            continue
-        n = p.numel()
-        if ".experts." in name:
-            n = n * cfg.moe.topk // cfg.moe.num_experts
-        total += n
-    if cfg.model.tie_embeddings:
-        total += cfg.model.vocab_size * cfg.model.hidden_size
-    return total
 
 
 def _batches(cfg: Config, device: torch.device) -> list[dict]:

@@ -630,6 +630,19 @@ MEGATRON_FLAGS: dict[str, str] = {
     "wandb-entity": "logging.wandb_entity",
 }
 
+# Run-level switches of the dry run (megatron_moe.planning.dry_run), not settings: flag -> (extras key, type,
+# default when not given).
+DRY_RUN_FLAGS: dict[str, tuple[str, type, Any]] = {
+    "dry-run": ("dry_run", bool, False),
+    "world-size": ("world_size", int, 0),
+    "dry-run-rank": ("dry_run_ranks", list, ()),
+    "dry-run-output": ("dry_run_output", str, ""),
+    "dry-run-device-memory": ("dry_run_device_memory", float, 80.0),  # GB
+    "dry-run-mfu": ("dry_run_mfu", float, 0.4),
+    "dry-run-peak-tflops": ("dry_run_peak_tflops", float, 989.0),  # H100 SXM dense bf16
+}
+
+
 def _group_fields(obj: Any) -> dict[str, tuple[Any, Any]]:
     hints = typing.get_type_hints(type(obj))
     return {f.name: (hints[f.name], f) for f in dataclasses.fields(obj)}
@@ -745,6 +758,7 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
     (``eval_only``), ``notes``: one line per accepted Megatron-LM flag that has no effect here, and
     ``given``: the dotted names of the settings the TOML file or the command line set (for
     :func:`adopt_checkpoint_architecture`).
+    The dry run's switches (:data:`DRY_RUN_FLAGS`) are extras too, present when given.
     Boolean settings may be given without a value (``--bf16``). List settings take all following
     values up to the next ``--flag``. Every flag error is collected and reported together.
     """
@@ -791,6 +805,9 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
             _derive_train_iters(cfg, given, from_file)
         except ConfigError as e:
             errors.append(str(e))
+    dry_run_only = [f"--{flag}" for flag, (key, _, _) in DRY_RUN_FLAGS.items() if key in extras and key != "dry_run"]
+    if dry_run_only and not extras.get("dry_run"):
+        errors.append(f"{', '.join(dry_run_only)} plan a job: they need --dry-run")
     if errors:
         raise ConfigError(errors[0] if len(errors) == 1 else f"{len(errors)} problems:\n  " + "\n  ".join(errors))
     cfg.validate()
@@ -820,6 +837,13 @@ def _apply_flag(cfg: Config, name: str, values: list[str], extras: dict[str, Any
 
     if name in ("eval-only", "eval_only"):
         extras["eval_only"] = True if not values else _convert(values[0], bool, name)
+        return
+    if name in DRY_RUN_FLAGS:
+        key, kind, _ = DRY_RUN_FLAGS[name]
+        if kind is list:
+            extras[key] = tuple(_convert(v, int, f"--{name}") for v in values)
+        else:
+            extras[key] = True if kind is bool and not values else _convert(single_value(), kind, f"--{name}")
         return
     if name in IMPLIED_FLAGS:
         if values:

@@ -1,0 +1,36 @@
+"""The dry run's counted figures against formulas written out by hand for a small layout."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_moe.planning.dry_run import DryRunOptions, plan
+from megatron_moe.planning.flops import matmul_active_params, model_flops_per_token
+from megatron_moe.planning.simulate import meta_model
+from tests.planning.test_accuracy import layout_config
+
+
+def test_flops_per_token_by_hand():
+    cfg = layout_config("tp2pp2")  # hidden 128, 4 heads / 2 KV heads, 4 MoE layers of 4 experts top-2 (ffn 128)
+    h, kv, f, e, k, v, layers, s = 128, 2 * 32, 128, 4, 2, 512, 4, 64
+    per_layer = h * h + 2 * h * kv + h * h + h * e + k * 3 * h * f  # q, k+v, o, router, K experts (w1, w3, w2)
+    n = layers * per_layer + h * v  # + output layer; the embedding is a lookup
+    assert matmul_active_params(meta_model(cfg), cfg) == n
+    assert model_flops_per_token(cfg, n) == 6 * n + 6 * layers * s * h
+
+
+@pytest.mark.slow
+def test_tensor_parallel_bytes_by_hand():
+    """Per micro-batch and MoE block (fp32, B 2 x S 64 x H 128 gathered = 64 KiB): forward and backward
+    each gather the sequence and reduce-scatter it twice (attention, experts): 8 x 64 KiB, plus the
+    router's combine-weight gradient all-reduce [T = 128, K = 2]. Embedding and output add a gather and
+    a reduce-scatter each, the loss three all-reduces of [B S] fp32; once per step, every
+    sequence-parallel norm weight's gradient [H] is all-reduced (2 per block, 1 final)."""
+    cfg = layout_config("tp2pp2")
+    ranks = plan(cfg, DryRunOptions(world_size=4, ranks=[0, 2]))["ranks"]
+    full, micro, blocks = 2 * 64 * 128 * 4, 4, 2
+    block = 8 * full + 128 * 2 * 4
+    first = micro * (blocks * block + 2 * full) + 2 * blocks * 128 * 4
+    last = micro * (blocks * block + 2 * full + 3 * 128 * 4) + (2 * blocks + 1) * 128 * 4
+    assert [r["comm"]["tp"] for r in ranks] == [first, last]
+    assert [r["comm"]["pp"] for r in ranks] == [micro * full // 2] * 2  # [B, S/tp, H] per micro-batch
