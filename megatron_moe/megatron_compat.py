@@ -4,7 +4,9 @@ Flags that map onto a setting are in :data:`megatron_moe.config.MEGATRON_FLAGS`.
 - :data:`STATES`: flags that state what this model always is; accepted when they agree;
 - :data:`NO_EFFECT`: flags that tune Megatron-LM's own kernels or machinery; accepted with a note;
 - :data:`REFUSED`: features this framework deliberately lacks; refused with the reason (a value
-  that asks for nothing, such as ``--expert-model-parallel-size 1``, is accepted).
+  that asks for nothing, such as ``--expert-model-parallel-size 1``, is accepted);
+- :data:`VALUE_MAPS`: flags whose Megatron-LM values map onto this project's values of a setting;
+- :data:`DERIVED`: flags that restate a size the other settings imply; checked against it.
 Names, values and meanings follow Megatron-LM's ``megatron/training/arguments.py``.
 """
 
