@@ -4,7 +4,9 @@ Flags that map onto a setting are in :data:`megatron_moe.config.MEGATRON_FLAGS`.
 - :data:`STATES`: flags that state what this model always is; accepted when they agree;
 - :data:`NO_EFFECT`: flags that tune Megatron-LM's own kernels or machinery; accepted with a note;
 - :data:`REFUSED`: features this framework deliberately lacks; refused with the reason (a value
-  that asks for nothing, such as ``--expert-model-parallel-size 1``, is accepted).
+  that asks for nothing, such as ``--expert-model-parallel-size 1``, is accepted);
+- :data:`VALUE_MAPS`: flags whose Megatron-LM values map onto this project's values of a setting;
+- :data:`DERIVED`: flags that restate a size the other settings imply; checked against it.
 Names, values and meanings follow Megatron-LM's ``megatron/training/arguments.py``.
 """
 
@@ -69,10 +71,8 @@ NO_EFFECT: dict[str, str] = {
     "distributed-timeout-minutes": "torch.distributed's default timeout is used",
     "max-position-embeddings": "rotary tables are computed for --seq-length",
     "no-mmap-bin-files": "the .bin files are memory-mapped by megatron-core either way; the data read is the same",
-    "mmap-bin-files": "the .bin files are memory-mapped",
     "test-data-path": "there is no test-set evaluation; validation uses --valid-data-path or --split",
     "no-check-for-nan-in-loss-and-grad": "a non-finite loss or gradient is always caught (training.nonfinite_loss)",
-    "check-for-nan-in-loss-and-grad": "a non-finite loss or gradient is always caught (training.nonfinite_loss)",
     "log-validation-ppl-to-tensorboard": "validation perplexity is always logged",
     "log-params-norm": "the parameter norm is not computed (the gradient norm is always logged)",
     "log-num-zeros-in-grad": "zeros in the gradient are not counted (the gradient norm is always logged)",
@@ -86,7 +86,6 @@ NO_EFFECT: dict[str, str] = {
     "moe-per-layer-logging": "per-layer MoE statistics are always logged",
     "moe-pad-expert-input-to-capacity": "padding to capacity would add zero rows only; the grouped GEMM needs none",
     "moe-router-fusion": "the router is a few torch ops",
-    "moe-z-loss-in-fp32": "the router's z-loss is computed in fp32",
     "no-async-tensor-model-parallel-allreduce": "tensor-parallel communication is torch's DTensor",
     "tp-comm-overlap": "tensor-parallel communication is torch's DTensor",
     "ddp-bucket-size": "FSDP2 reduces one bucket per transformer block",
@@ -96,7 +95,6 @@ NO_EFFECT: dict[str, str] = {
     "use-cpu-initialization": "parameters are initialised from --seed on the host or the meta device",
     "attention-backend": "attention is torch's SDPA, which picks its kernel",
     "no-persist-layer-norm": "the norms are RMSNorm modules",
-    "apply-rope-fusion": "RoPE is fused by --compile when asked",
     "num-dataset-builder-threads": "the datasets are built in the training process",
     "no-save-optim": "checkpoints always hold the optimizer (resumable); export weights with upcycle_checkpoint.py",
     "no-save-rng": "checkpoints always hold the random state",
@@ -109,7 +107,7 @@ NO_EFFECT: dict[str, str] = {
     "use-checkpoint-opt-param-scheduler": "the schedule is a function of the step; it resumes with the step",
     "override-opt_param-scheduler": "the schedule always follows the current command line",
     "override-opt-param-scheduler": "the schedule always follows the current command line",
-    "tokenizer-hf-use-fast": "Hugging Face tokenizers are read by the tokenizers library",
+    "tokenizer-hf-no-use-fast": "Hugging Face tokenizers are read by the tokenizers library",
     "profile": "there is no built-in profiler (wrap a run in torch.profiler or nsys)",
     "profile-step-start": "there is no built-in profiler (wrap a run in torch.profiler or nsys)",
     "profile-step-end": "there is no built-in profiler (wrap a run in torch.profiler or nsys)",

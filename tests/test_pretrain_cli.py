@@ -182,3 +182,18 @@ def test_finetune_loads_the_weights_only_and_starts_at_step_zero(loop_corpus, tm
     assert pretrain_moe.main(argv) == 0
     assert "starting a new run at step 0" in capsys.readouterr().out
     assert (tmp_path / "ft" / "latest").read_text().strip() == "iter_0000001"
+
+
+@pytest.mark.slow
+def test_exit_duration_saves_and_stops(loop_corpus, tmp_path, capsys, monkeypatch):
+    """--exit-duration-in-mins 1 with a clock that advances a minute per reading: stop after step 1, saved."""
+    import types
+
+    from megatron_moe.training import trainer
+
+    clock = iter(range(0, 10**6, 61))
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    argv = _flags(loop_corpus, tmp_path / "run") + ["--train-iters", "5", "--exit-duration-in-mins", "1"]
+    assert pretrain_moe.main(argv) == 0
+    assert "stopping at step 1" in capsys.readouterr().out
+    assert (tmp_path / "run" / "latest").read_text().strip() == "iter_0000001"
