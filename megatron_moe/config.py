@@ -919,9 +919,11 @@ def _check_no_ignored_settings(cfg: Config, given: set[str]) -> None:
         if ignored:
             raise ConfigError(f"{', '.join(ignored)}: no effect on a dense model (moe.num_experts = 0); remove "
                               f"{'it' if len(ignored) == 1 else 'them'} or set --num-experts")
-    if cfg.model.rope_scaling == "none":
+    if cfg.model.rope_scaling == "none":  # the scaling's parameters at their defaults (a full dump of a config) pass
+        defaults = ModelConfig()
         ignored = sorted(k for k in given if k.startswith("model.rope_") and k not in ("model.rope_theta",
-                                                                                     "model.rope_scaling"))
+                                                                                     "model.rope_scaling")
+                         and getattr(cfg.model, k[6:]) != getattr(defaults, k[6:]))
         if ignored:
             raise ConfigError(f"{', '.join(ignored)}: no effect without rope scaling (model.rope_scaling = 'none'); "
                               "set --model.rope_scaling llama3 (--use-rope-scaling)")

@@ -327,3 +327,17 @@ def test_command_line_overrides_a_files_moe_table_and_run_length(tmp_path):
     path.write_text('[moe]\nnum_experts = 0\nrouter = "topk"\n')
     with pytest.raises(ConfigError, match="moe.router: no effect on a dense model"):
         parse_args(["--config", str(path)])
+
+
+def test_a_full_dump_of_a_config_loads_back(tmp_path):
+    """A TOML that states every setting (rope scaling's parameters at their defaults included) loads."""
+    import json
+
+    cfg = Config()
+    cfg.moe.num_experts = 8
+    path = tmp_path / "all.toml"
+    path.write_text("".join(f"[{group}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+                            for group, values in cfg.to_dict().items()))
+    assert parse_args(["--config", str(path)])[0].to_dict() == cfg.to_dict()
+    with pytest.raises(ConfigError, match="model.rope_scaling_factor: no effect without rope scaling"):
+        parse_args(["--config", str(path), "--rope-scaling-factor", "16"])
