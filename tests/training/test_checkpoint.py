@@ -19,16 +19,7 @@ from megatron_moe.training.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-
-
-def state(seed: int, n: int = 64) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {"model": {"a.weight": torch.randn(n, 8, generator=g), "b": torch.randn(3, generator=g)},
-            "train_state": {"step": torch.tensor(seed)}}
-
-
-def zeros_like(s: dict) -> dict:
-    return {k: zeros_like(v) if isinstance(v, dict) else torch.zeros_like(v) for k, v in s.items()}
+from tests.training.helpers import state, zeros_like
 
 
 def assert_equal(a: dict, b: dict) -> None:
