@@ -245,18 +245,12 @@ def export_blockers(cfg: Config, arch: str) -> list[str]:
             reasons.append(f"moe.router = {e.router!r}: PhiMoE routes by SparseMixer-v2 only (top-K exports as "
                            "mixtral)")
         reasons += _moe_layout_blockers(cfg, "PhiMoE")
-        if m.normalization != "LayerNorm":
-            reasons.append(f"model.normalization = {m.normalization!r}: PhiMoE uses LayerNorm")
-        if m.add_qkv_bias != m.add_bias_linear:
-            reasons.append(f"model.add_qkv_bias = {str(m.add_qkv_bias).lower()} with model.add_bias_linear = "
-                           f"{str(m.add_bias_linear).lower()}: PhiMoE's attention_bias covers q, k, v and o_proj "
-                           "together")
+        reasons += _norm_blockers(m, "LayerNorm", "PhiMoE") + _attention_bias_blockers(m, "PhiMoE")
         if m.rope_scaling != "none":
             reasons.append(f"model.rope_scaling = {m.rope_scaling!r}: PhiMoE's rotary embedding knows only "
                            "default and longrope")
     elif arch == "qwen2":
-        if m.normalization != "RMSNorm":
-            reasons.append(f"model.normalization = {m.normalization!r}: Qwen2 uses RMSNorm")
+        reasons += _norm_blockers(m, "RMSNorm", "Qwen2")
         if not m.add_qkv_bias:
             reasons.append("model.add_qkv_bias = false: Qwen2 always has q/k/v biases (export as llama)")
         if m.add_bias_linear:
@@ -264,17 +258,26 @@ def export_blockers(cfg: Config, arch: str) -> list[str]:
         if m.lm_head_bias:
             reasons.append("model.lm_head_bias = true: Qwen2 has no LM-head bias")
     elif arch == "llama":
-        if m.normalization != "RMSNorm":
-            reasons.append(f"model.normalization = {m.normalization!r}: Llama uses RMSNorm")
-        if m.add_qkv_bias != m.add_bias_linear:
-            reasons.append(f"model.add_qkv_bias = {str(m.add_qkv_bias).lower()} with model.add_bias_linear = "
-                           f"{str(m.add_bias_linear).lower()}: Llama's attention_bias covers q, k, v and o_proj "
-                           "together (q/k/v biases alone export as qwen2)")
+        reasons += _norm_blockers(m, "RMSNorm", "Llama") + _attention_bias_blockers(
+            m, "Llama", " (q/k/v biases alone export as qwen2)")
         if m.lm_head_bias:
             reasons.append("model.lm_head_bias = true: Llama has no LM-head bias")
     else:  # phi3
         reasons += _rmsnorm_no_bias_blockers(cfg, "Phi-3")
     return reasons
+
+
+def _norm_blockers(m, required: str, name: str) -> list[str]:
+    """Why ``m`` (a ModelConfig) cannot be written to format ``name``, whose norms are ``required``."""
+    return [] if m.normalization == required else [f"model.normalization = {m.normalization!r}: {name} uses {required}"]
+
+
+def _attention_bias_blockers(m, name: str, hint: str = "") -> list[str]:
+    """Formats with one ``attention_bias`` switch take q/k/v and output biases together or not at all."""
+    if m.add_qkv_bias == m.add_bias_linear:
+        return []
+    return [f"model.add_qkv_bias = {str(m.add_qkv_bias).lower()} with model.add_bias_linear = "
+            f"{str(m.add_bias_linear).lower()}: {name}'s attention_bias covers q, k, v and o_proj together{hint}"]
 
 
 def choose_architecture(cfg: Config) -> str:
