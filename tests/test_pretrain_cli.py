@@ -197,3 +197,20 @@ def test_exit_duration_saves_and_stops(loop_corpus, tmp_path, capsys, monkeypatc
     assert pretrain_moe.main(argv) == 0
     assert "stopping at step 1" in capsys.readouterr().out
     assert (tmp_path / "run" / "latest").read_text().strip() == "iter_0000001"
+
+
+@pytest.mark.slow
+def test_megatron_example_under_torchrun_trains_one_two_rank_world(loop_corpus, tmp_path):
+    """torchrun, one process per device (Megatron-LM's launch): the two processes form one tp=2 world and
+    save one checkpoint of that layout; the Megatron example runs as it is, tp raised to 2."""
+    checkpoint = tmp_path / "mixtral"
+    argv = _mixtral_example(loop_corpus, checkpoint)
+    argv[argv.index("--tensor-model-parallel-size") + 1] = "2"
+    argv = argv[: argv.index("--wandb-project")]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(ROOT / "pretrain_moe.py"), *argv, "--training.device", "cpu"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "layout: tp=2 pp=1 dp=1 (2 ranks)" in run.stdout, run.stdout
+    meta = read_meta(checkpoint / "iter_0000002")
+    assert meta["step"] == 2 and meta["layout"] == {"tp": 2, "pp": 1, "dp": 1, "virtual_stages": 1}, meta["layout"]
