@@ -445,6 +445,8 @@ class LoggingConfig:
     run_name: str = ""  # the wandb run's name (--wandb-exp-name)
     wandb_save_dir: str = ""  # where wandb writes its files; "" = <checkpoint.save>/wandb
     wandb_entity: str = ""  # the wandb team or user; "" = wandb's default
+    log_params_norm: bool = False  # L2 norm of all parameters after each step (one all-reduce per step)
+    log_num_zeros_in_grad: bool = False  # gradient elements exactly 0 per step (in the grad norm's all-reduce)
 
     def validate(self) -> None:
         _check_choice("logging.wandb_mode", self.wandb_mode, WANDB_MODES)
@@ -628,6 +630,8 @@ MEGATRON_FLAGS: dict[str, str] = {
     "wandb-exp-name": "logging.run_name",
     "wandb-save-dir": "logging.wandb_save_dir",
     "wandb-entity": "logging.wandb_entity",
+    "log-params-norm": "logging.log_params_norm",
+    "log-num-zeros-in-grad": "logging.log_num_zeros_in_grad",
 }
 
 # Run-level switches of the dry run (megatron_moe.planning.dry_run), not settings: flag -> (extras key, type,

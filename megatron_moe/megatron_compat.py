@@ -74,8 +74,6 @@ NO_EFFECT: dict[str, str] = {
     "test-data-path": "there is no test-set evaluation; validation uses --valid-data-path or --split",
     "no-check-for-nan-in-loss-and-grad": "a non-finite loss or gradient is always caught (training.nonfinite_loss)",
     "log-validation-ppl-to-tensorboard": "validation perplexity is always logged",
-    "log-params-norm": "the parameter norm is not computed (the gradient norm is always logged)",
-    "log-num-zeros-in-grad": "zeros in the gradient are not counted (the gradient norm is always logged)",
     "log-progress": "progress is printed every --log-interval steps",
     "log-memory-to-tensorboard": "memory is not logged",
     "log-world-size-to-tensorboard": "the layout is printed at start",

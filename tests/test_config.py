@@ -254,7 +254,7 @@ def test_megatron_training_data_and_logging_flags():
                          "--wandb-exp-name", "x", "--wandb-save-dir", "w", "--no-load-optim", "--no-load-rng",
                          "--finetune", "--lr-decay-style", "WSD", "--lr-wsd-decay-style", "cosine",
                          "--lr-wsd-decay-samples", "20", "--lr-warmup-init", "1e-6", "--exit-duration-in-mins", "5",
-                         "--kv-channels", "64"])
+                         "--kv-channels", "64", "--log-params-norm", "--log-num-zeros-in-grad"])
     assert cfg.training.train_iters == 12 and cfg.training.run_samples == 100  # train_samples // global batch
     assert cfg.lr_schedule_samples() == (0.9, 90, 20)
     assert cfg.data.train_data_path == ["1", "t1", "2", "t2"] and cfg.data.eval_data_path == ["v"]
@@ -262,6 +262,7 @@ def test_megatron_training_data_and_logging_flags():
     assert (cfg.logging.run_name, cfg.logging.wandb_save_dir) == ("x", "w")
     c = cfg.checkpoint
     assert (c.load_optim, c.load_rng, c.finetune) == (False, False, True)
+    assert cfg.logging.log_params_norm and cfg.logging.log_num_zeros_in_grad
 
 
 @pytest.mark.parametrize("argv, needle", [

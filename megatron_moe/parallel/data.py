@@ -16,7 +16,8 @@ and gradients are accumulated over micro-batches and reduced in fp32. Activation
 PP collectives, are bf16; the router and the loss compute in fp32 (they cast).
 
 :func:`global_grad_norm` is the L2 norm over every parameter element of the whole model exactly
-once, whatever the layout, and :func:`clip_gradients` clips with it (torch's ``clip_grads_with_norm_``).
+once, whatever the layout, and :func:`clip_gradients` clips with it (torch's ``clip_grads_with_norm_``);
+:func:`global_params_norm` is the same norm of the parameters themselves.
 """
 
 from __future__ import annotations
@@ -111,25 +112,60 @@ def _copies(p: torch.Tensor, world: int, pp: int) -> int:
     return max(1, world // (pp * shards))
 
 
-def global_grad_norm(params: list[nn.Parameter], pp_size: int, device: torch.device) -> torch.Tensor:
-    """L2 norm of all gradients of the whole model (every element once), identical on every rank.
-
-    Local gradient data are grouped by on how many ranks each element lives; each group's squared
-    norm (torch's multi-tensor ``get_total_norm``) is divided by that count, and one all-reduce over
-    the world adds the groups of all ranks up.
-    """
-    world = dist.get_world_size() if dist.is_initialized() else 1
+def _local_by_copies(tensors: list[tuple[torch.Tensor, torch.Tensor]], world: int, pp: int) -> dict:
+    """``(parameter, tensor of its shape)`` pairs -> {copies: [local data]}: the tensors' local data grouped
+    by on how many ranks each element lives (:func:`_copies` of the parameter)."""
     by_copies: dict[int, list[torch.Tensor]] = {}
-    for p in params:
-        if p.grad is not None:
-            by_copies.setdefault(_copies(p, world, pp_size), []).append(_local(p.grad))
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    for copies, grads in sorted(by_copies.items()):
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True).float()
-        total += norm.square() / copies
+    for p, t in tensors:
+        by_copies.setdefault(_copies(p, world, pp), []).append(_local(t))
+    return by_copies
+
+
+def _sum_over_model(by_copies: dict, world: int, device: torch.device, count_zeros: bool) -> torch.Tensor:
+    """[sum of squares, number of exact zeros (with ``count_zeros``)] over the whole model, float64,
+    identical on every rank: every element once, whatever the layout.
+
+    A group's squared norm (torch's multi-tensor ``get_total_norm``) is divided by its copy count, its
+    zero count multiplied by ``world / copies`` (an integer: copies divide the world), so that the
+    all-reduced count is ``world`` x the model's, exactly: copies hold identical data (replicated
+    parameters; gradients after their reduction). One all-reduce over the world for both.
+    """
+    total = torch.zeros(2 if count_zeros else 1, dtype=torch.float64, device=device)
+    for copies, tensors in sorted(by_copies.items()):
+        norm = torch.nn.utils.get_total_norm(tensors, norm_type=2.0, foreach=True)
+        total[0] += norm.double().square() / copies
+        if count_zeros:
+            nonzero = sum(torch.count_nonzero(t) for t in tensors)
+            total[1] += (sum(t.numel() for t in tensors) - nonzero) * (world // copies)
     if world > 1:
         dist.all_reduce(total)
-    return total.sqrt()
+    if count_zeros:
+        total[1] /= world
+    return total
+
+
+def global_grad_norm(
+    params: list[nn.Parameter], pp_size: int, device: torch.device, count_zeros: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """L2 norm of all gradients of the whole model (every element once), identical on every rank, and
+    with ``count_zeros`` the number of gradient elements exactly 0 (Megatron-LM's --log-num-zeros-in-grad;
+    float64, an integer value), folded into the same all-reduce; else None.
+
+    The squares are summed in float64 (no overflow of the square of a large norm); the norm is float32.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    grads = [(p, p.grad) for p in params if p.grad is not None]
+    total = _sum_over_model(_local_by_copies(grads, world, pp_size), world, device, count_zeros)
+    return total[0].sqrt().float(), (total[1] if count_zeros else None)
+
+
+@torch.no_grad()
+def global_params_norm(params: list[nn.Parameter], pp_size: int, device: torch.device) -> torch.Tensor:
+    """L2 norm of all parameters of the whole model (every element once), identical on every rank:
+    Megatron-LM's ``calc_params_l2_norm`` (--log-params-norm). Squares summed in float64; float32 result."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    pairs = [(p, p.detach()) for p in params]
+    return _sum_over_model(_local_by_copies(pairs, world, pp_size), world, device, False)[0].sqrt().float()
 
 
 @torch.no_grad()

@@ -9,7 +9,9 @@ process group needed, every collective is skipped). Per optimizer step on each r
    bucket per block (:mod:`.data`); sequence-parallel partial sums made whole
    (:func:`.data.materialize_partial_grads`); the MoE layers need nothing more under TP
    (:class:`.tensor.MoETensorParallel` keeps their router gradients whole);
-3. grad norm over the whole model (every element once), clipping, optimizer step;
+3. grad norm over the whole model (every element once; with ``logging.log_num_zeros_in_grad`` the
+   gradient's zeros counted in the same all-reduce), clipping, optimizer step; with
+   ``logging.log_params_norm`` the parameter norm after the step (one more all-reduce);
 4. LM loss (mean over the global batch's micro-batches, as the single process) and per-layer MoE
    statistics (summed over micro-batches and dp ranks) are all-reduced so that EVERY rank sees the
    same values: the adaptive aux-loss coefficients are updated identically everywhere.
@@ -43,6 +45,7 @@ from megatron_moe.parallel.data import (
     apply_data_parallel,
     clip_gradients,
     global_grad_norm,
+    global_params_norm,
     materialize_partial_grads,
     set_micro_batch,
 )
@@ -61,6 +64,10 @@ class StepResult:
     grad_norm: torch.Tensor
     layer_stats: list  # MoEStats per MoE layer of the whole model, summed over micro-batches and dp
     finite: torch.Tensor  # bool: losses and gradient norm finite, so the update was applied
+    # logging.log_params_norm: L2 norm of all parameters after the step (Megatron-LM's params-norm)
+    params_norm: torch.Tensor | None = None
+    # logging.log_num_zeros_in_grad: gradient elements exactly 0, after reduction and before clipping (num-zeros)
+    num_zeros_in_grad: torch.Tensor | None = None
 
 
 def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
@@ -302,7 +309,8 @@ class ParallelEngine:
         total = self._forward_backward(batches, train=True)
         params = self.parameters()
         materialize_partial_grads(params)
-        grad_norm = global_grad_norm(params, s.pp, self.device)
+        log = self.cfg.logging
+        grad_norm, num_zeros = global_grad_norm(params, s.pp, self.device, count_zeros=log.log_num_zeros_in_grad)
         lm = self._reduce_loss(total)
         stats = self._reduce_stats()
         aux = sum((st.mean("aux_loss") for st in stats), torch.zeros((), device=self.device))
@@ -312,7 +320,8 @@ class ParallelEngine:
             clip_gradients(params, clip_grad, grad_norm)
         step_if_finite(optimizer, finite)
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(lm, aux, grad_norm.detach(), stats, finite)
+        params_norm = global_params_norm(params, s.pp, self.device) if log.log_params_norm else None
+        return StepResult(lm, aux, grad_norm.detach(), stats, finite, params_norm, num_zeros)
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict]) -> dict:

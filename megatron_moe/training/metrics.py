@@ -89,7 +89,8 @@ class MetricsWriter:
 
 
 def step_record(step: int, lr: float, result, coefficients: torch.Tensor, tokens_per_sec: float) -> dict[str, Any]:
-    """The record of one optimizer step: losses, lr, grad norm, throughput, per-MoE-layer statistics.
+    """The record of one optimizer step: losses, lr, grad norm, throughput, per-MoE-layer statistics; the
+    parameter norm (``params_norm``) and the gradient's zero count (``num_zeros_in_grad``) when the step has them.
 
     ``result`` is the engine's :class:`~megatron_moe.parallel.engine.StepResult`; ``coefficients``
     [num MoE layers] the aux-loss coefficients used in the step. Reads device values (a host sync).
@@ -108,8 +109,13 @@ def step_record(step: int, lr: float, result, coefficients: torch.Tensor, tokens
             "load": [round(v, 5) for v in load],
             "load_max_over_mean": max(load) * len(load) if load else 0.0,
         })
-    return {"step": step, "loss": lm + aux, "lm_loss": lm, "aux_loss": aux, "lr": lr,
-            "grad_norm": result.grad_norm.item(), "tokens_per_sec": tokens_per_sec, "moe": moe}
+    record = {"step": step, "loss": lm + aux, "lm_loss": lm, "aux_loss": aux, "lr": lr,
+              "grad_norm": result.grad_norm.item(), "tokens_per_sec": tokens_per_sec, "moe": moe}
+    if result.num_zeros_in_grad is not None:
+        record["num_zeros_in_grad"] = int(result.num_zeros_in_grad.item())
+    if result.params_norm is not None:
+        record["params_norm"] = result.params_norm.item()
+    return record
 
 
 def progress_line(rec: dict[str, Any]) -> str:
@@ -117,8 +123,12 @@ def progress_line(rec: dict[str, Any]) -> str:
     line = (
         f"step {rec['step']:>6} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f}"
         f" | aux {rec['aux_loss']:.4f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f}"
-        f" | {rec['tokens_per_sec']:.0f} tok/s"
     )
+    if "num_zeros_in_grad" in rec:  # Megatron-LM's order and names: grad norm, num zeros, params norm
+        line += f" | num zeros {rec['num_zeros_in_grad']}"
+    if "params_norm" in rec:
+        line += f" | params norm {rec['params_norm']:.3f}"
+    line += f" | {rec['tokens_per_sec']:.0f} tok/s"
     if rec["moe"]:
         moe = rec["moe"]
         drop = sum(r["drop_rate"] for r in moe) / len(moe)

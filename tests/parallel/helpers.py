@@ -48,8 +48,9 @@ def set_deterministic_routing(module: torch.nn.Module) -> None:
 def run_steps(cfg: Config, step_batches: list[list[dict]], mesh=None) -> dict:
     """Train len(step_batches) SGD steps through the engine; this rank's dp share of each global batch.
 
-    Returns losses / aux / grad norms per step and the full values of this rank's parameters after
-    the first step (names without the part prefix), as numpy arrays.
+    Returns losses / aux / grad norms per step (and the parameter norms and gradient zero counts when
+    ``cfg.logging`` asks for them) and the full values of this rank's parameters after the first step
+    (names without the part prefix), as numpy arrays.
     """
     from megatron_moe.parallel.engine import ParallelEngine
     from megatron_moe.training.state import canonical_name
@@ -65,6 +66,10 @@ def run_steps(cfg: Config, step_batches: list[list[dict]], mesh=None) -> dict:
         out["lm"].append(res.lm_loss.item())
         out["aux"].append(res.aux_loss.item())
         out["gnorm"].append(res.grad_norm.item())
+        if res.params_norm is not None:
+            out.setdefault("pnorm", []).append(res.params_norm.item())
+        if res.num_zeros_in_grad is not None:
+            out.setdefault("zeros", []).append(res.num_zeros_in_grad.item())
         if i == 0:
             for name, p in module.named_parameters():
                 full = p.full_tensor() if hasattr(p, "full_tensor") else p
@@ -73,7 +78,8 @@ def run_steps(cfg: Config, step_batches: list[list[dict]], mesh=None) -> dict:
 
 
 def compare(run: dict, ref: dict) -> dict:
-    """Largest relative loss / grad-norm difference and largest absolute parameter difference."""
+    """Largest relative loss / grad-norm difference and largest absolute parameter difference; with
+    parameter norms and zero counts in both runs, their largest relative / absolute differences too."""
     rel = 0.0
     for key in ("lm", "aux", "gnorm"):
         for a, b in zip(run[key], ref[key], strict=True):
@@ -82,4 +88,8 @@ def compare(run: dict, ref: dict) -> dict:
     if missing:
         raise KeyError(f"parameters not in the reference: {missing}")
     param = max(float(np.abs(v - ref["params"][n]).max()) for n, v in run["params"].items())
-    return {"loss_rel": rel, "param_abs": param, "num_params": len(run["params"])}
+    out = {"loss_rel": rel, "param_abs": param, "num_params": len(run["params"])}
+    if "pnorm" in ref:
+        out["pnorm_rel"] = max(abs(a - b) / b for a, b in zip(run["pnorm"], ref["pnorm"], strict=True))
+        out["zeros_diff"] = max(abs(a - b) for a, b in zip(run["zeros"], ref["zeros"], strict=True))
+    return out

@@ -11,6 +11,12 @@ sequence-parallel LayerNorm), pp2, dp2 with FSDP2, tp2 x pp2. Biases start at ze
 step checks their gradients (parameters after it) and the second their forward (its loss). A
 checkpoint of that model with nonzero biases, written by one process, loads resharded into tp2
 (DCP names of the biases and their shards) and gives the single-process logits.
+
+Every variant logs the parameter norm after each step and the gradient's zero count
+(--log-params-norm, --log-num-zeros-in-grad): each parameter element is counted once whatever the
+layout (tp-replicated norms and routers, dp replicas, FSDP2 shards, pipeline stages), so the norm
+agrees to 1e-6 relative and the count exactly (the zeros are structural: embedding rows of token ids
+absent from the batch, identical in every layout).
 """
 
 from __future__ import annotations
@@ -32,13 +38,15 @@ STEP_BATCHES = [make_batches(seed=0), make_batches(seed=1)]
 RELEASED = {**RELEASED_OPTIONS, "first_k_dense": 1}
 RELEASED_LAYOUTS = {(2, 1, 1): {}, (1, 2, 1): {}, (1, 1, 2): {"data_parallel_shard": True}, (2, 2, 1): {}}
 GLOBAL_BALANCE_BATCHES = [make_batches(num=2, seed=2, full_mask=True)]
+# Parameters agree to PARAM_ATOL (1e-6) absolute; the norm of all of them (~17) so to ~1e-7 relative.
+PARAMS_NORM_RTOL = 1e-6
 
 
 def _config(model: str, tp: int = 1, pp: int = 1):
-    """The tiny model with router ``model`` ("topk", "sparsemixer"), or "released": :data:`RELEASED`."""
-    if model == "released":
-        return tiny_config(tp=tp, pp=pp, **RELEASED)
-    return tiny_config(tp=tp, pp=pp, router=model)
+    """The tiny model with router ``model`` ("topk", "sparsemixer"), or "released": :data:`RELEASED`;
+    parameter norms and gradient zero counts logged."""
+    settings = RELEASED if model == "released" else {"router": model}
+    return tiny_config(tp=tp, pp=pp, log_params_norm=True, log_num_zeros_in_grad=True, **settings)
 
 
 @functools.cache
@@ -197,3 +205,6 @@ def test_layouts_match_single_process(world, tmp_path):
                 f"rank {rank} {name}: loss/grad-norm rel diff {r['loss_rel']:.2e}"
             )
             assert r["param_abs"] <= PARAM_ATOL, f"rank {rank} {name}: param abs diff {r['param_abs']:.2e}"
+            if "pnorm_rel" in r:  # every element once whatever the layout (module docstring)
+                assert r["pnorm_rel"] <= PARAMS_NORM_RTOL, f"rank {rank} {name}: params norm {r['pnorm_rel']:.2e}"
+                assert r["zeros_diff"] == 0, f"rank {rank} {name}: {r['zeros_diff']} more or fewer zeros in grad"

@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from megatron_moe.training.metrics import MetricsWriter, read_metrics
+from megatron_moe.training.metrics import MetricsWriter, progress_line, read_metrics
 
 RECORD = {"step": 3, "loss": 2.5, "lm_loss": 2.4, "aux_loss": 0.1, "lr": 1e-3, "grad_norm": 0.5,
           "tokens_per_sec": 100.0, "moe": [{"layer": 0, "aux_coeff": 0.01, "drop_rate": 0.2, "load": [0.5, 0.5]}]}
@@ -14,6 +14,14 @@ def test_jsonl_records_round_trip(tmp_path):
     writer.log({"step": 3, "valid_loss": 2.0})
     writer.close()
     assert read_metrics(str(tmp_path)) == [RECORD, {"step": 3, "valid_loss": 2.0}]
+
+
+def test_console_line_shows_num_zeros_and_params_norm_only_when_logged():
+    """Megatron-LM's names and order: grad norm, num zeros, params norm."""
+    record = {**RECORD, "moe": []}
+    assert "num zeros" not in progress_line(record) and "params norm" not in progress_line(record)
+    line = progress_line({**record, "num_zeros_in_grad": 1536, "params_norm": 17.59975})
+    assert "| gnorm 0.500 | num zeros 1536 | params norm 17.600 |" in line
 
 
 def test_disabled_writer_writes_nothing(tmp_path):
@@ -55,12 +63,14 @@ def test_tensorboard_dir_gets_the_same_records_as_metrics_jsonl(loop_corpus, tmp
     cfg = loop_config(loop_corpus, tmp_path / "run")
     flags, _ = parse_args(["--tensorboard-dir", str(tmp_path / "tb")])
     cfg.logging.tensorboard_dir = flags.logging.tensorboard_dir
+    cfg.logging.log_params_norm = cfg.logging.log_num_zeros_in_grad = True
     train(cfg)
     assert list((tmp_path / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file written"
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     records = read_metrics(str(tmp_path / "run"))
-    for key, layer_key in (("lm_loss", None), ("grad_norm", None), ("valid_loss", None), ("aux_coeff", 0)):
+    for key, layer_key in (("lm_loss", None), ("grad_norm", None), ("valid_loss", None), ("aux_coeff", 0),
+                           ("params_norm", None), ("num_zeros_in_grad", None)):
         tag = key if layer_key is None else f"moe/layer{layer_key}/{key}"
         logged = {e.step: e.value for e in events.Scalars(tag)}
         expected = {r["step"]: (r[key] if layer_key is None else r["moe"][layer_key][key])

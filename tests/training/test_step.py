@@ -131,3 +131,38 @@ def test_token_ids_beyond_the_vocabulary_are_a_clear_error(tiny_config):
     tokens = torch.full((2, 17), 96)  # vocab_size is 96: ids 0..95
     with pytest.raises(ValueError, match="token id 96, but model.vocab_size is 96"):
         engine.train_step([batch(tokens)], torch.optim.SGD(engine.parameters(), lr=0.1), clip_grad=0.0)
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that keeps a copy of the gradients it applies (the engine clears them after the step)."""
+
+    def step(self, closure=None):
+        self.grads = [p.grad.clone() for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return super().step(closure)
+
+
+def test_params_norm_and_zeros_in_grad_match_float64_and_naive_references(tiny_config):
+    """--log-params-norm: the norm of the parameters AFTER the step (as Megatron-LM computes it after
+    train_step), against float64 over all parameters; 1e-6 relative (fp32 per-tensor norms, ~1e-7).
+    --log-num-zeros-in-grad: exactly the naive count of ``grad == 0`` over the applied gradients. Only
+    tokens < 48 occur, so the embedding rows 48..95 get exactly zero gradients (and count)."""
+    cfg = tiny_config(**SMALL)
+    cfg.logging.log_params_norm = cfg.logging.log_num_zeros_in_grad = True
+    tokens = torch.randint(0, 48, (4, 17), generator=torch.Generator().manual_seed(2))
+    model = build_model(cfg, seed=4)
+    before = torch.linalg.vector_norm(torch.cat([p.detach().double().flatten() for p in model.parameters()]))
+    opt = RecordingSGD(model.parameters(), lr=0.5)
+    out = train_step(model, [batch(tokens[:2]), batch(tokens[2:])], opt, clip_grad=0.0)
+    after = torch.linalg.vector_norm(torch.cat([p.detach().double().flatten() for p in model.parameters()]))
+    assert abs(after - before) / after > 1e-4  # the step moves the norm far more than the tolerance
+    assert out.params_norm.item() == pytest.approx(after.item(), rel=1e-6)
+    zeros = sum(int((g == 0).sum()) for g in opt.grads)
+    assert zeros >= 48 * cfg.model.hidden_size  # the unused embedding rows at least
+    assert out.num_zeros_in_grad.item() == zeros
+
+
+def test_params_norm_and_zeros_in_grad_are_not_computed_unless_asked(tiny_config):
+    model = build_model(tiny_config(**SMALL), seed=4)
+    tokens = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(2))
+    out = train_step(model, [batch(tokens)], torch.optim.SGD(model.parameters(), lr=0.1), clip_grad=1.0)
+    assert out.params_norm is None and out.num_zeros_in_grad is None
