@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import math
 import pathlib
 import random
 
@@ -287,7 +288,7 @@ def megatron_dist(tmp_path_factory):
 
     pytest.importorskip("psutil", reason="megatron-core's torch_dist writer needs psutil (in the test extra)")
     root = tmp_path_factory.mktemp("megatron_dist")
-    cfg = tiny_config(num_experts=0)
+    cfg = tiny_config(num_experts=0, vocab_size=320)  # >= the vocabulary of loop_corpus's tokenizer (300)
     dense = save_native(root / "native_dense", cfg, seed=3)
     state = {k: v.detach().clone() for k, v in dense.state_dict().items()}
     x = tokens()
@@ -379,3 +380,98 @@ def test_torch_dist_per_layer_keys(tmp_path, reference):
     dcp.save({"model.module.weight": torch.zeros(2)}, checkpoint_id=str(other), no_dist=True)
     with pytest.raises(ConversionError, match=r"no megatron-core model tensors .* e.g. \['model.module.weight'\]"):
         read_megatron(other)
+
+
+# ---- pretrain_moe.py --load <Megatron-LM checkpoint>: a weights-only start in any layout ----
+
+def _megatron_run(corpus: dict, load, run_dir, **layout):
+    """loop_config's 1-step run (validation at steps 0 and 1) loading ``load``; no architecture given, so the
+    checkpoint's is taken (train(..., given=set()))."""
+    from tests.builders import loop_config
+
+    cfg = loop_config(corpus, run_dir, tp=layout.pop("tp", 1), pp=layout.pop("pp", 1))
+    cfg.checkpoint.load = str(load)
+    cfg.training.train_iters, cfg.training.eval_interval = 1, 1
+    cfg.optimizer.lr, cfg.optimizer.lr_warmup_iters = 1e-2, 0  # the first step trains at 1e-2
+    for name, value in layout.items():
+        setattr(cfg.parallel, name, value)
+    return cfg
+
+
+def _first_step(run_dir) -> dict:
+    import json
+
+    records = [json.loads(line) for line in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in records if r.get("step") == 1 and "lm_loss" in r)
+
+
+def _train_layouts(rank: int, world_size: int, corpus: dict, load: str, root: str) -> list:
+    """Each 2-rank layout trains the 1-step run from the Megatron checkpoint; rank 0 returns its losses."""
+    from megatron_moe.training.trainer import train
+
+    out = []
+    for name, layout in (("tp2", {"tp": 2}), ("fsdp2", {"data_parallel_shard": True})):
+        run_dir = pathlib.Path(root) / name
+        summary = train(_megatron_run(corpus, load, run_dir, **layout), given=set())
+        if rank == 0:
+            out.append((name, [v["loss"] for v in summary["valid"]], _first_step(run_dir)["lm_loss"]))
+    return out
+
+
+@pytest.mark.slow
+def test_load_megatron_torch_dist_holds_the_dense_weights_bit_exactly(tmp_path, capsys, loop_corpus, megatron_dist):
+    """--eval-only --load on megatron-core's TP=2 torch_dist save: the architecture comes from its args and every
+    parameter of the run's model equals the dense model it was written from, bit for bit."""
+    from megatron_moe.training.state import model_state
+    from megatron_moe.training.trainer import Trainer
+
+    cfg = _megatron_run(loop_corpus, megatron_dist["root"], tmp_path / "run")
+    trainer = Trainer(cfg, torch.device("cpu"), eval_only=True, given=set())
+    report = trainer.evaluate_checkpoint()["eval"]
+    assert (trainer.cfg.model.num_layers, trainer.cfg.moe.num_experts, trainer.cfg.model.vocab_size) == (2, 0, 320)
+    got, want = model_state(trainer.engine.parts), megatron_dist["state"]
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert report["step"] == 10 and math.isfinite(report["loss"])
+    assert not (megatron_dist["root"] / "pwned").exists()
+
+
+@pytest.mark.slow
+def test_load_megatron_legacy_trains_alike_in_tp2_and_fsdp2(tmp_path, capsys, loop_corpus, megatron_dist):
+    """A legacy TP=2 checkpoint loaded by a single process and by 2-rank tp2 and FSDP2 (dp2) runs: the
+    validation losses before and after the first step and the first step's training loss agree to 1e-5
+    relative (fp32, other summation orders); the single process starts at step 1 with a fresh optimizer."""
+    from megatron_moe.testing import run_distributed
+    from megatron_moe.training.trainer import train
+
+    load = write_megatron(tmp_path / "meg", megatron_dist["state"], megatron_dist["cfg"], 2)
+    summary = train(_megatron_run(loop_corpus, load, tmp_path / "single"), given=set())
+    out = capsys.readouterr().out
+    assert "Megatron-LM checkpoint" in out and "(iteration 10)" in out and "starts at step 1" in out, out
+    valid, step = [v["loss"] for v in summary["valid"]], _first_step(tmp_path / "single")["lm_loss"]
+    assert len(valid) == 2 and valid[1] < valid[0]
+    for name, other_valid, other_step in run_distributed(_train_layouts, 2, (loop_corpus, str(load),
+                                                                            str(tmp_path)))[0]:
+        assert other_valid == pytest.approx(valid, rel=1e-5), name
+        assert other_step == pytest.approx(step, rel=1e-5), name
+
+
+def test_load_megatron_with_moe_settings_says_to_upcycle(tmp_path, loop_corpus):
+    """--num-experts 8 on a dense Megatron checkpoint stops before any work, saying how to upcycle it; a
+    save into the Megatron directory is refused (its iter_* names would collide)."""
+    from megatron_moe.training.checkpoint import CheckpointError
+    from megatron_moe.training.trainer import train
+
+    from megatron_moe.model.transformer import build_model
+
+    cfg = tiny_config(num_experts=0, vocab_size=320)
+    load = write_megatron(tmp_path / "meg", build_model(cfg, "cpu", seed=0).state_dict(), cfg, 1)
+    run = _megatron_run(loop_corpus, load, tmp_path / "run")
+    run.moe.num_experts = 8
+    with pytest.raises(CheckpointError, match=r"moe.num_experts: checkpoint 0, config 8; .*upcycle_checkpoint.py "
+                                              r"--input \S+iter_0000010 --input-format megatron --num-experts 8"):
+        train(run, given={"moe.num_experts"})
+    run = _megatron_run(loop_corpus, load, load)
+    with pytest.raises(CheckpointError, match="holds a Megatron-LM checkpoint; save this run elsewhere"):
+        train(run, given=set())
