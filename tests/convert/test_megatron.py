@@ -483,20 +483,26 @@ def test_load_megatron_legacy_trains_alike_in_tp2_pp2_and_fsdp2(megatron_dist):
         assert other_step == pytest.approx(step, rel=1e-5), name
 
 
-def test_load_megatron_with_moe_settings_says_to_upcycle(tmp_path, loop_corpus):
-    """--num-experts 8 on a dense Megatron checkpoint stops before any work, saying how to upcycle it; a
-    save into the Megatron directory is refused (its iter_* names would collide)."""
+def test_pretrain_cli_loads_megatron_and_says_to_upcycle_for_moe_settings(tmp_path, capsys, loop_corpus):
+    """pretrain_moe.py --load <Megatron dir> with only data and training flags trains its model; --num-experts 8
+    on it stops (exit 3) with the upcycle_checkpoint.py command; a --save into the Megatron directory is refused
+    (its iter_* names would collide) and leaves it as it was."""
+    import pretrain_moe
     from megatron_moe.model.transformer import build_model
-    from megatron_moe.training.checkpoint import CheckpointError
-    from megatron_moe.training.trainer import train
 
     cfg = tiny_config(num_experts=0, vocab_size=320)
     load = write_megatron(tmp_path / "meg", build_model(cfg, "cpu", seed=0).state_dict(), cfg, 1)
-    run = _megatron_run(loop_corpus, load, tmp_path / "run")
-    run.moe.num_experts = 8
-    with pytest.raises(CheckpointError, match=r"moe.num_experts: checkpoint 0, config 8; .*upcycle_checkpoint.py "
-                                              r"--input \S+iter_0000010 --input-format megatron --num-experts 8"):
-        train(run, given={"moe.num_experts"})
-    run = _megatron_run(loop_corpus, load, load)
-    with pytest.raises(CheckpointError, match="holds a Megatron-LM checkpoint; save this run elsewhere"):
-        train(run, given=set())
+    before = sorted(p.name for p in load.rglob("*"))
+    argv = ["--load", str(load), "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2",
+            "--train-iters", "1", "--eval-interval", "0", "--training.device", "cpu",
+            "--data-path", loop_corpus["prefix"], "--tokenizer-model", loop_corpus["tokenizer"], "--split", "90,10,0",
+            "--data.cache_dir", str(loop_corpus["root"] / "cache")]
+    assert pretrain_moe.main(argv + ["--save", str(tmp_path / "run")]) == 0, capsys.readouterr().err
+    assert "loaded the model weights of Megatron-LM checkpoint" in capsys.readouterr().out
+    assert pretrain_moe.main(argv + ["--num-experts", "8", "--save", str(tmp_path / "moe")]) == 3
+    err = capsys.readouterr().err
+    assert "moe.num_experts: checkpoint 0, config 8" in err, err
+    assert f"upcycle_checkpoint.py --input {load / 'iter_0000010'} --input-format megatron --num-experts 8" in err
+    assert pretrain_moe.main(argv + ["--save", str(load)]) == 3
+    assert "holds a Megatron-LM checkpoint; save this run elsewhere" in capsys.readouterr().err
+    assert sorted(p.name for p in load.rglob("*")) == before
