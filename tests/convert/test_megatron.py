@@ -484,9 +484,11 @@ def test_load_megatron_legacy_trains_alike_in_tp2_pp2_and_fsdp2(megatron_dist):
 
 
 def test_pretrain_cli_loads_megatron_and_says_to_upcycle_for_moe_settings(tmp_path, capsys, loop_corpus):
-    """pretrain_moe.py --load <Megatron dir> with only data and training flags trains its model; --num-experts 8
+    """pretrain_moe.py --load <Megatron dir> with only data and training flags trains its model (Megatron's
+    --finetune, --no-load-optim, --no-load-rng accepted: it is a weights-only start anyway); --num-experts 8
     on it stops (exit 3) with the upcycle_checkpoint.py command; a --save into the Megatron directory is refused
-    (its iter_* names would collide) and leaves it as it was."""
+    (its iter_* names would collide) and leaves it as it was; a vocabulary smaller than the tokenizer's is
+    refused (exit 2)."""
     import pretrain_moe
     from megatron_moe.model.transformer import build_model
 
@@ -497,7 +499,8 @@ def test_pretrain_cli_loads_megatron_and_says_to_upcycle_for_moe_settings(tmp_pa
             "--train-iters", "1", "--eval-interval", "0", "--training.device", "cpu",
             "--data-path", loop_corpus["prefix"], "--tokenizer-model", loop_corpus["tokenizer"], "--split", "90,10,0",
             "--data.cache_dir", str(loop_corpus["root"] / "cache")]
-    assert pretrain_moe.main(argv + ["--save", str(tmp_path / "run")]) == 0, capsys.readouterr().err
+    finetune = ["--finetune", "--no-load-optim", "--no-load-rng"]
+    assert pretrain_moe.main(argv + finetune + ["--save", str(tmp_path / "run")]) == 0, capsys.readouterr().err
     assert "loaded the model weights of Megatron-LM checkpoint" in capsys.readouterr().out
     assert pretrain_moe.main(argv + ["--num-experts", "8", "--save", str(tmp_path / "moe")]) == 3
     err = capsys.readouterr().err
@@ -506,3 +509,7 @@ def test_pretrain_cli_loads_megatron_and_says_to_upcycle_for_moe_settings(tmp_pa
     assert pretrain_moe.main(argv + ["--save", str(load)]) == 3
     assert "holds a Megatron-LM checkpoint; save this run elsewhere" in capsys.readouterr().err
     assert sorted(p.name for p in load.rglob("*")) == before
+    small = tiny_config(num_experts=0)  # vocabulary 96 < the tokenizer's 300
+    argv[1] = str(write_megatron(tmp_path / "small", build_model(small, "cpu", seed=0).state_dict(), small, 1))
+    assert pretrain_moe.main(argv) == 2
+    assert "model.vocab_size = 96 is smaller than the tokenizer's vocabulary" in capsys.readouterr().err
