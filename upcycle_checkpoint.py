@@ -6,12 +6,15 @@ Usage::
         [--moe-router-topk K] [--granularity G] [--expert-noise STD] [--router-init-std STD] \\
         [--seed S] [--megatron-args FILE.json] --output DIR [--overwrite] [--verify]
     python upcycle_checkpoint.py --input HF_DIR --input-format hf --output DIR [--verify]
+    python upcycle_checkpoint.py --input MEGATRON_DIR --input-format megatron --output DIR
 
 With ``--num-experts`` the dense input is upcycled (:mod:`megatron_moe.convert.upcycle`). Without it
 a Hugging Face checkpoint is imported unchanged to continue pretraining: an MoE one (Mixtral ->
 top-K router, PhiMoE / GRIN-MoE -> SparseMixer-v2 with its jitter settings) or a dense one
-(Llama, Mistral, Qwen2, Phi-3); :mod:`megatron_moe.convert.hf_config` has the mapping. The weights
-keep the dtype they are stored in (bf16 for released models).
+(Llama, Mistral, Qwen2, Phi-3); :mod:`megatron_moe.convert.hf_config` has the mapping. A dense
+Megatron-LM checkpoint is imported too (``pretrain_moe.py --load`` reads one directly, but every rank
+reads all of it; the import is read once, then each rank reads only its shards). The weights keep the
+dtype they are stored in (bf16 for released models).
 
 Writes a model-only step-0 checkpoint under DIR (``DIR/iter_0000000`` + ``DIR/latest``) that
 ``pretrain_moe.py --load DIR`` starts from. ``--verify``: after upcycling, the dense and the upcycled
@@ -42,11 +45,12 @@ VERIFY_RTOL = 1e-4
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Dense checkpoint -> MoE checkpoint (sparse upcycling), or a Hugging "
-                                "Face checkpoint imported as it is (no --num-experts).")
+                                "Face or Megatron-LM checkpoint imported as it is (no --num-experts).")
     p.add_argument("--input", required=True, help="HF model dir, Megatron checkpoint dir/file, or native save dir")
     p.add_argument("--input-format", required=True, choices=("hf", "megatron", "native"))
     p.add_argument("--num-experts", type=int, default=None,
-                   help="upcycle into this many experts; omit to import a Hugging Face checkpoint as it is")
+                   help="upcycle into this many experts; omit to import a Hugging Face or Megatron-LM checkpoint "
+                   "as it is")
     p.add_argument("--moe-router-topk", type=int, default=2)
     p.add_argument("--granularity", type=int, default=1, help="split the dense FFN into G slices (default 1: copies)")
     p.add_argument("--expert-noise", type=float, default=0.0, help="relative std of noise added to expert weights")
@@ -91,16 +95,19 @@ def hf_import_meta(source: ModelSource) -> dict:
 
 
 def import_hf(args: argparse.Namespace) -> None:
-    """Import the HF checkpoint ``args.input`` unchanged (no upcycling) into ``args.output``."""
-    if args.input_format != "hf":
+    """Import the HF (or dense Megatron-LM) checkpoint ``args.input`` unchanged (no upcycling) into ``args.output``."""
+    if args.input_format not in ("hf", "megatron"):
         raise ConversionError(f"--input-format {args.input_format} without --num-experts: importing without "
-                              "upcycling reads Hugging Face checkpoints only (--input-format hf)")
+                              "upcycling reads Hugging Face and Megatron-LM checkpoints only (--input-format hf or "
+                              "megatron)")
+    if args.verify and args.input_format != "hf":
+        raise ConversionError("--verify of an import compares with transformers' model: --input-format hf only")
     require_empty_output(args.output, args.overwrite)
-    source = read_hf(args.input)
+    source = read_source(args.input_format, args.input, args.megatron_args)
     # Stored dtype (bf16 for released checkpoints): half the memory of float32; the trainer loads the
     # checkpoint into its float32 master weights.
     cfg, state = source.cfg, source.state_dict(dtype=None)
-    hf = source.extra["hf_config"]
+    hf = source.extra.get("hf_config", {"model_type": "megatron"})
     out = save_model_checkpoint(args.output, cfg, state, f"imported from {source.origin}", hf_import_meta(source))
     m, e = cfg.model, cfg.moe
     kind = (f"{e.num_experts} experts, {e.router} router (top-{e.topk})" if e.num_experts else "dense")

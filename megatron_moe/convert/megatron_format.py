@@ -137,6 +137,21 @@ def _checkpoint_dir(path: Path) -> Path:
     return path
 
 
+def megatron_checkpoint_dir(path: str | Path) -> Path | None:
+    """The iteration directory of the Megatron-LM checkpoint ``path`` names (a save directory with its
+    tracker file, or an ``iter_*``/``release`` directory holding ``mp_rank_*`` or torch_dist's ``common.pt`` /
+    ``metadata.json``), or None when ``path`` is something else (this project's checkpoints have none of
+    these). ConversionError when the tracker names a missing directory."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if (path / TRACKER).is_file():
+        return _checkpoint_dir(path)
+    if (path / DIST_COMMON).is_file() or (path / DIST_CONFIG).is_file() or any(path.glob("mp_rank_*")):
+        return path
+    return None
+
+
 def shard_files(path: str | Path) -> list[Path]:
     """The tensor-parallel shard files of a Megatron checkpoint, rank order; ConversionError if gaps."""
     path = Path(path)

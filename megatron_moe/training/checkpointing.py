@@ -1,9 +1,10 @@
 """The checkpoint manager of a training run: what to resume from, saving (sync or async), keep-last.
 
 It owns every decision about checkpoints that the trainer would otherwise make inline:
-- :meth:`CheckpointManager.open` resolves ``--load`` (a save directory's ``latest`` or a checkpoint
+- :func:`open_checkpoint` resolves ``--load`` (a save directory's ``latest`` or a checkpoint
   directory), reads its meta.json and checks it against the run: model shape
-  (:func:`~megatron_moe.training.state.check_compatible`) and tokenizer;
+  (:func:`~megatron_moe.training.state.check_compatible`) and tokenizer; a Megatron-LM checkpoint
+  (:func:`open_megatron_checkpoint`) is a weights-only start;
 - :meth:`CheckpointManager.restore` loads a training checkpoint (model, optimizer, train state,
   aux coefficients, RNG when the layout is the same) or a model-only one (upcycled / converted);
 - :meth:`CheckpointManager.save` writes one (asynchronously with ``checkpoint.async_save``: the
@@ -38,17 +39,26 @@ from megatron_moe.training.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from megatron_moe.training.state import check_compatible, load_model_only, load_training_state, training_state
+from megatron_moe.training.state import (
+    check_compatible,
+    load_full_state,
+    load_model_only,
+    load_training_state,
+    training_state,
+)
 
 LOCK = ".run.lock"
 
 
 @dataclass
 class LoadedCheckpoint:
-    """A resolved ``--load`` target: its directory and its meta.json."""
+    """A resolved ``--load`` target: its directory and its meta.json (for a Megatron-LM checkpoint, one
+    made from its arguments, and ``megatron``, the :class:`~megatron_moe.convert.source.DenseSource`
+    reading its weights)."""
 
     path: Path
     meta: dict[str, Any] = field(default_factory=dict)
+    megatron: Any = None
 
     @property
     def saved_config(self) -> dict[str, Any]:
@@ -83,6 +93,15 @@ def open_checkpoint(load: str, start_if_absent: bool = False) -> LoadedCheckpoin
     """
     if not load:
         return None
+    from megatron_moe.convert.megatron_format import megatron_checkpoint_dir
+    from megatron_moe.convert.source import ConversionError
+
+    try:
+        megatron = megatron_checkpoint_dir(load)
+    except ConversionError as e:
+        raise CheckpointError(f"--load {load}: {e}") from None
+    if megatron is not None:
+        return open_megatron_checkpoint(megatron)
     if start_if_absent and (not os.path.exists(load) or (
             os.path.isdir(load) and not [n for n in os.listdir(load) if n not in RUN_FILES])):
         if os.environ.get("RANK", "0") == "0":
@@ -90,6 +109,26 @@ def open_checkpoint(load: str, start_if_absent: bool = False) -> LoadedCheckpoin
         return None
     path = resolve_checkpoint(load)
     return LoadedCheckpoint(path, read_meta(path))
+
+
+def open_megatron_checkpoint(path: Path) -> LoadedCheckpoint:
+    """A Megatron-LM checkpoint directory (``iter_*``/``release``, torch_dist or legacy torch) as a ``--load``
+    target: a model-only checkpoint whose config (the architecture) comes from Megatron's saved arguments
+    (:func:`~megatron_moe.convert.megatron_format.read_megatron`) and whose ``step`` is its iteration; no
+    tokenizer is recorded. Only the arguments are read here; :meth:`CheckpointManager.load_model` then reads
+    the whole model on every rank, one tensor at a time on CPU, and keeps each rank's slice (for a large
+    model convert once with ``upcycle_checkpoint.py`` instead: each rank then reads only its shards).
+    """
+    from megatron_moe.convert.megatron_format import read_megatron
+    from megatron_moe.convert.source import ConversionError
+
+    try:
+        source = read_megatron(path)
+    except ConversionError as e:
+        raise CheckpointError(f"--load {path}: {e}") from None
+    iteration = int(path.name[5:]) if path.name.startswith("iter_") and path.name[5:].isdigit() else 0
+    return LoadedCheckpoint(path, {"config": source.cfg.to_dict(), "contents": ["model"], "step": iteration},
+                            megatron=source)
 
 
 def tokenizer_identity(vocab_size: int, sha256: str) -> dict[str, Any]:
@@ -136,6 +175,9 @@ class CheckpointManager:
         if not save:
             return
         save_dir = Path(save)
+        if (save_dir / "latest_checkpointed_iteration.txt").is_file():  # its iter_* names would collide with ours
+            raise CheckpointError(f"--save {save_dir} holds a Megatron-LM checkpoint; save this run elsewhere: "
+                                  "nothing there is overwritten or deleted")
         resuming_here = loaded is not None and loaded.path.parent.resolve() == save_dir.resolve()
         existing = list_checkpoints(save_dir)
         if existing and not resuming_here:
@@ -158,8 +200,14 @@ class CheckpointManager:
         """Load ``loaded`` into the model (and, for a training checkpoint, the optimizer, aux
         coefficients and RNG); returns where training continues."""
         engine, t, c = self.engine, self.cfg.training, self.cfg.checkpoint
+        if loaded.megatron is not None:
+            self.load_model(loaded)
+            self._print(f"loaded the model weights of Megatron-LM checkpoint {loaded.path} (iteration "
+                        f"{loaded.meta['step']}); a weights-only start, as Megatron-LM's --finetune: its optimizer "
+                        "state and iteration are not resumed, training starts at step 1 with a fresh optimizer")
+            return ResumePoint()
         if not loaded.is_training_checkpoint or c.finetune:
-            load_model_only(loaded.path, engine.parts)
+            self.load_model(loaded)
             self._print(f"loaded model weights from {loaded.path}; starting a new run at step 0")
             return ResumePoint()
         info = load_training_state(loaded.path, engine.parts, optimizer, engine.num_moe_layers, engine.rank,
@@ -185,6 +233,19 @@ class CheckpointManager:
         self._print(f"resumed from {loaded.path} at step {info['step']} ({info['consumed_samples']} samples "
                     f"consumed; RNG {rng})")
         return ResumePoint(info["step"], info["consumed_samples"])
+
+    def load_model(self, loaded: LoadedCheckpoint) -> None:
+        """Load only the model weights of ``loaded`` into this rank's parts; a Megatron-LM checkpoint is
+        read whole by every rank (:func:`open_megatron_checkpoint`)."""
+        if loaded.megatron is None:
+            load_model_only(loaded.path, self.engine.parts)
+            return
+        from megatron_moe.convert.source import ConversionError, expected_shapes
+
+        try:
+            load_full_state(self.engine.parts, loaded.megatron.loaders, expected_shapes(self.cfg), loaded.path)
+        except ConversionError as e:
+            raise CheckpointError(str(e)) from None
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, optimizer, consumed_samples: int, coefficients) -> None:
@@ -258,5 +319,6 @@ def resolve_vocab_size(cfg: Config, tokenizer_vocab: int, loaded: LoadedCheckpoi
         )
     resolved = cfg.with_vocab_size(vocab)
     if loaded is not None:
-        check_compatible(loaded.saved_config, resolved, loaded.path)
+        check_compatible(loaded.saved_config, resolved, loaded.path,
+                         "megatron" if loaded.megatron is not None else "native")
     return resolved

@@ -14,8 +14,11 @@ Non-tensor facts (config, layout, step) live in the checkpoint's meta.json.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Mapping
+
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from megatron_moe.training.checkpoint import checkpoint_keys, load_checkpoint
 
@@ -128,6 +131,40 @@ def load_model_only(checkpoint, parts, group=None) -> None:
     load_checkpoint(checkpoint, {"model": model_state(parts)}, group=group)
 
 
+def load_full_state(parts, tensors: Mapping[str, Callable[[], torch.Tensor]], model_names: Collection[str],
+                    checkpoint) -> None:
+    """Copy a full (unsharded, single-device) model state into this rank's ``parts``, in place, with no
+    communication: how a checkpoint of another framework (Megatron-LM) loads into any layout.
+
+    ``tensors``: parameter or persistent buffer name -> a function returning its full tensor, called once
+    for each name this rank holds (one full tensor in memory at a time). ``model_names``: the names of
+    the whole model (every pipeline stage), which ``tensors`` must provide exactly. A DTensor
+    (tensor-parallel or FSDP2 shard) takes its own slice of the full tensor, cut locally as
+    ``distribute_tensor(..., src_data_rank=None)`` cuts it (on the shard's device); a plain tensor
+    is copied whole. Raises CheckpointError naming ``checkpoint`` for missing or extra names or a
+    shape that differs.
+    """
+    from megatron_moe.training.checkpoint import CheckpointError
+
+    local = model_state(parts)
+    missing = sorted((set(model_names) | set(local)) - set(tensors))
+    extra = sorted(set(tensors) - set(model_names))
+    if missing or extra:
+        raise CheckpointError(f"checkpoint {checkpoint} does not hold this model's tensors: missing "
+                              f"{len(missing)} (e.g. {missing[:3]}), extra {len(extra)} (e.g. {extra[:3]})")
+    with torch.no_grad():
+        for name, target in local.items():
+            full = tensors[name]()
+            if tuple(full.shape) != tuple(target.shape):  # a DTensor's shape is the global one
+                raise CheckpointError(f"checkpoint {checkpoint}: {name} has shape {tuple(full.shape)}, the model "
+                                      f"expects {tuple(target.shape)}")
+            if isinstance(target, DTensor):
+                full = distribute_tensor(full.to(target.dtype), target.device_mesh, target.placements,
+                                         src_data_rank=None).to_local()
+                target = target.to_local()
+            target.copy_(full)
+
+
 # Settings that decide the shapes and names of the model's tensors: a checkpoint only fits a model
 # that agrees on all of them. (Routing and balancing settings may change between runs.)
 ARCHITECTURE_SETTINGS = (
@@ -140,8 +177,10 @@ ARCHITECTURE_SETTINGS = (
 )
 
 
-def check_compatible(saved_config: dict, cfg, checkpoint) -> None:
-    """Raise CheckpointError naming every architecture setting where ``cfg`` differs from the checkpoint.
+def check_compatible(saved_config: dict, cfg, checkpoint, input_format: str = "native") -> None:
+    """Raise CheckpointError naming every architecture setting where ``cfg`` differs from the checkpoint
+    (for MoE settings on a dense checkpoint, how to upcycle it: ``upcycle_checkpoint.py --input-format
+    input_format``).
 
     ``cfg`` is not changed (its ``model.vocab_size`` is resolved first:
     :func:`~megatron_moe.training.checkpointing.resolve_vocab_size`).
@@ -157,5 +196,9 @@ def check_compatible(saved_config: dict, cfg, checkpoint) -> None:
         if saved != mine:
             diffs.append(f"{dotted}: checkpoint {saved!r}, config {mine!r}")
     if diffs:
+        experts = cfg.moe.num_experts
+        upcycle = (f"; a dense checkpoint starts an MoE model by upcycling it: python upcycle_checkpoint.py --input "
+                   f"{checkpoint} --input-format {input_format} --num-experts {experts} --output DIR, then --load DIR"
+                   if saved_config.get("moe", {}).get("num_experts") == 0 and experts else "")
         raise CheckpointError(f"checkpoint {checkpoint} was saved from a different model configuration: "
-                              + "; ".join(diffs))
+                              + "; ".join(diffs) + upcycle)

@@ -47,7 +47,6 @@ from megatron_moe.training.metrics import (
 )
 from megatron_moe.training.optim import build_optimizer, learning_rate, set_learning_rate
 from megatron_moe.training.signals import StopRequest
-from megatron_moe.training.state import load_model_only
 
 
 def resolve_device(name: str) -> torch.device:
@@ -169,7 +168,7 @@ class Trainer:
     def evaluate_checkpoint(self) -> dict:
         """Evaluate the loaded checkpoint; rank 0 writes eval.json (into ``--save``, else the checkpoint)."""
         loaded, cfg = self.loaded, self.cfg
-        load_model_only(loaded.path, self.engine.parts)
+        self.checkpoints.load_model(loaded)
         result = self.evaluator.evaluate()
         report = {
             "checkpoint": str(loaded.path),

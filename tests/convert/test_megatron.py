@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import math
 import pathlib
 import random
 
@@ -166,6 +167,22 @@ def test_upcycle_megatron_tp2_keeps_the_function(tmp_path, capsys, reference):
         torch.testing.assert_close(moe(x), dense(x), atol=1e-5, rtol=0)
 
 
+def test_import_megatron_without_upcycling_keeps_the_dense_model(tmp_path, capsys, reference):
+    """Without --num-experts a Megatron checkpoint is imported as it is (for pretrain_moe.py --load): bit-exact."""
+    cfg, state, _ = reference
+    rc = upcycle_checkpoint.main(["--input", str(write_megatron(tmp_path / "meg", state, cfg, 2)), "--input-format",
+                                  "megatron", "--output", str(tmp_path / "dense")])
+    assert rc == 0, capsys.readouterr().err
+    model, _ = load_model(tmp_path / "dense")
+    got = model.state_dict()
+    assert set(got) == set(state) and model.cfg.moe.num_experts == 0
+    for name in state:
+        assert torch.equal(got[name], state[name]), name
+    rc = upcycle_checkpoint.main(["--input", str(tmp_path / "meg"), "--input-format", "megatron", "--output",
+                                  str(tmp_path / "v"), "--verify"])
+    assert rc == 2 and "--input-format hf only" in capsys.readouterr().err
+
+
 def test_pickled_code_is_never_run(tmp_path, reference):
     """Enums and numpy RNG state inside a checkpoint load as inert placeholders; a call is refused."""
     cfg, state, _ = reference
@@ -215,11 +232,13 @@ def test_megatron_args_override_file(tmp_path, capsys, reference):
 
 # ---- torch_dist: written by megatron-core's own GPTModel.sharded_state_dict + dist_checkpointing.save ----
 
-def _megatron_gpt_save(rank: int, world: int, state: dict, cfg, root: str, tokens_in: torch.Tensor):
+def _megatron_gpt_save(rank: int, world: int, state: dict, cfg, root: str, tokens_in: torch.Tensor, corpus: dict,
+                       legacy: str, runs: str):
     """One tensor-parallel rank (TP = world): megatron-core's GPTModel (local spec, built on CPU) holding
     ``state`` split as Megatron splits it, saved with dist_checkpointing.save into ``root/iter_0000010`` with
     Megatron-LM's common state (``args``, ...) and an RNG ShardedObject holding pickled code that must never
-    run. Returns megatron-core's own logits for ``tokens_in`` (gathered over TP ranks).
+    run. Returns megatron-core's own logits for ``tokens_in`` (gathered over TP ranks) and, as the ranks are
+    up, :func:`_train_layouts` of the ``legacy`` checkpoint (one start of the ranks for both).
 
     megatron-core 0.16.1 on a CPU-only torch, in this (spawned) process only: its torch_dist writer calls
     torch.cuda.synchronize() / current_device() even for CPU tensors, and its attention enters the CUDA RNG
@@ -276,23 +295,37 @@ def _megatron_gpt_save(rank: int, world: int, state: dict, cfg, root: str, token
         "rng_state": ShardedObject("rng_state", [evil], (world,), (rank,), replica_id=0),
     }
     dist_checkpointing.save(sharded, str(ckpt))
-    return logits.detach()
+    return logits.detach(), _train_layouts(corpus, legacy, runs)
 
 
 @pytest.fixture(scope="module")
-def megatron_dist(tmp_path_factory):
+def megatron_dist(tmp_path_factory, loop_corpus):
     """A TP=2 torch_dist save of a random dense model written by megatron-core (2 gloo ranks on CPU), the
-    model, and megatron-core's own logits on ``tokens()``; built once (about 15 s of CPU)."""
+    model, and megatron-core's own logits on ``tokens()``; built once (about 15 s of CPU).
+
+    Also the same model as a legacy TP=2 checkpoint (``legacy``) and the 1-step run of ``pretrain_moe.py
+    --load`` on it (:func:`_megatron_run`), trained in this process first (which builds the data cache the
+    ranks then only read; its console in ``single_log``) and by the same ranks after the save in 2-rank
+    layouts: ``runs`` name -> (validation losses at steps 0 and 1, first step's training loss).
+    """
+    import contextlib
+    import io
+
     from megatron_moe.testing import run_distributed
 
     pytest.importorskip("psutil", reason="megatron-core's torch_dist writer needs psutil (in the test extra)")
     root = tmp_path_factory.mktemp("megatron_dist")
-    cfg = tiny_config(num_experts=0)
+    cfg = tiny_config(num_experts=0, vocab_size=320)  # >= the vocabulary of loop_corpus's tokenizer (300)
     dense = save_native(root / "native_dense", cfg, seed=3)
     state = {k: v.detach().clone() for k, v in dense.state_dict().items()}
     x = tokens()
-    logits = run_distributed(_megatron_gpt_save, 2, (state, cfg, str(root / "dist"), x))
-    return {"root": root / "dist", "cfg": cfg, "state": state, "dense": dense, "tokens": x, "logits": logits[0]}
+    legacy = write_megatron(root / "legacy", state, cfg, 2)
+    with contextlib.redirect_stdout(io.StringIO()) as log:
+        runs = _train_layouts(loop_corpus, legacy, root / "runs", layouts={"single": {}})
+    (logits, layouts), _ = run_distributed(_megatron_gpt_save, 2, (state, cfg, str(root / "dist"), x, loop_corpus,
+                                                                   str(legacy), str(root / "runs")))
+    return {"root": root / "dist", "cfg": cfg, "state": state, "dense": dense, "tokens": x, "logits": logits,
+            "legacy": legacy, "runs": runs | layouts, "single_log": log.getvalue()}
 
 
 @pytest.mark.slow
@@ -379,3 +412,104 @@ def test_torch_dist_per_layer_keys(tmp_path, reference):
     dcp.save({"model.module.weight": torch.zeros(2)}, checkpoint_id=str(other), no_dist=True)
     with pytest.raises(ConversionError, match=r"no megatron-core model tensors .* e.g. \['model.module.weight'\]"):
         read_megatron(other)
+
+
+# ---- pretrain_moe.py --load <Megatron-LM checkpoint>: a weights-only start in any layout ----
+
+def _megatron_run(corpus: dict, load, run_dir, **layout):
+    """loop_config's 1-step run (validation at steps 0 and 1) loading ``load``; no architecture given, so the
+    checkpoint's is taken (train(..., given=set()))."""
+    from tests.builders import loop_config
+
+    cfg = loop_config(corpus, run_dir, tp=layout.pop("tp", 1), pp=layout.pop("pp", 1))
+    cfg.checkpoint.load = str(load)
+    cfg.training.train_iters, cfg.training.eval_interval = 1, 1
+    cfg.optimizer.lr, cfg.optimizer.lr_warmup_iters = 1e-2, 0  # the first step trains at 1e-2
+    for name, value in layout.items():
+        setattr(cfg.parallel, name, value)
+    return cfg
+
+
+def _train_layouts(corpus: dict, load, runs, layouts: dict | None = None) -> dict:
+    """Train :func:`_megatron_run` from ``load`` in each layout (default: the 2-rank tp2, pp2 and FSDP2 ones);
+    name -> (validation losses, the first step's training loss from metrics.jsonl) on global rank 0."""
+    import json
+
+    from megatron_moe.training.trainer import train
+
+    layouts = layouts or {"tp2": {"tp": 2}, "pp2": {"pp": 2}, "fsdp2": {"data_parallel_shard": True}}
+    out = {}
+    for name, layout in layouts.items():
+        run_dir = pathlib.Path(runs) / name
+        summary = train(_megatron_run(corpus, load, run_dir, **layout), given=set())
+        if (run_dir / "metrics.jsonl").is_file():  # rank 0's
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            step = next(r["lm_loss"] for r in records if r.get("step") == 1 and "lm_loss" in r)
+            out[name] = ([v["loss"] for v in summary["valid"]], step)
+    return out
+
+
+@pytest.mark.slow
+def test_load_megatron_torch_dist_holds_the_dense_weights_bit_exactly(tmp_path, capsys, loop_corpus, megatron_dist):
+    """--eval-only --load on megatron-core's TP=2 torch_dist save: the architecture comes from its args and every
+    parameter of the run's model equals the dense model it was written from, bit for bit."""
+    from megatron_moe.training.state import model_state
+    from megatron_moe.training.trainer import Trainer
+
+    cfg = _megatron_run(loop_corpus, megatron_dist["root"], tmp_path / "run")
+    trainer = Trainer(cfg, torch.device("cpu"), eval_only=True, given=set())
+    report = trainer.evaluate_checkpoint()["eval"]
+    assert (trainer.cfg.model.num_layers, trainer.cfg.moe.num_experts, trainer.cfg.model.vocab_size) == (2, 0, 320)
+    got, want = model_state(trainer.engine.parts), megatron_dist["state"]
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert report["step"] == 10 and math.isfinite(report["loss"])
+    assert not (megatron_dist["root"] / "pwned").exists()
+
+
+@pytest.mark.slow
+def test_load_megatron_legacy_trains_alike_in_tp2_pp2_and_fsdp2(megatron_dist):
+    """A legacy TP=2 checkpoint loaded by a single process and by 2-rank tp2, pp2 and FSDP2 (dp2) runs: the
+    validation losses before and after the first step and the first step's training loss agree to 1e-5
+    relative (fp32, other summation orders); the run says it starts at step 1 with a fresh optimizer."""
+    log, runs = megatron_dist["single_log"], megatron_dist["runs"]
+    assert "Megatron-LM checkpoint" in log and "(iteration 10)" in log and "starts at step 1" in log, log
+    valid, step = runs["single"]
+    assert len(valid) == 2 and valid[1] < valid[0]  # the first step trained
+    assert sorted(runs) == ["fsdp2", "pp2", "single", "tp2"]
+    for name, (other_valid, other_step) in runs.items():
+        assert other_valid == pytest.approx(valid, rel=1e-5), name
+        assert other_step == pytest.approx(step, rel=1e-5), name
+
+
+def test_pretrain_cli_loads_megatron_and_says_to_upcycle_for_moe_settings(tmp_path, capsys, loop_corpus):
+    """pretrain_moe.py --load <Megatron dir> with only data and training flags trains its model (Megatron's
+    --finetune, --no-load-optim, --no-load-rng accepted: it is a weights-only start anyway); --num-experts 8
+    on it stops (exit 3) with the upcycle_checkpoint.py command; a --save into the Megatron directory is refused
+    (its iter_* names would collide) and leaves it as it was; a vocabulary smaller than the tokenizer's is
+    refused (exit 2)."""
+    import pretrain_moe
+    from megatron_moe.model.transformer import build_model
+
+    cfg = tiny_config(num_experts=0, vocab_size=320)
+    load = write_megatron(tmp_path / "meg", build_model(cfg, "cpu", seed=0).state_dict(), cfg, 1)
+    before = sorted(p.name for p in load.rglob("*"))
+    argv = ["--load", str(load), "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2",
+            "--train-iters", "1", "--eval-interval", "0", "--training.device", "cpu",
+            "--data-path", loop_corpus["prefix"], "--tokenizer-model", loop_corpus["tokenizer"], "--split", "90,10,0",
+            "--data.cache_dir", str(loop_corpus["root"] / "cache")]
+    finetune = ["--finetune", "--no-load-optim", "--no-load-rng"]
+    assert pretrain_moe.main(argv + finetune + ["--save", str(tmp_path / "run")]) == 0, capsys.readouterr().err
+    assert "loaded the model weights of Megatron-LM checkpoint" in capsys.readouterr().out
+    assert pretrain_moe.main(argv + ["--num-experts", "8", "--save", str(tmp_path / "moe")]) == 3
+    err = capsys.readouterr().err
+    assert "moe.num_experts: checkpoint 0, config 8" in err, err
+    assert f"upcycle_checkpoint.py --input {load / 'iter_0000010'} --input-format megatron --num-experts 8" in err
+    assert pretrain_moe.main(argv + ["--save", str(load)]) == 3
+    assert "holds a Megatron-LM checkpoint; save this run elsewhere" in capsys.readouterr().err
+    assert sorted(p.name for p in load.rglob("*")) == before
+    small = tiny_config(num_experts=0)  # vocabulary 96 < the tokenizer's 300
+    argv[1] = str(write_megatron(tmp_path / "small", build_model(small, "cpu", seed=0).state_dict(), small, 1))
+    assert pretrain_moe.main(argv) == 2
+    assert "model.vocab_size = 96 is smaller than the tokenizer's vocabulary" in capsys.readouterr().err
