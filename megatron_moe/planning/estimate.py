@@ -26,7 +26,9 @@ Communication per step (payload bytes, :mod:`.comm` counts the same way on real 
   without a pipeline and once per step with one;
 - balance: the global load-balancing all-reduce of E fp32 token counts per MoE layer and micro-batch
   over dp (twice with full recompute, which reruns the router);
-- world: LM loss and gradient norm (4 bytes each) and the per-layer MoE statistics (E + 4 floats).
+- world: LM loss (4 bytes), the gradient norm's float64 sum of squares (8 bytes; 16 with
+  ``--log-num-zeros-in-grad``; 8 more with ``--log-params-norm``) and the per-layer MoE statistics
+  (E + 4 floats).
 """
 
 from __future__ import annotations
@@ -127,7 +129,10 @@ def _comm(cfg: Config, sizes: ParallelSizes, sim: RankSim) -> dict[str, int]:
         balance = moe_layers * e.num_experts * 4 * m * (2 if g == "full" else 1)
     world = 0
     if sizes.world > 1:
-        world = 4 + 4 + _num_moe_layers(cfg) * (e.num_experts + 4) * 4
+        # The gradient norm's float64 sum of squares (with the zero count beside it when it is logged),
+        # the parameter norm's when it is logged (parallel/data.py).
+        norms = 8 * (1 + cfg.logging.log_num_zeros_in_grad) + 8 * cfg.logging.log_params_norm
+        world = 4 + norms + _num_moe_layers(cfg) * (e.num_experts + 4) * 4
     return {"tp": tp, "pp": pp, "dp": dp, "balance": balance, "world": world}
 
 
