@@ -15,15 +15,12 @@ mismatch is a :class:`CheckpointError` naming the file; it is reported in prefer
 error DCP met in the same file. The loaded state is undefined after an error (the run stops).
 Checkpoints written before checksums existed load with a warning (their files are not verified).
 
-Cost, measured with ``bench/checkpoint_checksum.py`` on this project's 2-core CPU machine while other
-jobs loaded it (load average 12-19), 1-1.5 GiB of tensors in the page cache: XXH3-64 hashed 6-11 GB/s
-when the machine was quiet, 2-3 GB/s under load (``zlib.crc32``: 1.4-1.6 GB/s quiet, too slow); the
-checksums added -6 to +14 % CPU time to a save and +7 to +10 % to a load, and the wall-clock
-differences (-9 % to +31 %) were within the run-to-run noise of the loaded machine. The hashing runs
-on its own threads beside the file writes and reads (both release the GIL), so with a free core it
-adds wall time only where storage is faster than the hash. On the same machine quiet (1.5 GiB, medians
-of 3): XXH3-64 10.5 GB/s; a verified load +4 % wall time, a checksummed save +13 % (0.6 s on 4.6 s,
-four times what hashing 1.5 GiB costs: the writer's path has overhead left to remove).
+Cost (``bench/checkpoint_checksum.py --gib 4 --rounds 5``, this project's 2-core CPU machine, quiet,
+files in the page cache, plain DCP and these classes back to back in each round, median of the paired
+ratios): a checksummed save +3.3 % wall time (CPU +12 %), a verified load +2.3 % (CPU +14 %); XXH3-64
+hashes 11 GB/s on one core (``zlib.crc32`` 3.2 GB/s, too slow). The hashing runs on its own threads
+beside the file writes and reads (both release the GIL), so with a free core it adds wall time only
+where storage is faster than the hash. On a loaded machine single rounds vary by +-25 %.
 
 **No code execution.** The DCP ``.metadata`` file is a pickle. :class:`_SafeUnpickler` admits exactly
 the globals DCP's metadata is made of, and checkpoints holding pickled (non-tensor) entries are
