@@ -4,14 +4,13 @@ and the ablations that show where the time goes. One process, one device, one ta
 Every row trains the same architecture for the same batches: forward, backward, gradient clipping
 at 1.0 and an AdamW step - each framework as its users get it by default: the engine's train step
 with this project's fused AdamW; for Hugging Face the usual loop with its load-balancing loss on
-(as ours is) and torch's AdamW with its default kernel choice (transformers' Trainer default,
-``adamw_torch``). Rows that compare implementations start from the same weights, checked by
-comparing logits before timing.
+(as ours is) and the optimizer transformers' Trainer picks by default (``TrainingArguments.optim``:
+``adamw_torch_fused`` with torch >= 2.8, torch's fused AdamW, as ours). Rows that compare
+implementations start from the same weights, checked by comparing logits before timing.
 
     ours              this project, top-K router, grouped expert GEMM, fp32
     hf-grouped        transformers MixtralForCausalLM, experts_implementation="grouped_mm"
     hf-eager          the same, experts_implementation="eager" (a loop over experts)
-    hf-grouped-fused  hf-grouped with this project's fused AdamW: the model alone compared
     torchtitan        torchtitan's MoE model, where it imports (else the reason it does not)
     dense             this project, dense SwiGLU of equal active parameters (ffn = K x expert ffn)
     sparsemixer       this project, SparseMixer-v2 router
@@ -131,14 +130,13 @@ def _plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _hf_row(name: str, impl: str, cfg: Config, ours: torch.nn.Module, device: torch.device,
-            fused_adamw: bool = False) -> Row:
+def _hf_row(name: str, impl: str, cfg: Config, ours: torch.nn.Module, device: torch.device) -> Row:
     """Mixtral with our weights (export path of megatron_moe.convert.export_hf), logits checked equal in fp32.
 
     With ``training.bf16`` it trains as transformers' Trainer does in bf16: fp32 weights, bf16 autocast.
     """
     try:
-        from transformers import MixtralForCausalLM
+        from transformers import MixtralForCausalLM, TrainingArguments
 
         from megatron_moe.convert.export_hf import hf_config, hf_state_dict, write_safetensors
     except ImportError as e:
@@ -159,10 +157,11 @@ def _hf_row(name: str, impl: str, cfg: Config, ours: torch.nn.Module, device: to
         raise RuntimeError(f"{name}: logits differ from ours by {diff:.2e}; the comparison would be meaningless")
     hf.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.training.bf16)
-    # transformers' Trainer default (optim="adamw_torch"): torch's AdamW with its default kernel choice.
+    # transformers' Trainer default optimizer: "adamw_torch_fused" (torch >= 2.8) or "adamw_torch".
+    fused = TrainingArguments.default_optim == "adamw_torch_fused"
     optimizer = torch.optim.AdamW(hf.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay,
                                   betas=(cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2),
-                                  fused=True if fused_adamw else None)
+                                  fused=True if fused else None)
     full = [torch.cat([b["tokens"], b["labels"][:, -1:]], dim=1) for b in batches]
 
     def step() -> None:
@@ -210,10 +209,9 @@ def build_rows(cfg: Config, device: torch.device, only: set[str] | None) -> list
         return only is None or name in only
 
     rows = [_ours("ours", cfg, device, "bf16, fp32 master weights" if cfg.training.bf16 else "fp32")]
-    for name, impl, fused in (("hf-grouped", "grouped_mm", False), ("hf-eager", "eager", False),
-                              ("hf-grouped-fused", "grouped_mm", True)):
+    for name, impl in (("hf-grouped", "grouped_mm"), ("hf-eager", "eager")):
         if wanted(name):
-            rows.append(_hf_row(name, impl, cfg, rows[0].module[0], device, fused))
+            rows.append(_hf_row(name, impl, cfg, rows[0].module[0], device))
     if wanted("torchtitan"):
         rows.append(_torchtitan_row())
     if wanted("dense"):
@@ -284,7 +282,6 @@ def ratios(results: dict) -> dict[str, float]:
         return entry.get("tokens_per_sec")
 
     pairs = {"ours / hf-grouped": ("ours", "hf-grouped"), "ours / hf-eager": ("ours", "hf-eager"),
-             "ours / hf-grouped-fused": ("ours", "hf-grouped-fused"),
              "ours / torchtitan": ("ours", "torchtitan"), "MoE / dense (equal active)": ("ours", "dense"),
              "sparsemixer / topk": ("sparsemixer", "ours"), "grouped GEMM / expert loop": ("ours", "expert-loop"),
              "bf16 / fp32": ("bf16", "ours") if "bf16" in results else ("ours", "fp32"),
