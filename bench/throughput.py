@@ -76,6 +76,7 @@ class Row:
     note: str = ""
     times: list[float] = dataclasses.field(default_factory=list)
     peak_bytes: int | None = None
+    steps: int | None = None  # timed steps per round, if not the bench's (a row far slower than the rest)
 
 
 def _batches(cfg: Config, device: torch.device) -> list[dict]:
@@ -231,6 +232,13 @@ def build_rows(cfg: Config, device: torch.device, only: set[str] | None) -> list
     if wanted("compile"):
         rows.append(_ours("compile", dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, compile=True)),
                           device))
+    emulated = device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    for row in rows:
+        if emulated and row.step is not None and (row.name == "bf16" or cfg.training.bf16 and row.name != "fp32"):
+            # Without AVX512-BF16/AMX, oneDNN emulates bf16 matmuls (12-25x slower than fp32, measured on
+            # an AVX2-only CPU): one step per round keeps the bench within minutes.
+            row.steps = 1
+            row.note = (row.note + "; " if row.note else "") + "this CPU has no native bf16 matmul (oneDNN emulates it)"
     return rows
 
 
@@ -239,7 +247,7 @@ def run(cfg: Config, device: torch.device, warmup: int, steps: int, rounds: int,
     rows = build_rows(cfg, device, only)
     live = [r for r in rows if r.step is not None]
     for row in live:
-        for _ in range(warmup):
+        for _ in range(min(warmup, row.steps or warmup)):
             row.step()
         _measure_peak(row, device)
     if device.type == "cuda":
@@ -250,7 +258,7 @@ def run(cfg: Config, device: torch.device, warmup: int, steps: int, rounds: int,
                 torch.cuda.reset_peak_memory_stats(device)
             _sync(device)
             start = time.perf_counter()
-            for _ in range(steps):
+            for _ in range(row.steps or steps):
                 row.step()
             _sync(device)
             row.times.append(time.perf_counter() - start)
@@ -263,7 +271,7 @@ def run(cfg: Config, device: torch.device, warmup: int, steps: int, rounds: int,
     for row in rows:
         entry = {"available": row.step is not None, "note": row.note}
         if row.step is not None:
-            tps = statistics.median(steps * tokens_per_step / t for t in row.times)
+            tps = statistics.median((row.steps or steps) * tokens_per_step / t for t in row.times)
             per_token = flops_per_token
             if row.name == "dense":
                 dense_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=0))
