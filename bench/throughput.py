@@ -76,7 +76,7 @@ class Row:
     note: str = ""
     times: list[float] = dataclasses.field(default_factory=list)
     peak_bytes: int | None = None
-    steps: int | None = None  # timed steps per round, if not the bench's (a row far slower than the rest)
+    slow: bool = False  # far slower than the rest: one warm-up step, then one timed step in the first round only
 
 
 def _batches(cfg: Config, device: torch.device) -> list[dict]:
@@ -236,9 +236,10 @@ def build_rows(cfg: Config, device: torch.device, only: set[str] | None) -> list
     for row in rows:
         if emulated and row.step is not None and (row.name == "bf16" or cfg.training.bf16 and row.name != "fp32"):
             # Without AVX512-BF16/AMX, oneDNN emulates bf16 matmuls (12-25x slower than fp32, measured on
-            # an AVX2-only CPU): one step per round keeps the bench within minutes.
-            row.steps = 1
-            row.note = (row.note + "; " if row.note else "") + "this CPU has no native bf16 matmul (oneDNN emulates it)"
+            # an AVX2-only CPU): one timed step keeps the bench within minutes.
+            row.slow = True
+            emulated_note = "no native bf16 matmul on this CPU (oneDNN emulates it); one timed step"
+            row.note = (row.note + "; " if row.note else "") + emulated_note
     return rows
 
 
@@ -247,18 +248,20 @@ def run(cfg: Config, device: torch.device, warmup: int, steps: int, rounds: int,
     rows = build_rows(cfg, device, only)
     live = [r for r in rows if r.step is not None]
     for row in live:
-        for _ in range(min(warmup, row.steps or warmup)):
+        for _ in range(1 if row.slow else warmup):
             row.step()
         _measure_peak(row, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(rounds):
         for row in live:
+            if row.slow and row.times:
+                continue
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             _sync(device)
             start = time.perf_counter()
-            for _ in range(row.steps or steps):
+            for _ in range(1 if row.slow else steps):
                 row.step()
             _sync(device)
             row.times.append(time.perf_counter() - start)
@@ -271,7 +274,7 @@ def run(cfg: Config, device: torch.device, warmup: int, steps: int, rounds: int,
     for row in rows:
         entry = {"available": row.step is not None, "note": row.note}
         if row.step is not None:
-            tps = statistics.median((row.steps or steps) * tokens_per_step / t for t in row.times)
+            tps = statistics.median((1 if row.slow else steps) * tokens_per_step / t for t in row.times)
             per_token = flops_per_token
             if row.name == "dense":
                 dense_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=0))
