@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 RUN_DIR ?= runs/demo
 DATA_DIR ?= data/demo
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed  # training throughput vs Hugging Face Mixtral and ablations (CPU: < 3 minutes)
 	$(PY) bench/throughput.py
+
+gpu-wheels:  # what scripts/gpu_session.sh needs on a lent GPU machine (Python 3.12, no network) that it lacks
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
