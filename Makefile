@@ -29,7 +29,7 @@ demo: $(VENV)/.installed $(DATA_DIR)/corpus_text_document.idx
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
-bench: $(VENV)/.installed  # training throughput vs Hugging Face Mixtral and ablations (CPU: < 3 minutes)
+bench: $(VENV)/.installed  # training throughput vs Hugging Face Mixtral and ablations (CPU: about 3 minutes)
 	$(PY) bench/throughput.py
 
 gpu-wheels:  # what scripts/gpu_session.sh needs on a lent GPU machine (Python 3.12, no network) that it lacks

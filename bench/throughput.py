@@ -29,7 +29,7 @@ otherwise not reported). Model FLOPs per token of a training step: ``6 N + 6 L S
 Peak memory: ``torch.cuda.max_memory_allocated`` over the timed steps on CUDA; on CPU, the peak of
 tensor memory of one step measured by torch's MemTracker.
 
-    make bench      # = .venv/bin/python bench/throughput.py: on CPU two small shapes (< 3 minutes);
+    make bench      # = .venv/bin/python bench/throughput.py: on CPU two small shapes (about 3 minutes);
                     # on a GPU examples/bench_h100.toml (one 80 GB H100)
 """
 
