@@ -399,6 +399,9 @@ class ParallelConfig:
     virtual_pipeline_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
     pipeline_first_last_fewer_layers: bool = False  # embedding / output head count as one layer each
     data_parallel_shard: bool = False  # FSDP2 over the data-parallel group instead of replication
+    # bf16 mode: accumulate and reduce data-parallel gradients in bf16 (half the bytes) instead of fp32,
+    # as Megatron-LM's --grad-reduce-in-bf16; the optimizer still steps fp32 master weights.
+    grad_reduce_in_bf16: bool = False
     # Activation recompute in backward: "full" = every transformer block, "selective" = the attention
     # core (softmax(QK^T)V) only, as Megatron-LM's --recompute-granularity.
     recompute_granularity: str = "none"
@@ -495,6 +498,9 @@ class Config:
         if self.data.train_data_path and not self.data.eval_data_path and t.eval_iters:
             raise ConfigError("data.train_data_path (--train-data-path) needs data.eval_data_path (--valid-data-path) "
                               "to validate on, or training.eval_iters = 0 (--eval-iters 0) for no validation")
+        if self.parallel.grad_reduce_in_bf16 and not t.bf16:
+            raise ConfigError("parallel.grad_reduce_in_bf16 (--grad-reduce-in-bf16): no effect without training.bf16 "
+                              "(--bf16): fp32 training reduces its fp32 gradients")
         self._check_schedule()
 
     def lr_schedule_samples(self) -> tuple[float, int, int]:
@@ -606,6 +612,7 @@ MEGATRON_FLAGS: dict[str, str] = {
     "recompute-granularity": "parallel.recompute_granularity",
     "compile": "training.compile",  # torchtitan's name; not a Megatron-LM flag
     "use-torch-fsdp2": "parallel.data_parallel_shard",
+    "grad-reduce-in-bf16": "parallel.grad_reduce_in_bf16",
     "log-interval": "logging.log_interval",
     "wandb-project": "logging.wandb_project",
     "tensorboard-dir": "logging.tensorboard_dir",

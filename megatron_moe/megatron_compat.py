@@ -135,7 +135,6 @@ REFUSED: dict[str, tuple[str | None, str]] = {
     "end-weight-decay": (None, "weight decay is constant (--weight-decay)"),
     "calculate-per-token-loss": (None, "the loss is the mean over each micro-batch's tokens, then over "
                                        "micro-batches (Megatron-LM's default)"),
-    "grad-reduce-in-bf16": (None, "gradients are reduced in fp32"),
     "mock-data": (None, "training needs real .bin/.idx data (--data-path)"),
     "moe-router-topk-scaling-factor": (None, "routing weights are not rescaled"),
     "moe-router-enable-expert-bias": (None, "auxiliary-loss-free balancing is not implemented"),

@@ -35,12 +35,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
-def apply_data_parallel(part: nn.Module, dp_mesh: DeviceMesh, shard: bool, bf16: bool) -> nn.Module:
+def apply_data_parallel(part: nn.Module, dp_mesh: DeviceMesh, shard: bool, bf16: bool,
+                        reduce_in_bf16: bool = False) -> nn.Module:
     """Wrap ``part`` (a model or pipeline stage) for data parallelism over ``dp_mesh``, one unit per block.
 
     ``shard``: FSDP2 ``fully_shard`` (else FSDP2's ``replicate``); ``bf16``: bf16 compute copies of
-    the fp32 parameters, fp32 gradient reduction (module docstring). Works for a 1-rank ``dp_mesh``
-    too (the bf16 mechanism of a single process).
+    the fp32 parameters, fp32 gradient reduction (module docstring), or with ``reduce_in_bf16`` bf16
+    gradient accumulation and reduction (Megatron-LM's --grad-reduce-in-bf16: half the bytes, gradients
+    rounded to bf16). Works for a 1-rank ``dp_mesh`` too (the bf16 mechanism of a single process).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -53,7 +55,8 @@ def apply_data_parallel(part: nn.Module, dp_mesh: DeviceMesh, shard: bool, bf16:
             raise RuntimeError("data-parallel replication needs torch.distributed._composable.replicate_with_fsdp "
                                f"(torch >= 2.11); this torch is {torch.__version__}") from None
         wrap = replicate
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    reduce_dtype = torch.bfloat16 if reduce_in_bf16 else torch.float32
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype) if bf16 else None
     kwargs = {"mesh": dp_mesh} if policy is None else {"mesh": dp_mesh, "mp_policy": policy}
     for block in part.layers.values():
         wrap(block, **kwargs)

@@ -228,7 +228,8 @@ class ParallelEngine:
             if cfg.training.compile:
                 compile_blocks(part, tensor_parallel=s.tp > 1)
             if s.dp > 1 or cfg.training.bf16:
-                apply_data_parallel(part, self.mesh["dp"], o.data_parallel_shard, cfg.training.bf16)
+                apply_data_parallel(part, self.mesh["dp"], o.data_parallel_shard, cfg.training.bf16,
+                                    o.grad_reduce_in_bf16)
         self.moe = MoELayerSet(local_moe, len(moe_names), cfg.moe.num_experts)
         self.moe.set_balance_group(self.dp_group)  # TP ranks route the same tokens: dp is the whole batch
         self.parts = parts

@@ -19,7 +19,8 @@ Communication per step (payload bytes, :mod:`.comm` counts the same way on real 
   the once-per-step reductions of partial gradients (sequence-parallel norm weights);
 - pp: each micro-batch sends the stage output forward and the input gradient backward: ``B S/tp H``
   elements in the activation dtype per direction and chunk boundary;
-- dp: replication all-reduces the fp32 gradients once per step (``4 P``); FSDP2 all-gathers each
+- dp: replication all-reduces the fp32 gradients once per step (``4 P``; ``2 P`` in bf16 with
+  ``--grad-reduce-in-bf16``, as are FSDP2's reduce-scatters); FSDP2 all-gathers each
   unit's parameters (compute dtype, dim 0 padded to a multiple of dp) as often as the schedule's
   order of forwards and backwards requires (:func:`.schedule.fsdp_gathers`; interleaved: bounded
   by one per chunk forward and backward) and reduce-scatters the fp32 gradients, per micro-batch
@@ -112,6 +113,7 @@ def _comm(cfg: Config, sizes: ParallelSizes, sim: RankSim) -> dict[str, int]:
     tp = sum(c.tp_bytes[g] * m + c.tp_step_bytes for c in sim.chunks)
     pp = sum(m * c.boundary_bytes * ((not c.is_last) + (not c.is_first)) for c in sim.chunks) if sizes.pp > 1 else 0
     dp = 0
+    grad_bytes = 2 if cfg.parallel.grad_reduce_in_bf16 else 4
     if sizes.dp > 1:
         if cfg.parallel.data_parallel_shard:
             units = sum(sim.fsdp_units)
@@ -120,9 +122,9 @@ def _comm(cfg: Config, sizes: ParallelSizes, sim: RankSim) -> dict[str, int]:
             else:
                 gathers = fsdp_gathers(actions(cfg.parallel.pipeline_schedule, sizes.pp, sim.pp_rank, m), sizes.pp > 1)
             reductions = 1 if sizes.pp > 1 else m
-            dp = gathers * units * act + reductions * units * 4
+            dp = gathers * units * act + reductions * units * grad_bytes
         else:
-            dp = 4 * sim.local_params
+            dp = grad_bytes * sim.local_params
     balance = 0
     if sizes.dp > 1 and e.num_experts and e.balance_loss == "switch" and e.balance_scope == "global":
         moe_layers = sum(c.moe_layers for c in sim.chunks)
