@@ -298,6 +298,17 @@ class OptimizerConfig:
     lr_wsd_decay_style: str = "exponential"  # one of LR_WSD_DECAY_STYLES: WSD's final annealing
     lr_wsd_decay_iters: int = 0  # WSD: the annealing phase, the last iterations of the decay length
     lr_wsd_decay_samples: int = 0  # the same for sample-based runs
+    # The input and output layers (embedding, output head) on their own schedule, Megatron-LM's
+    # --decoupled-lr / --decoupled-min-lr: the same warmup and decay from lr_warmup_init to these.
+    decoupled_lr: float = -1.0  # negative: not set (those layers follow optimizer.lr)
+    decoupled_min_lr: float = -1.0  # negative: optimizer.min_lr (Megatron-LM's default)
+
+    def lr_bounds(self, decoupled: bool) -> tuple[float, float]:
+        """(max, min) learning rate of a parameter group: the decoupled pair for the input and output
+        layers when ``decoupled_lr`` is set, else ``lr`` and ``min_lr``."""
+        if not decoupled or self.decoupled_lr < 0:
+            return self.lr, self.min_lr
+        return self.decoupled_lr, self.min_lr if self.decoupled_min_lr < 0 else self.decoupled_min_lr
 
     def validate(self) -> None:
         _check_choice("optimizer.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
@@ -322,6 +333,17 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.lr_warmup_init = {self.lr_warmup_init} exceeds optimizer.lr = {self.lr}")
         if self.lr_warmup_fraction >= 1:
             raise ConfigError(f"optimizer.lr_warmup_fraction = {self.lr_warmup_fraction}; must be below 1")
+        if self.decoupled_min_lr >= 0 and self.decoupled_lr < 0:
+            raise ConfigError("optimizer.decoupled_min_lr (--decoupled-min-lr) has no effect without "
+                              "optimizer.decoupled_lr (--decoupled-lr)")
+        if self.decoupled_lr >= 0:
+            top, bottom = self.lr_bounds(decoupled=True)
+            if bottom > top:
+                raise ConfigError(f"the input and output layers' minimum learning rate {bottom} exceeds "
+                                  f"optimizer.decoupled_lr = {top}")
+            if self.lr_warmup_init > top:
+                raise ConfigError(f"optimizer.lr_warmup_init = {self.lr_warmup_init} exceeds "
+                                  f"optimizer.decoupled_lr = {top}")
         if not 0 <= self.adam_beta1 < 1 or not 0 <= self.adam_beta2 < 1:
             raise ConfigError("optimizer.adam_beta1 and optimizer.adam_beta2 must be in [0, 1)")
 
@@ -585,6 +607,8 @@ MEGATRON_FLAGS: dict[str, str] = {
     "tokenizer-model": "data.tokenizer_model",
     "lr": "optimizer.lr",
     "min-lr": "optimizer.min_lr",
+    "decoupled-lr": "optimizer.decoupled_lr",
+    "decoupled-min-lr": "optimizer.decoupled_min_lr",
     "weight-decay": "optimizer.weight_decay",
     "clip-grad": "optimizer.clip_grad",
     "adam-beta1": "optimizer.adam_beta1",

@@ -129,8 +129,6 @@ REFUSED: dict[str, tuple[str | None, str]] = {
     "num-experts-per-tok": (None, "use --moe-router-topk"),
     "rampup-batch-size": (None, "the global batch size is fixed (--global-batch-size)"),
     "step-batch-size-schedule": (None, "the global batch size is fixed (--global-batch-size)"),
-    "decoupled-lr": (None, "one learning rate schedule for all parameters"),
-    "decoupled-min-lr": (None, "one learning rate schedule for all parameters"),
     "start-weight-decay": (None, "weight decay is constant (--weight-decay)"),
     "end-weight-decay": (None, "weight decay is constant (--weight-decay)"),
     "calculate-per-token-loss": (None, "the loss is the mean over each micro-batch's tokens, then over "

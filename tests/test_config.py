@@ -274,7 +274,9 @@ def test_megatron_training_data_and_logging_flags():
     (["--train-data-path", "b"], "needs data.eval_data_path"),
     (["--tokenizer-type", "BertWordPieceCase"], "--tokenizer-type BertWordPieceCase: not available"),
     (["--lr-decay-style", "WSD"], "lr_wsd_decay_iters"),
-    (["--decoupled-lr", "5e-4"], "one learning rate schedule"),
+    (["--decoupled-min-lr", "5e-5"], "optimizer.decoupled_min_lr (--decoupled-min-lr) has no effect without"),
+    (["--decoupled-lr", "1e-5", "--decoupled-min-lr", "5e-5"], "minimum learning rate 5e-05 exceeds"),
+    (["--grad-reduce-in-bf16"], "no effect without training.bf16"),
     (["--hidden-size", "256", "--num-attention-heads", "4", "--kv-channels", "128"], "--kv-channels 128: the head"),
 ])
 def test_megatron_training_flag_errors(argv, needle):

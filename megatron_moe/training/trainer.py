@@ -45,7 +45,7 @@ from megatron_moe.training.metrics import (
     step_record,
     validation_record,
 )
-from megatron_moe.training.optim import build_optimizer, learning_rate, set_learning_rate
+from megatron_moe.training.optim import build_optimizer, set_learning_rate
 from megatron_moe.training.signals import StopRequest
 
 
@@ -228,8 +228,7 @@ class Trainer:
         throughput = _Throughput(t.global_batch_size * cfg.data.seq_length)
         with StopRequest() as stop:
             for step in range(resume.step + 1, t.train_iters + 1):
-                lr = learning_rate(step - 1, cfg)
-                set_learning_rate(optimizer, lr)
+                lr = set_learning_rate(optimizer, step - 1, cfg)
                 self.module.train()
                 result = engine.train_step([next(train_iter) for _ in range(engine.sizes.num_microbatches)],
                                            optimizer, cfg.optimizer.clip_grad)

@@ -18,10 +18,11 @@ def _config(**settings) -> Config:
     return cfg
 
 
-def _megatron_lrs(cfg: Config, steps: int) -> list[float]:
+def _megatron_lrs(cfg: Config, steps: int, group: dict | None = None) -> list[float]:
     """The learning rate of each iteration under megatron-core's own OptimizerParamScheduler, built
     as Megatron-LM's training.get_optimizer_param_scheduler builds it, stepped by one global batch
-    per iteration as its train loop does."""
+    per iteration as its train loop does; ``group``: the param group's own ``max_lr`` / ``min_lr``
+    (what megatron-core's optimizer sets for --decoupled-lr's input and output layers)."""
     o, t = cfg.optimizer, cfg.training
     if t.train_samples:
         decay = o.lr_decay_samples or t.train_samples
@@ -31,7 +32,7 @@ def _megatron_lrs(cfg: Config, steps: int) -> list[float]:
         decay = (o.lr_decay_iters or t.train_iters) * t.global_batch_size
         wsd = o.lr_wsd_decay_iters * t.global_batch_size if o.lr_wsd_decay_iters else None
         warmup = o.lr_warmup_fraction * decay if o.lr_warmup_fraction else o.lr_warmup_iters * t.global_batch_size
-    optimizer = types.SimpleNamespace(param_groups=[{}])
+    optimizer = types.SimpleNamespace(param_groups=[dict(group or {})])
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=o.lr_warmup_init, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
         lr_decay_steps=decay, lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
@@ -104,3 +105,58 @@ def test_no_weight_decay_on_norms_and_vectors():
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     assert decayed == {id(model[0].weight)}
     assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("decoupled_min_lr", [-1.0, 0.02], ids=["min_lr", "own"])
+@pytest.mark.parametrize("name", ["warmup+cosine", "WSD linear", "inverse-square-root"])
+def test_decoupled_lr_equals_megatrons_scheduler_for_the_input_and_output_layers(name, decoupled_min_lr):
+    """--decoupled-lr / --decoupled-min-lr (unset: optimizer.min_lr, as Megatron-LM): the input and output
+    layers' rate equals megatron-core's scheduler on a group with those max_lr / min_lr; the rest keep
+    the main schedule."""
+    cfg = _config(**SCHEDULES[name], decoupled_lr=3.0, decoupled_min_lr=decoupled_min_lr)
+    steps = cfg.training.train_iters + 5
+    bottom = cfg.optimizer.min_lr if decoupled_min_lr < 0 else decoupled_min_lr
+    theirs = _megatron_lrs(cfg, steps, {"max_lr": 3.0, "min_lr": bottom})
+    assert [learning_rate(s, cfg, decoupled=True) for s in range(steps)] == pytest.approx(theirs, rel=1e-12,
+                                                                                          abs=1e-15)
+    assert [learning_rate(s, cfg) for s in range(steps)] == pytest.approx(_megatron_lrs(cfg, steps), rel=1e-12,
+                                                                           abs=1e-15)
+
+
+def test_decoupled_lr_moves_only_the_embedding_and_output_layer_at_its_rate():
+    """One AdamW step: with --decoupled-lr 0 the embedding and output head do not move and every other
+    parameter does; with the decoupled rate equal to the main one the step is the undecoupled step."""
+    from megatron_moe.model.transformer import build_model
+    from megatron_moe.training.optim import set_learning_rate
+    from tests.builders import tiny_config
+
+    def one_step(**optimizer_settings) -> tuple[dict, dict]:
+        cfg = tiny_config()
+        cfg.optimizer.lr, cfg.optimizer.lr_decay_style = 1e-2, "constant"
+        for k, v in optimizer_settings.items():
+            setattr(cfg.optimizer, k, v)
+        cfg.validate()
+        torch.manual_seed(0)
+        model = build_model(cfg, "cpu")
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = build_optimizer(model, cfg.optimizer)
+        set_learning_rate(opt, 0, cfg)
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, 16))
+        logits = model(tokens)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
+        opt.step()
+        return before, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    before, after = one_step(decoupled_lr=0.0)
+    io = {n for n in before if n.startswith(("tok_embeddings.", "output."))}
+    assert io == {"tok_embeddings.weight", "output.weight"}
+    for n in before:
+        assert torch.equal(before[n], after[n]) == (n in io), n
+    _, same = one_step(decoupled_lr=1e-2)
+    _, plain = one_step()
+    assert all(torch.equal(same[n], plain[n]) for n in plain)
+
+
+def test_decoupled_min_lr_without_decoupled_lr_is_refused():
+    with pytest.raises(ConfigError, match="decoupled_min_lr"):
+        _config(decoupled_min_lr=0.1)
