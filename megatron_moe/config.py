@@ -88,6 +88,9 @@ class ModelConfig:
     init_std: float = 0.02
     # Options of released models (GRIN/PhiMoE, Qwen2, Llama 3). Experts and routers never have biases.
     normalization: str = "RMSNorm"  # one of NORMALIZATIONS, for every norm of the model
+    # Zero-centred norm scales (Megatron-LM's --apply-layernorm-1p): a norm stores w (initialised to 0)
+    # and scales by 1 + w, so the stored values stay near 0, where floats are densest.
+    apply_layernorm_1p: bool = False
     add_qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2, PhiMoE)
     add_bias_linear: bool = False  # biases on the attention output and the dense MLP's linears
     lm_head_bias: bool = False  # a bias on the output layer (PhiMoE's lm_head_bias)
@@ -641,6 +644,7 @@ MEGATRON_FLAGS: dict[str, str] = {
     "wandb-project": "logging.wandb_project",
     "tensorboard-dir": "logging.tensorboard_dir",
     "normalization": "model.normalization",
+    "apply-layernorm-1p": "model.apply_layernorm_1p",
     "add-qkv-bias": "model.add_qkv_bias",
     "add-bias-linear": "model.add_bias_linear",
     "rope-scaling-factor": "model.rope_scaling_factor",

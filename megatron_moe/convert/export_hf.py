@@ -70,6 +70,8 @@ def hf_state_dict(cfg: Config, state: dict[str, torch.Tensor], arch: str | None 
                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """HF tensor names -> contiguous ``dtype`` tensors for the native ``state`` (names of MoETransformer)."""
     arch = arch or choose_architecture(cfg)
+    if cfg.model.apply_layernorm_1p:  # Hugging Face's norms scale by their weight: store 1 + w
+        state = {k: v + 1 if k.endswith("norm.weight") else v for k, v in state.items()}
     shapes = {name: tuple(t.shape) for name, t in state.items()}
     out: dict[str, torch.Tensor] = {}
     for link in tensor_links(shapes, hf_names_family(arch), cfg.moe.num_experts):

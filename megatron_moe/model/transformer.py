@@ -18,7 +18,8 @@ Weight initialisation (:meth:`MoETransformer.init_weights`), deterministic for a
 - output projections of each residual branch (attention ``wo``, SwiGLU ``w2``, expert ``w2``):
   normal(0, init_std / sqrt(2 * num_layers)) (GPT-2 / Megatron-LM scaled init), so the residual
   stream's variance does not grow with depth;
-- router gates: normal(0, init_std); norm weights: 1; every bias (norms and linears): 0.
+- router gates: normal(0, init_std); norm weights: 1 (0 with ``apply_layernorm_1p``, whose norms
+  scale by 1 + weight); every bias (norms and linears): 0.
 Build large models with ``torch.device("meta")`` and call :func:`materialize` (to_empty + init).
 """
 
@@ -36,26 +37,42 @@ from megatron_moe.model.moe import MoELayer
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm over the last dimension, with a learned scale."""
+    """Root-mean-square layer norm over the last dimension, with a learned scale (``zero_centered``:
+    the stored weight w is 0 at init and the scale is 1 + w, Megatron-LM's --apply-layernorm-1p)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, zero_centered: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.zero_centered = eps, zero_centered
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        scale = self.weight + 1 if self.zero_centered else self.weight
+        return F.rms_norm(x, (x.shape[-1],), scale, self.eps)
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        nn.init.constant_(self.weight, 0.0 if self.zero_centered else 1.0)
+
+
+class LayerNorm1P(nn.LayerNorm):
+    """torch's LayerNorm with a zero-centred scale: the stored weight w is 0 at init, the scale 1 + w."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
 
 
 def build_norm(m: ModelConfig) -> nn.Module:
     """A norm over ``m.hidden_size`` as ``m.normalization`` says: :class:`RMSNorm` (a weight) or torch's
-    ``LayerNorm`` (a weight and a bias), with ``m.norm_eps``."""
+    ``LayerNorm`` (a weight and a bias), with ``m.norm_eps``; zero-centred scales with
+    ``m.apply_layernorm_1p``."""
     if m.normalization == "LayerNorm":
-        return nn.LayerNorm(m.hidden_size, eps=m.norm_eps)
-    return RMSNorm(m.hidden_size, m.norm_eps)
+        cls = LayerNorm1P if m.apply_layernorm_1p else nn.LayerNorm
+        return cls(m.hidden_size, eps=m.norm_eps)
+    return RMSNorm(m.hidden_size, m.norm_eps, m.apply_layernorm_1p)
 
 
 @dataclass(frozen=True)
@@ -241,7 +258,7 @@ class MoETransformer(nn.Module):
             if parts[-1] == "bias":
                 p.zero_()
             elif name.endswith("norm.weight"):
-                p.fill_(1.0)
+                p.fill_(0.0 if self.cfg.model.apply_layernorm_1p else 1.0)
             elif parts[-1] == "w2" or parts[-2:-1] in (["wo"], ["w2"]):  # residual-branch outputs
                 p.normal_(0.0, out_std, generator=generator)
             else:

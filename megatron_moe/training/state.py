@@ -171,7 +171,8 @@ ARCHITECTURE_SETTINGS = (
     "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_attention_heads",
     "model.num_query_groups", "model.ffn_hidden_size", "model.tie_embeddings", "model.rope_theta",
     "moe.num_experts", "moe.topk", "moe.expert_ffn_hidden_size", "moe.layer_freq", "moe.first_k_dense",
-    "model.normalization", "model.add_qkv_bias", "model.add_bias_linear", "model.lm_head_bias",
+    "model.normalization", "model.apply_layernorm_1p", "model.add_qkv_bias", "model.add_bias_linear",
+    "model.lm_head_bias",
     "model.rope_scaling", "model.rope_scaling_factor", "model.rope_low_freq_factor", "model.rope_high_freq_factor",
     "model.rope_original_max_position",
 )

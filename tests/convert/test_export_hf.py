@@ -75,6 +75,21 @@ def test_dense_exports_to_llama(tmp_path):
         assert torch.equal(source.get(name), t), name
 
 
+def test_zero_centred_norms_export_as_plain_weights(tmp_path):
+    """A model trained with --apply-layernorm-1p stores w and scales by 1 + w; Hugging Face's Llama gets
+    1 + w and computes the same logits."""
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_config(num_experts=0)
+    cfg.model.apply_layernorm_1p = True
+    ours = save_native(tmp_path / "dense", cfg, seed=5)
+    export(tmp_path / "dense", tmp_path / "llama")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("moe,reason", [
     ({"router": "sparsemixer"}, "moe.router = 'sparsemixer'"),
     ({"logit_norm": True}, "moe.logit_norm"),

@@ -282,3 +282,20 @@ def test_biased_rope_scaled_model_matches_transformers_llama(tiny_config):
     tokens = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(4))
     # transformers computes the RoPE frequencies in float32 (~1e-7 relative): logits agree to ~1e-6.
     torch.testing.assert_close(model.eval()(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
+def test_apply_layernorm_1p_is_the_plain_norm_with_its_weight_plus_one(tiny_config, normalization):
+    """--apply-layernorm-1p: every norm weight starts at 0 and the model computes what the plain model
+    computes with each norm weight + 1, bit for bit (the same scale tensor reaches the same kernel)."""
+    settings = dict(num_layers=2, vocab_size=40, normalization=normalization)
+    one_p = build_model(tiny_config(**settings, apply_layernorm_1p=True))
+    norms = [n for n, _ in one_p.named_parameters() if n.endswith("norm.weight")]
+    assert len(norms) == 5 and all(not one_p.state_dict()[n].any() for n in norms)
+    _randomize(one_p, seed=3)
+    plain = build_model(tiny_config(**settings))
+    plain.load_state_dict({k: v + 1 if k in norms else v for k, v in one_p.state_dict().items()})
+    tokens = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(one_p.eval()(tokens), plain.eval()(tokens))
+        assert not torch.equal(build_model(tiny_config(**settings)).eval()(tokens), plain(tokens))

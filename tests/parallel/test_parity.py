@@ -7,7 +7,8 @@ computed once in the parent. Tolerances and their justification: tests/parallel/
 The released-model options (LayerNorm with bias, q/k/v, attention-output, dense-MLP and LM-head
 biases, llama3 RoPE: :data:`RELEASED`) run on the layouts whose code they touch: tp2 (biases
 sharded with column-parallel weights, replicated and added once after row-parallel reductions,
-sequence-parallel LayerNorm), pp2, dp2 with FSDP2, tp2 x pp2. Biases start at zero, so the first
+sequence-parallel LayerNorm; also with --apply-layernorm-1p's zero-centred scales), pp2, dp2 with
+FSDP2, tp2 x pp2. Biases start at zero, so the first
 step checks their gradients (parameters after it) and the second their forward (its loss). A
 checkpoint of that model with nonzero biases, written by one process, loads resharded into tp2
 (DCP names of the biases and their shards) and gives the single-process logits.
@@ -43,9 +44,11 @@ PARAMS_NORM_RTOL = 1e-6
 
 
 def _config(model: str, tp: int = 1, pp: int = 1):
-    """The tiny model with router ``model`` ("topk", "sparsemixer"), or "released": :data:`RELEASED`;
-    parameter norms and gradient zero counts logged."""
-    settings = RELEASED if model == "released" else {"router": model}
+    """The tiny model with router ``model`` ("topk", "sparsemixer"), or "released": :data:`RELEASED`
+    ("released-1p": with zero-centred norm scales, --apply-layernorm-1p); parameter norms and
+    gradient zero counts logged."""
+    settings = {"released": RELEASED, "released-1p": {**RELEASED, "apply_layernorm_1p": True}}.get(
+        model, {"router": model})
     return tiny_config(tp=tp, pp=pp, log_params_norm=True, log_num_zeros_in_grad=True, **settings)
 
 
@@ -79,6 +82,8 @@ def _variants(tp: int, pp: int, dp: int) -> list[tuple[str, str, dict]]:
         out.append(("sparsemixer", "sparsemixer/selective-recompute", {"recompute_granularity": "selective"}))
     if (tp, pp, dp) in RELEASED_LAYOUTS:
         out.append(("released", "layernorm+biases+llama3", RELEASED_LAYOUTS[(tp, pp, dp)]))
+    if (tp, pp, dp) == (2, 1, 1):  # sequence-parallel norms scaling by 1 + w
+        out.append(("released-1p", "layernorm-1p+biases+llama3", {}))
     return out
 
 
@@ -186,7 +191,7 @@ WORLDS = sorted({t * p * d for t, p, d in LAYOUTS})
 def test_layouts_match_single_process(world, tmp_path):
     """Layouts (tp, pp, dp) of this world size: losses, grad norms and parameters after a step."""
     layouts = [lay for lay in LAYOUTS if lay[0] * lay[1] * lay[2] == world]
-    refs = {m: reference(m) for m in ("topk", "sparsemixer", "released")}
+    refs = {m: reference(m) for m in ("topk", "sparsemixer", "released", "released-1p")}
     gb_ref = global_balance_reference() if (1, 1, 2) in layouts else None
     released_ckpt = _save_released_checkpoint(tmp_path / "released") if (2, 1, 1) in layouts else None
     results = run_distributed(_layouts_body, world, (layouts, refs, gb_ref, released_ckpt), timeout=400)
