@@ -362,6 +362,9 @@ class TrainingConfig:
     eval_iters: int = 100
     seed: int = 1234
     bf16: bool = False  # bf16 compute copies of fp32 master weights; fp32 gradient reduction
+    # The LM loss as the mean over every unmasked token of the global batch (Megatron-LM's
+    # --calculate-per-token-loss), not the mean over micro-batches of each one's token mean.
+    calculate_per_token_loss: bool = False
     device: str = "auto"  # one of DEVICES
     num_threads: int = 0  # CPU intra-op threads; 0 = torch default
     exit_interval: int = 0  # save a checkpoint and exit after this many steps (0 = run to train_iters)
@@ -645,6 +648,7 @@ MEGATRON_FLAGS: dict[str, str] = {
     "tensorboard-dir": "logging.tensorboard_dir",
     "normalization": "model.normalization",
     "apply-layernorm-1p": "model.apply_layernorm_1p",
+    "calculate-per-token-loss": "training.calculate_per_token_loss",
     "add-qkv-bias": "model.add_qkv_bias",
     "add-bias-linear": "model.add_bias_linear",
     "rope-scaling-factor": "model.rope_scaling_factor",

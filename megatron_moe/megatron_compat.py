@@ -131,8 +131,6 @@ REFUSED: dict[str, tuple[str | None, str]] = {
     "step-batch-size-schedule": (None, "the global batch size is fixed (--global-batch-size)"),
     "start-weight-decay": (None, "weight decay is constant (--weight-decay)"),
     "end-weight-decay": (None, "weight decay is constant (--weight-decay)"),
-    "calculate-per-token-loss": (None, "the loss is the mean over each micro-batch's tokens, then over "
-                                       "micro-batches (Megatron-LM's default)"),
     "mock-data": (None, "training needs real .bin/.idx data (--data-path)"),
     "moe-router-topk-scaling-factor": (None, "routing weights are not rescaled"),
     "moe-router-enable-expert-bias": (None, "auxiliary-loss-free balancing is not implemented"),

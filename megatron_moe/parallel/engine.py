@@ -49,7 +49,7 @@ from megatron_moe.parallel.data import (
     materialize_partial_grads,
     set_micro_batch,
 )
-from megatron_moe.parallel.loss import lm_loss_from_target, loss_context, loss_target
+from megatron_moe.parallel.loss import global_token_normalizer, lm_loss_from_target, loss_context, loss_target
 from megatron_moe.parallel.mesh import ParallelSizes, build_mesh, check_grouped_gemm_shapes, parallel_sizes
 from megatron_moe.parallel.pipeline import Pipeline, build_stage_module, split_layers, stage_indices
 from megatron_moe.parallel.tensor import apply_tensor_parallel
@@ -137,6 +137,7 @@ class ParallelEngine:
     ):
         self.cfg = cfg
         self._num_micro = 1
+        self._token_normalizer: torch.Tensor | None = None  # per-token loss: global_token_normalizer
         self.param_counts: dict[str, int] = {}
         world = dist.get_world_size() if dist.is_initialized() else 1
         cfg.parallel.validate()
@@ -264,6 +265,8 @@ class ParallelEngine:
         self.moe.set_aux_loss_scale(1.0 / n)
 
     def _loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self._token_normalizer is not None:  # training.calculate_per_token_loss
+            return lm_loss_from_target(logits, target, self._token_normalizer)
         return lm_loss_from_target(logits, target) / self._num_micro
 
     # ------------------------------------------------------------------ steps
@@ -278,8 +281,11 @@ class ParallelEngine:
         return tokens, target
 
     def _forward_backward(self, batches: list[dict], train: bool) -> torch.Tensor | None:
-        """Sum over micro-batches of loss / num_microbatches (None on ranks without the last stage)."""
+        """Sum over micro-batches of their losses (each loss / num_microbatches, or with per-token loss its summed
+        cross entropy / global_token_normalizer); None on ranks without the last stage."""
         tokens, target = self._stack(batches)
+        if self.cfg.training.calculate_per_token_loss:
+            self._token_normalizer = global_token_normalizer(target, self.dp_group, self.sizes.dp)
         tp = self.sizes.tp > 1
         if self.pipeline is not None:  # the schedule sets the data-parallel sync of each micro-batch itself
             with loss_context(tp):
