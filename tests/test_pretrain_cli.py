@@ -261,7 +261,7 @@ def test_megatron_llama3_example_command_line_runs_unmodified(tmp_path, capsys):
     meta = read_meta(checkpoint / "iter_0000002")
     m, o, t = meta["config"]["model"], meta["config"]["optimizer"], meta["config"]["training"]
     # The script gives no --normalization: Megatron-LM's default there is LayerNorm, this project's RMSNorm
-    # (README "Defaults": the one default that differs).
+    # (README "Coming from Megatron-LM": the architecture defaults that differ).
     assert (m["normalization"], m["apply_layernorm_1p"], o["decoupled_lr"], o["decoupled_min_lr"]) == (
         "RMSNorm", True, 5e-4, 4.5e-5)
     assert t["calculate_per_token_loss"] and meta["config"]["parallel"]["grad_reduce_in_bf16"] and t["bf16"]
