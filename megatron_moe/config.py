@@ -303,8 +303,8 @@ class OptimizerConfig:
     lr_wsd_decay_samples: int = 0  # the same for sample-based runs
     # The input and output layers (embedding, output head) on their own schedule, Megatron-LM's
     # --decoupled-lr / --decoupled-min-lr: the same warmup and decay from lr_warmup_init to these.
-    decoupled_lr: float = -1.0  # negative: not set (those layers follow optimizer.lr)
-    decoupled_min_lr: float = -1.0  # negative: optimizer.min_lr (Megatron-LM's default)
+    decoupled_lr: float = -1.0  # -1: not set (those layers follow optimizer.lr)
+    decoupled_min_lr: float = -1.0  # -1: optimizer.min_lr (Megatron-LM's default)
 
     def lr_bounds(self, decoupled: bool) -> tuple[float, float]:
         """(max, min) learning rate of a parameter group: the decoupled pair for the input and output
@@ -336,6 +336,9 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.lr_warmup_init = {self.lr_warmup_init} exceeds optimizer.lr = {self.lr}")
         if self.lr_warmup_fraction >= 1:
             raise ConfigError(f"optimizer.lr_warmup_fraction = {self.lr_warmup_fraction}; must be below 1")
+        for name, value in (("decoupled_lr", self.decoupled_lr), ("decoupled_min_lr", self.decoupled_min_lr)):
+            if value < 0 and value != -1.0:
+                raise ConfigError(f"optimizer.{name} = {value}; must be >= 0 (or -1: not set)")
         if self.decoupled_min_lr >= 0 and self.decoupled_lr < 0:
             raise ConfigError("optimizer.decoupled_min_lr (--decoupled-min-lr) has no effect without "
                               "optimizer.decoupled_lr (--decoupled-lr)")

@@ -275,6 +275,7 @@ def test_megatron_training_data_and_logging_flags():
     (["--tokenizer-type", "BertWordPieceCase"], "--tokenizer-type BertWordPieceCase: not available"),
     (["--lr-decay-style", "WSD"], "lr_wsd_decay_iters"),
     (["--decoupled-min-lr", "5e-5"], "optimizer.decoupled_min_lr (--decoupled-min-lr) has no effect without"),
+    (["--decoupled-lr", "-5"], "optimizer.decoupled_lr = -5.0; must be >= 0"),
     (["--decoupled-lr", "1e-5", "--decoupled-min-lr", "5e-5"], "minimum learning rate 5e-05 exceeds"),
     (["--grad-reduce-in-bf16"], "no effect without training.bf16"),
     (["--hidden-size", "256", "--num-attention-heads", "4", "--kv-channels", "128"], "--kv-channels 128: the head"),
