@@ -59,16 +59,21 @@ def test_sharded_export_with_tied_embeddings(tmp_path):
         torch.testing.assert_close(ours(x), hf(x).logits, atol=ATOL, rtol=0)
 
 
-def test_dense_exports_to_llama(tmp_path):
+def _exports_to_llama_with_the_same_logits(tmp_path, cfg, seed: int) -> torch.nn.Module:
+    """Save a random native model of ``cfg``, export it, check transformers' Llama computes its logits."""
     from transformers import LlamaForCausalLM
 
-    cfg = tiny_config(num_experts=0)
-    ours = save_native(tmp_path / "dense", cfg, seed=2)
+    ours = save_native(tmp_path / "dense", cfg, seed=seed)
     export(tmp_path / "dense", tmp_path / "llama")
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
     x = tokens()
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, atol=ATOL, rtol=0)
+    return ours
+
+
+def test_dense_exports_to_llama(tmp_path):
+    ours = _exports_to_llama_with_the_same_logits(tmp_path, tiny_config(num_experts=0), seed=2)
     # ... and the exported Llama round-trips through the HF reader.
     source = read_hf(tmp_path / "llama")
     for name, t in ours.state_dict().items():
@@ -78,16 +83,9 @@ def test_dense_exports_to_llama(tmp_path):
 def test_zero_centred_norms_export_as_plain_weights(tmp_path):
     """A model trained with --apply-layernorm-1p stores w and scales by 1 + w; Hugging Face's Llama gets
     1 + w and computes the same logits."""
-    from transformers import LlamaForCausalLM
-
     cfg = tiny_config(num_experts=0)
     cfg.model.apply_layernorm_1p = True
-    ours = save_native(tmp_path / "dense", cfg, seed=5)
-    export(tmp_path / "dense", tmp_path / "llama")
-    hf = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
-    x = tokens()
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), hf(x).logits, atol=ATOL, rtol=0)
+    _exports_to_llama_with_the_same_logits(tmp_path, cfg, seed=5)
 
 
 @pytest.mark.parametrize("moe,reason", [
