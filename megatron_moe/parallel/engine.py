@@ -49,7 +49,7 @@ from megatron_moe.parallel.data import (
     materialize_partial_grads,
     set_micro_batch,
 )
-from megatron_moe.parallel.loss import global_token_normalizer, lm_loss_from_target, loss_context, loss_target
+from megatron_moe.parallel.loss import global_token_normalizer, lm_loss_from_target, loss_target
 from megatron_moe.parallel.mesh import ParallelSizes, build_mesh, check_grouped_gemm_shapes, parallel_sizes
 from megatron_moe.parallel.pipeline import Pipeline, build_stage_module, split_layers, stage_indices
 from megatron_moe.parallel.tensor import apply_tensor_parallel
@@ -286,10 +286,8 @@ class ParallelEngine:
         tokens, target = self._stack(batches)
         if self.cfg.training.calculate_per_token_loss:
             self._token_normalizer = global_token_normalizer(target, self.dp_group, self.sizes.dp)
-        tp = self.sizes.tp > 1
         if self.pipeline is not None:  # the schedule sets the data-parallel sync of each micro-batch itself
-            with loss_context(tp):
-                return self.pipeline.run(tokens, target, train)
+            return self.pipeline.run(tokens, target, train)
         (part,) = self.parts
         total = torch.zeros((), device=self.device)
         b = batches[0]["tokens"].shape[0]
@@ -297,10 +295,9 @@ class ParallelEngine:
             if train:
                 set_micro_batch(self.parts, last=i == len(batches) - 1, shard=self.cfg.parallel.data_parallel_shard)
             logits = part(tokens[i * b : (i + 1) * b])
-            with loss_context(tp):
-                loss = self._loss_fn(logits, target[i * b : (i + 1) * b])
-                if train:
-                    loss.backward()
+            loss = self._loss_fn(logits, target[i * b : (i + 1) * b])
+            if train:
+                loss.backward()
             total += loss.detach()
         return total
 

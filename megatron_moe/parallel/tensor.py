@@ -11,7 +11,7 @@ Applied from outside to an unmodified model with DTensor parallel styles (torcht
 - dense SwiGLU: w1/w3 column-, w2 row-parallel, same gather / reduce-scatter;
 - embedding: vocabulary-parallel (:class:`RowwiseParallel` on the vocab dim) into sequence shards;
 - output: vocabulary-parallel :class:`ColwiseParallel` returning logits as a DTensor sharded on the
-  vocab dim, for :func:`torch.distributed.tensor.parallel.loss_parallel` (no full-logit gather);
+  vocab dim, for :func:`megatron_moe.parallel.loss.vocab_parallel_cross_entropy` (no full-logit gather);
 - biases (``model.add_qkv_bias``, ``add_bias_linear``, ``lm_head_bias``), placed by the same styles:
   a column-parallel layer's bias is sharded with its output rows (q/k/v biases with their heads,
   w1/w3 with the ffn slice, the LM-head bias with the vocabulary slice, padded rows included); a
@@ -186,7 +186,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
 
     Every rank must hold the same full weights before the call (each keeps its own slice).
     After it, stage inputs/outputs between blocks are sequence shards [B, S/tp, H]; the last stage
-    returns logits as a DTensor [B, S, V] sharded on V (compute the loss under ``loss_parallel``).
+    returns logits as a DTensor [B, S, V] sharded on V
+    (the loss: :func:`megatron_moe.parallel.loss.vocab_parallel_cross_entropy`).
     """
     if tp_mesh.size() == 1:
         return model

@@ -74,8 +74,8 @@ class CommCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(t is DTensor for t in types):
-            # Let DTensor desugar the op first, so the collectives it issues inside (loss_parallel,
-            # implicit redistributions) reach this mode as plain ops (as torch's CommDebugMode does).
+            # Let DTensor desugar the op first, so the collectives it issues inside (implicit
+            # redistributions) reach this mode as plain ops (as torch's CommDebugMode does).
             return NotImplemented
         if isinstance(func, torch._ops.HigherOrderOperator):
             return func(*args, **(kwargs or {}))

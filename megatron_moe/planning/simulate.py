@@ -27,7 +27,7 @@ from megatron_moe.config import RECOMPUTE_GRANULARITIES, Config
 from megatron_moe.model.moe import MoELayer
 from megatron_moe.model.transformer import MoETransformer, is_moe_layer
 from megatron_moe.parallel.engine import ParallelEngine, apply_activation_checkpointing
-from megatron_moe.parallel.loss import lm_loss_from_target, loss_context
+from megatron_moe.parallel.loss import lm_loss_from_target
 from megatron_moe.parallel.mesh import ParallelSizes
 from megatron_moe.parallel.pipeline import split_layers, stage_indices
 from megatron_moe.planning.trace import PieceTrace, to_fake, trace_piece
@@ -183,8 +183,7 @@ def _trace_chunk(cfg: Config, part: nn.Module, tp: int, mode: FakeTensorMode, ac
         out["blocks"][kind] = (counts[kind], traces)
     if part.output is not None:
         x = hidden()
-        with loss_context(tp > 1):  # forward and backward, as the engine runs the loss
-            out["head"] = trace_piece(mode, part, lambda: lm_loss_from_target(part.output(part.norm(x)), tokens))
+        out["head"] = trace_piece(mode, part, lambda: lm_loss_from_target(part.output(part.norm(x)), tokens))
     return out
 
 
