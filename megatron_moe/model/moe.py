@@ -132,6 +132,37 @@ def run_experts(experts: GroupedExperts, x_sorted: torch.Tensor, expert_of_row: 
     return experts(buffer, torch.cumsum(padded, 0).to(torch.int32))[dest]
 
 
+class _PermuteRows(torch.autograd.Function):
+    """``x[perm]`` for a permutation ``perm`` of the rows; its backward is the gather ``grad[inverse]``
+    (autograd's for indexing is a scatter-add: slower, and non-deterministic on CUDA)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class _DispatchRows(torch.autograd.Function):
+    """Token rows x [T, H] -> expert-sorted assignment rows [T*K, H], row r = x[order[r] // K]; the
+    backward gathers the rows back to (token, slot) order and sums each token's K slots (no scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, topk: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.topk = topk
+        return x.index_select(0, order // topk)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse).view(-1, ctx.topk, grad.shape[-1]).sum(1), None, None, None
+
+
 class _AttachAuxLoss(torch.autograd.Function):
     """Returns ``y`` unchanged; in backward also sends gradient 1 into ``aux_loss`` (Megatron's auto-scaler)."""
 
@@ -282,16 +313,16 @@ class MoELayer(nn.Module):
             weights = weights * keep.to(weights.dtype)
 
         flat_experts = route.indices.reshape(-1)
-        order = torch.argsort(flat_experts, stable=True)
-        token_of_row = order // self.topk
+        order = torch.argsort(flat_experts, stable=True)  # row r of the sorted rows is assignment order[r]
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         self._event("experts_start")
-        rows = run_experts(self.experts, x[token_of_row], flat_experts[order], counts,
-                           expert_row_alignment(self.cfg.expert_row_alignment, x))
+        rows = run_experts(self.experts, _DispatchRows.apply(x, order, inverse, self.topk), flat_experts[order],
+                           counts, expert_row_alignment(self.cfg.expert_row_alignment, x))
         self._event("experts_end")
-        row_weights = weights.reshape(-1)[order].unsqueeze(-1)
-        out = torch.zeros(num_tokens, shape[-1], dtype=torch.promote_types(rows.dtype, row_weights.dtype),
-                          device=x.device)
-        out = out.index_add(0, token_of_row, rows * row_weights).to(x.dtype)
+        # Combine: back to (token, slot) order, then each token's gate-weighted sum over its K slots.
+        dtype = torch.promote_types(rows.dtype, weights.dtype)
+        slots = _PermuteRows.apply(rows, inverse, order).view(num_tokens, self.topk, -1)
+        out = torch.bmm(weights.unsqueeze(1).to(dtype), slots.to(dtype)).squeeze(1).to(x.dtype)
 
         aux = torch.zeros((), device=x.device)
         if self.cfg.balance_loss != "none":
