@@ -8,8 +8,10 @@ The cross entropy is one fused function (:func:`vocab_parallel_cross_entropy`, M
 cross entropy): it reads the logits in their own dtype, works in float32 row chunks, saves only the
 logits and one float per token, and writes the gradient ``softmax - onehot`` straight into one tensor of the
 logits' dtype. Against ``F.cross_entropy(logits.float())`` it skips the float32 copy of bf16 logits, the
-saved log-softmax, and the zero-filled one-hot buffer of the backward: on CPU (1024 tokens x 4096 vocab,
-fp32) forward + backward take 8 ms instead of 31 ms. Logits that are a DTensor sharded on the vocabulary
+saved log-softmax, and the zero-filled one-hot buffer of the backward. Measured on CPU: forward + backward
+of 1024 tokens x 4096 vocabulary in fp32 take 8 ms instead of 31 ms; the peak memory of a bf16 output
+layer + loss, forward and backward, over 4096 tokens x 32064 vocabulary (GRIN-MoE's; the logits alone
+are 250 MiB) falls from 1785 MiB to 660 MiB (torch's MemTracker). Logits that are a DTensor sharded on the vocabulary
 dimension (TP) are never gathered: each rank reduces its shard and two all-reduces of [tokens] floats
 combine them.
 """
