@@ -56,7 +56,7 @@ NO_EFFECT: dict[str, str] = {
     "use-flash-attn": "SDPA picks the flash kernel where the GPU has it",
     "moe-permute-fusion": "tokens are permuted by one argsort and gather",
     "moe-token-dispatcher-type": "without expert parallelism there is no token dispatch",
-    "cross-entropy-loss-fusion": "the loss is torch's cross entropy (vocabulary-parallel under TP)",
+    "cross-entropy-loss-fusion": "the cross entropy is always fused (vocabulary-parallel under TP)",
     "no-gradient-accumulation-fusion": "gradients accumulate through autograd or FSDP2",
     "transformer-impl": "the model is this project's PyTorch code (Transformer Engine is not used)",
     "distributed-backend": "NCCL on GPUs, gloo on CPU, chosen by the device",

@@ -134,7 +134,7 @@ def run_experts(experts: GroupedExperts, x_sorted: torch.Tensor, expert_of_row: 
 
 class _PermuteRows(torch.autograd.Function):
     """``x[perm]`` for a permutation ``perm`` of the rows; its backward is the gather ``grad[inverse]``
-    (autograd's for indexing is a scatter-add: slower, and non-deterministic on CUDA)."""
+    (autograd's for indexing is a scatter-add: slower, and accumulated with atomics on CUDA)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
