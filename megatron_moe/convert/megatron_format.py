@@ -192,28 +192,48 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# Megatron key (regex) -> (role, per-layer). Roles: emb, out, final_norm, norm1, norm2, qkv, proj, fc1, fc2.
+# Megatron key (regex) -> role; a group captures the layer number of per-layer keys. Roles: emb, out,
+# final_norm, norm1, norm2, qkv, proj, fc1, fc2 (weights) and the same with "_b" (their biases: the norms' with
+# LayerNorm, qkv's with add_bias_linear or add_qkv_bias, the others' with add_bias_linear).
+_OLD = r"language_model\.(?:encoder|transformer)\."  # the older layout's prefix
 _KEY_PATTERNS = [
     (r"embedding\.word_embeddings\.weight", "emb"),
     (r"language_model\.embedding\.word_embeddings\.weight", "emb"),
     (r"output_layer\.weight", "out"),
     (r"language_model\.output_layer\.weight", "out"),
     (r"decoder\.final_layernorm\.weight", "final_norm"),
-    (r"language_model\.(?:encoder|transformer)\.final_(?:layer)?norm\.weight", "final_norm"),
+    (r"decoder\.final_layernorm\.bias", "final_norm_b"),
+    (_OLD + r"final_(?:layer)?norm\.weight", "final_norm"),
+    (_OLD + r"final_(?:layer)?norm\.bias", "final_norm_b"),
+    # megatron-core: Transformer Engine fuses the norms into the following linear; the local spec has modules
     (r"decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.layer_norm_weight", "norm1"),
+    (r"decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.layer_norm_bias", "norm1_b"),
     (r"decoder\.layers\.(\d+)\.input_layernorm\.weight", "norm1"),
+    (r"decoder\.layers\.(\d+)\.input_layernorm\.bias", "norm1_b"),
     (r"decoder\.layers\.(\d+)\.mlp\.linear_fc1\.layer_norm_weight", "norm2"),
+    (r"decoder\.layers\.(\d+)\.mlp\.linear_fc1\.layer_norm_bias", "norm2_b"),
     (r"decoder\.layers\.(\d+)\.pre_mlp_layernorm\.weight", "norm2"),
+    (r"decoder\.layers\.(\d+)\.pre_mlp_layernorm\.bias", "norm2_b"),
     (r"decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.weight", "qkv"),
+    (r"decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.bias", "qkv_b"),
     (r"decoder\.layers\.(\d+)\.self_attention\.linear_proj\.weight", "proj"),
+    (r"decoder\.layers\.(\d+)\.self_attention\.linear_proj\.bias", "proj_b"),
     (r"decoder\.layers\.(\d+)\.mlp\.linear_fc1\.weight", "fc1"),
+    (r"decoder\.layers\.(\d+)\.mlp\.linear_fc1\.bias", "fc1_b"),
     (r"decoder\.layers\.(\d+)\.mlp\.linear_fc2\.weight", "fc2"),
-    (r"language_model\.(?:encoder|transformer)\.layers\.(\d+)\.input_(?:layer)?norm\.weight", "norm1"),
-    (r"language_model\.(?:encoder|transformer)\.layers\.(\d+)\.post_attention_(?:layer)?norm\.weight", "norm2"),
-    (r"language_model\.(?:encoder|transformer)\.layers\.(\d+)\.self_attention\.query_key_value\.weight", "qkv"),
-    (r"language_model\.(?:encoder|transformer)\.layers\.(\d+)\.self_attention\.dense\.weight", "proj"),
-    (r"language_model\.(?:encoder|transformer)\.layers\.(\d+)\.mlp\.dense_h_to_4h\.weight", "fc1"),
-    (r"language_model\.(?:encoder|transformer)\.layers\.(\d+)\.mlp\.dense_4h_to_h\.weight", "fc2"),
+    (r"decoder\.layers\.(\d+)\.mlp\.linear_fc2\.bias", "fc2_b"),
+    (_OLD + r"layers\.(\d+)\.input_(?:layer)?norm\.weight", "norm1"),
+    (_OLD + r"layers\.(\d+)\.input_(?:layer)?norm\.bias", "norm1_b"),
+    (_OLD + r"layers\.(\d+)\.post_attention_(?:layer)?norm\.weight", "norm2"),
+    (_OLD + r"layers\.(\d+)\.post_attention_(?:layer)?norm\.bias", "norm2_b"),
+    (_OLD + r"layers\.(\d+)\.self_attention\.query_key_value\.weight", "qkv"),
+    (_OLD + r"layers\.(\d+)\.self_attention\.query_key_value\.bias", "qkv_b"),
+    (_OLD + r"layers\.(\d+)\.self_attention\.dense\.weight", "proj"),
+    (_OLD + r"layers\.(\d+)\.self_attention\.dense\.bias", "proj_b"),
+    (_OLD + r"layers\.(\d+)\.mlp\.dense_h_to_4h\.weight", "fc1"),
+    (_OLD + r"layers\.(\d+)\.mlp\.dense_h_to_4h\.bias", "fc1_b"),
+    (_OLD + r"layers\.(\d+)\.mlp\.dense_4h_to_h\.weight", "fc2"),
+    (_OLD + r"layers\.(\d+)\.mlp\.dense_4h_to_h\.bias", "fc2_b"),
 ]
 _COMPILED = [(re.compile(p + r"$"), role) for p, role in _KEY_PATTERNS]
 
@@ -242,24 +262,23 @@ def config_from_megatron_args(args: dict[str, Any], where: str) -> Config:
             raise ConversionError(f"{where}: Megatron argument {name} is missing; pass --megatron-args FILE.json")
     checks = [
         ("swiglu", True, "only SwiGLU MLPs are supported"),
-        ("normalization", "RMSNorm", "only RMSNorm is supported"),
         ("position_embedding_type", "rope", "only rotary position embeddings are supported"),
-        ("add_bias_linear", False, "linear-layer biases are not supported"),
-        ("add_qkv_bias", False, "QKV biases are not supported"),
         ("rotary_interleaved", False, "interleaved rotary embeddings are not supported"),
         ("qk_layernorm", False, "QK layer norm is not supported"),
-        ("apply_layernorm_1p", False, "1p norms are not supported"),
         ("use_rope_scaling", False, "rope scaling is not supported"),
     ]
-    defaults = {"swiglu": False, "normalization": "LayerNorm", "position_embedding_type": "learned_absolute",
-                "add_bias_linear": True, "add_qkv_bias": False, "rotary_interleaved": False,
-                "qk_layernorm": False, "apply_layernorm_1p": False, "use_rope_scaling": False}
+    defaults = {"swiglu": False, "position_embedding_type": "learned_absolute", "rotary_interleaved": False,
+                "qk_layernorm": False, "use_rope_scaling": False}
     for name, want, why in checks:
         got = _arg(args, name, defaults[name])
         if name == "position_embedding_type" and args.get("use_rotary_position_embeddings"):
             got = "rope"
         if got != want:
             raise ConversionError(f"{where}: Megatron argument {name} = {got!r}; {why} (need {want!r})")
+    normalization = _arg(args, "normalization", "LayerNorm")  # Megatron-LM's default
+    if normalization not in ("LayerNorm", "RMSNorm"):
+        raise ConversionError(f"{where}: Megatron argument normalization = {normalization!r}; only 'LayerNorm' and "
+                              "'RMSNorm' are supported")
     if float(_arg(args, "rotary_percent", 1.0)) != 1.0:
         raise ConversionError(f"{where}: Megatron argument rotary_percent = {args['rotary_percent']}; only 1.0 "
                               "is supported")
@@ -286,6 +305,13 @@ def config_from_megatron_args(args: dict[str, Any], where: str) -> Config:
     m.norm_eps = float(_arg(args, "norm_epsilon", 1e-5))
     m.tie_embeddings = not bool(_arg(args, "untie_embeddings_and_output_weights", False))
     m.init_std = float(_arg(args, "init_method_std", m.init_std))
+    m.normalization = normalization
+    m.apply_layernorm_1p = bool(_arg(args, "apply_layernorm_1p", False))  # both store w and scale by 1 + w
+    # megatron-core: linear_qkv has a bias with add_bias_linear or add_qkv_bias; linear_proj, linear_fc1 and
+    # linear_fc2 with add_bias_linear (Megatron-LM's default, off with --disable-bias-linear).
+    bias_linear = bool(_arg(args, "add_bias_linear", True))
+    m.add_bias_linear = bias_linear
+    m.add_qkv_bias = bias_linear or bool(_arg(args, "add_qkv_bias", False))
     vocab = args.get("padded_vocab_size")
     if vocab:
         m.vocab_size = int(vocab)
@@ -296,16 +322,60 @@ def config_from_megatron_args(args: dict[str, Any], where: str) -> Config:
 
 
 def _split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int, where: str):
-    """Fused interleaved QKV [groups * (heads/groups + 2) * head_dim, hidden] -> q, k, v weights."""
+    """Fused interleaved QKV weight [groups * (heads/groups + 2) * head_dim, hidden] (or its bias, the same rows
+    without the hidden dimension) -> q, k, v weights (biases)."""
     per = heads // groups
     if qkv.shape[0] != groups * (per + 2) * head_dim:
         raise ConversionError(f"{where}: fused QKV has {qkv.shape[0]} rows; expected {groups} groups x "
                               f"({per} + 2) heads x {head_dim}")
-    grouped = qkv.reshape(groups, per + 2, head_dim, qkv.shape[-1])
-    q = grouped[:, :per].reshape(heads * head_dim, -1)
-    k = grouped[:, per].reshape(groups * head_dim, -1)
-    v = grouped[:, per + 1].reshape(groups * head_dim, -1)
+    rest = tuple(qkv.shape[1:])
+    grouped = qkv.reshape(groups, per + 2, head_dim, *rest)
+    q = grouped[:, :per].reshape(heads * head_dim, *rest)
+    k = grouped[:, per].reshape(groups * head_dim, *rest)
+    v = grouped[:, per + 1].reshape(groups * head_dim, *rest)
     return q, k, v
+
+
+# Bias roles: what they are and the Megatron arguments that decide whether a checkpoint has them.
+_BIAS_ROLES = {
+    "final_norm_b": ("final norm bias", "normalization"), "norm1_b": ("input norm bias", "normalization"),
+    "norm2_b": ("pre-MLP norm bias", "normalization"), "qkv_b": ("QKV bias", "add_bias_linear / add_qkv_bias"),
+    "proj_b": ("attention output (linear_proj) bias", "add_bias_linear"),
+    "fc1_b": ("MLP linear_fc1 bias", "add_bias_linear"), "fc2_b": ("MLP linear_fc2 bias", "add_bias_linear"),
+}
+
+
+def _expected_roles(m) -> set[str]:
+    """The roles a checkpoint of model config ``m`` holds (besides ``emb`` and, untied, ``out``)."""
+    roles = {"final_norm", "norm1", "norm2", "qkv", "proj", "fc1", "fc2"}
+    if m.normalization == "LayerNorm":
+        roles |= {"final_norm_b", "norm1_b", "norm2_b"}
+    if m.add_qkv_bias:
+        roles.add("qkv_b")
+    if m.add_bias_linear:
+        roles |= {"proj_b", "fc1_b", "fc2_b"}
+    return roles
+
+
+def _check_bias_roles(found: dict[tuple[str, int | None], str], m, args: dict[str, Any], where: str) -> None:
+    """ConversionError when the checkpoint's biases (``found``: (role, layer) -> key) disagree with what the
+    Megatron arguments ``args`` (mapped into the model config ``m``) say it has: a bias too many would be
+    dropped, one too few is missing."""
+    bias_linear, qkv_bias = _arg(args, "add_bias_linear", True), _arg(args, "add_qkv_bias", False)
+    settings = {"normalization": f"normalization = {m.normalization!r}",
+                "add_bias_linear": f"add_bias_linear = {bias_linear}",
+                "add_bias_linear / add_qkv_bias": f"add_bias_linear = {bias_linear}, add_qkv_bias = {qkv_bias}"}
+    want = _expected_roles(m)
+    for (role, _), key in sorted(found.items(), key=lambda item: item[1]):
+        if role in _BIAS_ROLES and role not in want:
+            what, arg = _BIAS_ROLES[role]
+            raise ConversionError(f"{where}: holds {key} (a {what}) but the Megatron arguments say there is none "
+                                  f"({settings[arg]}); correct them with --megatron-args")
+    have = {role for role, _ in found}
+    for role in sorted(want & set(_BIAS_ROLES) - have):
+        what, arg = _BIAS_ROLES[role]
+        raise ConversionError(f"{where}: has no {what} but the Megatron arguments say it has one "
+                              f"({settings[arg]}); correct them with --megatron-args")
 
 
 def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> DenseSource:
@@ -341,13 +411,15 @@ def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     roles: list[dict[tuple[str, int | None], torch.Tensor]] = []
     for file, shard in zip(files, shards, strict=True):
         table: dict[tuple[str, int | None], torch.Tensor] = {}
+        keys: dict[tuple[str, int | None], str] = {}
         for key, value in _flatten(shard["model"]).items():
             if key.endswith("_extra_state") or not isinstance(value, torch.Tensor):
                 continue
             found = _classify(key)
             if found is None:
                 raise ConversionError(f"{file}: tensor {key} has no counterpart in this project's model")
-            table[found] = value
+            table[found], keys[found] = value, key
+        _check_bias_roles(keys, cfg.model, args, str(file))
         roles.append(table)
     m = cfg.model
     if not m.vocab_size:
@@ -383,20 +455,29 @@ def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> 
             return _split_qkv(full, m.num_attention_heads, groups, head_dim, f"{where} layer {layer}")[which]
         return load
 
-    def fc1_part(layer: int, which: int):
-        def load() -> torch.Tensor:
+    def fc1_part(layer: int, which: int, role: str = "fc1"):
+        def load() -> torch.Tensor:  # each shard: [its gate rows; its up rows]
             halves = []
-            for file, p in zip(files, shard_list("fc1", layer), strict=True):
+            for file, p in zip(files, shard_list(role, layer), strict=True):
                 if p.shape[0] % 2:
-                    raise ConversionError(f"{file}: layer {layer} fc1 has an odd number of rows ({p.shape[0]}); "
+                    raise ConversionError(f"{file}: layer {layer} {role} has an odd number of rows ({p.shape[0]}); "
                                           "expected [gate; up] for SwiGLU")
                 halves.append(p.chunk(2, dim=0)[which])
             return torch.cat(halves, dim=0)
         return load
 
+    def qkv_bias_part(layer: int, which: int):
+        def load() -> torch.Tensor:  # column-parallel: the shards' rows concatenated, then split as the weight
+            full = torch.cat(shard_list("qkv_b", layer), dim=0)
+            return _split_qkv(full, m.num_attention_heads, groups, head_dim, f"{where} layer {layer} bias")[which]
+        return load
+
     loaders = {"tok_embeddings.weight": cat("emb", None, 0), "norm.weight": replicated("final_norm", None)}
     if not m.tie_embeddings:
         loaders["output.weight"] = cat("out", None, 0)
+    layer_norm = m.normalization == "LayerNorm"
+    if layer_norm:
+        loaders["norm.bias"] = replicated("final_norm_b", None)
     for i in range(m.num_layers):
         p = f"layers.{i}."
         loaders[p + "attention_norm.weight"] = replicated("norm1", i)
@@ -408,6 +489,17 @@ def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> 
         loaders[p + "feed_forward.w1.weight"] = fc1_part(i, 0)
         loaders[p + "feed_forward.w3.weight"] = fc1_part(i, 1)
         loaders[p + "feed_forward.w2.weight"] = cat("fc2", i, 1)
+        if layer_norm:
+            loaders[p + "attention_norm.bias"] = replicated("norm1_b", i)
+            loaders[p + "ffn_norm.bias"] = replicated("norm2_b", i)
+        if m.add_qkv_bias:
+            for which, name in enumerate(("wq", "wk", "wv")):
+                loaders[p + f"attention.{name}.bias"] = qkv_bias_part(i, which)
+        if m.add_bias_linear:  # row-parallel biases (linear_proj, linear_fc2) are replicated
+            loaders[p + "attention.wo.bias"] = replicated("proj_b", i)
+            loaders[p + "feed_forward.w1.bias"] = fc1_part(i, 0, "fc1_b")
+            loaders[p + "feed_forward.w3.bias"] = fc1_part(i, 1, "fc1_b")
+            loaders[p + "feed_forward.w2.bias"] = replicated("fc2_b", i)
     layers_found = {layer for table in roles for (_, layer) in table if layer is not None}
     beyond = sorted(x for x in layers_found if x >= m.num_layers)
     if beyond:
@@ -549,6 +641,7 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
                                   f"{m.num_layers}")
         for i in range(m.num_layers):
             table[(role, i)] = (key, i)
+    _check_bias_roles({role: key for role, (key, _) in table.items()}, m, args, str(ckpt))
     if not m.vocab_size:
         emb = table.get(("emb", None))
         if emb is None:
@@ -587,11 +680,15 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
         return lambda: _split_qkv(get("qkv", layer), m.num_attention_heads, m.num_kv_heads, m.head_dim,
                                   f"{ckpt} layer {layer}")[which]
 
-    def fc1_part(layer: int, which: int):
-        def load() -> torch.Tensor:
-            fc1 = get("fc1", layer)
+    def qkv_bias_part(layer: int, which: int):
+        return lambda: _split_qkv(get("qkv_b", layer), m.num_attention_heads, m.num_kv_heads, m.head_dim,
+                                  f"{ckpt} layer {layer} bias")[which]
+
+    def fc1_part(layer: int, which: int, role: str = "fc1"):
+        def load() -> torch.Tensor:  # [gate of all ranks; up of all ranks]
+            fc1 = get(role, layer)
             if fc1.shape[0] % 2:
-                raise ConversionError(f"{ckpt}: layer {layer} fc1 has an odd number of rows ({fc1.shape[0]}); "
+                raise ConversionError(f"{ckpt}: layer {layer} {role} has an odd number of rows ({fc1.shape[0]}); "
                                       "expected [gate; up] for SwiGLU")
             return fc1.chunk(2, dim=0)[which]
         return load
@@ -599,6 +696,9 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
     loaders = {"tok_embeddings.weight": plain("emb"), "norm.weight": plain("final_norm")}
     if not m.tie_embeddings:
         loaders["output.weight"] = plain("out")
+    layer_norm = m.normalization == "LayerNorm"
+    if layer_norm:
+        loaders["norm.bias"] = plain("final_norm_b")
     for i in range(m.num_layers):
         p = f"layers.{i}."
         loaders[p + "attention_norm.weight"] = plain("norm1", i)
@@ -609,6 +709,17 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
         loaders[p + "feed_forward.w1.weight"] = fc1_part(i, 0)
         loaders[p + "feed_forward.w3.weight"] = fc1_part(i, 1)
         loaders[p + "feed_forward.w2.weight"] = plain("fc2", i)
+        if layer_norm:
+            loaders[p + "attention_norm.bias"] = plain("norm1_b", i)
+            loaders[p + "ffn_norm.bias"] = plain("norm2_b", i)
+        if m.add_qkv_bias:
+            for which, name in enumerate(("wq", "wk", "wv")):
+                loaders[p + f"attention.{name}.bias"] = qkv_bias_part(i, which)
+        if m.add_bias_linear:
+            loaders[p + "attention.wo.bias"] = plain("proj_b", i)
+            loaders[p + "feed_forward.w1.bias"] = fc1_part(i, 0, "fc1_b")
+            loaders[p + "feed_forward.w3.bias"] = fc1_part(i, 1, "fc1_b")
+            loaders[p + "feed_forward.w2.bias"] = plain("fc2_b", i)
     beyond = sorted(layer for (_, layer) in table if layer is not None and layer >= m.num_layers)
     if beyond:
         raise ConversionError(f"{ckpt}: holds layer {beyond[0]} but args say num_layers = {m.num_layers}")

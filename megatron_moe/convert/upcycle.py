@@ -149,8 +149,10 @@ def upcycle(source: ModelSource, opts: UpcycleOptions) -> tuple[Config, dict[str
     source.check()
     ffn_biases = sorted(n for n in source.loaders if ".feed_forward." in n and n.endswith(".bias"))
     if ffn_biases:
-        raise ConversionError(f"{source.origin}: the dense FFN has biases (e.g. {ffn_biases[0]}); experts are "
-                              "bias-free, so upcycling would change the function")
+        raise ConversionError(f"{source.origin}: the dense FFN has biases (model.add_bias_linear = true; Megatron-LM's "
+                              f"add_bias_linear, i.e. trained without --disable-bias-linear; e.g. {ffn_biases[0]}) but "
+                              "the experts have none, so upcycling would drop them and change the function; import "
+                              "it without --num-experts to keep the dense model")
     cfg = moe_config(source.cfg, opts)
     generator = torch.Generator().manual_seed(opts.seed)
     std = cfg.model.init_std if opts.router_init_std is None else opts.router_init_std
