@@ -40,8 +40,9 @@ def megatron_args(cfg, tp: int, **overrides) -> argparse.Namespace:
         hidden_size=m.hidden_size, num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
         group_query_attention=True, num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
         kv_channels=m.hidden_size // m.num_attention_heads, padded_vocab_size=m.vocab_size, seq_length=64,
-        swiglu=True, normalization="RMSNorm", position_embedding_type="rope", add_bias_linear=False,
-        add_qkv_bias=False, rotary_interleaved=False, rotary_percent=1.0, rotary_base=int(m.rope_theta),
+        swiglu=True, normalization=m.normalization, apply_layernorm_1p=m.apply_layernorm_1p,
+        position_embedding_type="rope", add_bias_linear=m.add_bias_linear, add_qkv_bias=m.add_qkv_bias,
+        rotary_interleaved=False, rotary_percent=1.0, rotary_base=int(m.rope_theta),
         norm_epsilon=m.norm_eps, untie_embeddings_and_output_weights=not m.tie_embeddings, qk_layernorm=False,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, num_experts=None,
         attention_backend=AttnBackend.auto, params_dtype=torch.float32,
@@ -50,19 +51,23 @@ def megatron_args(cfg, tp: int, **overrides) -> argparse.Namespace:
     return argparse.Namespace(**args)
 
 
-def fused_qkv(state, i, cfg) -> torch.Tensor:
-    """Megatron's interleaved layout: per query group, its q heads, then k, then v."""
+def fused_qkv(state, i, cfg, kind: str = "weight") -> torch.Tensor:
+    """Megatron's interleaved layout: per query group, its q heads, then k, then v (the bias's rows likewise)."""
     m = cfg.model
     hd, groups = m.hidden_size // m.num_attention_heads, m.num_query_groups
     per = m.num_attention_heads // groups
-    q = state[f"layers.{i}.attention.wq.weight"].reshape(groups, per * hd, -1)
-    k = state[f"layers.{i}.attention.wk.weight"].reshape(groups, hd, -1)
-    v = state[f"layers.{i}.attention.wv.weight"].reshape(groups, hd, -1)
-    return torch.cat([q, k, v], dim=1).reshape(-1, m.hidden_size)
+    q = state[f"layers.{i}.attention.wq.{kind}"].reshape(groups, per * hd, -1)
+    k = state[f"layers.{i}.attention.wk.{kind}"].reshape(groups, hd, -1)
+    v = state[f"layers.{i}.attention.wv.{kind}"].reshape(groups, hd, -1)
+    fused = torch.cat([q, k, v], dim=1)
+    return fused.reshape(-1, m.hidden_size) if kind == "weight" else fused.reshape(-1)
 
 
 def shard_model(state, cfg, tp: int, r: int, layout: str) -> dict:
-    """Rank r's Megatron model dict (mcore flat keys, or the old nested language_model layout)."""
+    """Rank r's Megatron model dict (mcore flat keys, or the old nested language_model layout), with the norm
+    biases of LayerNorm (the old layout then names the norms ``*_layernorm``), the QKV bias (``add_qkv_bias``)
+    and the linear_proj / fc1 / fc2 biases (``add_bias_linear``) of ``cfg``: column-parallel ones (QKV, fc1 as
+    [this shard's gate; its up]) split over ``tp``, row-parallel ones and norms replicated."""
     m = cfg.model
 
     def rows(t):
@@ -82,31 +87,47 @@ def shard_model(state, cfg, tp: int, r: int, layout: str) -> dict:
             fc1=torch.cat([rows(w1), rows(w3)]), fc2=cols(state[p + "feed_forward.w2.weight"]),
             norm1=state[p + "attention_norm.weight"].clone(), norm2=state[p + "ffn_norm.weight"].clone(),
         )
+        if m.normalization == "LayerNorm":
+            layers[i].update(norm1_b=state[p + "attention_norm.bias"].clone(),
+                             norm2_b=state[p + "ffn_norm.bias"].clone())
+        if m.add_qkv_bias:
+            layers[i]["qkv_b"] = rows(fused_qkv(state, i, cfg, "bias"))
+        if m.add_bias_linear:
+            b1, b3 = state[p + "feed_forward.w1.bias"], state[p + "feed_forward.w3.bias"]
+            layers[i].update(proj_b=state[p + "attention.wo.bias"].clone(), fc1_b=torch.cat([rows(b1), rows(b3)]),
+                             fc2_b=state[p + "feed_forward.w2.bias"].clone())
     emb, final = rows(state["tok_embeddings.weight"]), state["norm.weight"].clone()
+    final_b = state["norm.bias"].clone() if m.normalization == "LayerNorm" else None
     out = None if m.tie_embeddings else rows(state["output.weight"])
     if layout == "mcore":  # Transformer Engine names: norms fused into the following linear
         model = {"embedding.word_embeddings.weight": emb, "decoder.final_layernorm.weight": final}
+        names = {"qkv": "self_attention.linear_qkv.weight", "norm1": "self_attention.linear_qkv.layer_norm_weight",
+                 "proj": "self_attention.linear_proj.weight", "fc1": "mlp.linear_fc1.weight",
+                 "norm2": "mlp.linear_fc1.layer_norm_weight", "fc2": "mlp.linear_fc2.weight",
+                 "norm1_b": "self_attention.linear_qkv.layer_norm_bias", "qkv_b": "self_attention.linear_qkv.bias",
+                 "proj_b": "self_attention.linear_proj.bias", "norm2_b": "mlp.linear_fc1.layer_norm_bias",
+                 "fc1_b": "mlp.linear_fc1.bias", "fc2_b": "mlp.linear_fc2.bias"}
         for i, t in layers.items():
             d = f"decoder.layers.{i}."
-            model.update({
-                d + "self_attention.linear_qkv.weight": t["qkv"],
-                d + "self_attention.linear_qkv.layer_norm_weight": t["norm1"],
-                d + "self_attention.linear_qkv._extra_state": None,
-                d + "self_attention.linear_proj.weight": t["proj"],
-                d + "mlp.linear_fc1.weight": t["fc1"], d + "mlp.linear_fc1.layer_norm_weight": t["norm2"],
-                d + "mlp.linear_fc2.weight": t["fc2"],
-            })
+            model.update({d + names[role]: tensor for role, tensor in t.items()})
+            model[d + "self_attention.linear_qkv._extra_state"] = None
+        if final_b is not None:
+            model["decoder.final_layernorm.bias"] = final_b
         if out is not None:
             model["output_layer.weight"] = out
         return model
-    encoder = {"final_norm.weight": final}
+    norm = "layernorm" if m.normalization == "LayerNorm" else "norm"
+    encoder = {f"final_{norm}.weight": final}
+    if final_b is not None:
+        encoder[f"final_{norm}.bias"] = final_b
+    names = {"norm1": f"input_{norm}.weight", "qkv": "self_attention.query_key_value.weight",
+             "proj": "self_attention.dense.weight", "norm2": f"post_attention_{norm}.weight",
+             "fc1": "mlp.dense_h_to_4h.weight", "fc2": "mlp.dense_4h_to_h.weight",
+             "norm1_b": f"input_{norm}.bias", "qkv_b": "self_attention.query_key_value.bias",
+             "proj_b": "self_attention.dense.bias", "norm2_b": f"post_attention_{norm}.bias",
+             "fc1_b": "mlp.dense_h_to_4h.bias", "fc2_b": "mlp.dense_4h_to_h.bias"}
     for i, t in layers.items():
-        d = f"layers.{i}."
-        encoder.update({
-            d + "input_norm.weight": t["norm1"], d + "self_attention.query_key_value.weight": t["qkv"],
-            d + "self_attention.dense.weight": t["proj"], d + "post_attention_norm.weight": t["norm2"],
-            d + "mlp.dense_h_to_4h.weight": t["fc1"], d + "mlp.dense_4h_to_h.weight": t["fc2"],
-        })
+        encoder.update({f"layers.{i}.{names[role]}": tensor for role, tensor in t.items()})
     lm = {"embedding": {"word_embeddings": {"weight": emb}}, "encoder": encoder}
     if out is not None:
         lm["output_layer"] = {"weight": out}
@@ -151,6 +172,141 @@ def test_tp2_and_tp1_convert_to_the_same_model(tmp_path, reference, layout):
     for name in state:  # bit-exact: the hand-built reference, TP=1 and TP=2 agree
         assert torch.equal(a[name], state[name]), name
         assert torch.equal(b[name], state[name]), name
+
+
+# ---- LayerNorm, biases (add_bias_linear / add_qkv_bias) and apply_layernorm_1p ----
+
+BIASED = dict(normalization="LayerNorm", add_bias_linear=True, add_qkv_bias=True)  # Megatron's add_bias_linear
+
+
+@pytest.fixture
+def biased(tmp_path):
+    """A dense model with LayerNorm and every bias of Megatron's add_bias_linear (norm weights and all biases
+    randomised by save_native, so a dropped or misplaced one shows)."""
+    cfg = tiny_config(num_experts=0, **BIASED)
+    model = save_native(tmp_path / "native_biased", cfg, seed=5)
+    return cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}, model
+
+
+@pytest.mark.parametrize("layout", ["mcore", "legacy"])
+def test_layernorm_and_biases_tp2_and_tp1_convert_to_the_same_model(tmp_path, biased, layout):
+    """LayerNorm (weight and bias) with add_bias_linear: the QKV bias (interleaved per query group) and the fc1
+    bias ([gate; up] per shard) split over TP like their weights, linear_proj / linear_fc2 and norm biases
+    replicated; TP=1 and TP=2, mcore (Transformer Engine names) and old layout, read back bit-exactly."""
+    cfg, state, _ = biased
+    one = read_megatron(write_megatron(tmp_path / "tp1", state, cfg, 1, layout))
+    two = read_megatron(write_megatron(tmp_path / "tp2", state, cfg, 2, layout))
+    m = two.cfg.model
+    assert (m.normalization, m.add_bias_linear, m.add_qkv_bias, m.apply_layernorm_1p) == ("LayerNorm", True, True,
+                                                                                          False)
+    assert one.cfg.model == m
+    biases = [name for name in state if name.endswith(".bias")]
+    assert len(biases) == 1 + 2 * 9  # final norm; per layer 2 norms, q, k, v, wo, w1, w3, w2
+    assert all(state[name].abs().min() > 0 for name in biases)
+    a, b = one.state_dict(), two.state_dict()
+    assert set(a) == set(b) == set(state)
+    for name in state:
+        assert torch.equal(a[name], state[name]), name
+        assert torch.equal(b[name], state[name]), name
+
+
+def test_megatron_norm_and_bias_arguments_must_match_the_tensors(tmp_path, biased, reference):
+    """Unknown normalization; a bias the args rule out (it would be dropped); a bias the args promise but the
+    checkpoint lacks; a replicated bias that differs between TP shards: each named."""
+    cfg, state, _ = biased
+    with pytest.raises(ConversionError, match=r"normalization = 'L2Norm'; only 'LayerNorm' and 'RMSNorm'"):
+        read_megatron(write_megatron(tmp_path / "a", state, cfg, 1, normalization="L2Norm"))
+    root = write_megatron(tmp_path / "b", state, cfg, 2, "legacy", add_bias_linear=False, add_qkv_bias=True)
+    with pytest.raises(ConversionError, match=r"mp_rank_00.*: holds language_model\.encoder\.layers\.0\.mlp\."
+                                              r"dense_4h_to_h\.bias \(a MLP linear_fc2 bias\) but the Megatron "
+                                              r"arguments say there is none \(add_bias_linear = False\); correct"):
+        read_megatron(root)
+    plain_cfg, plain_state, _ = reference
+    with pytest.raises(ConversionError, match=r"has no final norm bias but the Megatron arguments say it has one "
+                                              r"\(normalization = 'LayerNorm'\)"):
+        read_megatron(write_megatron(tmp_path / "c", plain_state, plain_cfg, 1, normalization="LayerNorm"))
+    root = write_megatron(tmp_path / "d", state, cfg, 2)
+    shard = root / "iter_0000010" / "mp_rank_01" / "model_optim_rng.pt"
+    ckpt = torch.load(shard, weights_only=False)
+    ckpt["model"]["decoder.layers.1.self_attention.linear_proj.bias"] += 1
+    torch.save(ckpt, shard)
+    source = read_megatron(root)
+    with pytest.raises(ConversionError, match=r"mp_rank_01.*replicated tensor proj_b \(layer 1\) differs from rank 0"):
+        source.get("layers.1.attention.wo.bias")
+
+
+@pytest.mark.parametrize(("normalization", "layout"), [("LayerNorm", "legacy"), ("RMSNorm", "mcore")])
+def test_apply_layernorm_1p_keeps_the_zero_centred_weights(tmp_path, normalization, layout):
+    """--apply-layernorm-1p (written by hand: megatron-core's CPU norms cannot do it): the stored zero-centred norm
+    weights w load unchanged with model.apply_layernorm_1p = true, and that model's logits equal, bit for bit,
+    those of the same model with plain norms holding w + 1 (and differ from plain norms holding w)."""
+    import copy
+
+    from megatron_moe.convert.native import model_from_state
+    from megatron_moe.model.transformer import build_model
+
+    cfg = tiny_config(num_experts=0, normalization=normalization, apply_layernorm_1p=True)
+    state = build_model(cfg, "cpu", seed=4).state_dict()
+    generator = torch.Generator().manual_seed(1)
+    for name, t in state.items():  # the norms start at w = 0 (and bias 0): randomise them around 0
+        if name.split(".")[-2].endswith("norm"):
+            t.uniform_(-0.5, 0.5, generator=generator)
+    source = read_megatron(write_megatron(tmp_path / "m", state, cfg, 2, layout))
+    assert source.cfg.model.apply_layernorm_1p and source.cfg.model.normalization == normalization
+    got = source.state_dict()
+    assert set(got) == set(state)
+    for name in state:
+        assert torch.equal(got[name], state[name]), name
+    plain = copy.deepcopy(source.cfg)
+    plain.model.apply_layernorm_1p = False
+    shifted = {name: t + 1 if name.endswith("norm.weight") else t for name, t in got.items()}
+    x = tokens()
+    with torch.no_grad():
+        one_p = model_from_state(source.cfg, got)(x)
+        assert torch.equal(one_p, model_from_state(plain, shifted)(x))
+        assert (one_p - model_from_state(plain, got)(x)).abs().max() > 1e-2
+
+
+def test_upcycling_refuses_ffn_biases_and_keeps_qkv_biases(tmp_path, capsys, biased):
+    """add_bias_linear (FFN biases): upcycling stops with an error naming the setting (the experts have none) and
+    writes nothing; the same checkpoint imports as a dense model with every bias. add_qkv_bias alone with
+    LayerNorm: upcycles, the biases and norms kept, and the MoE computes the dense function (1e-5)."""
+    from megatron_moe.convert.upcycle import UpcycleOptions, upcycle
+
+    cfg, state, _ = biased
+    root = write_megatron(tmp_path / "meg", state, cfg, 2)
+    rc = upcycle_checkpoint.main(["--input", str(root), "--input-format", "megatron", "--num-experts", "4",
+                                  "--output", str(tmp_path / "moe")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert ("the dense FFN has biases (model.add_bias_linear = true; Megatron-LM's add_bias_linear, i.e. trained "
+            "without --disable-bias-linear; e.g. layers.0.feed_forward.w1.bias) but the experts have none") in err
+    assert "import it without --num-experts to keep the dense model" in err
+    assert not (tmp_path / "moe").exists()
+    with pytest.raises(ConversionError, match=r"megatron:.*the dense FFN has biases \(model.add_bias_linear = true"):
+        upcycle(read_megatron(root), UpcycleOptions(4))
+    rc = upcycle_checkpoint.main(["--input", str(root), "--input-format", "megatron", "--output",
+                                  str(tmp_path / "dense")])
+    assert rc == 0, capsys.readouterr().err
+    model, _ = load_model(tmp_path / "dense")
+    assert model.cfg.model.add_bias_linear and all(torch.equal(t, state[n]) for n, t in model.state_dict().items())
+
+    qkv_cfg = tiny_config(num_experts=0, normalization="LayerNorm", add_qkv_bias=True)
+    dense = save_native(tmp_path / "qkv_native", qkv_cfg, seed=6)
+    qkv_state = {k: v.detach().clone() for k, v in dense.state_dict().items()}
+    qkv_root = write_megatron(tmp_path / "qkv", qkv_state, qkv_cfg, 2, "legacy")
+    m = read_megatron(qkv_root).cfg.model
+    assert (m.normalization, m.add_bias_linear, m.add_qkv_bias) == ("LayerNorm", False, True)
+    rc = upcycle_checkpoint.main(["--input", str(qkv_root), "--input-format", "megatron", "--num-experts", "4",
+                                  "--output", str(tmp_path / "qkv_moe")])
+    assert rc == 0, capsys.readouterr().err
+    moe, _ = load_model(tmp_path / "qkv_moe")
+    got = moe.state_dict()
+    for name in [n for n in qkv_state if n.endswith(".bias")]:  # q, k, v and the norms' biases
+        assert torch.equal(got[name], qkv_state[name]), name
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), dense(x), atol=1e-5, rtol=0)
 
 
 def test_upcycle_megatron_tp2_keeps_the_function(tmp_path, capsys, reference):
@@ -210,7 +366,8 @@ def test_megatron_bad_inputs(tmp_path, reference):
         read_megatron(root)
     with pytest.raises(ConversionError, match="swiglu = False"):
         read_megatron(write_megatron(tmp_path / "c", state, cfg, 1, swiglu=False))
-    with pytest.raises(ConversionError, match="add_qkv_bias"):
+    with pytest.raises(ConversionError, match=r"has no QKV bias but the Megatron arguments say it has one "
+                                              r"\(add_bias_linear = False, add_qkv_bias = True\)"):
         read_megatron(write_megatron(tmp_path / "d", state, cfg, 1, add_qkv_bias=True))
     with pytest.raises(ConversionError, match="tensor_model_parallel_size = 4"):
         read_megatron(write_megatron(tmp_path / "e", state, cfg, 2, tensor_model_parallel_size=4))
@@ -234,11 +391,17 @@ def test_megatron_args_override_file(tmp_path, capsys, reference):
 
 def _megatron_gpt_save(rank: int, world: int, state: dict, cfg, root: str, tokens_in: torch.Tensor, corpus: dict,
                        legacy: str, runs: str):
-    """One tensor-parallel rank (TP = world): megatron-core's GPTModel (local spec, built on CPU) holding
-    ``state`` split as Megatron splits it, saved with dist_checkpointing.save into ``root/iter_0000010`` with
-    Megatron-LM's common state (``args``, ...) and an RNG ShardedObject holding pickled code that must never
-    run. Returns megatron-core's own logits for ``tokens_in`` (gathered over TP ranks) and, as the ranks are
-    up, :func:`_train_layouts` of the ``legacy`` checkpoint (one start of the ranks for both).
+    """:func:`_megatron_core_save`, then, as the ranks are up, :func:`_train_layouts` of the ``legacy``
+    checkpoint (one start of the ranks for both). Returns (megatron-core's logits, the layouts' results)."""
+    return _megatron_core_save(rank, world, state, cfg, root, tokens_in), _train_layouts(corpus, legacy, runs)
+
+
+def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, tokens_in: torch.Tensor):
+    """One tensor-parallel rank (TP = world): megatron-core's GPTModel (local spec, built on CPU) with
+    ``cfg.model``'s normalization and biases, holding ``state`` split as Megatron splits it, saved with
+    dist_checkpointing.save into ``root/iter_0000010`` with Megatron-LM's common state (``args``, ...) and an
+    RNG ShardedObject holding pickled code that must never run. Returns megatron-core's own logits for
+    ``tokens_in`` (gathered over TP ranks).
 
     megatron-core 0.16.1 on a CPU-only torch, in this (spawned) process only: its torch_dist writer calls
     torch.cuda.synchronize() / current_device() even for CPU tensors, and its attention enters the CUDA RNG
@@ -262,14 +425,17 @@ def _megatron_gpt_save(rank: int, world: int, state: dict, cfg, root: str, token
     config = TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size, gated_linear_unit=True,
-        activation_func=F.silu, normalization="RMSNorm", layernorm_epsilon=m.norm_eps, add_bias_linear=False,
-        tensor_model_parallel_size=world, use_cpu_initialization=True, params_dtype=torch.float32,
-        hidden_dropout=0.0, attention_dropout=0.0)
-    model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=m.vocab_size,
+        activation_func=F.silu, normalization=m.normalization, layernorm_epsilon=m.norm_eps,
+        add_bias_linear=m.add_bias_linear, add_qkv_bias=m.add_qkv_bias, bias_activation_fusion=False,
+        bias_dropout_fusion=False, tensor_model_parallel_size=world, use_cpu_initialization=True,
+        params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0)
+    model = GPTModel(config, get_gpt_layer_local_spec(normalization=m.normalization), vocab_size=m.vocab_size,
                      max_sequence_length=64, position_embedding_type="rope", rotary_base=int(m.rope_theta),
                      share_embeddings_and_output_weights=m.tie_embeddings, parallel_output=False).eval()
     te_names = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-                "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+                "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+                "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+                "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias"}
     mine = {}
     for key, value in shard_model(state, cfg, world, rank, "mcore").items():
         for te, local in te_names.items():
@@ -295,7 +461,7 @@ def _megatron_gpt_save(rank: int, world: int, state: dict, cfg, root: str, token
         "rng_state": ShardedObject("rng_state", [evil], (world,), (rank,), replica_id=0),
     }
     dist_checkpointing.save(sharded, str(ckpt))
-    return logits.detach(), _train_layouts(corpus, legacy, runs)
+    return logits.detach()
 
 
 @pytest.fixture(scope="module")
