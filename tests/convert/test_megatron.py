@@ -580,6 +580,76 @@ def test_torch_dist_per_layer_keys(tmp_path, reference):
         read_megatron(other)
 
 
+@pytest.fixture(scope="module")
+def megatron_dist_biased(tmp_path_factory):
+    """megatron-core's GPTModel (local spec) with LayerNorm, add_bias_linear (biases on linear_qkv, linear_proj,
+    linear_fc1, linear_fc2), SwiGLU and rope holding a random dense model of ours, TP=2 (2 gloo ranks on CPU),
+    saved as torch_dist; with megatron-core's own logits on ``tokens()``."""
+    from megatron_moe.testing import run_distributed
+
+    pytest.importorskip("psutil", reason="megatron-core's torch_dist writer needs psutil (in the test extra)")
+    root = tmp_path_factory.mktemp("megatron_dist_biased")
+    cfg = tiny_config(num_experts=0, **BIASED)
+    dense = save_native(root / "native_dense", cfg, seed=5)
+    state = {k: v.detach().clone() for k, v in dense.state_dict().items()}
+    x = tokens()
+    logits, _ = run_distributed(_megatron_core_save, 2, (state, cfg, str(root / "dist"), x))
+    return {"root": root / "dist", "cfg": cfg, "state": state, "tokens": x, "logits": logits}
+
+
+@pytest.mark.slow
+def test_torch_dist_layernorm_and_biases_of_megatron_core(megatron_dist_biased):
+    """megatron-core's own TP=2 torch_dist save of a LayerNorm + add_bias_linear GPT (stacked layer tensors; the
+    local spec's input_layernorm / pre_mlp_layernorm saved under Transformer Engine's names linear_qkv.layer_norm_*
+    / linear_fc1.layer_norm_*; fc1's bias as [gate of all ranks; up of all ranks]) reads back bit-exactly, and the
+    loaded model's logits equal megatron-core's (fp32, tolerance 1e-5: the same sums in another order)."""
+    from megatron_moe.convert.megatron_format import DIST_METADATA, _read_dist_metadata
+    from megatron_moe.convert.native import model_from_state
+
+    root, state, x = (megatron_dist_biased[k] for k in ("root", "state", "tokens"))
+    keys = set(_read_dist_metadata(root / "iter_0000010").state_dict_metadata)
+    for key in ("decoder.final_layernorm.bias", "decoder.layers.self_attention.linear_qkv.layer_norm_bias",
+                "decoder.layers.mlp.linear_fc1.layer_norm_bias", "decoder.layers.self_attention.linear_qkv.bias",
+                "decoder.layers.self_attention.linear_proj.bias", "decoder.layers.mlp.linear_fc1.bias",
+                "decoder.layers.mlp.linear_fc2.bias"):
+        assert key in keys, f"{key} not in megatron-core's {DIST_METADATA}: {sorted(keys)}"
+    source = read_megatron(root)
+    m = source.cfg.model
+    assert (m.normalization, m.add_bias_linear, m.add_qkv_bias, m.apply_layernorm_1p) == ("LayerNorm", True, True,
+                                                                                          False)
+    got = source.state_dict()
+    assert set(got) == set(state)
+    for name in state:
+        assert torch.equal(got[name], state[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(megatron_dist_biased["logits"], model_from_state(source.cfg, got)(x), atol=1e-5,
+                                   rtol=0)
+    assert not (root / "pwned").exists()
+
+
+def test_torch_dist_per_layer_keys_with_layernorm_and_biases(tmp_path, biased):
+    """Per-layer torch_dist keys with Transformer Engine's fused norm names (``linear_qkv.layer_norm_bias``,
+    ``linear_fc1.layer_norm_bias``) and every bias: read bit-exactly; args that rule a present bias out are
+    refused by name."""
+    import torch.distributed.checkpoint as dcp
+
+    cfg, state, _ = biased
+    flat = shard_model(state, cfg, 1, 0, "mcore")
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_bias" in flat
+    ckpt = tmp_path / "m" / "iter_0000010"
+    dcp.save({k: v for k, v in flat.items() if v is not None}, checkpoint_id=str(ckpt), no_dist=True)
+    torch.save({"args": megatron_args(cfg, 2), "checkpoint_version": 3.0, "iteration": 10}, ckpt / "common.pt")
+    got = read_megatron(ckpt).state_dict()
+    assert set(got) == set(state)
+    for name in state:
+        assert torch.equal(got[name], state[name]), name
+    torch.save({"args": megatron_args(cfg, 2, normalization="RMSNorm"), "checkpoint_version": 3.0}, ckpt / "common.pt")
+    with pytest.raises(ConversionError, match=r"iter_0000010: holds decoder\.final_layernorm\.bias \(a final norm "
+                                              r"bias\) but the Megatron arguments say there is none \(normalization = "
+                                              r"'RMSNorm'\)"):
+        read_megatron(ckpt)
+
+
 # ---- pretrain_moe.py --load <Megatron-LM checkpoint>: a weights-only start in any layout ----
 
 def _megatron_run(corpus: dict, load, run_dir, **layout):
