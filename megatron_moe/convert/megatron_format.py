@@ -10,19 +10,36 @@ Layout on disk (Megatron-LM ``--ckpt-format torch``)::
 Pipeline-parallel checkpoints (``mp_rank_XX_YYY``) are refused: merge them to PP=1 with Megatron-LM's
 ``tools/checkpoint/convert.py`` first.
 
-Both model layouts are read: megatron-core (``decoder.layers.N.self_attention.linear_qkv.weight``,
-Transformer Engine fused norms ``...linear_qkv.layer_norm_weight`` or local ``input_layernorm``) and
-the older ``language_model.encoder.layers.N.self_attention.query_key_value.weight`` one.
+The models read: dense GPTs with SwiGLU (``--swiglu``) and rotary embeddings, ``--normalization RMSNorm`` or
+``LayerNorm`` (weight and bias; -> ``model.normalization``), with or without ``--apply-layernorm-1p`` (the stored
+zero-centred weights w are kept as they are, -> ``model.apply_layernorm_1p``: both scale by 1 + w), with or
+without biases: megatron-core gives ``linear_qkv`` a bias with ``add_bias_linear`` (Megatron-LM's default, off
+with ``--disable-bias-linear``) or ``add_qkv_bias``, and ``linear_proj``, ``linear_fc1`` and ``linear_fc2`` one
+with ``add_bias_linear``; so ``add_bias_linear`` -> ``model.add_bias_linear`` and ``model.add_qkv_bias``, and
+``add_qkv_bias`` alone -> ``model.add_qkv_bias``. The biases and norm biases found must be those the arguments
+imply (ConversionError naming the tensor and the argument otherwise: a surplus one is never dropped). Refused,
+naming the argument: other MLPs and position embeddings, other normalizations, interleaved or partial rotary,
+rope scaling, QK layer norm, ``kv_channels`` other than hidden / heads, MoE models. Upcycling a model with FFN
+biases is refused by :func:`megatron_moe.convert.upcycle.upcycle` (the experts have none).
+
+Both model layouts are read: megatron-core (``decoder.layers.N.self_attention.linear_qkv.weight`` / ``.bias``,
+Transformer Engine fused norms ``...linear_qkv.layer_norm_weight`` / ``layer_norm_bias`` and
+``...linear_fc1.layer_norm_weight`` / ``layer_norm_bias``, or the local spec's ``input_layernorm`` /
+``pre_mlp_layernorm`` ``.weight`` / ``.bias``; ``decoder.final_layernorm.weight`` / ``.bias``) and the older
+``language_model.encoder.layers.N.`` one (``self_attention.query_key_value``, ``self_attention.dense``,
+``mlp.dense_h_to_4h``, ``mlp.dense_4h_to_h`` weights and biases; ``input_(layer)norm``,
+``post_attention_(layer)norm``, ``final_(layer)norm`` weights and biases).
 
 Tensor layouts (per tensor-parallel shard, then concatenated over shards):
 
 - fused QKV ``[groups_per_shard * (heads_per_group + 2) * head_dim, hidden]``: for each query group,
-  its query heads, then its key head, then its value head (Megatron's interleaved GQA layout);
-- fc1 (SwiGLU) ``[2 * ffn / tp, hidden]``: this shard's gate rows then its up rows, so the halves are
-  split per shard before concatenating over shards;
-- column-parallel (QKV, fc1, embedding, output layer) concatenate along dim 0; row-parallel
-  (attention output ``linear_proj``/``dense``, ``linear_fc2``/``dense_4h_to_h``) along dim 1;
-  norms are replicated (checked equal across shards).
+  its query heads, then its key head, then its value head (Megatron's interleaved GQA layout); its bias
+  has the same rows and is split the same way;
+- fc1 (SwiGLU) ``[2 * ffn / tp, hidden]`` and its bias ``[2 * ffn / tp]``: this shard's gate rows then its
+  up rows, so the halves are split per shard before concatenating over shards;
+- column-parallel (QKV, fc1 and their biases, embedding, output layer) concatenate along dim 0; row-parallel
+  (attention output ``linear_proj``/``dense``, ``linear_fc2``/``dense_4h_to_h``) along dim 1, their biases
+  replicated; norm weights and biases are replicated (replicated tensors are checked equal across shards).
 
 Megatron-LM ``--ckpt-format torch_dist`` (its default; megatron-core ``dist_checkpointing``)::
 
@@ -31,10 +48,11 @@ Megatron-LM ``--ckpt-format torch_dist`` (its default; megatron-core ``dist_chec
 
 is a torch.distributed.checkpoint (DCP) checkpoint of global tensors, whatever the tensor/pipeline layout
 that wrote it: megatron-core stacks the layers of a homogeneous decoder into one tensor per weight with a
-leading layer dimension (``decoder.layers.self_attention.linear_qkv.weight`` ``[num_layers, rows, hidden]``;
-per-layer keys ``decoder.layers.N....`` of a non-homogeneous decoder are read too), names the norms by
-Transformer Engine's fused names, and stores SwiGLU's fc1 as ``[gate of all ranks; up of all ranks]`` (so
-the halves are split once, not per shard). One layer is read at a time. ``common.pt`` holds ``args``.
+leading layer dimension (``decoder.layers.self_attention.linear_qkv.weight`` ``[num_layers, rows, hidden]``,
+biases ``[num_layers, rows]``; per-layer keys ``decoder.layers.N....`` of a non-homogeneous decoder are read
+too), names the norms (weights and biases) by Transformer Engine's fused names even for the local spec, and
+stores SwiGLU's fc1 weight and bias as ``[gate of all ranks; up of all ranks]`` (so the halves are split once,
+not per shard). One layer is read at a time. ``common.pt`` holds ``args``.
 megatron-core's own loader is not used: it unpickles ``.metadata`` and pickled objects without restriction.
 
 Loading runs no pickled code: ``torch.load(weights_only=True)`` with ``argparse.Namespace`` allowed
