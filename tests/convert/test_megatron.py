@@ -589,7 +589,7 @@ def megatron_dist_biased(tmp_path_factory):
 
     pytest.importorskip("psutil", reason="megatron-core's torch_dist writer needs psutil (in the test extra)")
     root = tmp_path_factory.mktemp("megatron_dist_biased")
-    cfg = tiny_config(num_experts=0, **BIASED)
+    cfg = tiny_config(num_experts=0, vocab_size=320, **BIASED)  # >= the vocabulary of loop_corpus's tokenizer
     dense = save_native(root / "native_dense", cfg, seed=5)
     state = {k: v.detach().clone() for k, v in dense.state_dict().items()}
     x = tokens()
@@ -625,6 +625,25 @@ def test_torch_dist_layernorm_and_biases_of_megatron_core(megatron_dist_biased):
         torch.testing.assert_close(megatron_dist_biased["logits"], model_from_state(source.cfg, got)(x), atol=1e-5,
                                    rtol=0)
     assert not (root / "pwned").exists()
+
+
+@pytest.mark.slow
+def test_load_megatron_layernorm_and_biases_holds_the_weights(tmp_path, loop_corpus, megatron_dist_biased):
+    """pretrain_moe.py's --load (eval-only) of that LayerNorm + add_bias_linear torch_dist save: the run's model
+    takes LayerNorm and both bias settings from the saved arguments and holds every weight and bias bit-exactly."""
+    from megatron_moe.training.state import model_state
+    from megatron_moe.training.trainer import Trainer
+
+    cfg = _megatron_run(loop_corpus, megatron_dist_biased["root"], tmp_path / "run")
+    trainer = Trainer(cfg, torch.device("cpu"), eval_only=True, given=set())
+    report = trainer.evaluate_checkpoint()["eval"]
+    m = trainer.cfg.model
+    assert (m.normalization, m.add_bias_linear, m.add_qkv_bias) == ("LayerNorm", True, True)
+    got, want = model_state(trainer.engine.parts), megatron_dist_biased["state"]
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert report["step"] == 10 and math.isfinite(report["loss"])
 
 
 def test_torch_dist_per_layer_keys_with_layernorm_and_biases(tmp_path, biased):
