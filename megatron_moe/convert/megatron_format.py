@@ -277,7 +277,8 @@ def config_from_megatron_args(args: dict[str, Any], where: str) -> Config:
     required = ("hidden_size", "num_layers", "num_attention_heads")
     for name in required:
         if not isinstance(args.get(name), int):
-            raise ConversionError(f"{where}: Megatron argument {name} is missing; pass --megatron-args FILE.json")
+            raise ConversionError(f"{where}: Megatron argument {name} is missing; pass it with "
+                                  "upcycle_checkpoint.py --megatron-args FILE.json")
     checks = [
         ("swiglu", True, "only SwiGLU MLPs are supported"),
         ("position_embedding_type", "rope", "only rotary position embeddings are supported"),
@@ -388,12 +389,12 @@ def _check_bias_roles(found: dict[tuple[str, int | None], str], m, args: dict[st
         if role in _BIAS_ROLES and role not in want:
             what, arg = _BIAS_ROLES[role]
             raise ConversionError(f"{where}: holds {key} (a {what}) but the Megatron arguments say there is none "
-                                  f"({settings[arg]}); correct them with --megatron-args")
+                                  f"({settings[arg]}); correct them with upcycle_checkpoint.py --megatron-args")
     have = {role for role, _ in found}
     for role in sorted(want & set(_BIAS_ROLES) - have):
         what, arg = _BIAS_ROLES[role]
         raise ConversionError(f"{where}: has no {what} but the Megatron arguments say it has one "
-                              f"({settings[arg]}); correct them with --megatron-args")
+                              f"({settings[arg]}); correct them with upcycle_checkpoint.py --megatron-args")
 
 
 def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> DenseSource:
