@@ -11,7 +11,9 @@ implementations start from the same weights, checked by comparing logits before 
     ours              this project, top-K router, grouped expert GEMM, fp32
     hf-grouped        transformers MixtralForCausalLM, experts_implementation="grouped_mm"
     hf-eager          the same, experts_implementation="eager" (a loop over experts)
-    torchtitan        torchtitan's MoE model, where it imports (else the reason it does not)
+    torchtitan        this project with torchtitan's MoE layer (router, token dispatcher, grouped experts) in place
+                      of each of ours, same weights, where torchtitan imports (else the reason it does not);
+                      its experts compute in bf16 whatever the precision, so compare it with "ours" in bf16
     dense             this project, dense SwiGLU of equal active parameters (ffn = K x expert ffn)
     sparsemixer       this project, SparseMixer-v2 router
     expert-loop       this project, a per-expert loop instead of the grouped GEMM
@@ -30,7 +32,7 @@ Peak memory: ``torch.cuda.max_memory_allocated`` over the timed steps on CUDA; o
 tensor memory of one step measured by torch's MemTracker.
 
     make bench      # = .venv/bin/python bench/throughput.py: on CPU two small shapes (about 3 minutes);
-                    # on a GPU examples/bench_h100.toml (one 80 GB H100)
+                    # on a GPU examples/bench_h100.toml (one 80 GB H100); --bf16: the CPU shapes in bf16
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_moe.config import Config, parse_args
-from megatron_moe.model.moe import GroupedExperts
+from megatron_moe.model.moe import GroupedExperts, MoELayer
 from megatron_moe.model.transformer import build_model
 from megatron_moe.parallel.engine import ParallelEngine, init_distributed_from_env
 from megatron_moe.planning.flops import matmul_active_params, model_flops_per_token
@@ -177,12 +179,69 @@ def _hf_row(name: str, impl: str, cfg: Config, ours: torch.nn.Module, device: to
     return Row(name, step, hf, optimizer, f"logits equal to ours within {diff:.1e}")
 
 
-def _torchtitan_row() -> Row:
+class _TorchtitanMoE(torch.nn.Module):
+    """torchtitan's MoE layer (token-choice top-K router, local token dispatcher, grouped experts) holding
+    the weights of one of our MoE layers (torchtitan stores the experts transposed: [E, ffn, hidden])."""
+
+    def __init__(self, ours: MoELayer, cfg: Config):
+        from torchtitan.models.common.linear import Linear
+        from torchtitan.models.common.moe import GroupedExperts as TitanExperts
+        from torchtitan.models.common.moe import MoE, RoutedExperts, TokenChoiceTopKRouter
+        from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
+
+        super().__init__()
+        h, f, e, k = cfg.model.hidden_size, cfg.expert_ffn_size, cfg.moe.num_experts, cfg.moe.topk
+        self.moe = MoE.Config(
+            num_experts=e, load_balance_coeff=None,  # no expert-bias balancing: the same routing as ours
+            routed_experts=RoutedExperts.Config(
+                inner_experts=TitanExperts.Config(dim=h, hidden_dim=f, num_experts=e),
+                token_dispatcher=LocalTokenDispatcher.Config(num_experts=e, top_k=k)),
+            router=TokenChoiceTopKRouter.Config(num_experts=e, gate=Linear.Config(in_features=h, out_features=e),
+                                                top_k=k, score_func="softmax", route_norm=cfg.moe.renormalize),
+        ).build()
+        experts = self.moe.routed_experts.inner_experts
+        with torch.no_grad():
+            self.moe.router.gate.weight.copy_(ours.router.gate.weight)
+            experts.w1_EFD.copy_(ours.experts.w1.transpose(1, 2))
+            experts.w3_EFD.copy_(ours.experts.w3.transpose(1, 2))
+            experts.w2_EDF.copy_(ours.experts.w2.transpose(1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.moe(x)
+
+
+def _torchtitan_row(cfg: Config, ours: torch.nn.Module, device: torch.device) -> Row:
+    """This project's model with torchtitan's MoE layer in place of each of ours, same weights, trained
+    by the same engine step. torchtitan's experts compute in bf16 whatever the model's dtype, and its
+    layer adds no auxiliary loss (ours adds the configured one)."""
     try:
         import torchtitan.models.common.moe  # noqa: F401
     except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
         return Row("torchtitan", None, note=f"not importable ({type(e).__name__}: {e})")
-    return Row("torchtitan", None, note="importable, but its model API is not wired into this bench yet")
+    if cfg.moe.router != "topk" or cfg.moe.logit_norm:
+        return Row("torchtitan", None, note=f"its router has no equivalent of moe.router = {cfg.moe.router!r} "
+                                            "with moe.logit_norm; bench a top-K config")
+    model = build_model(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, bf16=False)), "cpu")
+    model.load_state_dict(_plain_state(ours))
+    diff = 0.0
+    x = torch.randn(2, cfg.data.seq_length, cfg.model.hidden_size, generator=torch.Generator().manual_seed(0))
+    for block in model.layers.values():
+        if isinstance(block.feed_forward, MoELayer):
+            theirs = _TorchtitanMoE(block.feed_forward, cfg)
+            with torch.no_grad():  # each layer on the same input (the whole model's logits would amplify
+                # the bf16 rounding into flipped top-K choices of later layers)
+                expected = block.feed_forward.eval()(x)
+                diff = max(diff, ((theirs.eval()(x) - expected).norm() / expected.norm()).item())
+            block.feed_forward = theirs
+    if diff > 1e-2:  # its bf16 experts round each expert output to ~3 significant digits
+        raise RuntimeError(f"torchtitan: its MoE layers differ from ours by {diff:.2e} (relative); the comparison "
+                           "would be meaningless")
+    engine = ParallelEngine(cfg, device=device)
+    module = engine.build_model(model=model.to(device).train(), seed_rng=False)
+    optimizer = build_optimizer(module, cfg.optimizer)
+    batches = _batches(cfg, device)
+    note = f"its MoE layer in ours; experts always bf16; no aux loss; outputs equal ours to {diff:.1e} (rel.)"
+    return Row("torchtitan", lambda: engine.train_step(batches, optimizer, 1.0), module, optimizer, note)
 
 
 def _sync(device: torch.device) -> None:
@@ -214,7 +273,7 @@ def build_rows(cfg: Config, device: torch.device, only: set[str] | None) -> list
         if wanted(name):
             rows.append(_hf_row(name, impl, cfg, rows[0].module[0], device))
     if wanted("torchtitan"):
-        rows.append(_torchtitan_row())
+        rows.append(_torchtitan_row(cfg, rows[0].module[0], device))
     if wanted("dense"):
         dense_ffn = cfg.moe.topk * cfg.expert_ffn_size
         dense = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=0),
@@ -326,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: H100/H200 bf16 when detected)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    p.add_argument("--bf16", action="store_true", help="bench the shapes with training.bf16 (\"ours\" in bf16)")
     p.add_argument("--out", default="runs/bench/throughput.json")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -341,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "peak_tflops": peak, "shapes": {}}
     for shape, flags in shapes.items():
-        cfg, _ = parse_args(flags + ["--training.device", device.type, "--lr", "1e-4", "--min-lr", "1e-5"])
+        cfg, _ = parse_args(flags + ["--training.device", device.type, "--lr", "1e-4", "--min-lr", "1e-5"]
+                            + (["--bf16"] if args.bf16 else []))
         results = run(cfg, device, args.warmup, args.steps, args.rounds, set(args.rows) if args.rows else None, peak)
         print_table(shape, cfg, results, device)
         report["shapes"][shape] = {"config": cfg.to_dict(), "results": results, "ratios": ratios(results)}
