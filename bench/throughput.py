@@ -22,7 +22,9 @@ implementations start from the same weights, checked by comparing logits before 
     compile           this project, --compile (torch.compile per block)
 
 Timing: after warm-up steps, ``--rounds`` rounds in which every row runs ``--steps`` steps in turn
-(interleaved, so drifts of the machine hit all rows alike); a row's tokens/s is the median over rounds.
+(interleaved, so drifts of the machine hit all rows alike); a row's tokens/s is the median over rounds, its
+"spread" (max - min) / median of the rounds' tokens/s: two rows closer than their spreads are not measurably
+different.
 
 MFU = model FLOP/s / peak FLOP/s of the device (``--peak-tflops``; known for H100/H200 in bf16,
 otherwise not reported). Model FLOPs per token of a training step: ``6 N + 6 L S H``
@@ -333,13 +335,15 @@ def run(cfg: Config, device: torch.device, warmup: int, steps: int, rounds: int,
     for row in rows:
         entry = {"available": row.step is not None, "note": row.note}
         if row.step is not None:
-            tps = statistics.median((1 if row.slow else steps) * tokens_per_step / t for t in row.times)
+            per_round = [(1 if row.slow else steps) * tokens_per_step / t for t in row.times]
+            tps = statistics.median(per_round)
             per_token = flops_per_token
             if row.name == "dense":
                 dense_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=0))
                 per_token = model_flops_per_token(dense_cfg, matmul_active_params(row.module, dense_cfg))
             flops = per_token * tps
-            entry.update(tokens_per_sec=tps, model_tflops=flops / 1e12, peak_memory_bytes=row.peak_bytes,
+            entry.update(tokens_per_sec=tps, spread=(max(per_round) - min(per_round)) / tps,
+                         model_tflops=flops / 1e12, peak_memory_bytes=row.peak_bytes,
                          mfu=flops / (peak_tflops * 1e12) if peak_tflops else None)
         results[row.name] = entry
     return results
@@ -363,14 +367,15 @@ def print_table(shape: str, cfg: Config, results: dict, device: torch.device) ->
     m, e = cfg.model, cfg.moe
     print(f"\n== {shape}: hidden {m.hidden_size}, {m.num_layers} layers, {e.num_experts} experts top-{e.topk} "
           f"(ffn {cfg.expert_ffn_size}), seq {cfg.data.seq_length}, batch {cfg.training.global_batch_size}, {device}")
-    print(f"{'row':<17}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak MiB':>10}  note")
+    print(f"{'row':<17}{'tokens/s':>11}{'spread':>8}{'TFLOP/s':>9}{'MFU':>7}{'peak MiB':>10}  note")
     for name, r in results.items():
         if not r["available"]:
-            print(f"{name:<17}{'-':>11}{'-':>9}{'-':>7}{'-':>10}  {r['note']}")
+            print(f"{name:<17}{'-':>11}{'-':>8}{'-':>9}{'-':>7}{'-':>10}  {r['note']}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_memory_bytes'] / 2**20:.0f}" if r["peak_memory_bytes"] else "n/a"
-        print(f"{name:<17}{r['tokens_per_sec']:>11.0f}{r['model_tflops']:>9.3f}{mfu:>7}{mem:>10}  {r['note']}")
+        spread, tps = f"{100 * r['spread']:.0f}%", r["tokens_per_sec"]
+        print(f"{name:<17}{tps:>11.0f}{spread:>8}{r['model_tflops']:>9.3f}{mfu:>7}{mem:>10}  {r['note']}")
     for k, v in ratios(results).items():
         print(f"  {k:<30} {v:.2f}x")
 
