@@ -35,7 +35,7 @@ bench: $(VENV)/.installed  # training throughput vs Hugging Face Mixtral and abl
 gpu-wheels:  # what scripts/gpu_session.sh needs on a lent GPU machine (Python 3.12, no network) that it lacks
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1 \
-		torchtitan==0.3.0 spmd-types==0.3.1 tyro==1.0.17 docstring-parser==0.18.0  # the bench's torchtitan row
+		torchtitan==0.3.0 spmd-types==0.2.3 tyro==1.0.17 docstring-parser==0.18.0 typeguard  # the bench's torchtitan row
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
