@@ -214,45 +214,34 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 # final_norm, norm1, norm2, qkv, proj, fc1, fc2 (weights) and the same with "_b" (their biases: the norms' with
 # LayerNorm, qkv's with add_bias_linear or add_qkv_bias, the others' with add_bias_linear).
 _OLD = r"language_model\.(?:encoder|transformer)\."  # the older layout's prefix
-_KEY_PATTERNS = [
+_LAYER = r"decoder\.layers\.(\d+)\."
+_OLD_LAYER = _OLD + r"layers\.(\d+)\."
+_WEIGHT_ONLY = [
     (r"embedding\.word_embeddings\.weight", "emb"),
     (r"language_model\.embedding\.word_embeddings\.weight", "emb"),
     (r"output_layer\.weight", "out"),
     (r"language_model\.output_layer\.weight", "out"),
-    (r"decoder\.final_layernorm\.weight", "final_norm"),
-    (r"decoder\.final_layernorm\.bias", "final_norm_b"),
-    (_OLD + r"final_(?:layer)?norm\.weight", "final_norm"),
-    (_OLD + r"final_(?:layer)?norm\.bias", "final_norm_b"),
-    # megatron-core: Transformer Engine fuses the norms into the following linear; the local spec has modules
-    (r"decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.layer_norm_weight", "norm1"),
-    (r"decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.layer_norm_bias", "norm1_b"),
-    (r"decoder\.layers\.(\d+)\.input_layernorm\.weight", "norm1"),
-    (r"decoder\.layers\.(\d+)\.input_layernorm\.bias", "norm1_b"),
-    (r"decoder\.layers\.(\d+)\.mlp\.linear_fc1\.layer_norm_weight", "norm2"),
-    (r"decoder\.layers\.(\d+)\.mlp\.linear_fc1\.layer_norm_bias", "norm2_b"),
-    (r"decoder\.layers\.(\d+)\.pre_mlp_layernorm\.weight", "norm2"),
-    (r"decoder\.layers\.(\d+)\.pre_mlp_layernorm\.bias", "norm2_b"),
-    (r"decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.weight", "qkv"),
-    (r"decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.bias", "qkv_b"),
-    (r"decoder\.layers\.(\d+)\.self_attention\.linear_proj\.weight", "proj"),
-    (r"decoder\.layers\.(\d+)\.self_attention\.linear_proj\.bias", "proj_b"),
-    (r"decoder\.layers\.(\d+)\.mlp\.linear_fc1\.weight", "fc1"),
-    (r"decoder\.layers\.(\d+)\.mlp\.linear_fc1\.bias", "fc1_b"),
-    (r"decoder\.layers\.(\d+)\.mlp\.linear_fc2\.weight", "fc2"),
-    (r"decoder\.layers\.(\d+)\.mlp\.linear_fc2\.bias", "fc2_b"),
-    (_OLD + r"layers\.(\d+)\.input_(?:layer)?norm\.weight", "norm1"),
-    (_OLD + r"layers\.(\d+)\.input_(?:layer)?norm\.bias", "norm1_b"),
-    (_OLD + r"layers\.(\d+)\.post_attention_(?:layer)?norm\.weight", "norm2"),
-    (_OLD + r"layers\.(\d+)\.post_attention_(?:layer)?norm\.bias", "norm2_b"),
-    (_OLD + r"layers\.(\d+)\.self_attention\.query_key_value\.weight", "qkv"),
-    (_OLD + r"layers\.(\d+)\.self_attention\.query_key_value\.bias", "qkv_b"),
-    (_OLD + r"layers\.(\d+)\.self_attention\.dense\.weight", "proj"),
-    (_OLD + r"layers\.(\d+)\.self_attention\.dense\.bias", "proj_b"),
-    (_OLD + r"layers\.(\d+)\.mlp\.dense_h_to_4h\.weight", "fc1"),
-    (_OLD + r"layers\.(\d+)\.mlp\.dense_h_to_4h\.bias", "fc1_b"),
-    (_OLD + r"layers\.(\d+)\.mlp\.dense_4h_to_h\.weight", "fc2"),
-    (_OLD + r"layers\.(\d+)\.mlp\.dense_4h_to_h\.bias", "fc2_b"),
 ]
+# (weight key, bias key, role): the bias's role is the weight's with "_b".
+_WEIGHT_AND_BIAS = [
+    (r"decoder\.final_layernorm\.weight", r"decoder\.final_layernorm\.bias", "final_norm"),
+    (_OLD + r"final_(?:layer)?norm\.weight", _OLD + r"final_(?:layer)?norm\.bias", "final_norm"),
+    # megatron-core: Transformer Engine fuses the norms into the following linear; the local spec has modules
+    (_LAYER + r"self_attention\.linear_qkv\.layer_norm_weight", _LAYER + r"self_attention\.linear_qkv\.layer_norm_bias",
+     "norm1"),
+    (_LAYER + r"input_layernorm\.weight", _LAYER + r"input_layernorm\.bias", "norm1"),
+    (_LAYER + r"mlp\.linear_fc1\.layer_norm_weight", _LAYER + r"mlp\.linear_fc1\.layer_norm_bias", "norm2"),
+    (_LAYER + r"pre_mlp_layernorm\.weight", _LAYER + r"pre_mlp_layernorm\.bias", "norm2"),
+    *((_LAYER + module + r"\.weight", _LAYER + module + r"\.bias", role) for module, role in (
+        (r"self_attention\.linear_qkv", "qkv"), (r"self_attention\.linear_proj", "proj"),
+        (r"mlp\.linear_fc1", "fc1"), (r"mlp\.linear_fc2", "fc2"))),
+    *((_OLD_LAYER + module + r"\.weight", _OLD_LAYER + module + r"\.bias", role) for module, role in (
+        (r"input_(?:layer)?norm", "norm1"), (r"post_attention_(?:layer)?norm", "norm2"),
+        (r"self_attention\.query_key_value", "qkv"), (r"self_attention\.dense", "proj"),
+        (r"mlp\.dense_h_to_4h", "fc1"), (r"mlp\.dense_4h_to_h", "fc2"))),
+]
+_KEY_PATTERNS = _WEIGHT_ONLY + [pair for weight, bias, role in _WEIGHT_AND_BIAS
+                                for pair in ((weight, role), (bias, role + "_b"))]
 _COMPILED = [(re.compile(p + r"$"), role) for p, role in _KEY_PATTERNS]
 
 
@@ -397,6 +386,42 @@ def _check_bias_roles(found: dict[tuple[str, int | None], str], m, args: dict[st
                               f"({settings[arg]}); correct them with upcycle_checkpoint.py --megatron-args")
 
 
+def _model_loaders(m, *, whole, vocab_parallel, row_parallel, qkv_part, qkv_bias_part, fc1_part) -> dict:
+    """Our dense model's tensor names -> loaders (callables returning the full tensor), from a reader's
+    loader factories by Megatron role: ``whole(role, layer)`` (norms, row-parallel biases: one tensor),
+    ``vocab_parallel(role)`` (embedding, output layer), ``row_parallel(role, layer)`` (linear_proj,
+    linear_fc2 weights), ``qkv_part(layer, which)`` / ``qkv_bias_part(layer, which)`` (q, k or v of the
+    fused QKV), ``fc1_part(layer, which, role)`` (gate or up half of fc1's weight or bias)."""
+    loaders = {"tok_embeddings.weight": vocab_parallel("emb"), "norm.weight": whole("final_norm", None)}
+    if not m.tie_embeddings:
+        loaders["output.weight"] = vocab_parallel("out")
+    layer_norm = m.normalization == "LayerNorm"
+    if layer_norm:
+        loaders["norm.bias"] = whole("final_norm_b", None)
+    for i in range(m.num_layers):
+        p = f"layers.{i}."
+        loaders[p + "attention_norm.weight"] = whole("norm1", i)
+        loaders[p + "ffn_norm.weight"] = whole("norm2", i)
+        for which, name in enumerate(("wq", "wk", "wv")):
+            loaders[p + f"attention.{name}.weight"] = qkv_part(i, which)
+        loaders[p + "attention.wo.weight"] = row_parallel("proj", i)
+        loaders[p + "feed_forward.w1.weight"] = fc1_part(i, 0)
+        loaders[p + "feed_forward.w3.weight"] = fc1_part(i, 1)
+        loaders[p + "feed_forward.w2.weight"] = row_parallel("fc2", i)
+        if layer_norm:
+            loaders[p + "attention_norm.bias"] = whole("norm1_b", i)
+            loaders[p + "ffn_norm.bias"] = whole("norm2_b", i)
+        if m.add_qkv_bias:
+            for which, name in enumerate(("wq", "wk", "wv")):
+                loaders[p + f"attention.{name}.bias"] = qkv_bias_part(i, which)
+        if m.add_bias_linear:  # row-parallel biases (linear_proj, linear_fc2) are whole on every TP rank
+            loaders[p + "attention.wo.bias"] = whole("proj_b", i)
+            loaders[p + "feed_forward.w1.bias"] = fc1_part(i, 0, "fc1_b")
+            loaders[p + "feed_forward.w3.bias"] = fc1_part(i, 1, "fc1_b")
+            loaders[p + "feed_forward.w2.bias"] = whole("fc2_b", i)
+    return loaders
+
+
 def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> DenseSource:
     """A :class:`DenseSource` for a Megatron-LM checkpoint, legacy torch (all TP shards merged) or torch_dist.
 
@@ -491,34 +516,9 @@ def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> 
             return _split_qkv(full, m.num_attention_heads, groups, head_dim, f"{where} layer {layer} bias")[which]
         return load
 
-    loaders = {"tok_embeddings.weight": cat("emb", None, 0), "norm.weight": replicated("final_norm", None)}
-    if not m.tie_embeddings:
-        loaders["output.weight"] = cat("out", None, 0)
-    layer_norm = m.normalization == "LayerNorm"
-    if layer_norm:
-        loaders["norm.bias"] = replicated("final_norm_b", None)
-    for i in range(m.num_layers):
-        p = f"layers.{i}."
-        loaders[p + "attention_norm.weight"] = replicated("norm1", i)
-        loaders[p + "ffn_norm.weight"] = replicated("norm2", i)
-        loaders[p + "attention.wq.weight"] = qkv_part(i, 0)
-        loaders[p + "attention.wk.weight"] = qkv_part(i, 1)
-        loaders[p + "attention.wv.weight"] = qkv_part(i, 2)
-        loaders[p + "attention.wo.weight"] = cat("proj", i, 1)
-        loaders[p + "feed_forward.w1.weight"] = fc1_part(i, 0)
-        loaders[p + "feed_forward.w3.weight"] = fc1_part(i, 1)
-        loaders[p + "feed_forward.w2.weight"] = cat("fc2", i, 1)
-        if layer_norm:
-            loaders[p + "attention_norm.bias"] = replicated("norm1_b", i)
-            loaders[p + "ffn_norm.bias"] = replicated("norm2_b", i)
-        if m.add_qkv_bias:
-            for which, name in enumerate(("wq", "wk", "wv")):
-                loaders[p + f"attention.{name}.bias"] = qkv_bias_part(i, which)
-        if m.add_bias_linear:  # row-parallel biases (linear_proj, linear_fc2) are replicated
-            loaders[p + "attention.wo.bias"] = replicated("proj_b", i)
-            loaders[p + "feed_forward.w1.bias"] = fc1_part(i, 0, "fc1_b")
-            loaders[p + "feed_forward.w3.bias"] = fc1_part(i, 1, "fc1_b")
-            loaders[p + "feed_forward.w2.bias"] = replicated("fc2_b", i)
+    loaders = _model_loaders(m, whole=replicated, vocab_parallel=lambda role: cat(role, None, 0),
+                             row_parallel=lambda role, i: cat(role, i, 1), qkv_part=qkv_part,
+                             qkv_bias_part=qkv_bias_part, fc1_part=fc1_part)
     layers_found = {layer for table in roles for (_, layer) in table if layer is not None}
     beyond = sorted(x for x in layers_found if x >= m.num_layers)
     if beyond:
@@ -712,33 +712,8 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
             return fc1.chunk(2, dim=0)[which]
         return load
 
-    loaders = {"tok_embeddings.weight": plain("emb"), "norm.weight": plain("final_norm")}
-    if not m.tie_embeddings:
-        loaders["output.weight"] = plain("out")
-    layer_norm = m.normalization == "LayerNorm"
-    if layer_norm:
-        loaders["norm.bias"] = plain("final_norm_b")
-    for i in range(m.num_layers):
-        p = f"layers.{i}."
-        loaders[p + "attention_norm.weight"] = plain("norm1", i)
-        loaders[p + "ffn_norm.weight"] = plain("norm2", i)
-        for which, name in enumerate(("wq", "wk", "wv")):
-            loaders[p + f"attention.{name}.weight"] = qkv_part(i, which)
-        loaders[p + "attention.wo.weight"] = plain("proj", i)
-        loaders[p + "feed_forward.w1.weight"] = fc1_part(i, 0)
-        loaders[p + "feed_forward.w3.weight"] = fc1_part(i, 1)
-        loaders[p + "feed_forward.w2.weight"] = plain("fc2", i)
-        if layer_norm:
-            loaders[p + "attention_norm.bias"] = plain("norm1_b", i)
-            loaders[p + "ffn_norm.bias"] = plain("norm2_b", i)
-        if m.add_qkv_bias:
-            for which, name in enumerate(("wq", "wk", "wv")):
-                loaders[p + f"attention.{name}.bias"] = qkv_bias_part(i, which)
-        if m.add_bias_linear:
-            loaders[p + "attention.wo.bias"] = plain("proj_b", i)
-            loaders[p + "feed_forward.w1.bias"] = fc1_part(i, 0, "fc1_b")
-            loaders[p + "feed_forward.w3.bias"] = fc1_part(i, 1, "fc1_b")
-            loaders[p + "feed_forward.w2.bias"] = plain("fc2_b", i)
+    loaders = _model_loaders(m, whole=plain, vocab_parallel=plain, row_parallel=plain, qkv_part=qkv_part,
+                             qkv_bias_part=qkv_bias_part, fc1_part=fc1_part)
     beyond = sorted(layer for (_, layer) in table if layer is not None and layer >= m.num_layers)
     if beyond:
         raise ConversionError(f"{ckpt}: holds layer {beyond[0]} but args say num_layers = {m.num_layers}")
