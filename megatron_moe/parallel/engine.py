@@ -272,13 +272,13 @@ class ParallelEngine:
     # ------------------------------------------------------------------ steps
     def _stack(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = torch.cat([b["tokens"] for b in batches])
+        target = torch.cat([loss_target(b["labels"], b["loss_mask"]) for b in batches])
         vocab = self.cfg.model.vocab_size
-        if tokens.device.type == "cpu" and tokens.numel() and int(tokens.max()) >= vocab:  # host data: no sync
-            raise DataError(f"the data holds token id {int(tokens.max())}, but model.vocab_size is {vocab}: was it "
-                             "tokenized with another, larger vocabulary than --tokenizer-model?")
-        tokens = tokens.to(self.device)
-        target = torch.cat([loss_target(b["labels"], b["loss_mask"]) for b in batches]).to(self.device)
-        return tokens, target
+        for ids in (tokens, target):  # labels too: the fused cross entropy does not bounds-check its targets
+            if ids.device.type == "cpu" and ids.numel() and int(ids.max()) >= vocab:  # host data: no sync
+                raise DataError(f"the data holds token id {int(ids.max())}, but model.vocab_size is {vocab}: was "
+                                 "it tokenized with another, larger vocabulary than --tokenizer-model?")
+        return tokens.to(self.device), target.to(self.device)
 
     def _forward_backward(self, batches: list[dict], train: bool) -> torch.Tensor | None:
         """Sum over micro-batches of their losses (each loss / num_microbatches, or with per-token loss its summed

@@ -87,7 +87,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> 
     """Cross entropy (nats) per token, float32 [...], 0 where ``target`` is ``IGNORE_INDEX``.
 
     logits: [..., V] (any float dtype), or a DTensor [..., V] sharded on V over a 1-D mesh (TP: the result
-    is the same on every rank of it); target: int64 [...] token ids in [0, V) or ``IGNORE_INDEX``.
+    is the same on every rank of it); target: int64 [...] token ids in [0, V) or ``IGNORE_INDEX``. Targets
+    are not bounds-checked here (that would sync with the device): the engine checks the host data.
     """
     group, vocab_start = None, 0
     if isinstance(logits, DTensor):

@@ -131,6 +131,10 @@ def test_token_ids_beyond_the_vocabulary_are_a_clear_error(tiny_config):
     tokens = torch.full((2, 17), 96)  # vocab_size is 96: ids 0..95
     with pytest.raises(ValueError, match="token id 96, but model.vocab_size is 96"):
         engine.train_step([batch(tokens)], torch.optim.SGD(engine.parameters(), lr=0.1), clip_grad=0.0)
+    tokens = torch.zeros((2, 17), dtype=torch.long)
+    tokens[:, -1] = 97  # only in the labels (the last position is never an input)
+    with pytest.raises(ValueError, match="token id 97, but model.vocab_size is 96"):
+        engine.train_step([batch(tokens)], torch.optim.SGD(engine.parameters(), lr=0.1), clip_grad=0.0)
 
 
 class RecordingSGD(torch.optim.SGD):
