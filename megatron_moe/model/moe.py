@@ -319,10 +319,10 @@ class MoELayer(nn.Module):
         rows = run_experts(self.experts, _DispatchRows.apply(x, order, inverse, self.topk), flat_experts[order],
                            counts, expert_row_alignment(self.cfg.expert_row_alignment, x))
         self._event("experts_end")
-        # Combine: back to (token, slot) order, then each token's gate-weighted sum over its K slots.
-        dtype = torch.promote_types(rows.dtype, weights.dtype)
+        # Combine: back to (token, slot) order, then each token's gate-weighted sum over its K slots, in the
+        # promoted dtype (float32 gates x bf16 rows: autograd keeps the bf16 rows, not a float32 copy).
         slots = _PermuteRows.apply(rows, inverse, order).view(num_tokens, self.topk, -1)
-        out = torch.bmm(weights.unsqueeze(1).to(dtype), slots.to(dtype)).squeeze(1).to(x.dtype)
+        out = (slots * weights.unsqueeze(-1)).sum(1).to(x.dtype)
 
         aux = torch.zeros((), device=x.device)
         if self.cfg.balance_loss != "none":
