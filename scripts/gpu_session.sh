@@ -3,7 +3,8 @@
 # PyTorch and transformers, no network); results go to $OUT (default runs/gpu_session).
 #
 #   here:    make gpu-wheels    # megatron-core and torchtitan for the device's Python 3.12, into .whl/ (git-ignored)
-#   device:  bash scripts/gpu_session.sh    (carry .whl; about 9 minutes; timeout 600 s)
+#   device:  bash scripts/gpu_session.sh    (carry .whl; timeout 600 s: the parts run in order of value, so
+#            the limit cuts the last, torchtitan part first)
 #
 # 1. the GPU tests (no host sync in a step, the padded bf16 grouped GEMM, flash SDPA);
 # 2. bench/throughput.py on examples/bench_h100.toml in two parts, so that the first part's table
