@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import statistics
 import tempfile
@@ -308,14 +309,30 @@ def build_rows(cfg: Config, device: torch.device, only: set[str] | None) -> list
     return rows
 
 
+def _drop(row: Row, device: torch.device) -> None:
+    """Release a row's model, optimizer state and step (it is reported as not available)."""
+    row.step = row.module = row.optimizer = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def run(cfg: Config, device: torch.device, warmup: int, steps: int, rounds: int, only: set[str] | None,
         peak_tflops: float | None) -> dict:
     rows = build_rows(cfg, device, only)
+    for row in rows:
+        if row.step is None:
+            continue
+        try:
+            for _ in range(1 if row.slow else warmup):
+                row.step()
+            _measure_peak(row, device)
+        except torch.cuda.OutOfMemoryError:
+            if row is rows[0]:
+                raise  # without "ours" there is nothing to compare with
+            _drop(row, device)  # the rows built before it hold their weights and optimizer states
+            row.note = f"out of GPU memory beside the other rows: bench it with --rows {row.name}"
     live = [r for r in rows if r.step is not None]
-    for row in live:
-        for _ in range(1 if row.slow else warmup):
-            row.step()
-        _measure_peak(row, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(rounds):

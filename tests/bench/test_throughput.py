@@ -34,3 +34,23 @@ def test_torchtitan_row_holds_our_weights_and_trains():
     before = [p.detach().clone() for p in model.parameters()]
     row.step()
     assert all(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_a_row_that_runs_out_of_gpu_memory_is_reported_and_the_others_still_run(monkeypatch):
+    """On a GPU every row of a call is resident at once; a row that does not fit any more is dropped with a
+    note naming the --rows that benches it, instead of ending the run (simulated: its step raises CUDA's OOM)."""
+    init_distributed_from_env("cpu", single_process=True)
+    cfg, _ = parse_args(throughput.CPU_SHAPES["small"] + SMALL)
+    device = torch.device("cpu")
+
+    def too_big() -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    def rows(cfg, device, only):
+        return [throughput._ours("ours", cfg, device), throughput.Row("hf-grouped", too_big, torch.nn.Linear(2, 2))]
+
+    monkeypatch.setattr(throughput, "build_rows", rows)
+    results = throughput.run(cfg, device, warmup=1, steps=1, rounds=1, only=None, peak_tflops=None)
+    assert results["ours"]["available"] and results["ours"]["tokens_per_sec"] > 0
+    assert not results["hf-grouped"]["available"]
+    assert "--rows hf-grouped" in results["hf-grouped"]["note"]
