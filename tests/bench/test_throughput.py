@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))
 import throughput  # noqa: E402
@@ -20,11 +21,20 @@ from megatron_moe.parallel.engine import init_distributed_from_env  # noqa: E402
 SMALL = ["--training.device", "cpu", "--lr", "1e-4", "--min-lr", "1e-5"]
 
 
+@pytest.fixture(autouse=True)
+def single_process_group():
+    """The bench runs in a 1-rank process group (its bf16 rows need one); the tests after these must not
+    inherit it (a dry run refuses to start inside an initialised torch.distributed)."""
+    owns = not dist.is_initialized() and init_distributed_from_env("cpu", single_process=True)
+    yield
+    if owns and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def test_torchtitan_row_holds_our_weights_and_trains():
     """torchtitan's MoE layer in our model (where torchtitan imports): the row's own check (each layer's
     output against ours on the same input, bf16-rounded experts) passes, and one engine step trains."""
     pytest.importorskip("torchtitan.models.common.moe", reason="torchtitan is not installed (optional)")
-    init_distributed_from_env("cpu", single_process=True)
     cfg, _ = parse_args(throughput.CPU_SHAPES["small"] + SMALL)
     ours = throughput._ours("ours", cfg, torch.device("cpu"))
     row = throughput._torchtitan_row(cfg, ours.module[0], torch.device("cpu"))
@@ -40,7 +50,6 @@ def test_torchtitan_row_holds_our_weights_and_trains():
 def test_a_row_that_runs_out_of_gpu_memory_is_reported_and_the_others_still_run(monkeypatch):
     """On a GPU every row of a call is resident at once; a row that does not fit any more is dropped with a
     note naming the --rows that benches it, instead of ending the run (simulated: its step raises CUDA's OOM)."""
-    init_distributed_from_env("cpu", single_process=True)
     cfg, _ = parse_args(throughput.CPU_SHAPES["small"] + SMALL)
     device = torch.device("cpu")
 
