@@ -386,12 +386,12 @@ def _check_bias_roles(found: dict[tuple[str, int | None], str], m, args: dict[st
                               f"({settings[arg]}); correct them with upcycle_checkpoint.py --megatron-args")
 
 
-def _model_loaders(m, *, whole, vocab_parallel, row_parallel, qkv_part, qkv_bias_part, fc1_part) -> dict:
+def _model_loaders(m, *, whole, vocab_parallel, row_parallel, qkv_part, fc1_part) -> dict:
     """Our dense model's tensor names -> loaders (callables returning the full tensor), from a reader's
     loader factories by Megatron role: ``whole(role, layer)`` (norms, row-parallel biases: one tensor),
     ``vocab_parallel(role)`` (embedding, output layer), ``row_parallel(role, layer)`` (linear_proj,
-    linear_fc2 weights), ``qkv_part(layer, which)`` / ``qkv_bias_part(layer, which)`` (q, k or v of the
-    fused QKV), ``fc1_part(layer, which, role)`` (gate or up half of fc1's weight or bias)."""
+    linear_fc2 weights), ``qkv_part(layer, which, role)`` (q, k or v of the fused QKV's weight or bias),
+    ``fc1_part(layer, which, role)`` (gate or up half of fc1's weight or bias)."""
     loaders = {"tok_embeddings.weight": vocab_parallel("emb"), "norm.weight": whole("final_norm", None)}
     if not m.tie_embeddings:
         loaders["output.weight"] = vocab_parallel("out")
@@ -413,7 +413,7 @@ def _model_loaders(m, *, whole, vocab_parallel, row_parallel, qkv_part, qkv_bias
             loaders[p + "ffn_norm.bias"] = whole("norm2_b", i)
         if m.add_qkv_bias:
             for which, name in enumerate(("wq", "wk", "wv")):
-                loaders[p + f"attention.{name}.bias"] = qkv_bias_part(i, which)
+                loaders[p + f"attention.{name}.bias"] = qkv_part(i, which, "qkv_b")
         if m.add_bias_linear:  # row-parallel biases (linear_proj, linear_fc2) are whole on every TP rank
             loaders[p + "attention.wo.bias"] = whole("proj_b", i)
             loaders[p + "feed_forward.w1.bias"] = fc1_part(i, 0, "fc1_b")
@@ -493,10 +493,10 @@ def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     def cat(role: str, layer: int | None, dim: int):
         return lambda: torch.cat(shard_list(role, layer), dim=dim)
 
-    def qkv_part(layer: int, which: int):
-        def load() -> torch.Tensor:
-            full = torch.cat(shard_list("qkv", layer), dim=0)
-            return _split_qkv(full, m.num_attention_heads, groups, head_dim, f"{where} layer {layer}")[which]
+    def qkv_part(layer: int, which: int, role: str = "qkv"):
+        def load() -> torch.Tensor:  # column-parallel: the shards' rows concatenated, then split per group
+            full = torch.cat(shard_list(role, layer), dim=0)
+            return _split_qkv(full, m.num_attention_heads, groups, head_dim, f"{where} layer {layer} {role}")[which]
         return load
 
     def fc1_part(layer: int, which: int, role: str = "fc1"):
@@ -510,15 +510,9 @@ def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> 
             return torch.cat(halves, dim=0)
         return load
 
-    def qkv_bias_part(layer: int, which: int):
-        def load() -> torch.Tensor:  # column-parallel: the shards' rows concatenated, then split as the weight
-            full = torch.cat(shard_list("qkv_b", layer), dim=0)
-            return _split_qkv(full, m.num_attention_heads, groups, head_dim, f"{where} layer {layer} bias")[which]
-        return load
-
     loaders = _model_loaders(m, whole=replicated, vocab_parallel=lambda role: cat(role, None, 0),
                              row_parallel=lambda role, i: cat(role, i, 1), qkv_part=qkv_part,
-                             qkv_bias_part=qkv_bias_part, fc1_part=fc1_part)
+                             fc1_part=fc1_part)
     layers_found = {layer for table in roles for (_, layer) in table if layer is not None}
     beyond = sorted(x for x in layers_found if x >= m.num_layers)
     if beyond:
@@ -695,13 +689,9 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
     def plain(role: str, layer: int | None = None):
         return lambda: get(role, layer)
 
-    def qkv_part(layer: int, which: int):
-        return lambda: _split_qkv(get("qkv", layer), m.num_attention_heads, m.num_kv_heads, m.head_dim,
-                                  f"{ckpt} layer {layer}")[which]
-
-    def qkv_bias_part(layer: int, which: int):
-        return lambda: _split_qkv(get("qkv_b", layer), m.num_attention_heads, m.num_kv_heads, m.head_dim,
-                                  f"{ckpt} layer {layer} bias")[which]
+    def qkv_part(layer: int, which: int, role: str = "qkv"):
+        return lambda: _split_qkv(get(role, layer), m.num_attention_heads, m.num_kv_heads, m.head_dim,
+                                  f"{ckpt} layer {layer} {role}")[which]
 
     def fc1_part(layer: int, which: int, role: str = "fc1"):
         def load() -> torch.Tensor:  # [gate of all ranks; up of all ranks]
@@ -713,7 +703,7 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
         return load
 
     loaders = _model_loaders(m, whole=plain, vocab_parallel=plain, row_parallel=plain, qkv_part=qkv_part,
-                             qkv_bias_part=qkv_bias_part, fc1_part=fc1_part)
+                             fc1_part=fc1_part)
     beyond = sorted(layer for (_, layer) in table if layer is not None and layer >= m.num_layers)
     if beyond:
         raise ConversionError(f"{ckpt}: holds layer {beyond[0]} but args say num_layers = {m.num_layers}")

@@ -132,35 +132,28 @@ def run_experts(experts: GroupedExperts, x_sorted: torch.Tensor, expert_of_row: 
     return experts(buffer, torch.cumsum(padded, 0).to(torch.int32))[dest]
 
 
-class _PermuteRows(torch.autograd.Function):
-    """``x[perm]`` for a permutation ``perm`` of the rows; its backward is the gather ``grad[inverse]``
-    (autograd's for indexing is a scatter-add: slower, and accumulated with atomics on CUDA)."""
+class _GatherRows(torch.autograd.Function):
+    """``x.index_select(0, index)`` [N, H] where every input row t appears ``copies`` times and
+    ``inverse[t * copies + j]`` is the output row holding its j-th copy. The backward is then a gather and a
+    sum over the copies, not autograd's scatter-add for indexing (slower, and accumulated with atomics on CUDA).
+
+    Dispatch: tokens [T, H] -> expert-sorted rows (``index = order // K``, ``copies = K``); combine: sorted rows
+    -> (token, slot) order (``index = inverse``, the inverse of ``order``, and ``copies = 1``).
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, copies: int) -> torch.Tensor:
         ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
+        ctx.copies = copies
+        return x.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-class _DispatchRows(torch.autograd.Function):
-    """Token rows x [T, H] -> expert-sorted assignment rows [T*K, H], row r = x[order[r] // K]; the
-    backward gathers the rows back to (token, slot) order and sums each token's K slots (no scatter)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, topk: int) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        ctx.topk = topk
-        return x.index_select(0, order // topk)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse).view(-1, ctx.topk, grad.shape[-1]).sum(1), None, None, None
+        grad = grad.index_select(0, inverse)
+        if ctx.copies > 1:
+            grad = grad.view(-1, ctx.copies, grad.shape[-1]).sum(1)
+        return grad, None, None, None
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -316,12 +309,13 @@ class MoELayer(nn.Module):
         order = torch.argsort(flat_experts, stable=True)  # row r of the sorted rows is assignment order[r]
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         self._event("experts_start")
-        rows = run_experts(self.experts, _DispatchRows.apply(x, order, inverse, self.topk), flat_experts[order],
-                           counts, expert_row_alignment(self.cfg.expert_row_alignment, x))
+        x_sorted = _GatherRows.apply(x, order // self.topk, inverse, self.topk)
+        rows = run_experts(self.experts, x_sorted, flat_experts[order], counts,
+                           expert_row_alignment(self.cfg.expert_row_alignment, x))
         self._event("experts_end")
         # Combine: back to (token, slot) order, then each token's gate-weighted sum over its K slots, in the
         # promoted dtype (float32 gates x bf16 rows: autograd keeps the bf16 rows, not a float32 copy).
-        slots = _PermuteRows.apply(rows, inverse, order).view(num_tokens, self.topk, -1)
+        slots = _GatherRows.apply(rows, inverse, order, 1).view(num_tokens, self.topk, -1)
         out = (slots * weights.unsqueeze(-1)).sum(1).to(x.dtype)
 
         aux = torch.zeros((), device=x.device)
