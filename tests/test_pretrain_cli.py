@@ -28,6 +28,7 @@ def _flags(corpus: dict, run_dir: Path) -> list[str]:
     ({"--load": "{tmp}/not_a_checkpoint"}, "checkpoint", 3, "not_a_checkpoint"),
     ({"--eval-iters": "0", "--eval-only": None, "--load": "{tmp}/good"}, "configuration", 2, "evaluates nothing"),
     ({"--vocab-size": "64"}, "configuration", 2, "model.vocab_size = 64 is smaller"),
+    ({"--save": "{tmp}/not_a_checkpoint/notes.txt/run"}, "checkpoint", 3, "cannot create this directory"),
 ])
 def test_user_errors_are_one_line_and_an_exit_code(loop_corpus, tmp_path, capsys, change, kind, code, needle):
     assert pretrain_moe.main(_flags(loop_corpus, tmp_path / "good")) == 0  # the unchanged run works

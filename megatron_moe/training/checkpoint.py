@@ -74,6 +74,18 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def make_directory(path: Path | str, setting: str) -> Path:
+    """``mkdir -p path``; a CheckpointError naming ``setting`` (e.g. ``--save``) and the reason when it cannot
+    be made (a file in the way, no permission), instead of an OSError from deep inside a run."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{setting} {path}: cannot create this directory ({e.strerror or e}); "
+                              f"pass a writable {setting}") from None
+    return path
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -35,6 +35,7 @@ from megatron_moe.model.transformer import padded_vocab_size
 from megatron_moe.training.checkpoint import (
     CheckpointError,
     list_checkpoints,
+    make_directory,
     read_meta,
     resolve_checkpoint,
     save_checkpoint,
@@ -280,7 +281,7 @@ def _lock(save_dir: Path):
     """An exclusive, non-blocking lock on ``save_dir/.run.lock`` holding who holds it; the open file."""
     import fcntl
 
-    save_dir.mkdir(parents=True, exist_ok=True)
+    make_directory(save_dir, "--save")
     handle = open(save_dir / LOCK, "a+")  # noqa: SIM115 - kept open for the run's life
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

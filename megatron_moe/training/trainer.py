@@ -28,7 +28,7 @@ from megatron_moe.data.tokenizer import load_tokenizer
 from megatron_moe.parallel.engine import ParallelEngine, StepResult, init_distributed_from_env
 from megatron_moe.parallel.mesh import export_launch_environment
 from megatron_moe.routing.adaptive import AdaptiveAuxLossCoefficients, ConstantAuxLossCoefficients
-from megatron_moe.training.checkpoint import CheckpointError, write_text_atomic
+from megatron_moe.training.checkpoint import CheckpointError, make_directory, write_text_atomic
 from megatron_moe.training.checkpointing import (
     CheckpointManager,
     ResumePoint,
@@ -136,6 +136,8 @@ class Trainer:
         self._print_model_summary()
         self._build_data(tokenizer)
         self.checkpoints = CheckpointManager(cfg, engine, tokenizer_id, self.log)
+        if cfg.checkpoint.save and self.log:  # metrics.jsonl goes there from the start
+            make_directory(cfg.checkpoint.save, "--save")
         self.writer = MetricsWriter(cfg.checkpoint.save, self.log, cfg.logging.wandb_project, cfg.logging.wandb_mode,
                                     cfg.logging.run_name, cfg.to_dict(), cfg.logging.tensorboard_dir,
                                     cfg.logging.wandb_save_dir, cfg.logging.wandb_entity)
@@ -166,7 +168,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation only
     def evaluate_checkpoint(self) -> dict:
-        """Evaluate the loaded checkpoint; rank 0 writes eval.json (into ``--save``, else the checkpoint)."""
+        """Evaluate the loaded checkpoint; rank 0 prints the results and writes eval.json
+        (:meth:`_write_eval_report`)."""
         loaded, cfg = self.loaded, self.cfg
         self.checkpoints.load_model(loaded)
         result = self.evaluator.evaluate()
@@ -179,15 +182,31 @@ class Trainer:
             **result,
         }
         if self.log:
-            out = Path(cfg.checkpoint.save or loaded.path) / "eval.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(out, json.dumps(report, indent=1))
             sims = " ".join(f"{v:.3f}" for v in result["expert_similarity"])
             print(f"eval | {loaded.path} (step {report['step']}) | loss {result['loss']:.4f} | ppl {result['ppl']:.2f}"
-                  f" | {report['tokens']} tokens | expert similarity per layer: {sims or '-'}")
-            print(f"wrote {out}", flush=True)
+                  f" | {report['tokens']} tokens | expert similarity per layer: {sims or '-'}", flush=True)
         self.writer.close()
+        if self.log:
+            self._write_eval_report(report)
         return {"valid": [result], "eval": report}
+
+    def _write_eval_report(self, report: dict) -> None:
+        """eval.json into ``--save``, else beside the weights of one of our checkpoints. A Megatron-LM
+        checkpoint's directory is never written into (its ``iter_*`` layout is Megatron's): without
+        ``--save`` the results are printed only. Written after they are printed, so a directory that
+        cannot be written loses nothing but the file, and the run still fails naming it."""
+        loaded = self.loaded
+        if not self.cfg.checkpoint.save and loaded.megatron is not None:
+            print(f"eval.json not written: {loaded.path} is a Megatron-LM checkpoint, whose directory is left "
+                  "as it is; pass --save DIR to keep the report", flush=True)
+            return
+        out = Path(self.cfg.checkpoint.save or loaded.path) / "eval.json"
+        try:
+            write_text_atomic(out, json.dumps(report, indent=1))
+        except OSError as e:
+            raise CheckpointError(f"cannot write the evaluation report {out} ({e.strerror or e}); the results are "
+                                  "printed above; pass --save DIR (a writable directory) to keep eval.json") from None
+        print(f"wrote {out}", flush=True)
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict:

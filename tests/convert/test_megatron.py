@@ -628,15 +628,21 @@ def test_torch_dist_layernorm_and_biases_of_megatron_core(megatron_dist_biased):
 
 
 @pytest.mark.slow
-def test_load_megatron_layernorm_and_biases_holds_the_weights(tmp_path, loop_corpus, megatron_dist_biased):
+def test_load_megatron_layernorm_and_biases_holds_the_weights(tmp_path, loop_corpus, megatron_dist_biased, capsys):
     """pretrain_moe.py's --load (eval-only) of that LayerNorm + add_bias_linear torch_dist save: the run's model
-    takes LayerNorm and both bias settings from the saved arguments and holds every weight and bias bit-exactly."""
+    takes LayerNorm and both bias settings from the saved arguments and holds every weight and bias bit-exactly;
+    without --save its report is printed, and nothing in the Megatron-LM directory changes."""
     from megatron_moe.training.state import model_state
     from megatron_moe.training.trainer import Trainer
 
-    cfg = _megatron_run(loop_corpus, megatron_dist_biased["root"], tmp_path / "run")
+    root = megatron_dist_biased["root"]
+    cfg = _megatron_run(loop_corpus, root, tmp_path / "run")
+    cfg.checkpoint.save = ""  # no --save: the Megatron-LM checkpoint's directory is not written into
+    before = sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*"))
     trainer = Trainer(cfg, torch.device("cpu"), eval_only=True, given=set())
     report = trainer.evaluate_checkpoint()["eval"]
+    assert sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*")) == before
+    assert "eval.json not written" in capsys.readouterr().out
     m = trainer.cfg.model
     assert (m.normalization, m.add_bias_linear, m.add_qkv_bias) == ("LayerNorm", True, True)
     got, want = model_state(trainer.engine.parts), megatron_dist_biased["state"]

@@ -123,6 +123,25 @@ def test_eval_only_writes_eval_json(loop_corpus, tmp_path):
     assert written["loss"] == pytest.approx(last_valid["valid_loss"], rel=1e-6)  # the same evaluation code
 
 
+def test_eval_report_that_cannot_be_written_fails_naming_it_after_printing_the_results(loop_corpus, tmp_path,
+                                                                                       capsys):
+    corpus = loop_corpus
+    train(cfg_for(corpus, tmp_path / "run", iters=2))
+    cfg = cfg_for(corpus, tmp_path / "eval")
+    cfg.checkpoint.load = str(tmp_path / "run")
+    (tmp_path / "eval" / "eval.json").mkdir(parents=True)  # in the way of the report
+    with pytest.raises(CheckpointError, match=r"cannot write the evaluation report .*eval/eval.json.*--save"):
+        train(cfg, eval_only=True)
+    assert "eval | " in capsys.readouterr().out  # the results were printed first
+
+
+def test_save_directory_that_cannot_be_made_is_a_clear_error(loop_corpus, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    cfg = cfg_for(loop_corpus, tmp_path / "a_file" / "run", iters=1)  # a file where the directory would go
+    with pytest.raises(CheckpointError, match=r"--save .*a_file/run: cannot create this directory"):
+        train(cfg)
+
+
 def test_sigterm_checkpoints_at_step_boundary_and_exits_cleanly(loop_corpus, tmp_path):
     corpus = loop_corpus
     cfg = cfg_for(corpus, tmp_path / "run", router="topk", iters=400)
