@@ -98,25 +98,45 @@ def build_schedule(stages: list[PipelineStage], schedule: str, num_microbatches:
     return cls(stages[0], num_microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
-def _mute_moe_stats_during_metadata_inference(stage: PipelineStage, moe: MoELayerSet) -> None:
-    """Keep the MoE statistics free of the stage's metadata-inference passes.
+def _receive_buffers_require_grad(stage: PipelineStage) -> None:
+    """Make the stage's activation receive buffers leaves that require grad.
 
-    On its first step a schedule runs each stage once forward (and backward) on placeholder tensors
-    to infer shapes (under ``fork_rng``, so random draws are not consumed). Those passes must not
-    enter the per-layer MoE statistics: they run inside ``moe.muted_stats()``, wrapped around
-    ``_prepare_forward_infra`` / ``_prepare_backward_infra`` (private hooks of
-    torch.distributed.pipelining.PipelineStage, checked to exist here).
+    torch 2.11 creates them once, in the first schedule call, with ``requires_grad`` only if that call
+    trains: when validation runs first (``schedule.eval``, as at step 0 of a fresh run) the first training
+    step then computes no gradient for the stage input and fails ("has gradients None and is expecting to
+    send gradients"). Later torch releases set it themselves; setting it again changes nothing there.
+    """
+    for infos in getattr(stage, "args_recv_info", {}).values():
+        for info in infos:
+            buffer = getattr(info, "buffer", None)
+            if isinstance(buffer, torch.Tensor) and buffer.is_floating_point() and not buffer.requires_grad:
+                buffer.requires_grad_(True)
+
+
+def _wrap_stage_infrastructure(stage: PipelineStage, moe: MoELayerSet) -> None:
+    """Hooks around the stage's one-time set-up (private methods of torch.distributed.pipelining.PipelineStage,
+    checked to exist here):
+
+    - On its first step a schedule runs each stage once forward (and backward) on placeholder tensors to
+      infer shapes (under ``fork_rng``, so random draws are not consumed). Those passes must not enter the
+      per-layer MoE statistics: ``_prepare_forward_infra`` / ``_prepare_backward_infra`` run inside
+      ``moe.muted_stats()``.
+    - After ``_prepare_backward_infra`` (the first training call) the receive buffers require grad
+      (:func:`_receive_buffers_require_grad`).
     """
     for name in ("_prepare_forward_infra", "_prepare_backward_infra"):
         original = getattr(stage, name, None)
         if original is None:
             raise RuntimeError(f"torch.distributed.pipelining.PipelineStage has no {name}; update the engine")
 
-        def muted(*args, _original=original, **kwargs):
+        def wrapped(*args, _original=original, _name=name, **kwargs):
             with moe.muted_stats():
-                return _original(*args, **kwargs)
+                result = _original(*args, **kwargs)
+            if _name == "_prepare_backward_infra":
+                _receive_buffers_require_grad(stage)
+            return result
 
-        setattr(stage, name, muted)
+        setattr(stage, name, wrapped)
 
 
 class Pipeline:
@@ -142,7 +162,7 @@ class Pipeline:
             for part, idx in zip(parts, indices, strict=True)
         ]
         for stage in self.stages:
-            _mute_moe_stats_during_metadata_inference(stage, moe)
+            _wrap_stage_infrastructure(stage, moe)
         self.has_first = any(s.is_first for s in self.stages)
         self.has_last = any(s.is_last for s in self.stages)
         self.schedule = build_schedule(self.stages, schedule, num_microbatches, loss_fn)

@@ -45,8 +45,9 @@ def set_deterministic_routing(module: torch.nn.Module) -> None:
             m.eval()
 
 
-def run_steps(cfg: Config, step_batches: list[list[dict]], mesh=None) -> dict:
+def run_steps(cfg: Config, step_batches: list[list[dict]], mesh=None, validate_first: bool = False) -> dict:
     """Train len(step_batches) SGD steps through the engine; this rank's dp share of each global batch.
+    With ``validate_first`` the engine evaluates the first batch before training (as a run does at step 0).
 
     Returns losses / aux / grad norms per step (and the parameter norms and gradient zero counts when
     ``cfg.logging`` asks for them) and the full values of this rank's parameters after the first step
@@ -61,6 +62,9 @@ def run_steps(cfg: Config, step_batches: list[list[dict]], mesh=None) -> dict:
     optimizer = torch.optim.SGD(engine.parameters(), lr=LR)
     dp, r = engine.sizes.dp, engine.dp_rank
     out: dict = {"lm": [], "aux": [], "gnorm": [], "params": {}}
+    if validate_first:
+        engine.evaluate(step_batches[0][r::dp])
+        set_deterministic_routing(module)  # evaluate() ends by putting every module, routers too, in train mode
     for i, batches in enumerate(step_batches):
         res = engine.train_step(batches[r::dp], optimizer, CLIP)  # Megatron's order: rank r takes every dp-th
         out["lm"].append(res.lm_loss.item())

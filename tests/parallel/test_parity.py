@@ -39,6 +39,7 @@ STEP_BATCHES = [make_batches(seed=0), make_batches(seed=1)]
 RELEASED = {**RELEASED_OPTIONS, "first_k_dense": 1}
 RELEASED_LAYOUTS = {(2, 1, 1): {}, (1, 2, 1): {}, (1, 1, 2): {"data_parallel_shard": True}, (2, 2, 1): {}}
 GLOBAL_BALANCE_BATCHES = [make_batches(num=2, seed=2, full_mask=True)]
+VALIDATE_FIRST = "validate_first"  # a variant option that is not a ParallelConfig field: see run_steps
 # Parameters agree to PARAM_ATOL (1e-6) absolute; the norm of all of them (~17) so to ~1e-7 relative.
 PARAMS_NORM_RTOL = 1e-6
 
@@ -74,6 +75,11 @@ def _variants(tp: int, pp: int, dp: int) -> list[tuple[str, str, dict]]:
     out = [(r, f"{r}/{o.get('pipeline_schedule', default)}", o) for r in ("topk", "sparsemixer") for o in schedules]
     if (tp, pp, dp) == (1, 2, 1):
         out.append(("topk", "topk/gpipe", {"pipeline_schedule": "gpipe"}))
+        # validation before the first training step (a fresh run's step 0): the schedule's first call is
+        # then forward-only (torch 2.11 made receive buffers without requires_grad then)
+        for o in schedules:
+            out.append(("topk", f"topk/{o.get('pipeline_schedule', default)}+validation-first",
+                        {**o, VALIDATE_FIRST: True}))
     if dp > 1 and (tp, pp, dp) != (2, 2, 2):
         out.append(("topk", "topk/fsdp2", {"data_parallel_shard": True}))
     if (tp, pp, dp) == (2, 2, 1):
@@ -164,8 +170,10 @@ def _layouts_body(rank, world, layouts, refs, gb_ref, released_ckpt=None):
         prefix = f"tp{tp}-pp{pp}-dp{dp}"
         for model, name, parallel in _variants(tp, pp, dp):
             cfg = _config(model, tp, pp)
+            parallel = dict(parallel)
+            validate_first = parallel.pop(VALIDATE_FIRST, False)
             cfg.parallel = dataclasses.replace(cfg.parallel, **parallel)
-            run = run_steps(cfg, STEP_BATCHES, mesh)
+            run = run_steps(cfg, STEP_BATCHES, mesh, validate_first=validate_first)
             results[f"{prefix} {name}"] = compare(run, refs[model])
         if (tp, pp, dp) == (2, 1, 1):
             results[f"{prefix} tp_same_sparsemixer_samples"] = _tp_ranks_draw_same_routing(mesh)
