@@ -52,7 +52,9 @@ leading layer dimension (``decoder.layers.self_attention.linear_qkv.weight`` ``[
 biases ``[num_layers, rows]``; per-layer keys ``decoder.layers.N....`` of a non-homogeneous decoder are read
 too), names the norms (weights and biases) by Transformer Engine's fused names even for the local spec, and
 stores SwiGLU's fc1 weight and bias as ``[gate of all ranks; up of all ranks]`` (so the halves are split once,
-not per shard). One layer is read at a time. ``common.pt`` holds ``args``.
+not per shard). One layer is read at a time. ``common.pt`` holds ``args``; newer megatron-core (0.19 seen)
+writes no ``common.pt`` and stores the same common state as one bytes entry of the DCP files
+(``common_state/shard_0_1``, ``torch.save([state])``), read the same way.
 megatron-core's own loader is not used: it unpickles ``.metadata`` and pickled objects without restriction.
 
 Loading runs no pickled code: ``torch.load(weights_only=True)`` with ``argparse.Namespace`` allowed
@@ -61,14 +63,15 @@ state, Megatron enums inside ``args``...) replaced by an inert placeholder that 
 arguments. The architecture comes from ``args``; a checkpoint without it needs ``overrides`` (the
 CLI's ``--megatron-args FILE.json``: a JSON object of Megatron argument names, which also override
 fields of ``args``). Files are memory-mapped (``mmap=True``). A torch_dist ``.metadata`` is read with the
-training checkpoints' restricted unpickler (:mod:`megatron_moe.training.checkpoint`), ``common.pt`` as above,
-and only tensor entries are read (with ``weights_only=True``); pickled entries (Transformer Engine extra
-state, RNG state) are never read.
+training checkpoints' restricted unpickler (:mod:`megatron_moe.training.checkpoint`), ``common.pt`` (or its
+bytes entry) as above, and otherwise only tensor entries are read (with ``weights_only=True``); other pickled
+entries (Transformer Engine extra state, RNG state) are never read.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import pickle
@@ -80,8 +83,15 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_moe.config import Config
@@ -93,6 +103,8 @@ SHARD_FILE = "model_optim_rng.pt"
 DIST_COMMON = "common.pt"
 DIST_METADATA = ".metadata"
 DIST_CONFIG = "metadata.json"
+# Newer megatron-core (0.19 seen; 0.16 writes common.pt) keeps the common state as one DCP bytes entry instead.
+DIST_COMMON_ENTRY = "common_state/shard_0_1"
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")  # megatron-core GPTModel's sharded keys
 
 
@@ -121,12 +133,17 @@ def _placeholder(qualname: str) -> type:
     return type("Opaque_" + re.sub(r"\W", "_", qualname), (OpaqueObject,), {"qualname": qualname})
 
 
-def safe_torch_load(file: Path) -> dict[str, Any]:
-    """``torch.load`` a Megatron checkpoint file without executing pickled code (see module docstring)."""
+def safe_torch_load(file: Path | bytes, name: str = "") -> Any:
+    """``torch.load`` a Megatron checkpoint file (or the bytes of one, called ``name`` in errors) without
+    executing pickled code (see module docstring)."""
+    def source():  # a fresh stream each time: torch.load reads it from the start
+        return io.BytesIO(file) if isinstance(file, bytes) else str(file)
+
+    name = name or str(file)
     try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(source())
     except Exception as e:
-        raise ConversionError(f"{file}: not a readable torch checkpoint: {e}") from None
+        raise ConversionError(f"{name}: not a readable torch checkpoint: {e}") from None
     allowed: list = []
     for qualname in unsafe:
         if qualname == "argparse.Namespace":
@@ -135,12 +152,12 @@ def safe_torch_load(file: Path) -> dict[str, Any]:
             allowed.append((_placeholder(qualname), qualname))
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(source(), map_location="cpu", weights_only=True, mmap=not isinstance(file, bytes))
     except Exception as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = next((ln for ln in lines if "unrecognized" in ln or "Unsupported" in ln or "Can only" in ln),
                       lines[0] if lines else type(e).__name__)
-        raise ConversionError(f"{file}: cannot be loaded without running pickled code: {detail}") from None
+        raise ConversionError(f"{name}: cannot be loaded without running pickled code: {detail}") from None
 
 
 def _checkpoint_dir(path: Path) -> Path:
@@ -576,6 +593,67 @@ class _MetadataReader(FileSystemReader):
         return self._safe_metadata
 
 
+class _BytesPlanner(LoadPlanner):
+    """Reads the raw bytes of one DCP bytes entry (``key``) into ``self.data``; nothing is unpickled here."""
+
+    def __init__(self, key: str):
+        self.key, self.data = key, None
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
+        pass
+
+    def create_local_plan(self) -> LoadPlan:
+        index = MetadataIndex(self.key)
+        return LoadPlan([ReadItem(LoadItemType.BYTE_IO, index, torch.Size([0]), index, torch.Size([0]),
+                                  torch.Size([0]))])
+
+    def create_global_plan(self, global_plan):
+        return global_plan
+
+    def finish_plan(self, new_plan):
+        return new_plan
+
+    def load_bytes(self, read_item, value) -> None:
+        self.data = value.read()
+
+    def resolve_tensor(self, read_item) -> torch.Tensor:
+        raise ConversionError(f"{self.key}: a bytes entry was expected")
+
+    def commit_tensor(self, read_item, tensor) -> None:
+        pass
+
+
+def _dcp_read(ckpt: Path, metadata: Metadata, planner: LoadPlanner, key: str) -> None:
+    """Run one DCP read of ``planner``'s entry ``key``; a failure (a lost ``.distcp`` file...) is a
+    ConversionError naming the entry and the first cause."""
+    try:
+        dcp.load({}, storage_reader=_MetadataReader(ckpt, metadata), planner=planner, no_dist=True)
+    except ConversionError:
+        raise
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        cause = next(iter(getattr(e, "failures", {}).values()), e)  # DCP: rank -> (exception, frames)
+        cause = cause[0] if isinstance(cause, tuple) else cause
+        raise ConversionError(f"{ckpt}: reading {key} failed: {type(cause).__name__}: {cause}") from None
+
+
+def _read_common_state(ckpt: Path, metadata: Metadata) -> tuple[dict[str, Any], str]:
+    """Megatron-LM's common state of a torch_dist checkpoint (``args``, ``iteration``, ...) and where it was
+    read: ``common.pt``, or the ``common_state`` bytes entry newer megatron-core writes into the DCP files
+    (``torch.save([state])``); both are read without running pickled code. ({}, path) when neither exists."""
+    common_file = ckpt / DIST_COMMON
+    if common_file.is_file():
+        return safe_torch_load(common_file), str(common_file)
+    where = f"{ckpt} (entry {DIST_COMMON_ENTRY})"
+    if not isinstance(metadata.state_dict_metadata.get(DIST_COMMON_ENTRY), BytesStorageMetadata):
+        return {}, str(common_file)
+    planner = _BytesPlanner(DIST_COMMON_ENTRY)
+    _dcp_read(ckpt, metadata, planner, DIST_COMMON_ENTRY)
+    state = safe_torch_load(planner.data or b"", where)
+    if not (isinstance(state, list) and len(state) == 1):
+        raise ConversionError(f"{where}: expected megatron-core's [common state] list")
+    return state[0], where
+
+
 class _ChunkPlanner(LoadPlanner):
     """Loads one region (``offsets``, ``buffer.shape``) of one checkpoint tensor into ``buffer``, reading only
     the saved chunks that overlap it; never reads a pickled entry."""
@@ -621,9 +699,7 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
         raise ConversionError(f"{ckpt}: no megatron-core model tensors (embedding.*, decoder.*, output_layer.*) in "
                               f"{DIST_METADATA}, only e.g. {keys}; --ckpt-format torch_dcp / fsdp_dtensor checkpoints "
                               "are not read")
-    common_file = ckpt / DIST_COMMON
-    common = safe_torch_load(common_file) if common_file.is_file() else {}
-    where = str(common_file)
+    common, where = _read_common_state(ckpt, metadata)
     if not isinstance(common, dict):
         raise ConversionError(f"{where}: expected a dict of Megatron's common state")
     version = common.get("checkpoint_version", 3.0)
@@ -661,8 +737,6 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
             raise ConversionError(f"{ckpt}: no embedding.word_embeddings.weight")
         m.vocab_size = int(metadata.state_dict_metadata[emb[0]].size[0])
         m.make_vocab_size_divisible_by = math.gcd(max(m.vocab_size, 1), 128)
-    reader = _MetadataReader(ckpt, metadata)
-
     def get(role: str, layer: int | None) -> torch.Tensor:
         if (role, layer) not in table:
             raise ConversionError(f"{ckpt}: no tensor for {role if layer is None else f'layer {layer} {role}'}")
@@ -673,14 +747,7 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
                                                                          (1, *size[1:]))
         buffer = torch.empty(shape, dtype=entry.properties.dtype)
         planner = _ChunkPlanner(key, offsets, buffer)
-        try:
-            dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
-        except ConversionError:
-            raise
-        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-            cause = next(iter(getattr(e, "failures", {}).values()), e)  # DCP: rank -> (exception, frames)
-            cause = cause[0] if isinstance(cause, tuple) else cause
-            raise ConversionError(f"{ckpt}: reading {key} failed: {type(cause).__name__}: {cause}") from None
+        _dcp_read(ckpt, metadata, planner, key)
         if planner.covered != buffer.numel():
             raise ConversionError(f"{ckpt}: the saved chunks of {key} cover {planner.covered} of the "
                                   f"{buffer.numel()} values asked for; the checkpoint is incomplete")

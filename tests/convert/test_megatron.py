@@ -522,10 +522,64 @@ def test_torch_dist_checkpoint_of_megatron_core_upcycles_like_the_legacy_format(
     assert not (megatron_dist["root"] / "pwned").exists()
 
 
+def _common_state(ckpt: pathlib.Path) -> dict:
+    """Megatron-LM's common state of a torch_dist iteration directory (a trusted read): common.pt, or else as
+    megatron-core reads it from the DCP files in the releases that put it there."""
+    if (ckpt / "common.pt").is_file():
+        return torch.load(ckpt / "common.pt", weights_only=False)
+    from megatron.core.dist_checkpointing import load_common_state_dict
+
+    return load_common_state_dict(str(ckpt))
+
+
+def _rewrite_torch_dist(src: pathlib.Path, dst: pathlib.Path, layout: str, common: dict | None = None) -> pathlib.Path:
+    """The torch_dist checkpoint ``src`` (a save directory) rewritten into the save directory ``dst``: its tensors,
+    and its common state (or ``common``) in ``common.pt`` (``layout="file"``, megatron-core 0.16) or as the DCP
+    bytes entry newer megatron-core writes instead (``layout="entry"``). Returns the iteration directory."""
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from megatron_moe.convert.megatron_format import DIST_COMMON_ENTRY
+
+    src_iter, dst_iter = src / "iter_0000010", dst / "iter_0000010"
+    common = _common_state(src_iter) if common is None else common
+    metadata = dcp.FileSystemReader(str(src_iter)).read_metadata()
+    state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in metadata.state_dict_metadata.items()
+             if isinstance(v, TensorStorageMetadata)}
+    dcp.load(state, checkpoint_id=str(src_iter), no_dist=True)
+    if layout == "entry":  # DCP's default planner torch.saves a non-tensor value: megatron-core's bytes
+        state[DIST_COMMON_ENTRY] = [common]
+    # unflattened: the list is one entry, as megatron-core's planner writes it
+    dcp.save(state, checkpoint_id=str(dst_iter), no_dist=True, planner=dcp.DefaultSavePlanner(flatten_state_dict=False))
+    if layout == "file":
+        torch.save(common, dst_iter / "common.pt")
+    (dst_iter / "metadata.json").write_text('{"sharded_backend": "torch_dist", "sharded_backend_version": 1}')
+    (dst / "latest_checkpointed_iteration.txt").write_text("10")
+    return dst_iter
+
+
+@pytest.mark.slow
+def test_torch_dist_common_state_in_common_pt_or_in_the_dcp_files(tmp_path, megatron_dist):
+    """megatron-core 0.16 writes Megatron-LM's common state (``args``...) to common.pt, newer releases (0.19 seen)
+    into the DCP files as one bytes entry: both layouts of megatron-core's own save read the same architecture
+    and the same tensors, bit-exactly."""
+    state = megatron_dist["state"]
+    for layout in ("file", "entry"):
+        ckpt = _rewrite_torch_dist(megatron_dist["root"], tmp_path / layout, layout)
+        assert (ckpt / "common.pt").is_file() == (layout == "file")
+        source = read_megatron(tmp_path / layout)
+        assert source.cfg.model == read_megatron(megatron_dist["legacy"]).cfg.model, layout
+        got = source.state_dict()
+        assert set(got) == set(state)
+        for name in state:
+            assert torch.equal(got[name], state[name]), (layout, name)
+
+
 @pytest.mark.slow
 def test_torch_dist_bad_inputs(tmp_path, megatron_dist):
-    """Pickled code in .metadata or common.pt is refused without running; a lost shard file, another
-    backend and an empty iteration directory are named."""
+    """Pickled code in .metadata, common.pt or the common-state entry of newer megatron-core is refused without
+    running; a lost shard file, another backend and an empty iteration directory are named."""
     import pickle
     import shutil
 
@@ -537,11 +591,13 @@ def test_torch_dist_bad_inputs(tmp_path, megatron_dist):
     (root / "iter_0000010" / ".metadata").write_bytes(pickle.dumps(Evil(evil)))
     with pytest.raises(ConversionError, match=r"\.metadata: cannot be loaded without running pickled code"):
         read_megatron(root)
-    root = copy("common")
-    common = root / "iter_0000010" / "common.pt"
-    torch.save({**torch.load(common, weights_only=False), "evil": Evil(evil)}, common)
+    hostile = {**_common_state(megatron_dist["root"] / "iter_0000010"), "evil": Evil(evil)}
+    _rewrite_torch_dist(megatron_dist["root"], tmp_path / "common", "file", hostile)
     with pytest.raises(ConversionError, match="common.pt: cannot be loaded without running pickled code"):
-        read_megatron(root)
+        read_megatron(tmp_path / "common")
+    _rewrite_torch_dist(megatron_dist["root"], tmp_path / "entry", "entry", hostile)
+    with pytest.raises(ConversionError, match=r"\(entry common_state/shard_0_1\): cannot be loaded without running"):
+        read_megatron(tmp_path / "entry")
     assert not evil.exists(), "loading ran pickled code"
     root = copy("lost")
     next((root / "iter_0000010").glob("*.distcp")).unlink()
