@@ -737,6 +737,7 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
             raise ConversionError(f"{ckpt}: no embedding.word_embeddings.weight")
         m.vocab_size = int(metadata.state_dict_metadata[emb[0]].size[0])
         m.make_vocab_size_divisible_by = math.gcd(max(m.vocab_size, 1), 128)
+
     def get(role: str, layer: int | None) -> torch.Tensor:
         if (role, layer) not in table:
             raise ConversionError(f"{ckpt}: no tensor for {role if layer is None else f'layer {layer} {role}'}")
