@@ -9,6 +9,7 @@ Unknown keys, wrong types and inconsistent values raise :class:`ConfigError` nam
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import math
@@ -259,23 +260,29 @@ class DataConfig:
 
 
 def parse_split(split: str) -> list[float]:
-    """Normalise a Megatron split string (``"969,30,1"``, or ``"969/30/1"``) to three fractions summing to 1.
+    """Normalise a Megatron split string (``"969,30,1"``, or ``"969/30/1"``, optionally in quotes) to three
+    fractions summing to 1.
 
     Raises ConfigError naming ``data.split`` for anything else (the one parser: validation and the
     dataset builder both call it).
     """
     if not isinstance(split, str):
         raise ConfigError(f"data.split must be a string like '969,30,1', got {split!r}")
+    given, split = split, split.strip()
+    if len(split) >= 2 and split[0] == split[-1] and split[0] in "'\"":
+        # a bash array expanded unquoted passes the quotes on (Megatron-LM's llama3 script: --split '99,1,0');
+        # Megatron-LM reads the numbers out of it
+        split = split[1:-1]
     sep = "/" if "/" in split and "," not in split else ","
     parts = [p.strip() for p in split.split(sep) if p.strip()]
     if not 1 <= len(parts) <= 3:
-        raise ConfigError(f"data.split = {split!r}; expected 1 to 3 numbers separated by ',' or '/'")
+        raise ConfigError(f"data.split = {given!r}; expected 1 to 3 numbers separated by ',' or '/'")
     if not all(re.fullmatch(r"\d+(\.\d*)?|\.\d+", p) for p in parts):
-        raise ConfigError(f"data.split = {split!r}; expected plain non-negative numbers like '969,30,1'")
+        raise ConfigError(f"data.split = {given!r}; expected plain non-negative numbers like '969,30,1'")
     values = [float(p) for p in parts] + [0.0] * (3 - len(parts))
     total = sum(values)
     if not math.isfinite(total) or total <= 0:
-        raise ConfigError(f"data.split = {split!r}; the weights must have a positive, finite sum")
+        raise ConfigError(f"data.split = {given!r}; the weights must have a positive, finite sum")
     return [v / total for v in values]
 
 
@@ -579,6 +586,7 @@ IMPLIED_FLAGS: dict[str, tuple[str, str]] = {
     "finetune": ("checkpoint.finetune", "true"),
     "eod-mask-loss": ("data.eod_mask_loss", "true"),
     "moe-router-pre-softmax": ("moe.renormalize", "false"),  # softmax over all experts, then top-K: unnormalised
+    "init-model-with-meta-device": ("training.meta_init", "true"),
 }
 
 # Flags that set a second setting besides their own: a capacity factor given means tokens are dropped
@@ -821,6 +829,7 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
         del args[i : i + 2]
     errors: list[str] = []
     derived: dict[str, list[str]] = {}  # flags checked against the finished configuration (mc.DERIVED)
+    layer_pattern: list[str] | None = None
     i = 0
     while i < len(args):
         flag = args[i]
@@ -842,8 +851,16 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
         if name in mc.DERIVED:
             derived[name] = values
             continue
+        if name == "moe-layer-freq" and values and values[0].lstrip().startswith(("[", "(")):
+            layer_pattern = values  # Megatron-LM's list form: applied once --num-layers is known
+            continue
         try:
             _apply_flag(cfg, name, values, extras, given)
+        except ConfigError as e:
+            errors.append(str(e))
+    if layer_pattern is not None:
+        try:
+            _apply_moe_layer_pattern(cfg, " ".join(layer_pattern), given)
         except ConfigError as e:
             errors.append(str(e))
     if not errors:
@@ -864,6 +881,65 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
     _check_derived_flags(cfg, derived)
     extras["given"] = given
     return cfg, extras
+
+
+def moe_layer_pattern(expression: str) -> list[int]:
+    """Megatron-LM's list form of ``--moe-layer-freq``: a Python expression of 0/1 lists (1 = an MoE layer),
+    ``*`` by a count and ``+`` (``"[0]*3+[1]*58"``, ``"([0,1]*24)"``, ``"[1,0,1,0]"``), evaluated here without
+    running code: only list literals of 0 and 1, integers, ``*`` and ``+``. Raises ConfigError otherwise."""
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"--moe-layer-freq {expression}: {why}; expected an integer or a list expression of 0 "
+                           "(dense) and 1 (MoE) such as [0]*3+[1]*58")
+
+    def value(node: ast.AST) -> list[int] | int:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.List | ast.Tuple):
+            items = [value(e) for e in node.elts]
+            if any(v not in (0, 1) or isinstance(v, list) for v in items):
+                raise bad("list entries must be 0 or 1")
+            return items
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add | ast.Mult):
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Add) and isinstance(left, list) and isinstance(right, list):
+                return left + right
+            if isinstance(node.op, ast.Mult) and isinstance(left, list) != isinstance(right, list):
+                items, count = (left, right) if isinstance(left, list) else (right, left)
+                if not 0 <= count <= 100_000 or len(items) * count > 100_000:
+                    raise bad(f"repeat count {count} out of range")
+                return items * count
+        raise bad(f"{ast.unparse(node)!r} is not allowed")
+
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError:
+        raise bad("not an expression") from None
+    pattern = value(tree.body)
+    if not isinstance(pattern, list):
+        raise bad("not a list")
+    return pattern
+
+
+def _apply_moe_layer_pattern(cfg: Config, expression: str, given: set[str]) -> None:
+    """Set ``moe.first_k_dense`` and ``moe.layer_freq`` from Megatron-LM's list form of ``--moe-layer-freq``
+    (:func:`moe_layer_pattern`): one entry per layer, k dense layers then an MoE layer every f layers (e.g.
+    DeepSeek-V3's ``[0]*3+[1]*58``: k = 3, f = 1; ``([0,1]*24)``: k = 1, f = 2). Other patterns are refused."""
+    pattern = moe_layer_pattern(expression)
+    if len(pattern) != cfg.model.num_layers:
+        raise ConfigError(f"--moe-layer-freq {expression}: {len(pattern)} entries for --num-layers "
+                          f"{cfg.model.num_layers}; give one per layer")
+    moe_layers = [i for i, v in enumerate(pattern) if v]
+    if not moe_layers:
+        raise ConfigError(f"--moe-layer-freq {expression}: no MoE layer; drop --num-experts for a dense model")
+    first = moe_layers[0]
+    freq = moe_layers[1] - first if len(moe_layers) > 1 else len(pattern) - first
+    if moe_layers != list(range(first, len(pattern), freq)):
+        raise ConfigError(f"--moe-layer-freq {expression}: only 'k dense layers, then an MoE layer every f layers' "
+                          f"(moe.first_k_dense, moe.layer_freq) is available here, and MoE layers {moe_layers} are "
+                          "not that")
+    set_value(cfg, "moe.first_k_dense", first)
+    set_value(cfg, "moe.layer_freq", freq)
+    given.update({"moe.first_k_dense", "moe.layer_freq"})
 
 
 def _check_derived_flags(cfg: Config, derived: dict[str, list[str]]) -> None:
@@ -901,8 +977,9 @@ def _apply_flag(cfg: Config, name: str, values: list[str], extras: dict[str, Any
         required, what = mc.STATES[name]
         if required is None and values:
             raise ConfigError(f"--{name} takes no value")
-        if required is not None and not mc.same_value(single_value(), required):
-            raise ConfigError(f"--{name} {values[0]}: not available here ({what}); only {required} is")
+        if required is not None and (len(values) != 1 or not mc.same_value(values[0], required)):
+            raise ConfigError(f"--{name} {' '.join(values) or '(no value)'}: not available here ({what}); "
+                              f"only {required} is")
         return
     if name in mc.NO_EFFECT:
         extras["notes"].append(f"--{name} has no effect here: {mc.NO_EFFECT[name]}")

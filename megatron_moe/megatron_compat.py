@@ -19,6 +19,7 @@ from typing import Any
 STATES: dict[str, tuple[str | None, str]] = {
     "swiglu": (None, "the MLPs and experts are SwiGLU"),
     "position-embedding-type": ("rope", "positions are rotary embeddings"),
+    "rope-type": ("rope", "positions are plain rotary embeddings; YaRN is not implemented"),
     "use-rotary-position-embeddings": (None, "positions are rotary embeddings"),
     "no-position-embedding": (None, "there is no learned position embedding"),
     "group-query-attention": (None, "attention is grouped-query with --num-query-groups KV heads"),
@@ -65,6 +66,17 @@ NO_EFFECT: dict[str, str] = {
     "num-workers": "batches are read in the training process",
     "no-create-attention-mask-in-dataloader": "attention is causal SDPA, no mask is built",
     "manual-gc": "Python's garbage collector is left alone",
+    "manual-gc-interval": "Python's garbage collector is left alone",
+    "logging-level": "this framework prints its own progress lines",
+    "enable-experimental": "there are no experimental switches here",
+    "no-bias-gelu-fusion": "there is no GeLU: the MLPs are SwiGLU",
+    "moe-flex-dispatcher-backend": "without expert parallelism there is no token dispatch",
+    "trust-remote-code": "tokenizers are read by sentencepiece or the tokenizers library, which run no code",
+    "use-megatron-fsdp": "data-parallel sharding is torch's FSDP2: --data-parallel-sharding-strategy "
+                         "optim_grads_params or --use-torch-fsdp2",
+    "use-nccl-ub": "FSDP2 and NCCL manage their own buffers",
+    "fsdp-double-buffer": "FSDP2 and NCCL manage their own buffers",
+    "fsdp-manual-registration": "FSDP2 and NCCL manage their own buffers",
     "log-throughput": "tokens/s is always logged",
     "log-timers-to-tensorboard": "there are no Megatron timers",
     "timing-log-level": "there are no Megatron timers",
@@ -121,7 +133,6 @@ NO_EFFECT: dict[str, str] = {
 REFUSED: dict[str, tuple[str | None, str]] = {
     "expert-model-parallel-size": ("1", "no expert parallelism by design: every expert is sharded over "
                                         "--tensor-model-parallel-size"),
-    "expert-tensor-parallel-size": (None, "experts are sharded over --tensor-model-parallel-size like the rest"),
     "context-parallel-size": ("1", "context parallelism is not implemented"),
     "fp16": (None, "fp16 training is not supported: use --bf16"),
     "use-legacy-models": (None, "Megatron's legacy models are not part of this framework"),
@@ -154,11 +165,30 @@ REFUSED: dict[str, tuple[str | None, str]] = {
     "tiktoken-pattern": (None, "TikToken tokenizers are not supported"),
     "reset-position-ids": (None, "positions run over the whole sequence; document-level resets are not implemented"),
     "reset-attention-mask": (None, "attention is causal over the whole sequence; document masks are not implemented"),
+    "moe-shared-expert-overlap": (None, "shared experts are not implemented"),
+    "moe-router-bias-update-rate": (None, "auxiliary-loss-free balancing is not implemented"),
+    "moe-router-force-load-balancing": (None, "benchmark-only random routing is not implemented"),
+    "rotary-interleaved": (None, "rotary embeddings rotate the two halves of each head, not interleaved pairs"),
+    "no-rope-freq": (None, "every layer uses rotary embeddings"),
+    "rotary-seq-len-interpolation-factor": (None, "rotary position interpolation is not implemented"),
+    "squared-relu": (None, "the MLPs and experts are SwiGLU"),
+    "window-size": (None, "attention is causal over the whole sequence (no sliding window)"),
+    **dict.fromkeys(("multi-latent-attention", "q-lora-rank", "kv-lora-rank", "qk-head-dim", "qk-pos-emb-head-dim",
+                     "v-head-dim"), (None, "multi-latent attention is not implemented")),
+    **dict.fromkeys(("rotary-scaling-factor", "mscale", "mscale-all-dim"),
+                    (None, "YaRN rotary scaling is not implemented (llama3 scaling is: --use-rope-scaling)")),
+    **dict.fromkeys(("mtp-num-layers", "mtp-loss-scaling-factor"),
+                    ("0", "multi-token prediction is not implemented")),
+    **dict.fromkeys(("enable-gpt-oss", "quick-geglu", "glu-linear-offset", "activation-func-clamp-value",
+                     "softmax-type", "window-attn-skip-freq"), (None, "the gpt-oss architecture is not implemented")),
 }
 
 # flag -> (setting, Megatron value -> this project's value); other values are refused, naming these
 VALUE_MAPS: dict[str, tuple[str, dict[str, str]]] = {
     "moe-router-load-balancing-type": ("moe.balance_loss", {"aux_loss": "switch", "none": "none"}),
+    # Megatron-FSDP's strategies: full sharding (ZeRO-3) is FSDP2's; optim / optim_grads (ZeRO-1/2) do not exist here
+    "data-parallel-sharding-strategy": ("parallel.data_parallel_shard", {"optim_grads_params": "true",
+                                                                         "no_shard": "false"}),
     # Megatron-LM's tokenizer classes that read a SentencePiece model or a Hugging Face tokenizer; training
     # reads only the end-of-document id and the vocabulary size from them, which the classes agree on.
     "tokenizer-type": ("data.tokenizer_type", {"GPTSentencePieceTokenizer": "sentencepiece",
@@ -171,6 +201,9 @@ VALUE_MAPS: dict[str, tuple[str, dict[str, str]]] = {
 # flag -> (the value this configuration implies, what it is): accepted when equal, checked after every flag
 DERIVED: dict[str, tuple[Callable[[Any], int], str]] = {
     "kv-channels": (lambda cfg: cfg.model.head_dim, "the head dimension is --hidden-size / --num-attention-heads"),
+    "expert-tensor-parallel-size": (lambda cfg: cfg.parallel.tensor_model_parallel_size,
+                                    "no separate expert sharding: the experts' tensor-parallel size is "
+                                    "--tensor-model-parallel-size"),
 }
 
 

@@ -138,6 +138,66 @@ def test_megatron_flags_for_missing_features_are_refused_together_with_reasons()
         assert needle in message, needle
 
 
+@pytest.mark.parametrize(("expression", "layers"), [
+    ("[0]*3+[1]*5", 8),  # DeepSeek-V3's form: k dense layers, then all MoE
+    ("([0,1]*4)", 8),  # Llama-4-Maverick's: every other layer, the first dense
+    ("[1,0,0]*2", 6),  # Megatron's integer form 3 (i % 3 == 0)
+    ("[0,0,1]", 3),  # a single MoE layer, the last
+    ("[0] * 2 + [1, 0] * 3", 8),
+])
+def test_megatron_list_form_of_moe_layer_freq_places_the_same_moe_layers(expression, layers):
+    from megatron_moe.model.transformer import is_moe_layer
+
+    cfg, _ = parse_args(["--num-layers", str(layers), "--num-experts", "4", "--moe-layer-freq", expression])
+    expected = eval(expression)  # the reference: Python's own evaluation of Megatron-LM's expression
+    assert [int(is_moe_layer(cfg, i)) for i in range(layers)] == expected
+
+
+@pytest.mark.parametrize(("expression", "needle"), [
+    ("[1,0,0,1,1,0,0,0]", "MoE layers [0, 3, 4] are not that"),
+    ("[0]*3+[1]*4", "7 entries for --num-layers 8"),
+    ("[0]*8", "no MoE layer"),
+    ("[0,2]*4", "list entries must be 0 or 1"),
+    ("[0]*(__import__('os').getpid())", "is not allowed"),
+    ("[0,1]*10**9", "is not allowed"),
+    ("[0,1", "not an expression"),
+])
+def test_moe_layer_patterns_that_do_not_fit_are_refused_naming_the_flag(expression, needle):
+    with pytest.raises(ConfigError, match="--moe-layer-freq") as err:
+        parse_args(["--num-layers", "8", "--num-experts", "4", "--moe-layer-freq", expression])
+    assert needle in str(err.value)
+
+
+def test_megatron_flags_of_newer_example_scripts():
+    """Flags of Megatron-LM's DeepSeek-V3 / gpt-oss / Megatron-FSDP launchers: the quoted --split that a bash array
+    expanded unquoted passes on, no-op values and infrastructure knobs accepted (notes), Megatron-FSDP's full
+    sharding as FSDP2, and the architectures left out refused with the reason rather than as unknown flags."""
+    from megatron_moe.config import parse_split
+
+    assert parse_split("'99,1,0'") == parse_split("99,1,0") == parse_split('"99,1,0"') == [0.99, 0.01, 0.0]
+    with pytest.raises(ConfigError, match="data.split = \"'99,1'0'\""):
+        parse_split("'99,1'0'")
+    cfg, extras = parse_args(["--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "2",
+                              "--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim_grads_params",
+                              "--init-model-with-meta-device", "--manual-gc-interval", "10", "--logging-level", "40",
+                              "--rope-type", "rope", "--mtp-num-layers", "0", "--trust-remote-code"])
+    assert cfg.parallel.data_parallel_shard and cfg.training.meta_init
+    assert {n.split()[0] for n in extras["notes"]} == {"--use-megatron-fsdp", "--manual-gc-interval",
+                                                       "--logging-level", "--trust-remote-code"}
+    with pytest.raises(ConfigError, match="the experts' tensor-parallel size is --tensor-model-parallel-size = 2 here"):
+        parse_args(["--expert-tensor-parallel-size", "1", "--tensor-model-parallel-size", "2"])
+    with pytest.raises(ConfigError) as err:
+        parse_args(["--data-parallel-sharding-strategy", "optim", "--multi-latent-attention", "--q-lora-rank", "1536",
+                    "--rotary-scaling-factor", "40", "--mtp-num-layers", "1", "--enable-gpt-oss",
+                    "--recompute-modules", "mlp", "moe"])
+    message = str(err.value)
+    for needle in ("choose one of ['no_shard', 'optim_grads_params']", "multi-latent attention is not implemented",
+                   "YaRN rotary scaling is not implemented", "multi-token prediction is not implemented",
+                   "the gpt-oss architecture is not implemented", "--recompute-modules mlp moe: not available here"):
+        assert needle in message, needle
+    assert "unknown flag" not in message
+
+
 def test_architecture_option_flags():
     """Megatron-LM's flags of the released models' options (LayerNorm, biases, llama3 rope scaling)."""
     cfg, _ = parse_args(["--normalization", "LayerNorm", "--add-qkv-bias", "--add-bias-linear", "--use-rope-scaling",
@@ -305,6 +365,15 @@ fp8-amax-compute-algo fp8-param-gather context-parallel-size mock-data vocab-siz
 no-create-attention-mask-in-dataloader no-mmap-bin-files num-workers log-throughput profile profile-step-start
 profile-step-end ckpt-format distributed-timeout-minutes
 step-batch-size-schedule fp16 lr-warmup-fraction vocab-file merge-file
+expert-tensor-parallel-size moe-layer-freq use-megatron-fsdp data-parallel-sharding-strategy init-model-with-meta-device
+rope-type manual-gc-interval logging-level enable-experimental no-bias-gelu-fusion moe-flex-dispatcher-backend
+trust-remote-code use-nccl-ub fsdp-double-buffer fsdp-manual-registration multi-latent-attention q-lora-rank
+kv-lora-rank qk-head-dim qk-pos-emb-head-dim v-head-dim rotary-scaling-factor mscale mscale-all-dim mtp-num-layers
+mtp-loss-scaling-factor qk-layernorm moe-shared-expert-intermediate-size moe-shared-expert-overlap
+moe-router-score-function moe-router-topk-scaling-factor moe-router-enable-expert-bias moe-router-bias-update-rate
+moe-router-num-groups moe-router-group-topk moe-router-force-load-balancing rotary-interleaved no-rope-freq
+rotary-seq-len-interpolation-factor squared-relu window-size enable-gpt-oss quick-geglu glu-linear-offset
+activation-func-clamp-value softmax-type window-attn-skip-freq
 """.split()
 
 

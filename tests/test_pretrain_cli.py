@@ -222,7 +222,8 @@ def test_megatron_llama3_example_command_line_runs_unmodified(tmp_path, capsys):
     """Megatron-LM's examples/llama/train_llama3_8b_h100_fp8.sh with DTYPE=bf16 (its fp8 flags are the
     one thing refused: fp8 is not supported) and its real-data branch (a Hugging Face tokenizer), flag
     for flag in its order; sizes, sample counts, intervals and paths shrunk or pointed at a test corpus,
-    the split chosen so the tiny corpus has a validation set. It uses decoupled learning rates, norms
+    the split chosen so the tiny corpus has a validation set (quoted, as the script's bash array passes it on).
+    It uses decoupled learning rates, norms
     with zero-centred scales, bf16 gradient reduction and the per-token loss."""
     from megatron_moe.data.preprocess import preprocess_files
     from megatron_moe.data.tokenizer import load_tokenizer
@@ -238,7 +239,8 @@ def test_megatron_llama3_example_command_line_runs_unmodified(tmp_path, capsys):
              "--num-attention-heads", "4", "--group-query-attention", "--num-query-groups", "2", "--kv-channels", "8",
              "--seq-length", "16", "--max-position-embeddings", "16", "--position-embedding-type", "rope",
              "--rotary-base", "1000000", "--rotary-percent", "1.0", "--attention-dropout", "0.0",
-             "--hidden-dropout", "0.0", "--swiglu", "--init-method-std", "0.0134", "--attention-backend", "fused",
+             "--hidden-dropout", "0.0", "--swiglu", "--normalization", "RMSNorm", "--init-method-std", "0.0134",
+             "--attention-backend", "fused",
              "--apply-layernorm-1p", "--untie-embeddings-and-output-weights", "--disable-bias-linear"]
     training = ["--micro-batch-size", "1", "--global-batch-size", "2", "--train-samples", "4",
                 "--lr-decay-samples", "4", "--lr-warmup-samples", "2", "--lr", "0.00015", "--min-lr", "0.00001",
@@ -249,7 +251,8 @@ def test_megatron_llama3_example_command_line_runs_unmodified(tmp_path, capsys):
                 "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
     model_parallel = ["--tensor-model-parallel-size", "1", "--context-parallel-size", "1", "--sequence-parallel"]
     data_args = ["--data-path", data, "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tokenizer),
-                 "--data-cache-path", str(tmp_path / "cache"), "--split", "90,10,0",
+                 # the script's bash array passes its quotes on: --split '99,1,0' arrives as "'99,1,0'"
+                 "--data-cache-path", str(tmp_path / "cache"), "--split", "'90,10,0'",
                  "--no-create-attention-mask-in-dataloader", "--no-mmap-bin-files", "--num-workers", "1",
                  "--vocab-size", "512"]
     logging = ["--log-interval", "1", "--eval-iters", "1", "--eval-interval", "1", "--save-interval", "1",
@@ -261,8 +264,6 @@ def test_megatron_llama3_example_command_line_runs_unmodified(tmp_path, capsys):
     assert "holds no checkpoint yet; starting from scratch" in out.out, out.err
     meta = read_meta(checkpoint / "iter_0000002")
     m, o, t = meta["config"]["model"], meta["config"]["optimizer"], meta["config"]["training"]
-    # The script gives no --normalization: Megatron-LM's default there is LayerNorm, this project's RMSNorm
-    # (README "Coming from Megatron-LM": the architecture defaults that differ).
     assert (m["normalization"], m["apply_layernorm_1p"], o["decoupled_lr"], o["decoupled_min_lr"]) == (
         "RMSNorm", True, 5e-4, 4.5e-5)
     assert t["calculate_per_token_loss"] and meta["config"]["parallel"]["grad_reduce_in_bf16"] and t["bf16"]
