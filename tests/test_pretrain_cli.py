@@ -134,6 +134,8 @@ def test_megatron_mixtral_example_command_line_runs_unmodified(loop_corpus, tmp_
     assert pretrain_moe.main(argv) == 0
     captured = capsys.readouterr()
     assert "holds no checkpoint yet; starting from scratch" in captured.out
+    assert ("architecture: RMSNorm, SwiGLU, RoPE theta 1e+06, no biases, untied embeddings, 4 heads / 2 KV heads of 8, "
+            "4 experts top-2 (topk router) every layer") in captured.out
     notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
     assert {n.split()[1] for n in notes} == {"--use-mcore-models", "--max-position-embeddings",
                                              "--no-masked-softmax-fusion", "--moe-grouped-gemm",

@@ -104,6 +104,24 @@ class _Throughput:
         return rate
 
 
+def architecture_summary(cfg: Config) -> str:
+    """One line naming what the model is, including what Megatron-LM's defaults would make otherwise
+    (GeLU, learned positions, LayerNorm with biases, tied embeddings) when a command line leaves them out."""
+    m, e = cfg.model, cfg.moe
+    biases = [name for name, on in (("qkv", m.add_qkv_bias), ("linear", m.add_bias_linear), ("lm-head", m.lm_head_bias))
+              if on]
+    parts = [f"{m.normalization}{' (1p)' if m.apply_layernorm_1p else ''}", "SwiGLU",
+             f"RoPE theta {m.rope_theta:g}{' + llama3 scaling' if m.rope_scaling == 'llama3' else ''}",
+             f"{'biases: ' + ', '.join(biases) if biases else 'no biases'}",
+             "tied embeddings" if m.tie_embeddings else "untied embeddings",
+             f"{m.num_attention_heads} heads / {m.num_kv_heads} KV heads of {m.head_dim}"]
+    if e.num_experts:
+        every = "every layer" if e.layer_freq == 1 else f"every {e.layer_freq} layers"
+        start = f" from layer {e.first_k_dense}" if e.first_k_dense else ""  # 0-based, as is_moe_layer
+        parts.append(f"{e.num_experts} experts top-{e.topk} ({e.router} router) {every}{start}")
+    return ", ".join(parts)
+
+
 class Trainer:
     """One run's components, built by :meth:`build`; :meth:`fit` trains, :meth:`evaluate_checkpoint` evaluates.
 
@@ -147,6 +165,7 @@ class Trainer:
             return
         params, s = self.engine.param_counts, self.engine.sizes
         print(f"model: {params['total'] / 1e6:.2f}M parameters, {params['active'] / 1e6:.2f}M active per token")
+        print(f"architecture: {architecture_summary(self.cfg)}")
         print(f"layout: tp={s.tp} pp={s.pp} dp={s.dp} ({s.world} ranks), {s.num_microbatches} micro-batches "
               f"per rank and step, bf16={self.cfg.training.bf16}", flush=True)
 
