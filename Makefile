@@ -32,7 +32,7 @@ test: $(VENV)/.installed
 # The suite on the oldest torch the package admits (pyproject: torch>=2.11; also what the lent GPU machines
 # run). PyPI has only CUDA builds of it: this downloads about 3 GB into .venv-torch-min (opt-in, not in CI).
 # Deselected: a test that wants stderr to be one line, which the CUDA build's "No CUDA runtime" warning breaks.
-# `make test-torch-min PYTHON=python3.12` mirrors the lent GPU machines (Python 3.12, torch 2.11).
+# `rm -rf .venv-torch-min; make test-torch-min PYTHON=python3.12` mirrors the lent GPU machines (Python 3.12, torch 2.11).
 TORCH_MIN ?= torch==2.11.0
 test-torch-min:
 	$(PYTHON) -m venv .venv-torch-min
