@@ -851,9 +851,11 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
         if name in mc.DERIVED:
             derived[name] = values
             continue
-        if name == "moe-layer-freq" and values and values[0].lstrip().startswith(("[", "(")):
-            layer_pattern = values  # Megatron-LM's list form: applied once --num-layers is known
-            continue
+        if name == "moe-layer-freq":  # Megatron-LM's argparse: the last one given counts
+            layer_pattern = None
+            if values and "[" in values[0]:  # Megatron-LM's list form: applied once --num-layers is known
+                layer_pattern = values
+                continue
         try:
             _apply_flag(cfg, name, values, extras, given)
         except ConfigError as e:
@@ -883,13 +885,23 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
     return cfg, extras
 
 
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def moe_layer_pattern(expression: str) -> list[int]:
     """Megatron-LM's list form of ``--moe-layer-freq``: a Python expression of 0/1 lists (1 = an MoE layer),
     ``*`` by a count and ``+`` (``"[0]*3+[1]*58"``, ``"([0,1]*24)"``, ``"[1,0,1,0]"``), evaluated here without
-    running code: only list literals of 0 and 1, integers, ``*`` and ``+``. Raises ConfigError otherwise."""
+    running code: only list literals of 0 and 1, integers, ``*`` and ``+``, at most 1000 characters and 100000
+    entries at every step. Raises ConfigError otherwise."""
+    flag = f"--moe-layer-freq {_shorten(expression)}"
+
     def bad(why: str) -> ConfigError:
-        return ConfigError(f"--moe-layer-freq {expression}: {why}; expected an integer or a list expression of 0 "
-                           "(dense) and 1 (MoE) such as [0]*3+[1]*58")
+        return ConfigError(f"{flag}: {why}; expected an integer or a list expression of 0 (dense) and 1 (MoE) "
+                           "such as [0]*3+[1]*58")
+
+    if len(expression) > 1000:
+        raise bad(f"{len(expression)} characters; at most 1000")
 
     def value(node: ast.AST) -> list[int] | int:
         if isinstance(node, ast.Constant) and type(node.value) is int:
@@ -902,6 +914,8 @@ def moe_layer_pattern(expression: str) -> list[int]:
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add | ast.Mult):
             left, right = value(node.left), value(node.right)
             if isinstance(node.op, ast.Add) and isinstance(left, list) and isinstance(right, list):
+                if len(left) + len(right) > 100_000:
+                    raise bad("more than 100000 entries")
                 return left + right
             if isinstance(node.op, ast.Mult) and isinstance(left, list) != isinstance(right, list):
                 items, count = (left, right) if isinstance(left, list) else (right, left)
@@ -912,9 +926,11 @@ def moe_layer_pattern(expression: str) -> list[int]:
 
     try:
         tree = ast.parse(expression.strip(), mode="eval")
+        pattern = value(tree.body)
     except SyntaxError:
         raise bad("not an expression") from None
-    pattern = value(tree.body)
+    except RecursionError:
+        raise bad("nested too deeply") from None
     if not isinstance(pattern, list):
         raise bad("not a list")
     return pattern
@@ -924,17 +940,17 @@ def _apply_moe_layer_pattern(cfg: Config, expression: str, given: set[str]) -> N
     """Set ``moe.first_k_dense`` and ``moe.layer_freq`` from Megatron-LM's list form of ``--moe-layer-freq``
     (:func:`moe_layer_pattern`): one entry per layer, k dense layers then an MoE layer every f layers (e.g.
     DeepSeek-V3's ``[0]*3+[1]*58``: k = 3, f = 1; ``([0,1]*24)``: k = 1, f = 2). Other patterns are refused."""
-    pattern = moe_layer_pattern(expression)
+    pattern, flag = moe_layer_pattern(expression), f"--moe-layer-freq {_shorten(expression)}"
     if len(pattern) != cfg.model.num_layers:
-        raise ConfigError(f"--moe-layer-freq {expression}: {len(pattern)} entries for --num-layers "
+        raise ConfigError(f"{flag}: {len(pattern)} entries for --num-layers "
                           f"{cfg.model.num_layers}; give one per layer")
     moe_layers = [i for i, v in enumerate(pattern) if v]
     if not moe_layers:
-        raise ConfigError(f"--moe-layer-freq {expression}: no MoE layer; drop --num-experts for a dense model")
+        raise ConfigError(f"{flag}: no MoE layer; drop --num-experts for a dense model")
     first = moe_layers[0]
     freq = moe_layers[1] - first if len(moe_layers) > 1 else len(pattern) - first
     if moe_layers != list(range(first, len(pattern), freq)):
-        raise ConfigError(f"--moe-layer-freq {expression}: only 'k dense layers, then an MoE layer every f layers' "
+        raise ConfigError(f"{flag}: only 'k dense layers, then an MoE layer every f layers' "
                           f"(moe.first_k_dense, moe.layer_freq) is available here, and MoE layers {moe_layers} are "
                           "not that")
     set_value(cfg, "moe.first_k_dense", first)
@@ -994,8 +1010,9 @@ def _apply_flag(cfg: Config, name: str, values: list[str], extras: dict[str, Any
         value = single_value()
         if value not in mapping:
             raise ConfigError(f"--{name} {value}: not available here; choose one of {sorted(mapping)}")
-        set_value(cfg, dotted, mapping[value])
-        given.add(dotted)
+        if mapping[value] is not None:  # None: a value that asks for nothing; the setting stays as it is
+            set_value(cfg, dotted, mapping[value])
+            given.add(dotted)
         return
     dotted = MEGATRON_FLAGS.get(name, name if "." in name else None)
     if dotted is None:

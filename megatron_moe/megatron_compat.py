@@ -67,6 +67,8 @@ NO_EFFECT: dict[str, str] = {
     "no-create-attention-mask-in-dataloader": "attention is causal SDPA, no mask is built",
     "manual-gc": "Python's garbage collector is left alone",
     "manual-gc-interval": "Python's garbage collector is left alone",
+    "mtp-loss-scaling-factor": "there is no multi-token prediction (--mtp-num-layers above 0 is refused)",
+    "moe-router-bias-update-rate": "there is no expert bias (--moe-router-enable-expert-bias is refused)",
     "logging-level": "this framework prints its own progress lines",
     "enable-experimental": "there are no experimental switches here",
     "no-bias-gelu-fusion": "there is no GeLU: the MLPs are SwiGLU",
@@ -166,7 +168,6 @@ REFUSED: dict[str, tuple[str | None, str]] = {
     "reset-position-ids": (None, "positions run over the whole sequence; document-level resets are not implemented"),
     "reset-attention-mask": (None, "attention is causal over the whole sequence; document masks are not implemented"),
     "moe-shared-expert-overlap": (None, "shared experts are not implemented"),
-    "moe-router-bias-update-rate": (None, "auxiliary-loss-free balancing is not implemented"),
     "moe-router-force-load-balancing": (None, "benchmark-only random routing is not implemented"),
     "rotary-interleaved": (None, "rotary embeddings rotate the two halves of each head, not interleaved pairs"),
     "no-rope-freq": (None, "every layer uses rotary embeddings"),
@@ -177,18 +178,19 @@ REFUSED: dict[str, tuple[str | None, str]] = {
                      "v-head-dim"), (None, "multi-latent attention is not implemented")),
     **dict.fromkeys(("rotary-scaling-factor", "mscale", "mscale-all-dim"),
                     (None, "YaRN rotary scaling is not implemented (llama3 scaling is: --use-rope-scaling)")),
-    **dict.fromkeys(("mtp-num-layers", "mtp-loss-scaling-factor"),
-                    ("0", "multi-token prediction is not implemented")),
+    "mtp-num-layers": ("0", "multi-token prediction is not implemented"),
     **dict.fromkeys(("enable-gpt-oss", "quick-geglu", "glu-linear-offset", "activation-func-clamp-value",
                      "softmax-type", "window-attn-skip-freq"), (None, "the gpt-oss architecture is not implemented")),
 }
 
-# flag -> (setting, Megatron value -> this project's value); other values are refused, naming these
-VALUE_MAPS: dict[str, tuple[str, dict[str, str]]] = {
+# flag -> (setting, Megatron value -> this project's value, or None: accepted, the setting left as it is); other
+# values are refused, naming these
+VALUE_MAPS: dict[str, tuple[str, dict[str, str | None]]] = {
     "moe-router-load-balancing-type": ("moe.balance_loss", {"aux_loss": "switch", "none": "none"}),
     # Megatron-FSDP's strategies: full sharding (ZeRO-3) is FSDP2's; optim / optim_grads (ZeRO-1/2) do not exist here
+    # (no_shard, its default, asks for nothing: --use-torch-fsdp2 elsewhere on the line still counts)
     "data-parallel-sharding-strategy": ("parallel.data_parallel_shard", {"optim_grads_params": "true",
-                                                                         "no_shard": "false"}),
+                                                                         "no_shard": None}),
     # Megatron-LM's tokenizer classes that read a SentencePiece model or a Hugging Face tokenizer; training
     # reads only the end-of-document id and the vocabulary size from them, which the classes agree on.
     "tokenizer-type": ("data.tokenizer_type", {"GPTSentencePieceTokenizer": "sentencepiece",

@@ -161,11 +161,28 @@ def test_megatron_list_form_of_moe_layer_freq_places_the_same_moe_layers(express
     ("[0]*(__import__('os').getpid())", "is not allowed"),
     ("[0,1]*10**9", "is not allowed"),
     ("[0,1", "not an expression"),
+    ("+".join(["[0]*100000"] * 2), "more than 100000 entries"),  # each * within bounds, the sum not
+    ("[0]" + "+[0]" * 300, "1203 characters; at most 1000"),
+    ("(" * 200 + "[1]" + ")" * 200, "not an expression"),  # deeper than Python's parser nests
 ])
 def test_moe_layer_patterns_that_do_not_fit_are_refused_naming_the_flag(expression, needle):
     with pytest.raises(ConfigError, match="--moe-layer-freq") as err:
         parse_args(["--num-layers", "8", "--num-experts", "4", "--moe-layer-freq", expression])
     assert needle in str(err.value)
+
+
+def test_moe_layer_freq_last_given_counts_and_sharding_strategy_no_shard_changes_nothing():
+    """As Megatron-LM's argparse: a later --moe-layer-freq replaces an earlier one in either form; no_shard (its
+    default strategy, written out by scripts) leaves --use-torch-fsdp2 on whatever the order."""
+    base = ["--num-layers", "4", "--num-experts", "4"]
+    cfg, _ = parse_args(base + ["--moe-layer-freq", "[1,0,1,0]", "--moe-layer-freq", "1"])
+    assert (cfg.moe.first_k_dense, cfg.moe.layer_freq) == (0, 1)
+    cfg, _ = parse_args(base + ["--moe-layer-freq", "1", "--moe-layer-freq", "2*[0,1]"])  # '[' anywhere: a list
+    assert (cfg.moe.first_k_dense, cfg.moe.layer_freq) == (1, 2)
+    for argv in (["--use-torch-fsdp2", "--data-parallel-sharding-strategy", "no_shard"],
+                 ["--data-parallel-sharding-strategy", "no_shard", "--use-torch-fsdp2"]):
+        assert parse_args(argv)[0].parallel.data_parallel_shard
+    assert not parse_args(["--data-parallel-sharding-strategy", "no_shard"])[0].parallel.data_parallel_shard
 
 
 def test_megatron_flags_of_newer_example_scripts():
@@ -180,10 +197,12 @@ def test_megatron_flags_of_newer_example_scripts():
     cfg, extras = parse_args(["--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "2",
                               "--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim_grads_params",
                               "--init-model-with-meta-device", "--manual-gc-interval", "10", "--logging-level", "40",
-                              "--rope-type", "rope", "--mtp-num-layers", "0", "--trust-remote-code"])
+                              "--rope-type", "rope", "--mtp-num-layers", "0", "--trust-remote-code",
+                              "--mtp-loss-scaling-factor", "0.1", "--moe-router-bias-update-rate", "1e-3"])
     assert cfg.parallel.data_parallel_shard and cfg.training.meta_init
     assert {n.split()[0] for n in extras["notes"]} == {"--use-megatron-fsdp", "--manual-gc-interval",
-                                                       "--logging-level", "--trust-remote-code"}
+                                                       "--logging-level", "--trust-remote-code",
+                                                       "--mtp-loss-scaling-factor", "--moe-router-bias-update-rate"}
     with pytest.raises(ConfigError, match="the experts' tensor-parallel size is --tensor-model-parallel-size = 2 here"):
         parse_args(["--expert-tensor-parallel-size", "1", "--tensor-model-parallel-size", "2"])
     with pytest.raises(ConfigError) as err:

@@ -21,6 +21,7 @@ is read without running code: :mod:`megatron_moe.training.checkpoint_files`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -67,11 +68,16 @@ def _barrier(group) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (readers never see half a file)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # no debris beside the file when the write fails (a full disk...)
+            tmp.unlink()
+        raise
 
 
 def make_directory(path: Path | str, setting: str) -> Path:

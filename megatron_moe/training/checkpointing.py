@@ -176,9 +176,7 @@ class CheckpointManager:
         if not save:
             return
         save_dir = Path(save)
-        if (save_dir / "latest_checkpointed_iteration.txt").is_file():  # its iter_* names would collide with ours
-            raise CheckpointError(f"--save {save_dir} holds a Megatron-LM checkpoint; save this run elsewhere: "
-                                  "nothing there is overwritten or deleted")
+        refuse_megatron_save_dir(save_dir)
         resuming_here = loaded is not None and loaded.path.parent.resolve() == save_dir.resolve()
         existing = list_checkpoints(save_dir)
         if existing and not resuming_here:
@@ -275,6 +273,14 @@ class CheckpointManager:
     def _print(self, message: str) -> None:
         if self.log:
             print(message, flush=True)
+
+
+def refuse_megatron_save_dir(save_dir: Path | str) -> None:
+    """CheckpointError when ``save_dir`` (``--save``) is a Megatron-LM save directory: nothing of this run is
+    written into one (its ``iter_*`` names would collide with ours, and it is another program's)."""
+    if (Path(save_dir) / "latest_checkpointed_iteration.txt").is_file():
+        raise CheckpointError(f"--save {save_dir} holds a Megatron-LM checkpoint; save this run elsewhere: "
+                              "nothing there is overwritten or deleted")
 
 
 def _lock(save_dir: Path):

@@ -34,6 +34,7 @@ from megatron_moe.training.checkpointing import (
     ResumePoint,
     check_tokenizer,
     open_checkpoint,
+    refuse_megatron_save_dir,
     resolve_vocab_size,
     tokenizer_identity,
 )
@@ -154,8 +155,10 @@ class Trainer:
         self._print_model_summary()
         self._build_data(tokenizer)
         self.checkpoints = CheckpointManager(cfg, engine, tokenizer_id, self.log)
-        if cfg.checkpoint.save and self.log:  # metrics.jsonl goes there from the start
-            make_directory(cfg.checkpoint.save, "--save")
+        if cfg.checkpoint.save:
+            refuse_megatron_save_dir(cfg.checkpoint.save)  # also for --eval-only (Megatron's --save X --load X)
+            if self.log:  # metrics.jsonl goes there from the start
+                make_directory(cfg.checkpoint.save, "--save")
         self.writer = MetricsWriter(cfg.checkpoint.save, self.log, cfg.logging.wandb_project, cfg.logging.wandb_mode,
                                     cfg.logging.run_name, cfg.to_dict(), cfg.logging.tensorboard_dir,
                                     cfg.logging.wandb_save_dir, cfg.logging.wandb_entity)

@@ -688,6 +688,7 @@ def test_load_megatron_layernorm_and_biases_holds_the_weights(tmp_path, loop_cor
     """pretrain_moe.py's --load (eval-only) of that LayerNorm + add_bias_linear torch_dist save: the run's model
     takes LayerNorm and both bias settings from the saved arguments and holds every weight and bias bit-exactly;
     without --save its report is printed, and nothing in the Megatron-LM directory changes."""
+    from megatron_moe.training.checkpoint import CheckpointError
     from megatron_moe.training.state import model_state
     from megatron_moe.training.trainer import Trainer
 
@@ -699,6 +700,10 @@ def test_load_megatron_layernorm_and_biases_holds_the_weights(tmp_path, loop_cor
     report = trainer.evaluate_checkpoint()["eval"]
     assert sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*")) == before
     assert "eval.json not written" in capsys.readouterr().out
+    cfg.checkpoint.save = str(root)  # Megatron-LM's usual --save X --load X: refused before anything is written
+    with pytest.raises(CheckpointError, match="holds a Megatron-LM checkpoint"):
+        Trainer(cfg, torch.device("cpu"), eval_only=True, given=set())
+    assert sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*")) == before
     m = trainer.cfg.model
     assert (m.normalization, m.add_bias_linear, m.add_qkv_bias) == ("LayerNorm", True, True)
     got, want = model_state(trainer.engine.parts), megatron_dist_biased["state"]

@@ -243,3 +243,18 @@ def test_rotation_deletes_only_this_runs_checkpoints_and_latest_stays_inside(tmp
         (tmp_path / "latest").write_text(bad + "\n")
         with pytest.raises(CheckpointError, match="must name a checkpoint directory"):
             resolve_checkpoint(tmp_path)
+
+
+def test_text_written_atomically_leaves_the_old_file_and_no_debris_when_the_write_fails(tmp_path, monkeypatch):
+    import errno
+
+    target = tmp_path / "eval.json"
+    target.write_text("old")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ck.write_text_atomic(target, "new")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
