@@ -33,6 +33,8 @@ otherwise not reported). Model FLOPs per token of a training step: ``6 N + 6 L S
 Peak memory: ``torch.cuda.max_memory_allocated`` over the timed steps on CUDA; on CPU, the peak of
 tensor memory of one step measured by torch's MemTracker.
 
+Below each table: the experts' grouped GEMM against one dense GEMM of the same FLOPs (:func:`gemm_efficiency`).
+
     make bench      # = .venv/bin/python bench/throughput.py: on CPU two small shapes (about 3 minutes);
                     # on a GPU examples/bench_h100.toml (one 80 GB H100); --bf16: the CPU shapes in bf16
 """
@@ -370,6 +372,60 @@ def run(cfg: Config, device: torch.device, warmup: int, steps: int, rounds: int,
     return results
 
 
+def gemm_efficiency(cfg: Config, device: torch.device, reps: int = 5) -> dict:
+    """The experts' grouped GEMM against one dense GEMM of the same FLOPs (issue 9's "grouped GEMM >= 75 % of a
+    dense GEMM's TFLOP/s"), forward and backward of one expert projection at the config's shapes, in its
+    compute dtype.
+
+    Grouped: ``torch._grouped_mm`` over N = micro-batch x sequence x K rows split among E experts as routing
+    at initialisation splits them (uniform draws, seeded), each group padded to the row alignment the model
+    uses on this device (:func:`expert_row_alignment`; the padding is charged to the grouped GEMM), with
+    weights [E, hidden, expert ffn]. Dense: [N, hidden] @ [hidden, expert ffn]. Both count 6 N H F FLOPs
+    (forward 2 NHF, input and weight gradients 4 NHF). Returns TFLOP/s of each (median of ``reps`` timed
+    repetitions after one warm-up) and their ratio."""
+    from megatron_moe.model.moe import expert_row_alignment
+
+    dtype = torch.bfloat16 if cfg.training.bf16 else torch.float32
+    n = cfg.training.micro_batch_size * cfg.data.seq_length * cfg.moe.topk
+    e, h, f = cfg.moe.num_experts, cfg.model.hidden_size, cfg.expert_ffn_size
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.randint(0, e, (n,), generator=g), minlength=e)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype == torch.bfloat16):
+        align = expert_row_alignment(0, torch.empty(0, device=device))
+    padded = (counts + align - 1) // align * align
+    offsets = torch.cumsum(padded, 0).to(torch.int32).to(device)
+
+    def tensor(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(device, dtype).requires_grad_()
+
+    x, w = tensor(int(padded.sum()), h), tensor(e, h, f)
+    xd, wd = tensor(n, h), tensor(h, f)
+    grad, grad_d = torch.randn(x.shape[0], f, generator=g).to(device, dtype), torch.randn(n, f, generator=g).to(
+        device, dtype)
+
+    def grouped() -> None:
+        torch._grouped_mm(x, w, offs=offsets).backward(grad)
+
+    def dense() -> None:
+        (xd @ wd).backward(grad_d)
+
+    flops = 6 * n * h * f
+    out = {}
+    for name, fn in (("grouped", grouped), ("dense", dense)):
+        fn()
+        times = []
+        for _ in range(reps):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        out[f"{name}_tflops"] = flops / statistics.median(times) / 1e12
+    out.update(ratio=out["grouped_tflops"] / out["dense_tflops"], rows=n, padded_rows=int(padded.sum()),
+               experts=e, hidden=h, ffn=f, dtype=str(dtype).removeprefix("torch."))
+    return out
+
+
 def ratios(results: dict) -> dict[str, float]:
     """The comparisons the targets name, from the same run."""
     def tps(name):
@@ -384,7 +440,7 @@ def ratios(results: dict) -> dict[str, float]:
     return {k: tps(a) / tps(b) for k, (a, b) in pairs.items() if tps(a) and tps(b)}
 
 
-def print_table(shape: str, cfg: Config, results: dict, device: torch.device) -> None:
+def print_table(shape: str, cfg: Config, results: dict, device: torch.device, gemm: dict | None = None) -> None:
     m, e = cfg.model, cfg.moe
     print(f"\n== {shape}: hidden {m.hidden_size}, {m.num_layers} layers, {e.num_experts} experts top-{e.topk} "
           f"(ffn {cfg.expert_ffn_size}), seq {cfg.data.seq_length}, batch {cfg.training.global_batch_size}, {device}")
@@ -399,6 +455,10 @@ def print_table(shape: str, cfg: Config, results: dict, device: torch.device) ->
         print(f"{name:<17}{tps:>11.0f}{spread:>8}{r['model_tflops']:>9.3f}{mfu:>7}{mem:>10}  {r['note']}")
     for k, v in ratios(results).items():
         print(f"  {k:<30} {v:.2f}x")
+    if gemm:
+        print(f"  {'grouped GEMM / dense GEMM':<30} {gemm['ratio']:.2f}x  (one expert projection, forward + backward, "
+              f"{gemm['dtype']}, equal FLOPs: {gemm['grouped_tflops']:.3f} vs {gemm['dense_tflops']:.3f} TFLOP/s; "
+              f"{gemm['rows']} rows over {gemm['experts']} experts)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -430,8 +490,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg, _ = parse_args(flags + ["--training.device", device.type, "--lr", "1e-4", "--min-lr", "1e-5"]
                             + (["--bf16"] if args.bf16 else []))
         results = run(cfg, device, args.warmup, args.steps, args.rounds, set(args.rows) if args.rows else None, peak)
-        print_table(shape, cfg, results, device)
-        report["shapes"][shape] = {"config": cfg.to_dict(), "results": results, "ratios": ratios(results)}
+        gemm = gemm_efficiency(cfg, device) if cfg.moe.num_experts else None
+        print_table(shape, cfg, results, device, gemm)
+        report["shapes"][shape] = {"config": cfg.to_dict(), "results": results, "ratios": ratios(results),
+                                   "gemm": gemm}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -9,7 +9,8 @@
 # 1. the GPU tests (no host sync in a step, the padded bf16 grouped GEMM, flash SDPA);
 # 2. bench/throughput.py on examples/bench_h100.toml in two parts, so that the first part's table
 #    (this project vs Hugging Face grouped-GEMM Mixtral, MoE vs dense, top-K vs SparseMixer-v2,
-#    grouped GEMM vs a per-expert loop) is written even if the second (HF's eager experts, fp32,
+#    grouped GEMM vs a per-expert loop, and the grouped GEMM's TFLOP/s against a dense GEMM of equal FLOPs)
+#    is written even if the second (HF's eager experts, fp32,
 #    torch.compile) runs out of time; then torchtitan's MoE layer against ours (third part).
 # bench/dp_overlap.py needs two GPUs and is not run.
 set -uo pipefail

@@ -97,4 +97,9 @@ global_batch_size = 2
         assert entry["available"] and entry["tokens_per_sec"] > 0 and entry["spread"] >= 0, name
     assert "logits equal to ours" in shape["results"]["hf-grouped"]["note"]
     assert set(shape["ratios"]) == {"ours / hf-grouped", "MoE / dense (equal active)", "grouped GEMM / expert loop"}
-    assert "ours / hf-grouped" in capsys.readouterr().out
+    gemm = shape["gemm"]  # the experts' grouped GEMM vs one dense GEMM of the same FLOPs
+    assert (gemm["rows"], gemm["experts"], gemm["hidden"], gemm["ffn"]) == (2 * 32 * 2, 4, 64, 64)
+    assert gemm["padded_rows"] == gemm["rows"]  # no row alignment on CPU
+    assert gemm["grouped_tflops"] > 0 and gemm["ratio"] == pytest.approx(gemm["grouped_tflops"] / gemm["dense_tflops"])
+    printed = capsys.readouterr().out
+    assert "ours / hf-grouped" in printed and "grouped GEMM / dense GEMM" in printed
