@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 # Choice lists, declared once: validation below and the modules that branch on them import these.
 ROUTERS = ("topk", "sparsemixer")
 SPARSEMIXER_TOPK = 2  # SparseMixer-v2 as released (GRIN) routes exactly two experts per token
-BALANCE_LOSSES = ("switch", "skywork", "none")
+BALANCE_LOSSES = ("switch", "sequence", "skywork", "none")
 BALANCE_SCOPES = ("local", "global")
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")  # Megatron-LM's names
 LR_WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")  # the annealing phase of WSD

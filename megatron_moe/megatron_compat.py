@@ -186,7 +186,8 @@ REFUSED: dict[str, tuple[str | None, str]] = {
 # flag -> (setting, Megatron value -> this project's value, or None: accepted, the setting left as it is); other
 # values are refused, naming these
 VALUE_MAPS: dict[str, tuple[str, dict[str, str | None]]] = {
-    "moe-router-load-balancing-type": ("moe.balance_loss", {"aux_loss": "switch", "none": "none"}),
+    "moe-router-load-balancing-type": ("moe.balance_loss", {"aux_loss": "switch", "seq_aux_loss": "sequence",
+                                                            "none": "none"}),
     # Megatron-FSDP's strategies: full sharding (ZeRO-3) is FSDP2's; optim / optim_grads (ZeRO-1/2) do not exist here
     # (no_shard, its default, asks for nothing: --use-torch-fsdp2 elsewhere on the line still counts)
     "data-parallel-sharding-strategy": ("parallel.data_parallel_shard", {"optim_grads_params": "true",

@@ -134,7 +134,8 @@ def test_megatron_flags_for_missing_features_are_refused_together_with_reasons()
     message = str(err.value)
     assert message.startswith("6 problems:")
     for needle in ("context parallelism is not implemented", "no expert parallelism by design", "use --bf16",
-                   "choose one of ['aux_loss', 'none']", "unknown flag --colour", "--swiglu takes no value"):
+                   "choose one of ['aux_loss', 'none', 'seq_aux_loss']", "unknown flag --colour",
+                   "--swiglu takes no value"):
         assert needle in message, needle
 
 

@@ -34,6 +34,7 @@ from megatron_moe.routing.balance import (
     expert_counts,
     router_entropy,
     router_z_loss,
+    sequence_balance_loss,
     skywork_balance_loss,
     switch_balance_loss,
     token_drop_rate,
@@ -322,6 +323,8 @@ class MoELayer(nn.Module):
         if self.cfg.balance_loss != "none":
             if self.cfg.balance_loss == "skywork":
                 balance = skywork_balance_loss(route.probs)
+            elif self.cfg.balance_loss == "sequence":  # [B, S, H] input: B sequences; [T, H]: one
+                balance = sequence_balance_loss(route.probs, route.indices, shape[0] if len(shape) == 3 else 1)
             else:
                 balance_counts = pending.wait() if use_global else counts
                 if use_global:

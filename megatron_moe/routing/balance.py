@@ -51,6 +51,29 @@ def switch_balance_loss(probs: Tensor, counts: Tensor) -> Tensor:
     return num_experts * (f * p_mean).sum()
 
 
+def sequence_balance_loss(probs: Tensor, indices: Tensor, num_sequences: int) -> Tensor:
+    """Sequence-wise balance loss: the Switch loss of each sequence, averaged over the sequences
+    (DeepSeek-V3 §2.1.2's complementary sequence-wise loss; Megatron-LM's ``seq_aux_loss``), without its
+    coefficient (docs/routing.md §4).
+
+    Args:
+        probs: [B * S, E] full softmax of the tokens, sequence by sequence (b-major), differentiable.
+        indices: [B * S, K] chosen experts (constants).
+        num_sequences: B.
+
+    Returns:
+        scalar fp32 ``mean_b E * sum_i f_bi * P_bi`` with ``f_bi`` the fraction of sequence b's S * K
+        assignments sent to expert i and ``P_bi`` its mean probability over the sequence; 1 at balance.
+    """
+    num_experts = probs.shape[-1]
+    p_mean = probs.to(torch.promote_types(probs.dtype, torch.float32)).reshape(num_sequences, -1, num_experts).mean(1)
+    per_sequence = indices.reshape(num_sequences, -1)
+    counts = torch.zeros(num_sequences, num_experts, dtype=p_mean.dtype, device=probs.device)
+    counts.scatter_add_(1, per_sequence, torch.ones_like(per_sequence, dtype=p_mean.dtype))
+    f = counts / per_sequence.shape[1]
+    return num_experts * (f * p_mean).sum(1).mean()
+
+
 def skywork_balance_loss(probs: Tensor) -> Tensor:
     """Skywork-MoE eq. 4 balance loss ``sum_j (1/E - mean_t g_tj)^2`` without its coefficient.
 

@@ -119,6 +119,24 @@ def test_aux_loss_gradient_reaches_router_through_output():
     torch.testing.assert_close(got, layer.router.gate.weight.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_sequence_balance_loss_is_taken_over_the_layers_input_sequences():
+    """moe.balance_loss = "sequence": the attached gradient is that of the sequence-wise loss over the B sequences
+    of the [B, S, H] input (not of one sequence of B * S tokens)."""
+    from megatron_moe.routing import sequence_balance_loss
+
+    layer = make_layer(aux_loss_coeff=0.5, balance_loss="sequence")
+    x = torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(4))
+    layer(x).sum().backward()
+    got = layer.router.gate.weight.grad.clone()
+    layer.zero_grad()
+    layer.set_aux_loss_scale(0.0)
+    route = layer.router(x.reshape(-1, 16))
+    explicit = sequence_balance_loss(route.probs, route.indices, 2)
+    assert explicit.item() != pytest.approx(sequence_balance_loss(route.probs, route.indices, 1).item())
+    (layer(x).sum() + 0.5 * explicit).backward()
+    torch.testing.assert_close(got, layer.router.gate.weight.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_capacity_mode_drops_lowest_probability_assignments():
     layer = make_layer(dropless=False, capacity_factor=0.5).eval()
     dropless = make_layer(dropless=True, capacity_factor=0.5).eval()

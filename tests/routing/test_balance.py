@@ -12,6 +12,7 @@ from megatron_moe.routing import (
     expert_counts,
     router_entropy,
     router_z_loss,
+    sequence_balance_loss,
     skywork_balance_loss,
     switch_balance_loss,
     token_drop_rate,
@@ -53,6 +54,52 @@ def test_switch_loss_reference_and_gradient_only_through_probs():
     gp = (5 * torch.tensor(f, dtype=torch.float64) / 30).expand(30, 5)
     ref_grad = p * (gp - (gp * p).sum(-1, keepdim=True))
     torch.testing.assert_close(logits.grad, ref_grad)
+
+
+def test_sequence_loss_against_a_per_sequence_loop_and_megatron_core():
+    """mean over sequences of each sequence's Switch loss: against a float64 loop over sequences and tokens, and
+    against megatron-core's own seq_aux_loss (its router reshapes [S, B, E] to [S, B*E] and calls
+    switch_load_balancing_loss_func with top-K * B, then divides by B); the gradient flows through probs only."""
+    g = torch.Generator().manual_seed(3)
+    b, s, e, k = 3, 10, 5, 2
+    logits = torch.randn(b * s, e, generator=g, dtype=torch.float64)
+    probs = logits.softmax(-1).requires_grad_()
+    idx = torch.topk(logits + torch.randn(b * s, e, generator=g, dtype=torch.float64), k).indices
+    got = sequence_balance_loss(probs, idx, b)
+    loop = 0.0
+    for seq in range(b):
+        rows = range(seq * s, (seq + 1) * s)
+        for i in range(e):
+            f = sum(int(i in idx[r].tolist()) for r in rows) / (s * k)
+            p = sum(probs[r, i].item() for r in rows) / s
+            loop += e * f * p / b
+    assert got.item() == pytest.approx(loop, rel=1e-12)
+    moe_utils = pytest.importorskip("megatron.core.transformer.moe.moe_utils")
+    seq_first = probs.detach().view(b, s, e).transpose(0, 1)  # megatron-core's [S, B, E] layout
+    routing_map = torch.zeros(b * s, e, dtype=torch.bool).scatter_(1, idx, True).view(b, s, e).transpose(0, 1)
+    scores, routing_map = seq_first.reshape(s, b * e), routing_map.reshape(s, b * e)
+    reference = moe_utils.switch_load_balancing_loss_func(
+        probs=scores, tokens_per_expert=routing_map.sum(0).to(scores.dtype), total_num_tokens=s, topk=k,
+        num_experts=e, moe_aux_loss_coeff=1.0) / b
+    assert got.item() == pytest.approx(reference.item(), rel=1e-12)
+    got.backward()
+    counts = torch.zeros(b, e, dtype=torch.float64).scatter_add_(1, idx.view(b, -1), torch.ones(b, s * k,
+                                                                                                 dtype=torch.float64))
+    expected = (e * counts / (s * k) / s / b).repeat_interleave(s, 0)  # d loss / d p_ti = E f_bi / (S B)
+    torch.testing.assert_close(probs.grad, expected, rtol=1e-12, atol=0)
+
+
+def test_sequence_loss_is_one_at_balance_and_differs_from_the_batch_loss():
+    e, s, k = 4, 8, 2
+    probs = torch.full((2 * s, e), 1.0 / e)
+    balanced = torch.arange(2 * s * k).remainder(e).view(2 * s, k)
+    assert sequence_balance_loss(probs, balanced, 2).item() == pytest.approx(1.0)
+    # sequence 0 uses experts 0-1 only, sequence 1 experts 2-3 only: balanced over the batch, not per sequence
+    skewed = torch.tensor([[0, 1]] * s + [[2, 3]] * s)
+    peaked = torch.cat([torch.tensor([[0.4, 0.4, 0.1, 0.1]]).expand(s, e), torch.tensor([[0.1, 0.1, 0.4, 0.4]]
+                                                                                          ).expand(s, e)])
+    assert switch_balance_loss(peaked, expert_counts(skewed, e)).item() == pytest.approx(1.0)
+    assert sequence_balance_loss(peaked, skewed, 2).item() == pytest.approx(4 * 0.5 * 0.4 * 2)
 
 
 def test_skywork_loss_vs_reference():
