@@ -39,6 +39,7 @@ DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_POLICIES = ("stop", "skip")
 PIPELINE_SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
 RECOMPUTE_GRANULARITIES = ("none", "full", "selective")  # Megatron-LM's --recompute-granularity (+ none)
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe")  # Megatron-LM's --recompute-modules that exist here
 WANDB_MODES = ("offline", "online", "disabled")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")  # Megatron-LM's --normalization; LayerNorm has a weight and a bias
 ROPE_SCALINGS = ("none", "llama3")  # "llama3": Llama 3.1's frequency scaling (Megatron-LM's --use-rope-scaling)
@@ -440,13 +441,22 @@ class ParallelConfig:
     # bf16 mode: accumulate and reduce data-parallel gradients in bf16 (half the bytes) instead of fp32,
     # as Megatron-LM's --grad-reduce-in-bf16; the optimizer still steps fp32 master weights.
     grad_reduce_in_bf16: bool = False
-    # Activation recompute in backward: "full" = every transformer block, "selective" = the attention
-    # core (softmax(QK^T)V) only, as Megatron-LM's --recompute-granularity.
+    # Activation recompute in backward: "full" = every transformer block, "selective" = the modules of
+    # recompute_modules, as Megatron-LM's --recompute-granularity and --recompute-modules: "core_attn" the
+    # attention core (softmax(QK^T)V), "mlp" the dense MLPs, "moe" the MoE layers (router and experts).
     recompute_granularity: str = "none"
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
 
     def validate(self) -> None:
         _check_choice("parallel.pipeline_schedule", self.pipeline_schedule, PIPELINE_SCHEDULES)
         _check_choice("parallel.recompute_granularity", self.recompute_granularity, RECOMPUTE_GRANULARITIES)
+        if not self.recompute_modules:
+            raise ConfigError(f"parallel.recompute_modules is empty; give some of {RECOMPUTE_MODULES}")
+        for module in self.recompute_modules:
+            _check_choice("parallel.recompute_modules", module, RECOMPUTE_MODULES)
+        if self.recompute_granularity != "selective" and sorted(self.recompute_modules) != ["core_attn"]:
+            raise ConfigError(f"parallel.recompute_modules = {self.recompute_modules}: no effect without "
+                              "parallel.recompute_granularity = 'selective' (--recompute-granularity selective)")
         _check_positive({
             "parallel.tensor_model_parallel_size": self.tensor_model_parallel_size,
             "parallel.pipeline_model_parallel_size": self.pipeline_model_parallel_size,
@@ -651,6 +661,7 @@ MEGATRON_FLAGS: dict[str, str] = {
     "exit-interval": "training.exit_interval",
     "virtual-pipeline-model-parallel-size": "parallel.virtual_pipeline_stages",
     "recompute-granularity": "parallel.recompute_granularity",
+    "recompute-modules": "parallel.recompute_modules",
     "compile": "training.compile",  # torchtitan's name; not a Megatron-LM flag
     "use-torch-fsdp2": "parallel.data_parallel_shard",
     "grad-reduce-in-bf16": "parallel.grad_reduce_in_bf16",

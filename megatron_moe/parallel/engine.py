@@ -28,8 +28,10 @@ rank's stages (each still unsharded over TP before sharding).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -225,7 +227,7 @@ class ParallelEngine:
                     local_moe.append((moe_index[name], block.feed_forward))
             if s.tp > 1:
                 apply_tensor_parallel(part, self.mesh["tp"])
-            apply_activation_checkpointing(part, o.recompute_granularity)
+            apply_activation_checkpointing(part, o.recompute_granularity, o.recompute_modules)
             if cfg.training.compile:
                 compile_blocks(part, tensor_parallel=s.tp > 1)
             if s.dp > 1 or cfg.training.bf16:
@@ -368,16 +370,18 @@ class ParallelEngine:
         return [MoEStats.unpack(row) for row in rows]
 
 
-def apply_activation_checkpointing(part: nn.Module, granularity: str) -> None:
+def apply_activation_checkpointing(part: nn.Module, granularity: str, modules: Sequence[str] = ("core_attn",)) -> None:
     """Recompute activations of ``part`` in backward (torch's ``checkpoint_wrapper``: non-reentrant, RNG
     state restored, so SparseMixer draws the same samples again; as torchtitan applies it).
 
     ``granularity``: "full" wraps every transformer block (if a recompute reaches the end of an MoE
     layer its statistics are accumulated again together with the micro-batch count, so their means
-    are unchanged); "selective" wraps only the attention core, softmax(QK^T)V, whose activations are
-    O(S^2) per head without a fused kernel and cheap to recompute (Megatron-LM's selective
-    recompute); "none" does nothing. Block parameter names gain the wrapper's prefix;
-    :func:`megatron_moe.training.state.canonical_name` removes it.
+    are unchanged); "selective" wraps the ``modules`` of every block (Megatron-LM's selective recompute
+    and --recompute-modules): "core_attn" the attention core, softmax(QK^T)V, whose activations are
+    O(S^2) per head without a fused kernel and cheap to recompute; "mlp" a dense MLP; "moe" an MoE layer
+    (router, dispatch, experts; its statistics are not counted again while it is recomputed); "none" does
+    nothing. Parameter names gain the wrapper's prefix; :func:`megatron_moe.training.state.canonical_name`
+    removes it.
     """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -385,7 +389,14 @@ def apply_activation_checkpointing(part: nn.Module, granularity: str) -> None:
         if granularity == "full":
             part.layers[name] = checkpoint_wrapper(block)
         elif granularity == "selective":
-            block.attention.core = checkpoint_wrapper(block.attention.core)
+            if "core_attn" in modules:
+                block.attention.core = checkpoint_wrapper(block.attention.core)
+            ff = block.feed_forward
+            if isinstance(ff, MoELayer) and "moe" in modules:
+                block.feed_forward = checkpoint_wrapper(
+                    ff, context_fn=lambda ff=ff: (contextlib.nullcontext(), ff.muted_stats()))
+            elif not isinstance(ff, MoELayer) and "mlp" in modules:
+                block.feed_forward = checkpoint_wrapper(ff)
 
 
 def compile_blocks(part: nn.Module, tensor_parallel: bool) -> None:

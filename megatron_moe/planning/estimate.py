@@ -26,7 +26,7 @@ Communication per step (payload bytes, :mod:`.comm` counts the same way on real 
   by one per chunk forward and backward) and reduce-scatters the fp32 gradients, per micro-batch
   without a pipeline and once per step with one;
 - balance: the global load-balancing all-reduce of E fp32 token counts per MoE layer and micro-batch
-  over dp (twice with full recompute, which reruns the router);
+  over dp (twice with full recompute or the MoE layers' selective recompute, which rerun the router);
 - world: LM loss (4 bytes), the gradient norm's float64 sum of squares (8 bytes; 16 with
   ``--log-num-zeros-in-grad``; 8 more with ``--log-params-norm``) and the per-layer MoE statistics
   (E + 4 floats).
@@ -128,7 +128,8 @@ def _comm(cfg: Config, sizes: ParallelSizes, sim: RankSim) -> dict[str, int]:
     balance = 0
     if sizes.dp > 1 and e.num_experts and e.balance_loss == "switch" and e.balance_scope == "global":
         moe_layers = sum(c.moe_layers for c in sim.chunks)
-        balance = moe_layers * e.num_experts * 4 * m * (2 if g == "full" else 1)
+        rerouted = g == "full" or (g == "selective" and "moe" in cfg.parallel.recompute_modules)
+        balance = moe_layers * e.num_experts * 4 * m * (2 if rerouted else 1)
     world = 0
     if sizes.world > 1:
         # The gradient norm's float64 sum of squares (with the zero count beside it when it is logged),

@@ -133,7 +133,7 @@ def _slice_config(cfg: Config) -> Config:
     pp = cfg.parallel.pipeline_model_parallel_size
     return dataclasses.replace(
         cfg,
-        parallel=dataclasses.replace(cfg.parallel, recompute_granularity="none"),
+        parallel=dataclasses.replace(cfg.parallel, recompute_granularity="none", recompute_modules=["core_attn"]),
         training=dataclasses.replace(t, bf16=False, compile=False, global_batch_size=t.micro_batch_size * pp),
     )
 
@@ -142,8 +142,10 @@ def _block_kind(block: nn.Module) -> str:
     return "moe" if isinstance(block.feed_forward, MoELayer) else "dense"
 
 
-def _trace_chunk(cfg: Config, part: nn.Module, tp: int, mode: FakeTensorMode, act_dtype: torch.dtype) -> dict:
-    """Per-micro-batch traces of a chunk's pieces; blocks once per recompute granularity.
+def _trace_chunk(cfg: Config, part: nn.Module, tp: int, mode: FakeTensorMode, act_dtype: torch.dtype,
+                 recompute_modules: list[str]) -> dict:
+    """Per-micro-batch traces of a chunk's pieces; blocks once per recompute granularity (selective: of
+    ``recompute_modules``).
 
     Returns ``{"embedding": PieceTrace, "head": PieceTrace, "blocks": {kind: (count, {granularity: PieceTrace})}}``
     (the ends only where the chunk has them).
@@ -170,14 +172,15 @@ def _trace_chunk(cfg: Config, part: nn.Module, tp: int, mode: FakeTensorMode, ac
         x = hidden()
         return trace_piece(mode, part, lambda: block(x, part.rope_cos, part.rope_sin))
 
-    # The engine's recompute wrappers, applied in place: full (then removed again), selective.
+    # The engine's recompute wrappers, applied in place: full (then removed again), selective (of the
+    # configured recompute modules).
     none = {kind: run_block(part.layers[name]) for kind, name in first_of_kind.items()}
     plain = dict(part.layers.items())
     apply_activation_checkpointing(part, "full")
     full = {kind: run_block(part.layers[name]) for kind, name in first_of_kind.items()}
     for name, block in plain.items():
         part.layers[name] = block
-    apply_activation_checkpointing(part, "selective")
+    apply_activation_checkpointing(part, "selective", recompute_modules)
     for kind, name in first_of_kind.items():
         traces = {"none": none[kind], "full": full[kind], "selective": run_block(part.layers[name])}
         out["blocks"][kind] = (counts[kind], traces)
@@ -229,7 +232,7 @@ def _slice(cfg: Config, sizes: ParallelSizes, pp_rank: int, tp_rank: int) -> lis
             chunk = ChunkSim(index, layers, index == 0, index == num_stages - 1,
                              sum(1 for i in layers if is_moe_layer(cfg, i)), boundary)
             to_fake(part, mode, act_dtype if cfg.training.bf16 else None)
-            _fill_chunk(chunk, _trace_chunk(slice_cfg, part, sizes.tp, mode, act_dtype))
+            _fill_chunk(chunk, _trace_chunk(slice_cfg, part, sizes.tp, mode, act_dtype, cfg.parallel.recompute_modules))
             chunks.append(chunk)
     return chunks
 

@@ -85,8 +85,9 @@ def _variants(tp: int, pp: int, dp: int) -> list[tuple[str, str, dict]]:
         out.append(("topk", "topk/fsdp2", {"data_parallel_shard": True}))
     if (tp, pp, dp) == (2, 2, 1):
         out.append(("sparsemixer", "sparsemixer/1f1b+checkpointing", {"recompute_granularity": "full"}))
-    if (tp, pp, dp) == (2, 1, 1):
-        out.append(("sparsemixer", "sparsemixer/selective-recompute", {"recompute_granularity": "selective"}))
+    if (tp, pp, dp) in ((2, 1, 1), (1, 2, 1)):  # under TP the MoE layer's sequence gathers are recomputed too
+        out.append(("sparsemixer", "sparsemixer/selective-recompute", {"recompute_granularity": "selective",
+                                                                       "recompute_modules": ["core_attn", "moe"]}))
     if (tp, pp, dp) in RELEASED_LAYOUTS:
         out.append(("released", "layernorm+biases+llama3", RELEASED_LAYOUTS[(tp, pp, dp)]))
     if (tp, pp, dp) == (2, 1, 1):  # sequence-parallel norms scaling by 1 + w

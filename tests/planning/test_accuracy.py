@@ -1,7 +1,8 @@
 """The dry run against real runs: 4 gloo ranks on CPU per layout, one training step measured per rank.
 
 Layouts: tp 2 x pp 2 (1F1B) and dp 2 x pp 2 (1F1B, global load balancing) with replicated data
-parallelism, and dp 2 x pp 2 with FSDP2. For every rank, the dry run's (simulated in this process)
+parallelism, dp 2 x pp 2 with FSDP2, and dp 2 x pp 2 with global balancing and the MoE layers
+recomputed. For every rank, the dry run's (simulated in this process)
 - parameter count equals the real one exactly;
 - communication bytes per mesh dimension equal those counted on the real process groups during the
   measured step (:class:`~megatron_moe.planning.comm.CommCounter`, the same payload definition):
@@ -29,6 +30,9 @@ LAYOUTS = {
     "tp2pp2": {"tp": 2, "pp": 2},
     "dp2pp2": {"pp": 2, "balance_scope": "global"},
     "dp2pp2-fsdp2": {"pp": 2, "data_parallel_shard": True},
+    # the MoE layers recomputed in backward: less memory, and the global balance all-reduce issued twice
+    "dp2pp2-recompute-moe": {"pp": 2, "balance_scope": "global", "recompute_granularity": "selective",
+                             "recompute_modules": ["core_attn", "moe"]},
 }
 
 
