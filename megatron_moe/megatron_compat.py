@@ -191,6 +191,12 @@ VALUE_MAPS: dict[str, tuple[str, dict[str, str | None]]] = {
     # (no_shard, its default, asks for nothing: --use-torch-fsdp2 elsewhere on the line still counts)
     "data-parallel-sharding-strategy": ("parallel.data_parallel_shard", {"optim_grads_params": "true",
                                                                          "no_shard": None}),
+    # Megatron-FSDP's precisions: gradients reduced in bf16 (--grad-reduce-in-bf16) or fp32; master weights and
+    # gradient accumulation are always fp32 here ("auto": the framework's choice)
+    "megatron-fsdp-grad-comm-dtype": ("parallel.grad_reduce_in_bf16", {"bf16": "true", "fp32": "false",
+                                                                       "auto": None}),
+    "megatron-fsdp-main-grads-dtype": ("parallel.grad_reduce_in_bf16", {"fp32": None, "auto": None}),
+    "megatron-fsdp-main-params-dtype": ("training.bf16", {"fp32": None, "auto": None}),
     # Megatron-LM's tokenizer classes that read a SentencePiece model or a Hugging Face tokenizer; training
     # reads only the end-of-document id and the vocabulary size from them, which the classes agree on.
     "tokenizer-type": ("data.tokenizer_type", {"GPTSentencePieceTokenizer": "sentencepiece",

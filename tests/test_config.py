@@ -180,6 +180,11 @@ def test_moe_layer_freq_last_given_counts_and_sharding_strategy_no_shard_changes
     assert (cfg.moe.first_k_dense, cfg.moe.layer_freq) == (0, 1)
     cfg, _ = parse_args(base + ["--moe-layer-freq", "1", "--moe-layer-freq", "2*[0,1]"])  # '[' anywhere: a list
     assert (cfg.moe.first_k_dense, cfg.moe.layer_freq) == (1, 2)
+    cfg, _ = parse_args(["--bf16", "--megatron-fsdp-grad-comm-dtype", "bf16", "--megatron-fsdp-main-grads-dtype",
+                         "fp32", "--megatron-fsdp-main-params-dtype", "auto"])
+    assert cfg.parallel.grad_reduce_in_bf16 and cfg.training.bf16
+    with pytest.raises(ConfigError, match="--megatron-fsdp-main-grads-dtype bf16: not available here; choose one"):
+        parse_args(["--megatron-fsdp-main-grads-dtype", "bf16"])
     for argv in (["--use-torch-fsdp2", "--data-parallel-sharding-strategy", "no_shard"],
                  ["--data-parallel-sharding-strategy", "no_shard", "--use-torch-fsdp2"]):
         assert parse_args(argv)[0].parallel.data_parallel_shard
@@ -405,7 +410,8 @@ mtp-loss-scaling-factor qk-layernorm moe-shared-expert-intermediate-size moe-sha
 moe-router-score-function moe-router-topk-scaling-factor moe-router-enable-expert-bias moe-router-bias-update-rate
 moe-router-num-groups moe-router-group-topk moe-router-force-load-balancing rotary-interleaved no-rope-freq
 rotary-seq-len-interpolation-factor squared-relu window-size enable-gpt-oss quick-geglu glu-linear-offset
-activation-func-clamp-value softmax-type window-attn-skip-freq
+activation-func-clamp-value softmax-type window-attn-skip-freq megatron-fsdp-grad-comm-dtype
+megatron-fsdp-main-grads-dtype megatron-fsdp-main-params-dtype
 """.split()
 
 
