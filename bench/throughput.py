@@ -372,7 +372,7 @@ def run(cfg: Config, device: torch.device, warmup: int, steps: int, rounds: int,
     return results
 
 
-def gemm_efficiency(cfg: Config, device: torch.device, reps: int = 5) -> dict:
+def gemm_efficiency(cfg: Config, device: torch.device, reps: int = 10) -> dict:
     """The experts' grouped GEMM against one dense GEMM of the same FLOPs (issue 9's "grouped GEMM >= 75 % of a
     dense GEMM's TFLOP/s"), forward and backward of one expert projection at the config's shapes, in its
     compute dtype.
@@ -382,7 +382,7 @@ def gemm_efficiency(cfg: Config, device: torch.device, reps: int = 5) -> dict:
     uses on this device (:func:`expert_row_alignment`; the padding is charged to the grouped GEMM), with
     weights [E, hidden, expert ffn]. Dense: [N, hidden] @ [hidden, expert ffn]. Both count 6 N H F FLOPs
     (forward 2 NHF, input and weight gradients 4 NHF). Returns TFLOP/s of each (median of ``reps`` timed
-    repetitions after one warm-up) and their ratio."""
+    repetitions after two warm-ups) and their ratio."""
     from megatron_moe.model.moe import expert_row_alignment
 
     dtype = torch.bfloat16 if cfg.training.bf16 else torch.float32
@@ -412,6 +412,7 @@ def gemm_efficiency(cfg: Config, device: torch.device, reps: int = 5) -> dict:
     flops = 6 * n * h * f
     out = {}
     for name, fn in (("grouped", grouped), ("dense", dense)):
+        fn()
         fn()
         times = []
         for _ in range(reps):
