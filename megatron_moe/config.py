@@ -93,6 +93,9 @@ class ModelConfig:
     # Zero-centred norm scales (Megatron-LM's --apply-layernorm-1p): a norm stores w (initialised to 0)
     # and scales by 1 + w, so the stored values stay near 0, where floats are densest.
     apply_layernorm_1p: bool = False
+    # Query/key normalisation (Megatron-LM's --qk-layernorm): a norm of the kind above over each head's
+    # head_dim, shared by the heads, on q and on k after their projections and before the rotary embedding.
+    qk_layernorm: bool = False
     add_qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2, PhiMoE)
     add_bias_linear: bool = False  # biases on the attention output and the dense MLP's linears
     lm_head_bias: bool = False  # a bias on the output layer (PhiMoE's lm_head_bias)
@@ -597,6 +600,7 @@ IMPLIED_FLAGS: dict[str, tuple[str, str]] = {
     "eod-mask-loss": ("data.eod_mask_loss", "true"),
     "moe-router-pre-softmax": ("moe.renormalize", "false"),  # softmax over all experts, then top-K: unnormalised
     "init-model-with-meta-device": ("training.meta_init", "true"),
+    "qk-layernorm": ("model.qk_layernorm", "true"),
 }
 
 # Flags that set a second setting besides their own: a capacity factor given means tokens are dropped

@@ -155,7 +155,6 @@ REFUSED: dict[str, tuple[str | None, str]] = {
     "exit-on-missing-checkpoint": (None, "--load on a directory without checkpoints starts from scratch"),
     "fp8-format": (None, "fp8 training is not supported: use --bf16"),
     "fp8-param-gather": (None, "fp8 training is not supported: use --bf16"),
-    "qk-layernorm": (None, "there is no query/key normalisation"),
     "num-layers-per-virtual-pipeline-stage": (None, "use --virtual-pipeline-model-parallel-size"),
     "fp8-amax-history-len": (None, "fp8 training is not supported: use --bf16"),
     "fp8-amax-compute-algo": (None, "fp8 training is not supported: use --bf16"),

@@ -191,6 +191,11 @@ def test_moe_layer_freq_last_given_counts_and_sharding_strategy_no_shard_changes
     assert not parse_args(["--data-parallel-sharding-strategy", "no_shard"])[0].parallel.data_parallel_shard
 
 
+def test_qk_layernorm_flag():
+    assert parse_args(["--qk-layernorm"])[0].model.qk_layernorm
+    assert not parse_args([])[0].model.qk_layernorm
+
+
 def test_recompute_modules():
     cfg, _ = parse_args(["--recompute-granularity", "selective", "--recompute-modules", "core_attn", "moe", "mlp"])
     assert cfg.parallel.recompute_modules == ["core_attn", "moe", "mlp"]

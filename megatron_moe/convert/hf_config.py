@@ -233,6 +233,8 @@ def export_blockers(cfg: Config, arch: str) -> list[str]:
     if arch not in ("mixtral", "phimoe") and e.num_experts:
         return [f"moe.num_experts = {e.num_experts}: {arch} is a dense format (MoE exports as mixtral or phimoe)"]
     reasons: list[str] = []
+    if m.qk_layernorm:
+        reasons.append(f"model.qk_layernorm = true: {arch} has no query/key norms")
     if arch == "mixtral":
         if e.router != "topk":
             reasons.append(f"moe.router = {e.router!r}: Mixtral routes by top-K softmax only (SparseMixer-v2 "

@@ -65,14 +65,15 @@ class LayerNorm1P(nn.LayerNorm):
         nn.init.zeros_(self.bias)
 
 
-def build_norm(m: ModelConfig) -> nn.Module:
-    """A norm over ``m.hidden_size`` as ``m.normalization`` says: :class:`RMSNorm` (a weight) or torch's
-    ``LayerNorm`` (a weight and a bias), with ``m.norm_eps``; zero-centred scales with
+def build_norm(m: ModelConfig, dim: int | None = None) -> nn.Module:
+    """A norm over ``dim`` (default ``m.hidden_size``) as ``m.normalization`` says: :class:`RMSNorm` (a
+    weight) or torch's ``LayerNorm`` (a weight and a bias), with ``m.norm_eps``; zero-centred scales with
     ``m.apply_layernorm_1p``."""
+    dim = dim or m.hidden_size
     if m.normalization == "LayerNorm":
         cls = LayerNorm1P if m.apply_layernorm_1p else nn.LayerNorm
-        return cls(m.hidden_size, eps=m.norm_eps)
-    return RMSNorm(m.hidden_size, m.norm_eps, m.apply_layernorm_1p)
+        return cls(dim, eps=m.norm_eps)
+    return RMSNorm(dim, m.norm_eps, m.apply_layernorm_1p)
 
 
 @dataclass(frozen=True)
@@ -148,17 +149,20 @@ class CoreAttention(nn.Module):
 class Attention(nn.Module):
     """Grouped-query causal self-attention. Head counts are read from the (possibly sharded) weights.
 
-    ``qkv_bias``: biases on the q, k, v projections; ``out_bias``: a bias on the output projection ``wo``.
+    ``qkv_bias``: biases on the q, k, v projections; ``out_bias``: a bias on the output projection ``wo``;
+    ``q_norm`` / ``k_norm``: norms over head_dim applied to every head of q / k before the rotary embedding
+    (Megatron-LM's --qk-layernorm), or None.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, qkv_bias: bool = False,
-                 out_bias: bool = False):
+                 out_bias: bool = False, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None):
         super().__init__()
         self.head_dim = hidden_size // num_heads
         self.wq = nn.Linear(hidden_size, num_heads * self.head_dim, bias=qkv_bias)
         self.wk = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.wv = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(num_heads * self.head_dim, hidden_size, bias=out_bias)
+        self.q_norm, self.k_norm = q_norm, k_norm
         self.core = CoreAttention()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -167,6 +171,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, s, -1, self.head_dim)
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         return self.wo(self.core(q, k, v, cos, sin))
 
 
@@ -191,8 +197,9 @@ class TransformerBlock(nn.Module):
         m, e = cfg.model, cfg.moe
         self.layer_idx = layer_idx
         self.attention_norm = build_norm(m)
+        qk_norms = (build_norm(m, m.head_dim), build_norm(m, m.head_dim)) if m.qk_layernorm else (None, None)
         self.attention = Attention(m.hidden_size, m.num_attention_heads, m.num_kv_heads, m.add_qkv_bias,
-                                   m.add_bias_linear)
+                                   m.add_bias_linear, *qk_norms)
         self.ffn_norm = build_norm(m)
         if is_moe_layer(cfg, layer_idx):
             self.feed_forward: nn.Module = MoELayer(m.hidden_size, cfg.expert_ffn_size, e)

@@ -5,7 +5,8 @@ Applied from outside to an unmodified model with DTensor parallel styles (torcht
 - residual stream between blocks: sequence-sharded local tensors ``[B, S/tp, H]``;
 - norms (RMSNorm or LayerNorm): :class:`SequenceParallel` (replicated weight and bias, sharded
   sequence; their gradients come out as ``Partial`` sums over TP, made whole after backward by
-  :func:`megatron_moe.parallel.data.materialize_partial_grads`);
+  :func:`megatron_moe.parallel.data.materialize_partial_grads`); the query/key norms (``model.qk_layernorm``)
+  the same way over the heads dimension, each rank holding its heads;
 - attention: all-gather the sequence, q/k/v :class:`ColwiseParallel` (heads split, KV heads too),
   ``wo`` :class:`RowwiseParallel` reduce-scattered back to sequence shards;
 - dense SwiGLU: w1/w3 column-, w2 row-parallel, same gather / reduce-scatter;
@@ -214,6 +215,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
         }
+        if block.attention.q_norm is not None:  # over this rank's heads (dim 2): Partial weight gradients
+            for name in ("attention.q_norm", "attention.k_norm"):
+                plan[name] = SequenceParallel(sequence_dim=2, use_local_output=True)
         if isinstance(block.feed_forward, MoELayer):
             plan["feed_forward"] = MoETensorParallel()
         elif isinstance(block.feed_forward, FeedForward):

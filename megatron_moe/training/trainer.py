@@ -114,6 +114,7 @@ def architecture_summary(cfg: Config) -> str:
     parts = [f"{m.normalization}{' (1p)' if m.apply_layernorm_1p else ''}", "SwiGLU",
              f"RoPE theta {m.rope_theta:g}{' + llama3 scaling' if m.rope_scaling == 'llama3' else ''}",
              f"{'biases: ' + ', '.join(biases) if biases else 'no biases'}",
+             *(["QK norm"] if m.qk_layernorm else []),
              "tied embeddings" if m.tie_embeddings else "untied embeddings",
              f"{m.num_attention_heads} heads / {m.num_kv_heads} KV heads of {m.head_dim}"]
     if e.num_experts:

@@ -96,6 +96,7 @@ def test_zero_centred_norms_export_as_plain_weights(tmp_path):
     ({"layer_freq": 2}, "moe.layer_freq = 2"),
     ({"normalization": "LayerNorm"}, "model.normalization = 'LayerNorm': Mixtral uses RMSNorm"),
     ({"add_qkv_bias": True}, "Mixtral has no attention or MLP biases"),
+    ({"qk_layernorm": True}, "model.qk_layernorm = true: mixtral has no query/key norms"),
 ])
 def test_inexpressible_moe_is_explained_and_nothing_written(tmp_path, capsys, moe, reason):
     cfg = tiny_config(num_experts=4, topk=2, **moe)

@@ -104,6 +104,47 @@ def test_gqa_attention_matches_naive_reference():
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
+def test_qk_layernorm_normalises_each_head_of_q_and_k_before_rope(tiny_config, normalization):
+    """model.qk_layernorm: the model's attention equals explicit per-head loops that normalise q and k over
+    head_dim with the (shared, non-trivial) norm weights, in float64, then rotate and attend."""
+    cfg = tiny_config(num_experts=0, qk_layernorm=True, normalization=normalization, hidden_size=16,
+                      num_attention_heads=4, num_query_groups=2, vocab_size=96)
+    model = build_model(cfg, "cpu", seed=3).double()
+    attn = model.layers["0"].attention
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for norm in (attn.q_norm, attn.k_norm):
+            for p in norm.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(2, 6, 16, generator=g, dtype=torch.float64)
+    cos, sin = (t.double() for t in rope_tables(6, 4, 10000.0))
+
+    def normalise(t, norm):  # t [B, S, heads, 4], each head on its own
+        out = torch.empty_like(t)
+        for h in range(t.shape[2]):
+            head = t[:, :, h]
+            if normalization == "RMSNorm":
+                head = head / torch.sqrt(head.pow(2).mean(-1, keepdim=True) + cfg.model.norm_eps)
+                out[:, :, h] = head * norm.weight
+            else:
+                centred = head - head.mean(-1, keepdim=True)
+                head = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + cfg.model.norm_eps)
+                out[:, :, h] = head * norm.weight + norm.bias
+        return out
+
+    q = apply_rope(normalise(attn.wq(x).view(2, 6, 4, 4), attn.q_norm), cos, sin)
+    k = apply_rope(normalise(attn.wk(x).view(2, 6, 2, 4), attn.k_norm), cos, sin)
+    v = attn.wv(x).view(2, 6, 2, 4)
+    heads = []
+    for h in range(4):
+        scores = q[:, :, h] @ k[:, :, h // 2].transpose(1, 2) / 2.0
+        scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+        heads.append(scores.softmax(-1) @ v[:, :, h // 2])
+    torch.testing.assert_close(attn(x, cos, sin), attn.wo(torch.cat(heads, dim=-1)), rtol=1e-10, atol=1e-10)
+    assert build_model(tiny_config(num_experts=0, vocab_size=96), "cpu").layers["0"].attention.q_norm is None
+
+
 def test_tied_embeddings_share_weight(tiny_config):
     cfg = tiny_config(**SMALL)
     cfg.model.tie_embeddings = True

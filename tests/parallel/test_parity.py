@@ -46,11 +46,13 @@ PARAMS_NORM_RTOL = 1e-6
 
 def _config(model: str, tp: int = 1, pp: int = 1):
     """The tiny model with router ``model`` ("topk", "sparsemixer"), or "released": :data:`RELEASED`
-    ("released-1p": with zero-centred norm scales, --apply-layernorm-1p), or "sequence-balance" (top-K with
-    the sequence-wise balance loss); parameter norms and
+    ("released-1p": with zero-centred norm scales, --apply-layernorm-1p), "sequence-balance" (top-K with
+    the sequence-wise balance loss) or "qk-norm" (LayerNorm query/key norms); parameter norms and
     gradient zero counts logged."""
     settings = {"released": RELEASED, "released-1p": {**RELEASED, "apply_layernorm_1p": True},
-                "sequence-balance": {"router": "topk", "balance_loss": "sequence"}}.get(model, {"router": model})
+                "sequence-balance": {"router": "topk", "balance_loss": "sequence"},
+                "qk-norm": {"router": "topk", "qk_layernorm": True, "normalization": "LayerNorm"}}.get(
+        model, {"router": model})
     return tiny_config(tp=tp, pp=pp, log_params_norm=True, log_num_zeros_in_grad=True, **settings)
 
 
@@ -94,6 +96,8 @@ def _variants(tp: int, pp: int, dp: int) -> list[tuple[str, str, dict]]:
         out.append(("released-1p", "layernorm-1p+biases+llama3", {}))
         # the sequence-wise balance loss needs whole sequences: the MoE layer gathers the sequence shards first
         out.append(("sequence-balance", "topk/sequence-balance", {}))
+    if (tp, pp, dp) in ((2, 1, 1), (2, 2, 1)):  # query/key norms over each rank's heads: Partial weight grads
+        out.append(("qk-norm", "topk/qk-layernorm", {}))
     return out
 
 
@@ -203,7 +207,8 @@ WORLDS = sorted({t * p * d for t, p, d in LAYOUTS})
 def test_layouts_match_single_process(world, tmp_path):
     """Layouts (tp, pp, dp) of this world size: losses, grad norms and parameters after a step."""
     layouts = [lay for lay in LAYOUTS if lay[0] * lay[1] * lay[2] == world]
-    refs = {m: reference(m) for m in ("topk", "sparsemixer", "released", "released-1p", "sequence-balance")}
+    refs = {m: reference(m) for m in ("topk", "sparsemixer", "released", "released-1p", "sequence-balance",
+                                      "qk-norm")}
     gb_ref = global_balance_reference() if (1, 1, 2) in layouts else None
     released_ckpt = _save_released_checkpoint(tmp_path / "released") if (2, 1, 1) in layouts else None
     results = run_distributed(_layouts_body, world, (layouts, refs, gb_ref, released_ckpt), timeout=400)

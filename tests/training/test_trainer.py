@@ -15,9 +15,10 @@ def test_architecture_summary_says_what_megatron_defaults_would_have_made_otherw
     assert architecture_summary(cfg) == ("RMSNorm, SwiGLU, RoPE theta 10000, no biases, untied embeddings, "
                                          "8 heads / 8 KV heads of 8")
     cfg, _ = parse_args(["--normalization", "LayerNorm", "--apply-layernorm-1p", "--add-qkv-bias", "--add-bias-linear",
-                         "--use-rope-scaling", "--rotary-base", "500000", "--num-query-groups", "2"])
+                         "--use-rope-scaling", "--rotary-base", "500000", "--num-query-groups", "2", "--qk-layernorm"])
     assert architecture_summary(cfg).startswith("LayerNorm (1p), SwiGLU, RoPE theta 500000 + llama3 scaling, "
-                                                "biases: qkv, linear, untied embeddings, 4 heads / 2 KV heads of 64")
+                                                "biases: qkv, linear, QK norm, untied embeddings, "
+                                                "4 heads / 2 KV heads of 64")
 
 
 def test_architecture_summary_places_the_moe_layers_as_the_model_does():
