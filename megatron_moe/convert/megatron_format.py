@@ -290,10 +290,9 @@ def config_from_megatron_args(args: dict[str, Any], where: str) -> Config:
         ("position_embedding_type", "rope", "only rotary position embeddings are supported"),
         ("rotary_interleaved", False, "interleaved rotary embeddings are not supported"),
         ("qk_layernorm", False, "QK layer norm is not supported"),
-        ("use_rope_scaling", False, "rope scaling is not supported"),
     ]
     defaults = {"swiglu": False, "position_embedding_type": "learned_absolute", "rotary_interleaved": False,
-                "qk_layernorm": False, "use_rope_scaling": False}
+                "qk_layernorm": False}
     for name, want, why in checks:
         got = _arg(args, name, defaults[name])
         if name == "position_embedding_type" and args.get("use_rotary_position_embeddings"):
@@ -332,6 +331,11 @@ def config_from_megatron_args(args: dict[str, Any], where: str) -> Config:
     m.init_std = float(_arg(args, "init_method_std", m.init_std))
     m.normalization = normalization
     m.apply_layernorm_1p = bool(_arg(args, "apply_layernorm_1p", False))  # both store w and scale by 1 + w
+    if _arg(args, "use_rope_scaling", False):
+        # megatron-core's RotaryEmbedding(rope_scaling=True): Llama 3.1's scaling with --rope-scaling-factor and
+        # its fixed low/high frequency factors 1 and 4 over an original context of 8192 (our defaults)
+        m.rope_scaling, m.rope_scaling_factor = "llama3", float(_arg(args, "rope_scaling_factor", 8.0))
+        m.rope_low_freq_factor, m.rope_high_freq_factor, m.rope_original_max_position = 1.0, 4.0, 8192
     # megatron-core: linear_qkv has a bias with add_bias_linear or add_qkv_bias; linear_proj, linear_fc1 and
     # linear_fc2 with add_bias_linear (Megatron-LM's default, off with --disable-bias-linear).
     bias_linear = bool(_arg(args, "add_bias_linear", True))

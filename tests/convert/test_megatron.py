@@ -377,6 +377,27 @@ def test_megatron_bad_inputs(tmp_path, reference):
         read_megatron(root)
 
 
+def test_megatron_rope_scaling_reads_as_llama3_scaling_equal_to_megatron_cores(tmp_path, reference):
+    """--use-rope-scaling (Llama 3.1 checkpoints) reads as model.rope_scaling = llama3 with --rope-scaling-factor,
+    and the scaled frequencies equal megatron-core's own RotaryEmbedding(rope_scaling=True) (float32: 1e-6)."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_moe.model.transformer import Llama3RopeScaling
+
+    cfg, state, _ = reference
+    m = read_megatron(write_megatron(tmp_path / "m", state, cfg, 1, use_rope_scaling=True,
+                                     rope_scaling_factor=32.0)).cfg.model
+    assert (m.rope_scaling, m.rope_scaling_factor) == ("llama3", 32.0)
+    assert read_megatron(write_megatron(tmp_path / "n", state, cfg, 1)).cfg.model.rope_scaling == "none"
+    head_dim, theta = 128, 500000.0
+    ours = Llama3RopeScaling.of(m).apply(
+        1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    theirs = RotaryEmbedding(head_dim, 1.0, rotary_base=int(theta), rope_scaling=True, rope_scaling_factor=32.0,
+                             use_cpu_initialization=True).inv_freq
+    torch.testing.assert_close(ours.float(), theirs.float().cpu(), rtol=1e-6, atol=0)
+    assert not torch.allclose(ours.float(), (1.0 / theta ** (torch.arange(0, head_dim, 2) / head_dim)).float())
+
+
 def test_megatron_args_override_file(tmp_path, capsys, reference):
     """A checkpoint whose args lack the architecture is converted with --megatron-args."""
     cfg, state, _ = reference
