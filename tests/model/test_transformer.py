@@ -84,6 +84,19 @@ def test_rope_depends_on_relative_position_only():
     assert not torch.allclose(score(5, 2), score(5, 4))
 
 
+def naive_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Reference causal attention as explicit per-head loops: q [B, S, heads, d], k/v [B, S, kv_heads, d]
+    (kv head = q head // heads per group), masked softmax; returns [B, S, heads * d]."""
+    s, heads, d = q.shape[1], q.shape[2], q.shape[3]
+    group = heads // k.shape[2]
+    out = []
+    for h in range(heads):
+        scores = q[:, :, h] @ k[:, :, h // group].transpose(1, 2) / math.sqrt(d)
+        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+        out.append(scores.softmax(-1) @ v[:, :, h // group])
+    return torch.cat(out, dim=-1)
+
+
 def test_gqa_attention_matches_naive_reference():
     torch.manual_seed(0)
     attn = Attention(hidden_size=16, num_heads=4, num_kv_heads=2).double()
@@ -91,16 +104,9 @@ def test_gqa_attention_matches_naive_reference():
     cos, sin = rope_tables(6, 4, 10000.0)
     cos, sin = cos.double(), sin.double()
     out = attn(x, cos, sin)
-    # Reference: explicit per-head loops, kv head = q head // (heads per group), masked softmax.
     q = apply_rope(attn.wq(x).view(2, 6, 4, 4), cos, sin)
     k = apply_rope(attn.wk(x).view(2, 6, 2, 4), cos, sin)
-    v = attn.wv(x).view(2, 6, 2, 4)
-    heads = []
-    for h in range(4):
-        scores = q[:, :, h] @ k[:, :, h // 2].transpose(1, 2) / 2.0
-        scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
-        heads.append(scores.softmax(-1) @ v[:, :, h // 2])
-    ref = attn.wo(torch.cat(heads, dim=-1))
+    ref = attn.wo(naive_gqa_attention(q, k, attn.wv(x).view(2, 6, 2, 4)))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
@@ -135,13 +141,8 @@ def test_qk_layernorm_normalises_each_head_of_q_and_k_before_rope(tiny_config, n
 
     q = apply_rope(normalise(attn.wq(x).view(2, 6, 4, 4), attn.q_norm), cos, sin)
     k = apply_rope(normalise(attn.wk(x).view(2, 6, 2, 4), attn.k_norm), cos, sin)
-    v = attn.wv(x).view(2, 6, 2, 4)
-    heads = []
-    for h in range(4):
-        scores = q[:, :, h] @ k[:, :, h // 2].transpose(1, 2) / 2.0
-        scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
-        heads.append(scores.softmax(-1) @ v[:, :, h // 2])
-    torch.testing.assert_close(attn(x, cos, sin), attn.wo(torch.cat(heads, dim=-1)), rtol=1e-10, atol=1e-10)
+    ref = attn.wo(naive_gqa_attention(q, k, attn.wv(x).view(2, 6, 2, 4)))
+    torch.testing.assert_close(attn(x, cos, sin), ref, rtol=1e-10, atol=1e-10)
     assert build_model(tiny_config(num_experts=0, vocab_size=96), "cpu").layers["0"].attention.q_norm is None
 
 
