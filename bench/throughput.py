@@ -27,7 +27,7 @@ Timing: after warm-up steps, ``--rounds`` rounds in which every row runs ``--ste
 different.
 
 MFU = model FLOP/s / peak FLOP/s of the device (``--peak-tflops``; known for H100/H200 in bf16,
-otherwise not reported). Model FLOPs per token of a training step: ``6 N + 6 L S H``
+otherwise not reported). Model FLOPs per token of a training step: ``6 N + 6 L S A``
 (:mod:`megatron_moe.planning.flops`, shared with the dry run).
 
 Peak memory: ``torch.cuda.max_memory_allocated`` over the timed steps on CUDA; on CPU, the peak of

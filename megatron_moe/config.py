@@ -83,6 +83,9 @@ class ModelConfig:
     num_layers: int = 4
     num_attention_heads: int = 4
     num_query_groups: int = 0  # KV heads (grouped-query attention); 0 = num_attention_heads
+    # The head dimension (Megatron-LM's --kv-channels; transformers' head_dim); 0 = hidden_size / heads.
+    # Qwen3 and Mistral-Nemo set it apart from the hidden size: q is [heads * kv_channels] wide.
+    kv_channels: int = 0
     ffn_hidden_size: int = 0  # dense SwiGLU width; 0 = round(8/3 * hidden) to a multiple of 64
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -112,7 +115,8 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        """Elements per attention head: ``kv_channels``, or hidden_size / num_attention_heads."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
     def num_kv_heads(self) -> int:
@@ -130,17 +134,17 @@ class ModelConfig:
             "model.vocab_size": self.vocab_size,
             "model.num_query_groups": self.num_query_groups,
             "model.ffn_hidden_size": self.ffn_hidden_size,
+            "model.kv_channels": self.kv_channels,
         })
-        if self.hidden_size % self.num_attention_heads:
+        if not self.kv_channels and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.num_attention_heads = {self.num_attention_heads} does not divide "
-                f"model.hidden_size = {self.hidden_size}"
+                f"model.hidden_size = {self.hidden_size}; set model.kv_channels (--kv-channels) for a head "
+                "dimension of its own"
             )
         if self.head_dim % 2:
-            raise ConfigError(
-                f"head dimension model.hidden_size / model.num_attention_heads = "
-                f"{self.head_dim} must be even for rotary embeddings"
-            )
+            what = "model.kv_channels" if self.kv_channels else "model.hidden_size / model.num_attention_heads"
+            raise ConfigError(f"head dimension {what} = {self.head_dim} must be even for rotary embeddings")
         if self.num_attention_heads % self.num_kv_heads:
             raise ConfigError(
                 f"model.num_query_groups = {self.num_kv_heads} does not divide "
@@ -652,6 +656,7 @@ MEGATRON_FLAGS: dict[str, str] = {
     "num-layers": "model.num_layers",
     "num-attention-heads": "model.num_attention_heads",
     "num-query-groups": "model.num_query_groups",
+    "kv-channels": "model.kv_channels",
     "ffn-hidden-size": "model.ffn_hidden_size",
     "rotary-base": "model.rope_theta",
     "norm-epsilon": "model.norm_eps",
@@ -974,7 +979,8 @@ def _apply_moe_layer_pattern(cfg: Config, expression: str, given: set[str]) -> N
 
 
 def _check_derived_flags(cfg: Config, derived: dict[str, list[str]]) -> None:
-    """Megatron-LM flags that restate a size this configuration implies (``--kv-channels``) must agree."""
+    """Megatron-LM flags that restate a size this configuration implies (``--expert-tensor-parallel-size``)
+    must agree."""
     for name, values in derived.items():
         implied, what = mc.DERIVED[name]
         if len(values) != 1 or not mc.same_value(values[0], str(implied(cfg))):

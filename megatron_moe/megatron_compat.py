@@ -207,7 +207,6 @@ VALUE_MAPS: dict[str, tuple[str, dict[str, str | None]]] = {
 
 # flag -> (the value this configuration implies, what it is): accepted when equal, checked after every flag
 DERIVED: dict[str, tuple[Callable[[Any], int], str]] = {
-    "kv-channels": (lambda cfg: cfg.model.head_dim, "the head dimension is --hidden-size / --num-attention-heads"),
     "expert-tensor-parallel-size": (lambda cfg: cfg.parallel.tensor_model_parallel_size,
                                     "no separate expert sharding: the experts' tensor-parallel size is "
                                     "--tensor-model-parallel-size"),

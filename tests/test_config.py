@@ -358,6 +358,7 @@ def test_megatron_training_data_and_logging_flags():
                          "--lr-wsd-decay-samples", "20", "--lr-warmup-init", "1e-6", "--exit-duration-in-mins", "5",
                          "--kv-channels", "64", "--log-params-norm", "--log-num-zeros-in-grad"])
     assert cfg.training.train_iters == 12 and cfg.training.run_samples == 100  # train_samples // global batch
+    assert cfg.model.kv_channels == 64
     assert cfg.lr_schedule_samples() == (0.9, 90, 20)
     assert cfg.data.train_data_path == ["1", "t1", "2", "t2"] and cfg.data.eval_data_path == ["v"]
     assert cfg.data.eod_mask_loss and cfg.data.cache_dir == "c"
@@ -380,7 +381,8 @@ def test_megatron_training_data_and_logging_flags():
     (["--decoupled-lr", "-5"], "optimizer.decoupled_lr = -5.0; must be >= 0"),
     (["--decoupled-lr", "1e-5", "--decoupled-min-lr", "5e-5"], "minimum learning rate 5e-05 exceeds"),
     (["--grad-reduce-in-bf16"], "no effect without training.bf16"),
-    (["--hidden-size", "256", "--num-attention-heads", "4", "--kv-channels", "128"], "--kv-channels 128: the head"),
+    (["--kv-channels", "7"], "head dimension model.kv_channels = 7 must be even"),
+    (["--hidden-size", "250", "--num-attention-heads", "4"], "set model.kv_channels (--kv-channels)"),
 ])
 def test_megatron_training_flag_errors(argv, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):

@@ -17,9 +17,12 @@ without biases: megatron-core gives ``linear_qkv`` a bias with ``add_bias_linear
 with ``--disable-bias-linear``) or ``add_qkv_bias``, and ``linear_proj``, ``linear_fc1`` and ``linear_fc2`` one
 with ``add_bias_linear``; so ``add_bias_linear`` -> ``model.add_bias_linear`` and ``model.add_qkv_bias``, and
 ``add_qkv_bias`` alone -> ``model.add_qkv_bias``. The biases and norm biases found must be those the arguments
-imply (ConversionError naming the tensor and the argument otherwise: a surplus one is never dropped). Refused,
+imply (ConversionError naming the tensor and the argument otherwise: a surplus one is never dropped). Query/key norms
+(``--qk-layernorm``: ``self_attention.q_layernorm`` / ``k_layernorm``, weight and with LayerNorm bias, over the head
+dimension, replicated over TP) -> ``model.qk_layernorm``; a head dimension of its own (``kv_channels`` other than
+hidden / heads, Qwen3's) -> ``model.kv_channels``; ``--use-rope-scaling`` -> llama3 rope scaling. Refused,
 naming the argument: other MLPs and position embeddings, other normalizations, interleaved or partial rotary,
-rope scaling, QK layer norm, ``kv_channels`` other than hidden / heads, MoE models. Upcycling a model with FFN
+MoE models. Upcycling a model with FFN
 biases is refused by :func:`megatron_moe.convert.upcycle.upcycle` (the experts have none).
 
 Both model layouts are read: megatron-core (``decoder.layers.N.self_attention.linear_qkv.weight`` / ``.bias``,
@@ -228,8 +231,8 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 # Megatron key (regex) -> role; a group captures the layer number of per-layer keys. Roles: emb, out,
-# final_norm, norm1, norm2, qkv, proj, fc1, fc2 (weights) and the same with "_b" (their biases: the norms' with
-# LayerNorm, qkv's with add_bias_linear or add_qkv_bias, the others' with add_bias_linear).
+# final_norm, norm1, norm2, qnorm, knorm, qkv, proj, fc1, fc2 (weights) and the same with "_b" (their biases:
+# the norms' with LayerNorm, qkv's with add_bias_linear or add_qkv_bias, the others' with add_bias_linear).
 _OLD = r"language_model\.(?:encoder|transformer)\."  # the older layout's prefix
 _LAYER = r"decoder\.layers\.(\d+)\."
 _OLD_LAYER = _OLD + r"layers\.(\d+)\."
@@ -249,6 +252,8 @@ _WEIGHT_AND_BIAS = [
     (_LAYER + r"input_layernorm\.weight", _LAYER + r"input_layernorm\.bias", "norm1"),
     (_LAYER + r"mlp\.linear_fc1\.layer_norm_weight", _LAYER + r"mlp\.linear_fc1\.layer_norm_bias", "norm2"),
     (_LAYER + r"pre_mlp_layernorm\.weight", _LAYER + r"pre_mlp_layernorm\.bias", "norm2"),
+    (_LAYER + r"self_attention\.q_layernorm\.weight", _LAYER + r"self_attention\.q_layernorm\.bias", "qnorm"),
+    (_LAYER + r"self_attention\.k_layernorm\.weight", _LAYER + r"self_attention\.k_layernorm\.bias", "knorm"),
     *((_LAYER + module + r"\.weight", _LAYER + module + r"\.bias", role) for module, role in (
         (r"self_attention\.linear_qkv", "qkv"), (r"self_attention\.linear_proj", "proj"),
         (r"mlp\.linear_fc1", "fc1"), (r"mlp\.linear_fc2", "fc2"))),
@@ -289,10 +294,8 @@ def config_from_megatron_args(args: dict[str, Any], where: str) -> Config:
         ("swiglu", True, "only SwiGLU MLPs are supported"),
         ("position_embedding_type", "rope", "only rotary position embeddings are supported"),
         ("rotary_interleaved", False, "interleaved rotary embeddings are not supported"),
-        ("qk_layernorm", False, "QK layer norm is not supported"),
     ]
-    defaults = {"swiglu": False, "position_embedding_type": "learned_absolute", "rotary_interleaved": False,
-                "qk_layernorm": False}
+    defaults = {"swiglu": False, "position_embedding_type": "learned_absolute", "rotary_interleaved": False}
     for name, want, why in checks:
         got = _arg(args, name, defaults[name])
         if name == "position_embedding_type" and args.get("use_rotary_position_embeddings"):
@@ -313,16 +316,18 @@ def config_from_megatron_args(args: dict[str, Any], where: str) -> Config:
         raise ConversionError(f"{where}: Megatron argument num_experts = {args['num_experts']}; the input must "
                               "be a dense model")
     hidden, heads = args["hidden_size"], args["num_attention_heads"]
-    kv_channels = _arg(args, "kv_channels", hidden // heads)
-    if hidden % heads or kv_channels != hidden // heads:
-        raise ConversionError(f"{where}: Megatron argument kv_channels = {kv_channels} differs from hidden_size / "
-                              f"num_attention_heads = {hidden / heads}; not supported")
+    kv_channels = _arg(args, "kv_channels", 0)  # Megatron-LM: hidden_size / num_attention_heads when not given
+    if not isinstance(kv_channels, int) or kv_channels < 0 or (not kv_channels and hidden % heads):
+        raise ConversionError(f"{where}: Megatron argument kv_channels = {kv_channels!r} with hidden_size = "
+                              f"{hidden} and num_attention_heads = {heads}; expected a positive head dimension")
     if int(_arg(args, "pipeline_model_parallel_size", 1)) != 1:
         raise ConversionError(f"{where}: pipeline_model_parallel_size = {args['pipeline_model_parallel_size']}; "
                               "merge to pipeline size 1 with Megatron-LM tools/checkpoint/convert.py first")
     cfg = Config()
     m = cfg.model
     m.hidden_size, m.num_layers, m.num_attention_heads = hidden, args["num_layers"], heads
+    m.kv_channels = 0 if kv_channels * heads == hidden else kv_channels
+    m.qk_layernorm = bool(_arg(args, "qk_layernorm", False))
     m.num_query_groups = int(_arg(args, "num_query_groups", heads)) if args.get("group_query_attention") else heads
     m.ffn_hidden_size = int(_arg(args, "ffn_hidden_size", 4 * hidden))
     m.rope_theta = float(_arg(args, "rotary_base", 10000))
@@ -365,10 +370,13 @@ def _split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int, where:
     return q, k, v
 
 
-# Bias roles: what they are and the Megatron arguments that decide whether a checkpoint has them.
-_BIAS_ROLES = {
+# Optional roles (biases, query/key norms): what they are and the Megatron arguments that decide whether a
+# checkpoint has them.
+_OPTIONAL_ROLES = {
+    "qnorm": ("query norm (q_layernorm)", "qk_layernorm"), "knorm": ("key norm (k_layernorm)", "qk_layernorm"),
     "final_norm_b": ("final norm bias", "normalization"), "norm1_b": ("input norm bias", "normalization"),
-    "norm2_b": ("pre-MLP norm bias", "normalization"), "qkv_b": ("QKV bias", "add_bias_linear / add_qkv_bias"),
+    "norm2_b": ("pre-MLP norm bias", "normalization"), "qnorm_b": ("query norm bias", "normalization"),
+    "knorm_b": ("key norm bias", "normalization"), "qkv_b": ("QKV bias", "add_bias_linear / add_qkv_bias"),
     "proj_b": ("attention output (linear_proj) bias", "add_bias_linear"),
     "fc1_b": ("MLP linear_fc1 bias", "add_bias_linear"), "fc2_b": ("MLP linear_fc2 bias", "add_bias_linear"),
 }
@@ -377,8 +385,10 @@ _BIAS_ROLES = {
 def _expected_roles(m) -> set[str]:
     """The roles a checkpoint of model config ``m`` holds (besides ``emb`` and, untied, ``out``)."""
     roles = {"final_norm", "norm1", "norm2", "qkv", "proj", "fc1", "fc2"}
+    if m.qk_layernorm:
+        roles |= {"qnorm", "knorm"}
     if m.normalization == "LayerNorm":
-        roles |= {"final_norm_b", "norm1_b", "norm2_b"}
+        roles |= {"final_norm_b", "norm1_b", "norm2_b"} | ({"qnorm_b", "knorm_b"} if m.qk_layernorm else set())
     if m.add_qkv_bias:
         roles.add("qkv_b")
     if m.add_bias_linear:
@@ -386,23 +396,24 @@ def _expected_roles(m) -> set[str]:
     return roles
 
 
-def _check_bias_roles(found: dict[tuple[str, int | None], str], m, args: dict[str, Any], where: str) -> None:
-    """ConversionError when the checkpoint's biases (``found``: (role, layer) -> key) disagree with what the
-    Megatron arguments ``args`` (mapped into the model config ``m``) say it has: a bias too many would be
-    dropped, one too few is missing."""
+def _check_optional_roles(found: dict[tuple[str, int | None], str], m, args: dict[str, Any], where: str) -> None:
+    """ConversionError when the checkpoint's biases and query/key norms (``found``: (role, layer) -> key) disagree
+    with what the Megatron arguments ``args`` (mapped into the model config ``m``) say it has: a tensor too many
+    would be dropped, one too few is missing."""
     bias_linear, qkv_bias = _arg(args, "add_bias_linear", True), _arg(args, "add_qkv_bias", False)
     settings = {"normalization": f"normalization = {m.normalization!r}",
+                "qk_layernorm": f"qk_layernorm = {m.qk_layernorm}",
                 "add_bias_linear": f"add_bias_linear = {bias_linear}",
                 "add_bias_linear / add_qkv_bias": f"add_bias_linear = {bias_linear}, add_qkv_bias = {qkv_bias}"}
     want = _expected_roles(m)
     for (role, _), key in sorted(found.items(), key=lambda item: item[1]):
-        if role in _BIAS_ROLES and role not in want:
-            what, arg = _BIAS_ROLES[role]
+        if role in _OPTIONAL_ROLES and role not in want:
+            what, arg = _OPTIONAL_ROLES[role]
             raise ConversionError(f"{where}: holds {key} (a {what}) but the Megatron arguments say there is none "
                                   f"({settings[arg]}); correct them with upcycle_checkpoint.py --megatron-args")
     have = {role for role, _ in found}
-    for role in sorted(want & set(_BIAS_ROLES) - have):
-        what, arg = _BIAS_ROLES[role]
+    for role in sorted(want & set(_OPTIONAL_ROLES) - have):
+        what, arg = _OPTIONAL_ROLES[role]
         raise ConversionError(f"{where}: has no {what} but the Megatron arguments say it has one "
                               f"({settings[arg]}); correct them with upcycle_checkpoint.py --megatron-args")
 
@@ -429,9 +440,15 @@ def _model_loaders(m, *, whole, vocab_parallel, row_parallel, qkv_part, fc1_part
         loaders[p + "feed_forward.w1.weight"] = fc1_part(i, 0)
         loaders[p + "feed_forward.w3.weight"] = fc1_part(i, 1)
         loaders[p + "feed_forward.w2.weight"] = row_parallel("fc2", i)
+        if m.qk_layernorm:  # over head_dim, the same weights for every head: whole on every TP rank
+            loaders[p + "attention.q_norm.weight"] = whole("qnorm", i)
+            loaders[p + "attention.k_norm.weight"] = whole("knorm", i)
         if layer_norm:
             loaders[p + "attention_norm.bias"] = whole("norm1_b", i)
             loaders[p + "ffn_norm.bias"] = whole("norm2_b", i)
+            if m.qk_layernorm:
+                loaders[p + "attention.q_norm.bias"] = whole("qnorm_b", i)
+                loaders[p + "attention.k_norm.bias"] = whole("knorm_b", i)
         if m.add_qkv_bias:
             for which, name in enumerate(("wq", "wk", "wv")):
                 loaders[p + f"attention.{name}.bias"] = qkv_part(i, which, "qkv_b")
@@ -484,7 +501,7 @@ def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> 
             if found is None:
                 raise ConversionError(f"{file}: tensor {key} has no counterpart in this project's model")
             table[found], keys[found] = value, key
-        _check_bias_roles(keys, cfg.model, args, str(file))
+        _check_optional_roles(keys, cfg.model, args, str(file))
         roles.append(table)
     m = cfg.model
     if not m.vocab_size:
@@ -734,7 +751,7 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
                                   f"{m.num_layers}")
         for i in range(m.num_layers):
             table[(role, i)] = (key, i)
-    _check_bias_roles({role: key for role, (key, _) in table.items()}, m, args, str(ckpt))
+    _check_optional_roles({role: key for role, (key, _) in table.items()}, m, args, str(ckpt))
     if not m.vocab_size:
         emb = table.get(("emb", None))
         if emb is None:

@@ -149,15 +149,17 @@ class CoreAttention(nn.Module):
 class Attention(nn.Module):
     """Grouped-query causal self-attention. Head counts are read from the (possibly sharded) weights.
 
-    ``qkv_bias``: biases on the q, k, v projections; ``out_bias``: a bias on the output projection ``wo``;
-    ``q_norm`` / ``k_norm``: norms over head_dim applied to every head of q / k before the rotary embedding
-    (Megatron-LM's --qk-layernorm), or None.
+    ``head_dim``: elements per head (None: hidden_size / num_heads; q is ``num_heads * head_dim`` wide,
+    which need not be hidden_size); ``qkv_bias``: biases on the q, k, v projections; ``out_bias``: a bias
+    on the output projection ``wo``; ``q_norm`` / ``k_norm``: norms over head_dim applied to every head
+    of q / k before the rotary embedding (Megatron-LM's --qk-layernorm), or None.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, qkv_bias: bool = False,
-                 out_bias: bool = False, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int | None = None,
+                 qkv_bias: bool = False, out_bias: bool = False, q_norm: nn.Module | None = None,
+                 k_norm: nn.Module | None = None):
         super().__init__()
-        self.head_dim = hidden_size // num_heads
+        self.head_dim = head_dim or hidden_size // num_heads
         self.wq = nn.Linear(hidden_size, num_heads * self.head_dim, bias=qkv_bias)
         self.wk = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.wv = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
@@ -198,8 +200,8 @@ class TransformerBlock(nn.Module):
         self.layer_idx = layer_idx
         self.attention_norm = build_norm(m)
         qk_norms = (build_norm(m, m.head_dim), build_norm(m, m.head_dim)) if m.qk_layernorm else (None, None)
-        self.attention = Attention(m.hidden_size, m.num_attention_heads, m.num_kv_heads, m.add_qkv_bias,
-                                   m.add_bias_linear, *qk_norms)
+        self.attention = Attention(m.hidden_size, m.num_attention_heads, m.num_kv_heads, m.head_dim,
+                                   m.add_qkv_bias, m.add_bias_linear, *qk_norms)
         self.ffn_norm = build_norm(m)
         if is_moe_layer(cfg, layer_idx):
             self.feed_forward: nn.Module = MoELayer(m.hidden_size, cfg.expert_ffn_size, e)

@@ -99,7 +99,7 @@ def table(result: dict, source: str = "") -> str:
     s = result["step"]
     lines += [
         "",
-        f"FLOPs: 6 N + 6 L S H = {s['flops_per_token'] / 1e9:.2f} GFLOP per token (N = matmul parameters a token "
+        f"FLOPs: 6 N + 6 L S A = {s['flops_per_token'] / 1e9:.2f} GFLOP per token (N = matmul parameters a token "
         f"passes), {s['flops_per_step'] / 1e15:.1f} PFLOP per step of {s['tokens_per_step']:,} tokens",
         f"time: at MFU {s['mfu']:.0%} of {s['peak_tflops']:g} TFLOP/s per GPU: {s['step_seconds']:.2f} s per step, "
         f"{s['tokens_per_second_per_gpu']:,.0f} tokens/s per GPU; pipeline bubble {s['bubble_fraction']:.1%} "

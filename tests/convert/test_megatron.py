@@ -39,11 +39,11 @@ def megatron_args(cfg, tp: int, **overrides) -> argparse.Namespace:
     args = dict(
         hidden_size=m.hidden_size, num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
         group_query_attention=True, num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
-        kv_channels=m.hidden_size // m.num_attention_heads, padded_vocab_size=m.vocab_size, seq_length=64,
+        kv_channels=m.head_dim, padded_vocab_size=m.vocab_size, seq_length=64,
         swiglu=True, normalization=m.normalization, apply_layernorm_1p=m.apply_layernorm_1p,
         position_embedding_type="rope", add_bias_linear=m.add_bias_linear, add_qkv_bias=m.add_qkv_bias,
         rotary_interleaved=False, rotary_percent=1.0, rotary_base=int(m.rope_theta),
-        norm_epsilon=m.norm_eps, untie_embeddings_and_output_weights=not m.tie_embeddings, qk_layernorm=False,
+        norm_epsilon=m.norm_eps, untie_embeddings_and_output_weights=not m.tie_embeddings, qk_layernorm=m.qk_layernorm,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, num_experts=None,
         attention_backend=AttnBackend.auto, params_dtype=torch.float32,
     )
@@ -54,7 +54,7 @@ def megatron_args(cfg, tp: int, **overrides) -> argparse.Namespace:
 def fused_qkv(state, i, cfg, kind: str = "weight") -> torch.Tensor:
     """Megatron's interleaved layout: per query group, its q heads, then k, then v (the bias's rows likewise)."""
     m = cfg.model
-    hd, groups = m.hidden_size // m.num_attention_heads, m.num_query_groups
+    hd, groups = m.head_dim, m.num_query_groups
     per = m.num_attention_heads // groups
     q = state[f"layers.{i}.attention.wq.{kind}"].reshape(groups, per * hd, -1)
     k = state[f"layers.{i}.attention.wk.{kind}"].reshape(groups, hd, -1)
@@ -90,6 +90,11 @@ def shard_model(state, cfg, tp: int, r: int, layout: str) -> dict:
         if m.normalization == "LayerNorm":
             layers[i].update(norm1_b=state[p + "attention_norm.bias"].clone(),
                              norm2_b=state[p + "ffn_norm.bias"].clone())
+        if m.qk_layernorm:  # megatron-core only (the old layout has none); replicated over TP
+            layers[i].update({role: state[p + f"attention.{name}_norm.{kind}"].clone()
+                              for role, name, kind in (("qnorm", "q", "weight"), ("knorm", "k", "weight"),
+                                                       ("qnorm_b", "q", "bias"), ("knorm_b", "k", "bias"))
+                              if p + f"attention.{name}_norm.{kind}" in state})
         if m.add_qkv_bias:
             layers[i]["qkv_b"] = rows(fused_qkv(state, i, cfg, "bias"))
         if m.add_bias_linear:
@@ -106,7 +111,9 @@ def shard_model(state, cfg, tp: int, r: int, layout: str) -> dict:
                  "norm2": "mlp.linear_fc1.layer_norm_weight", "fc2": "mlp.linear_fc2.weight",
                  "norm1_b": "self_attention.linear_qkv.layer_norm_bias", "qkv_b": "self_attention.linear_qkv.bias",
                  "proj_b": "self_attention.linear_proj.bias", "norm2_b": "mlp.linear_fc1.layer_norm_bias",
-                 "fc1_b": "mlp.linear_fc1.bias", "fc2_b": "mlp.linear_fc2.bias"}
+                 "fc1_b": "mlp.linear_fc1.bias", "fc2_b": "mlp.linear_fc2.bias",
+                 "qnorm": "self_attention.q_layernorm.weight", "knorm": "self_attention.k_layernorm.weight",
+                 "qnorm_b": "self_attention.q_layernorm.bias", "knorm_b": "self_attention.k_layernorm.bias"}
         for i, t in layers.items():
             d = f"decoder.layers.{i}."
             model.update({d + names[role]: tensor for role, tensor in t.items()})
@@ -233,6 +240,50 @@ def test_megatron_norm_and_bias_arguments_must_match_the_tensors(tmp_path, biase
     source = read_megatron(root)
     with pytest.raises(ConversionError, match=r"mp_rank_01.*replicated tensor proj_b \(layer 1\) differs from rank 0"):
         source.get("layers.1.attention.wo.bias")
+
+
+# ---- query/key norms (--qk-layernorm) and a head dimension of its own (--kv-channels): Qwen3's attention ----
+
+QWEN3_ATTENTION = dict(qk_layernorm=True, kv_channels=12)  # hidden 32 / 4 heads would give 8
+
+
+@pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
+def test_qk_layernorm_and_kv_channels_tp2_and_tp1_convert_to_the_same_model(tmp_path, normalization):
+    """q_layernorm / k_layernorm (weights, and biases with LayerNorm; random, different for q and k) replicated
+    over TP, and fused QKV rows of 12-wide heads on a hidden size of 32: TP=1 and TP=2 read back bit-exactly,
+    with model.kv_channels = 12 and model.qk_layernorm from the arguments."""
+    cfg = tiny_config(num_experts=0, normalization=normalization, **QWEN3_ATTENTION)
+    state = {k: v.detach().clone() for k, v in save_native(tmp_path / "native", cfg, seed=4).state_dict().items()}
+    assert not torch.equal(state["layers.0.attention.q_norm.weight"], state["layers.0.attention.k_norm.weight"])
+    one = read_megatron(write_megatron(tmp_path / "tp1", state, cfg, 1))
+    two = read_megatron(write_megatron(tmp_path / "tp2", state, cfg, 2))
+    m = two.cfg.model
+    assert (m.kv_channels, m.head_dim, m.qk_layernorm, m.normalization) == (12, 12, True, normalization)
+    assert one.cfg.model == m
+    a, b = one.state_dict(), two.state_dict()
+    assert set(a) == set(b) == set(state)
+    for name in state:
+        assert torch.equal(a[name], state[name]), name
+        assert torch.equal(b[name], state[name]), name
+
+
+def test_qk_layernorm_argument_must_match_the_tensors(tmp_path, reference):
+    """Query/key norm tensors with qk_layernorm = False would be dropped, and qk_layernorm = True without them
+    leaves the norms unread: both refused naming the argument; a kv_channels that is no head size is named."""
+    cfg = tiny_config(num_experts=0, **QWEN3_ATTENTION)
+    state = {k: v.detach().clone() for k, v in save_native(tmp_path / "native", cfg, seed=4).state_dict().items()}
+    with pytest.raises(ConversionError, match=r"holds decoder\.layers\.0\.self_attention\.k_layernorm\.weight \(a "
+                                              r"key norm \(k_layernorm\)\) but the Megatron arguments say there is "
+                                              r"none \(qk_layernorm = False\)"):
+        read_megatron(write_megatron(tmp_path / "a", state, cfg, 2, qk_layernorm=False))
+    plain_cfg, plain_state, _ = reference
+    with pytest.raises(ConversionError, match=r"has no key norm \(k_layernorm\) but the Megatron arguments say it "
+                                              r"has one \(qk_layernorm = True\)"):
+        read_megatron(write_megatron(tmp_path / "b", plain_state, plain_cfg, 1, qk_layernorm=True))
+    with pytest.raises(ConversionError, match=r"fused QKV has 96 rows; expected 2 groups x \(2 \+ 2\) heads x 16"):
+        read_megatron(write_megatron(tmp_path / "c", state, cfg, 1, kv_channels=16)).state_dict()
+    with pytest.raises(ConversionError, match=r"kv_channels = -4 with hidden_size = 32"):
+        read_megatron(write_megatron(tmp_path / "d", state, cfg, 1, kv_channels=-4))
 
 
 @pytest.mark.parametrize(("normalization", "layout"), [("LayerNorm", "legacy"), ("RMSNorm", "mcore")])
@@ -448,9 +499,11 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
         num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size, gated_linear_unit=True,
         activation_func=F.silu, normalization=m.normalization, layernorm_epsilon=m.norm_eps,
         add_bias_linear=m.add_bias_linear, add_qkv_bias=m.add_qkv_bias, bias_activation_fusion=False,
+        kv_channels=m.head_dim, qk_layernorm=m.qk_layernorm,
         bias_dropout_fusion=False, tensor_model_parallel_size=world, use_cpu_initialization=True,
         params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0)
-    model = GPTModel(config, get_gpt_layer_local_spec(normalization=m.normalization), vocab_size=m.vocab_size,
+    spec = get_gpt_layer_local_spec(normalization=m.normalization, qk_layernorm=m.qk_layernorm)
+    model = GPTModel(config, spec, vocab_size=m.vocab_size,
                      max_sequence_length=64, position_embedding_type="rope", rotary_base=int(m.rope_theta),
                      share_embeddings_and_output_weights=m.tie_embeddings, parallel_output=False).eval()
     te_names = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
@@ -672,6 +725,50 @@ def megatron_dist_biased(tmp_path_factory):
     x = tokens()
     logits, _ = run_distributed(_megatron_core_save, 2, (state, cfg, str(root / "dist"), x))
     return {"root": root / "dist", "cfg": cfg, "state": state, "tokens": x, "logits": logits}
+
+
+@pytest.fixture(scope="module")
+def megatron_dist_qwen3_attention(tmp_path_factory):
+    """megatron-core's GPTModel (local spec, RMSNorm) with --qk-layernorm and --kv-channels 12 on hidden 32 / 4
+    heads holding a random dense model of ours (random, distinct q and k norm weights), TP=2 (2 gloo ranks on
+    CPU), saved as torch_dist; with megatron-core's own logits on ``tokens()``."""
+    from megatron_moe.testing import run_distributed
+
+    pytest.importorskip("psutil", reason="megatron-core's torch_dist writer needs psutil (in the test extra)")
+    root = tmp_path_factory.mktemp("megatron_dist_qwen3")
+    cfg = tiny_config(num_experts=0, **QWEN3_ATTENTION)
+    dense = save_native(root / "native_dense", cfg, seed=6)
+    state = {k: v.detach().clone() for k, v in dense.state_dict().items()}
+    x = tokens()
+    logits, _ = run_distributed(_megatron_core_save, 2, (state, cfg, str(root / "dist"), x))
+    return {"root": root / "dist", "cfg": cfg, "state": state, "tokens": x, "logits": logits}
+
+
+@pytest.mark.slow
+def test_torch_dist_qk_layernorm_and_kv_channels_of_megatron_core(megatron_dist_qwen3_attention):
+    """megatron-core's own TP=2 torch_dist save with query/key norms (stacked ``q_layernorm`` / ``k_layernorm``
+    weights [layers, head_dim]) and 12-wide heads on hidden 32 reads back bit-exactly, and the model's logits equal
+    megatron-core's (fp32, 1e-5: the same sums in another order): its norms sit where megatron-core applies them."""
+    from megatron_moe.convert.megatron_format import _read_dist_metadata
+    from megatron_moe.convert.native import model_from_state
+
+    run = megatron_dist_qwen3_attention
+    root, state, x = run["root"], run["state"], run["tokens"]
+    keys = set(_read_dist_metadata(root / "iter_0000010").state_dict_metadata)
+    assert {f"decoder.layers.self_attention.{n}_layernorm.weight" for n in "qk"} <= keys
+    source = read_megatron(root)
+    m = source.cfg.model
+    assert (m.kv_channels, m.qk_layernorm, m.hidden_size, m.num_attention_heads) == (12, True, 32, 4)
+    got = source.state_dict()
+    assert set(got) == set(state)
+    for name in state:
+        assert torch.equal(got[name], state[name]), name
+    with torch.no_grad():
+        ours = model_from_state(source.cfg, got)(x)
+        torch.testing.assert_close(run["logits"], ours, atol=1e-5, rtol=0)
+        swapped = {**got, "layers.0.attention.q_norm.weight": got["layers.0.attention.k_norm.weight"],
+                   "layers.0.attention.k_norm.weight": got["layers.0.attention.q_norm.weight"]}
+        assert (model_from_state(source.cfg, swapped)(x) - run["logits"]).abs().max() > 1e-4
 
 
 @pytest.mark.slow

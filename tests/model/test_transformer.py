@@ -97,17 +97,35 @@ def naive_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return torch.cat(out, dim=-1)
 
 
-def test_gqa_attention_matches_naive_reference():
+@pytest.mark.parametrize("head_dim", [None, 6])
+def test_gqa_attention_matches_naive_reference(head_dim):
+    """Grouped-query attention against per-head loops, float64; head_dim 6 (model.kv_channels) makes q
+    4 x 6 = 24 wide on a hidden size of 16, as Qwen3's 32 heads of 128 on 2048."""
     torch.manual_seed(0)
-    attn = Attention(hidden_size=16, num_heads=4, num_kv_heads=2).double()
+    attn = Attention(hidden_size=16, num_heads=4, num_kv_heads=2, head_dim=head_dim).double()
+    d = head_dim or 4
+    assert attn.wq.weight.shape == (4 * d, 16) and attn.wk.weight.shape == (2 * d, 16)
+    assert attn.wo.weight.shape == (16, 4 * d)
     x = torch.randn(2, 6, 16, dtype=torch.float64)
-    cos, sin = rope_tables(6, 4, 10000.0)
+    cos, sin = rope_tables(6, d, 10000.0)
     cos, sin = cos.double(), sin.double()
     out = attn(x, cos, sin)
-    q = apply_rope(attn.wq(x).view(2, 6, 4, 4), cos, sin)
-    k = apply_rope(attn.wk(x).view(2, 6, 2, 4), cos, sin)
-    ref = attn.wo(naive_gqa_attention(q, k, attn.wv(x).view(2, 6, 2, 4)))
+    q = apply_rope(attn.wq(x).view(2, 6, 4, d), cos, sin)
+    k = apply_rope(attn.wk(x).view(2, 6, 2, d), cos, sin)
+    ref = attn.wo(naive_gqa_attention(q, k, attn.wv(x).view(2, 6, 2, d)))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_kv_channels_sets_the_head_dimension_of_the_model(tiny_config):
+    """model.kv_channels reaches every attention and the rotary tables; hidden 16 with 3 heads (not a
+    divisor) is fine once the head dimension is its own."""
+    cfg = tiny_config(num_experts=0, hidden_size=16, num_attention_heads=3, num_query_groups=1, kv_channels=10,
+                      vocab_size=96, qk_layernorm=True)
+    model = build_model(cfg, "cpu", seed=0)
+    attn = model.layers["0"].attention
+    assert attn.head_dim == 10 and attn.wq.weight.shape == (30, 16) and attn.wv.weight.shape == (10, 16)
+    assert attn.q_norm.weight.shape == (10,) and model.rope_cos.shape[1] == 10
+    assert model(torch.randint(0, 96, (2, 8))).shape == (2, 8, 96)
 
 
 @pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])

@@ -47,12 +47,12 @@ PARAMS_NORM_RTOL = 1e-6
 def _config(model: str, tp: int = 1, pp: int = 1):
     """The tiny model with router ``model`` ("topk", "sparsemixer"), or "released": :data:`RELEASED`
     ("released-1p": with zero-centred norm scales, --apply-layernorm-1p), "sequence-balance" (top-K with
-    the sequence-wise balance loss) or "qk-norm" (LayerNorm query/key norms); parameter norms and
-    gradient zero counts logged."""
+    the sequence-wise balance loss) or "qk-norm" (Qwen3's attention: LayerNorm query/key norms on heads of
+    12, not hidden / heads = 8, via model.kv_channels); parameter norms and gradient zero counts logged."""
     settings = {"released": RELEASED, "released-1p": {**RELEASED, "apply_layernorm_1p": True},
                 "sequence-balance": {"router": "topk", "balance_loss": "sequence"},
-                "qk-norm": {"router": "topk", "qk_layernorm": True, "normalization": "LayerNorm"}}.get(
-        model, {"router": model})
+                "qk-norm": {"router": "topk", "qk_layernorm": True, "normalization": "LayerNorm",
+                            "kv_channels": 12}}.get(model, {"router": model})
     return tiny_config(tp=tp, pp=pp, log_params_norm=True, log_num_zeros_in_grad=True, **settings)
 
 
@@ -97,7 +97,7 @@ def _variants(tp: int, pp: int, dp: int) -> list[tuple[str, str, dict]]:
         # the sequence-wise balance loss needs whole sequences: the MoE layer gathers the sequence shards first
         out.append(("sequence-balance", "topk/sequence-balance", {}))
     if (tp, pp, dp) in ((2, 1, 1), (2, 2, 1)):  # query/key norms over each rank's heads: Partial weight grads
-        out.append(("qk-norm", "topk/qk-layernorm", {}))
+        out.append(("qk-norm", "topk/qk-layernorm+kv-channels", {}))
     return out
 
 

@@ -19,6 +19,18 @@ def test_flops_per_token_by_hand():
     assert model_flops_per_token(cfg, n) == 6 * n + 6 * layers * s * h
 
 
+def test_flops_per_token_with_a_head_dimension_of_its_own():
+    """model.kv_channels = 48 on hidden 128 with 4 heads: q and o are 4 x 48 = 192 wide, k and v 2 x 48,
+    and the attention scores cost 6 L S (4 x 48) per token, not 6 L S H."""
+    cfg = layout_config("tp2pp2")
+    cfg.model.kv_channels = 48
+    h, a, kv, f, e, k, v, layers, s = 128, 4 * 48, 2 * 48, 128, 4, 2, 512, 4, 64
+    per_layer = h * a + 2 * h * kv + a * h + h * e + k * 3 * h * f
+    n = layers * per_layer + h * v
+    assert matmul_active_params(meta_model(cfg), cfg) == n
+    assert model_flops_per_token(cfg, n) == 6 * n + 6 * layers * s * a
+
+
 @pytest.mark.slow
 def test_tensor_parallel_bytes_by_hand():
     """Per micro-batch and MoE block (fp32, B 2 x S 64 x H 128 gathered = 64 KiB): forward and backward
