@@ -956,6 +956,15 @@ def moe_layer_pattern(expression: str) -> list[int]:
     return pattern
 
 
+def moe_layer_spacing(moe_layers: list[int], num_layers: int) -> tuple[int, int] | None:
+    """``(moe.first_k_dense, moe.layer_freq)`` placing MoE feed-forwards exactly on the (0-based, ascending,
+    non-empty) ``moe_layers`` of ``num_layers`` layers, or None when no k dense layers followed by an MoE layer
+    every f layers do."""
+    first = moe_layers[0]
+    freq = moe_layers[1] - first if len(moe_layers) > 1 else num_layers - first
+    return (first, freq) if moe_layers == list(range(first, num_layers, freq)) else None
+
+
 def _apply_moe_layer_pattern(cfg: Config, expression: str, given: set[str]) -> None:
     """Set ``moe.first_k_dense`` and ``moe.layer_freq`` from Megatron-LM's list form of ``--moe-layer-freq``
     (:func:`moe_layer_pattern`): one entry per layer, k dense layers then an MoE layer every f layers (e.g.
@@ -967,12 +976,12 @@ def _apply_moe_layer_pattern(cfg: Config, expression: str, given: set[str]) -> N
     moe_layers = [i for i, v in enumerate(pattern) if v]
     if not moe_layers:
         raise ConfigError(f"{flag}: no MoE layer; drop --num-experts for a dense model")
-    first = moe_layers[0]
-    freq = moe_layers[1] - first if len(moe_layers) > 1 else len(pattern) - first
-    if moe_layers != list(range(first, len(pattern), freq)):
+    spacing = moe_layer_spacing(moe_layers, len(pattern))
+    if spacing is None:
         raise ConfigError(f"{flag}: only 'k dense layers, then an MoE layer every f layers' "
                           f"(moe.first_k_dense, moe.layer_freq) is available here, and MoE layers {moe_layers} are "
                           "not that")
+    first, freq = spacing
     set_value(cfg, "moe.first_k_dense", first)
     set_value(cfg, "moe.layer_freq", freq)
     given.update({"moe.first_k_dense", "moe.layer_freq"})

@@ -6,8 +6,9 @@ Usage::
         [--dtype {fp32,bf16}] [--max-shard-size 5GB] [--tokenizer-model FILE.model] [--overwrite]
 
 Architectures (``--architecture auto`` picks by the model, :func:`~.hf_config.choose_architecture`):
-SparseMixer-v2 MoE -> PhiMoE (GRIN-MoE's format), top-K MoE -> Mixtral, dense -> Qwen2 (q/k/v biases
-only) or Llama; ``--architecture phi3`` writes a bias-free dense model in Phi-3's fused layout. A
+SparseMixer-v2 MoE -> PhiMoE (GRIN-MoE's format), top-K MoE -> Qwen3-MoE with query/key norms, else
+Mixtral; dense -> Qwen3 with query/key norms, Qwen2 (q/k/v biases only) or Llama; ``--architecture
+phi3`` writes a bias-free dense model in Phi-3's fused layout. A
 model not expressible exactly in the chosen architecture is refused with every reason listed
 (:func:`~.hf_config.export_blockers`) and nothing is written. Training-only settings map where the
 format has them (jitter, aux coefficient); the others (z-loss, global balancing, adaptive
@@ -139,11 +140,13 @@ def export(load: str | Path, output: str | Path, max_shard_bytes: int = 5 * 10**
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Native checkpoint -> Hugging Face (PhiMoE, Mixtral, Llama, Qwen2, Phi-3).")
+    p = argparse.ArgumentParser(
+        description="Native checkpoint -> Hugging Face (PhiMoE, Mixtral, Qwen3-MoE, Llama, Qwen2, Qwen3, Phi-3).")
     p.add_argument("--load", required=True, help="save directory or checkpoint directory")
     p.add_argument("--output", required=True, help="directory for config.json, safetensors and tokenizer")
     p.add_argument("--architecture", default="auto", choices=("auto",) + EXPORT_ARCHITECTURES,
-                   help="HF architecture (auto: phimoe for SparseMixer-v2, mixtral for top-K, qwen2 or llama dense)")
+                   help="HF architecture (auto: phimoe for SparseMixer-v2, qwen3_moe or mixtral for top-K, qwen3, "
+                        "qwen2 or llama dense)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the written weights")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (5GB, 500MB, 2GiB, bytes)")
     p.add_argument("--tokenizer-model", default=None,

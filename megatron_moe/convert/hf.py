@@ -1,6 +1,6 @@
 """Read a Hugging Face checkpoint (config.json + safetensors) as a :class:`ModelSource`.
 
-Dense llama, mistral, qwen2, phi3 and MoE mixtral, phimoe (grinmoe) directories; the config mapping
+Dense llama, mistral, qwen2, qwen3, phi3 and MoE mixtral, phimoe (grinmoe), qwen3_moe directories; the config mapping
 is :mod:`.hf_config`, the tensor layout :mod:`.hf_tensors`. Anything the project's model cannot
 compute exactly is refused with the config field (or tensor) at fault.
 
@@ -24,7 +24,7 @@ from megatron_moe.convert.source import ConversionError, ModelSource, expected_s
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # Architectures sharing another's tensor names.
-_NAMES_OF = {"mistral": "llama", "qwen2": "llama", "grinmoe": "phimoe"}
+_NAMES_OF = {"mistral": "llama", "qwen2": "llama", "qwen3": "llama", "grinmoe": "phimoe"}
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
@@ -65,7 +65,7 @@ def _loader(file: Path, name: str):
 
 
 def hf_names_family(model_type: str) -> str:
-    """The architecture whose tensor names ``model_type`` uses (mistral and qwen2 use llama's)."""
+    """The architecture whose tensor names ``model_type`` uses (mistral, qwen2 and qwen3 use llama's)."""
     return _NAMES_OF.get(model_type, model_type)
 
 

@@ -9,6 +9,7 @@ llama      dense   RMSNorm; ``attention_bias`` + ``mlp_bias`` (both or neither) 
                    ``add_bias_linear``; rope ``default`` or ``llama3``
 mistral    dense   RMSNorm, no biases
 qwen2      dense   RMSNorm, q/k/v biases (``add_qkv_bias``)
+qwen3      dense   RMSNorm, query/key norms over head_dim (``qk_layernorm``), no biases
 phi3       dense   RMSNorm, no biases, fused ``qkv_proj`` / ``gate_up_proj`` tensors (split on import)
 mixtral    MoE     top-K softmax router, renormalised; ``router_jitter_noise`` is Mixtral's
                    multiplicative input jitter -> ``moe.input_jitter_eps``
@@ -17,13 +18,22 @@ phimoe     MoE     LayerNorm (weight and bias, eps ``rms_norm_eps``), ``attentio
                    top-2 router: ``router_jitter_noise`` -> ``moe.jitter_eps`` (the relative masking
                    window), ``input_jitter_noise`` -> ``moe.input_jitter_eps``. ``grinmoe`` (GRIN-MoE's
                    released config, its own remote code) is the same format.
+qwen3_moe  MoE     Qwen3's attention; top-K softmax router, ``norm_topk_prob`` -> ``moe.renormalize``;
+                   ``moe_intermediate_size`` -> the experts' ffn, ``intermediate_size`` -> the dense
+                   layers'; MoE layers where ``(i + 1) % decoder_sparse_step == 0`` and ``i`` is not
+                   in ``mlp_only_layers``, when that is k dense layers then one every f
+                   (``moe.first_k_dense``, ``moe.layer_freq``); export writes step 1 and the dense
+                   layers as ``mlp_only_layers``
 ========== ======= ================================================================================
+
+``head_dim`` other than hidden_size / num_attention_heads (Qwen3's 128 on any hidden size,
+Mistral-Nemo's) is ``model.kv_channels``, in every architecture; export writes ``head_dim`` always.
 
 A sliding window ``W`` shorter than ``max_position_embeddings`` is kept exact by training on
 sequences of at most ``W`` tokens (``data.seq_length = W``): transformers masks key ``j`` for query
 ``i`` only when ``i - j >= W``, which never happens within ``W`` tokens. Anything else the project's
-model cannot compute exactly (other activations, rope types, partial rotary, head_dim overrides) is
-refused, naming the field. Balance-loss coefficients are training recipe, not architecture: they are
+model cannot compute exactly (other activations, rope types, partial rotary, biases a format puts
+elsewhere) is refused, naming the field. Balance-loss coefficients are training recipe, not architecture: they are
 not imported (the run's config sets them) and are exported as ``router_aux_loss_coef``.
 
 Input jitter is applied once per MoE layer in training here, as in GRIN's released code
@@ -36,11 +46,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from megatron_moe.config import Config
+from megatron_moe.config import Config, moe_layer_spacing
 from megatron_moe.convert.source import ConversionError
+from megatron_moe.model.transformer import is_moe_layer
 
-DENSE_TYPES = ("llama", "mistral", "qwen2", "phi3")
-MOE_TYPES = ("mixtral", "phimoe", "grinmoe")
+DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+MOE_TYPES = ("mixtral", "phimoe", "grinmoe", "qwen3_moe")
+QWEN3_TYPES = ("qwen3", "qwen3_moe")
 # transformers' default rope theta per config class, used when a config.json has none.
 _DEFAULT_THETA = {"mixtral": 1e6, "phimoe": 1e6, "grinmoe": 1e6}
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -91,6 +103,9 @@ def _bias_settings(hf: dict[str, Any], model_type: str, where: str) -> dict[str,
     if model_type in ("phimoe", "grinmoe"):
         out = {"add_qkv_bias": attention, "add_bias_linear": attention}
         return out | {"lm_head_bias": bool(hf.get("lm_head_bias"))}
+    if model_type in QWEN3_TYPES and attention:
+        raise ConversionError(f"{where}: attention_bias = true puts biases on q, k, v and o_proj but none on the MLP; "
+                              "this project ties the attention output bias to the MLP biases (model.add_bias_linear)")
     if model_type == "llama" and attention != mlp:
         raise ConversionError(
             f"{where}: attention_bias = {str(attention).lower()} with mlp_bias = {str(mlp).lower()}; this project "
@@ -104,8 +119,8 @@ def _sequence_length(hf: dict[str, Any], model_type: str, notes: list[str], wher
     """data.seq_length: max_position_embeddings, or an active sliding window shorter than it."""
     max_pos = int(hf.get("max_position_embeddings") or 4096)
     window = hf.get("sliding_window")
-    # Qwen2 stores a window it does not use unless use_sliding_window is set.
-    if window is None or not hf.get("use_sliding_window", model_type != "qwen2"):
+    # Qwen2 and Qwen3 store a window they do not use unless use_sliding_window is set.
+    if window is None or not hf.get("use_sliding_window", model_type not in ("qwen2",) + QWEN3_TYPES):
         return max_pos
     if not isinstance(window, int) or window < 1:
         raise ConversionError(f"{where}: sliding_window = {window!r}; expected a positive integer")
@@ -136,15 +151,17 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json", notes: list[s
     if hf.get("pretraining_tp", 1) not in (None, 1):
         raise ConversionError(f"{where}: pretraining_tp = {hf['pretraining_tp']}; only 1 is supported")
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-    if hidden % heads:
-        raise ConversionError(f"{where}: num_attention_heads = {heads} does not divide hidden_size = {hidden}")
     head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim != hidden // heads:
-        raise ConversionError(f"{where}: head_dim = {head_dim} differs from hidden_size / num_attention_heads = "
-                              f"{hidden // heads}; not supported")
+    if head_dim is None and hidden % heads:
+        raise ConversionError(f"{where}: num_attention_heads = {heads} does not divide hidden_size = {hidden} and "
+                              "there is no head_dim")
+    if head_dim is not None and (not isinstance(head_dim, int) or head_dim <= 0):
+        raise ConversionError(f"{where}: head_dim = {head_dim!r}; expected a positive integer")
     cfg = Config()
     m = cfg.model
     m.hidden_size, m.num_attention_heads = hidden, heads
+    m.kv_channels = 0 if head_dim is None or head_dim * heads == hidden else head_dim
+    m.qk_layernorm = model_type in QWEN3_TYPES
     m.num_query_groups = hf.get("num_key_value_heads") or heads
     m.num_layers, m.ffn_hidden_size, m.vocab_size = hf["num_hidden_layers"], hf["intermediate_size"], hf["vocab_size"]
     for name, value in _rope_settings(hf, model_type, where).items():
@@ -168,14 +185,17 @@ def _moe_settings(cfg: Config, hf: dict[str, Any], model_type: str, where: str) 
     if model_type in DENSE_TYPES:
         e.num_experts = 0
         return
-    experts, topk = hf.get("num_local_experts"), hf.get("num_experts_per_tok")
-    for key, value in (("num_local_experts", experts), ("num_experts_per_tok", topk)):
+    experts_key = "num_experts" if model_type == "qwen3_moe" and "num_local_experts" not in hf else "num_local_experts"
+    experts, topk = hf.get(experts_key), hf.get("num_experts_per_tok")
+    for key, value in ((experts_key, experts), ("num_experts_per_tok", topk)):
         if not isinstance(value, int) or value <= 0:
             raise ConversionError(f"{where}: {key} = {value!r}; expected a positive integer")
     e.num_experts, e.topk = experts, topk
     e.expert_ffn_hidden_size = hf["intermediate_size"]
     e.layer_freq, e.first_k_dense, e.logit_norm = 1, 0, False
-    if model_type == "mixtral":
+    if model_type == "qwen3_moe":
+        _qwen3_moe_settings(cfg, hf, where)
+    elif model_type == "mixtral":
         e.router, e.renormalize = "topk", True
         e.input_jitter_eps = float(hf.get("router_jitter_noise") or 0.0)
     else:
@@ -186,6 +206,28 @@ def _moe_settings(cfg: Config, hf: dict[str, Any], model_type: str, where: str) 
         e.input_jitter_eps = float(hf.get("input_jitter_noise") or 0.0)
 
 
+def _qwen3_moe_settings(cfg: Config, hf: dict[str, Any], where: str) -> None:
+    """Router, expert width and MoE-layer placement of a qwen3_moe config (table in the module docstring)."""
+    e, layers = cfg.moe, cfg.model.num_layers
+    width = hf.get("moe_intermediate_size")
+    step = hf.get("decoder_sparse_step", 1)
+    dense_only = hf.get("mlp_only_layers") or []
+    for key, value in (("moe_intermediate_size", width), ("decoder_sparse_step", step)):
+        if not isinstance(value, int) or value <= 0:
+            raise ConversionError(f"{where}: {key} = {value!r}; expected a positive integer")
+    if not isinstance(dense_only, list) or not all(isinstance(i, int) for i in dense_only):
+        raise ConversionError(f"{where}: mlp_only_layers = {dense_only!r}; expected a list of layer numbers")
+    e.expert_ffn_hidden_size = width
+    e.router, e.renormalize, e.input_jitter_eps = "topk", bool(hf.get("norm_topk_prob", False)), 0.0
+    moe_layers = [i for i in range(layers) if i not in dense_only and (i + 1) % step == 0]
+    spacing = moe_layer_spacing(moe_layers, layers) if moe_layers else None
+    if spacing is None:
+        raise ConversionError(f"{where}: decoder_sparse_step = {step} with mlp_only_layers = {dense_only} makes "
+                              f"layers {moe_layers} MoE; only k dense layers followed by an MoE layer every f "
+                              "layers (moe.first_k_dense, moe.layer_freq) are supported")
+    e.first_k_dense, e.layer_freq = spacing
+
+
 # ------------------------------------------------------------------------------------------ export
 
 
@@ -193,9 +235,11 @@ class ExportError(ConversionError):
     """The model cannot be expressed in the requested Hugging Face architecture; the message says why."""
 
 
-EXPORT_ARCHITECTURES = ("llama", "qwen2", "phi3", "mixtral", "phimoe")
-_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM",
-          "mixtral": "MixtralForCausalLM", "phimoe": "PhimoeForCausalLM"}
+EXPORT_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "mixtral", "phimoe", "qwen3_moe")
+_MOE_EXPORTS = ("mixtral", "phimoe", "qwen3_moe")
+_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+          "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM", "phimoe": "PhimoeForCausalLM",
+          "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def _moe_layout_blockers(cfg: Config, fmt: str) -> list[str]:
@@ -228,13 +272,27 @@ def export_blockers(cfg: Config, arch: str) -> list[str]:
     m, e = cfg.model, cfg.moe
     if arch not in EXPORT_ARCHITECTURES:
         return [f"architecture {arch!r}; supported: {EXPORT_ARCHITECTURES}"]
-    if arch in ("mixtral", "phimoe") and not e.num_experts:
-        return [f"moe.num_experts = 0: {arch} is an MoE format (dense models export as llama, qwen2 or phi3)"]
-    if arch not in ("mixtral", "phimoe") and e.num_experts:
-        return [f"moe.num_experts = {e.num_experts}: {arch} is a dense format (MoE exports as mixtral or phimoe)"]
+    if arch in _MOE_EXPORTS and not e.num_experts:
+        return [f"moe.num_experts = 0: {arch} is an MoE format (dense models export as llama, qwen2, qwen3 or phi3)"]
+    if arch not in _MOE_EXPORTS and e.num_experts:
+        return [f"moe.num_experts = {e.num_experts}: {arch} is a dense format (MoE exports as mixtral, phimoe or "
+                "qwen3_moe)"]
     reasons: list[str] = []
+    if arch in QWEN3_TYPES:
+        name = "Qwen3" if arch == "qwen3" else "Qwen3-MoE"
+        if not m.qk_layernorm:
+            reasons.append(f"model.qk_layernorm = false: {name} always normalises queries and keys")
+        reasons += _rmsnorm_no_bias_blockers(cfg, name)
+        if arch == "qwen3_moe":
+            if e.router != "topk":
+                reasons.append(f"moe.router = {e.router!r}: Qwen3-MoE routes by top-K softmax only")
+            if e.logit_norm:
+                reasons.append("moe.logit_norm = true: Qwen3-MoE has no gating logit normalisation")
+        if m.rope_scaling != "none":
+            reasons.append(f"model.rope_scaling = {m.rope_scaling!r}: exported Qwen3 configs carry default RoPE only")
+        return reasons
     if m.qk_layernorm:
-        reasons.append(f"model.qk_layernorm = true: {arch} has no query/key norms")
+        reasons.append(f"model.qk_layernorm = true: {arch} has no query/key norms (export as qwen3 or qwen3_moe)")
     if arch == "mixtral":
         if e.router != "topk":
             reasons.append(f"moe.router = {e.router!r}: Mixtral routes by top-K softmax only (SparseMixer-v2 "
@@ -283,12 +341,17 @@ def _attention_bias_blockers(m, name: str, hint: str = "") -> list[str]:
 
 
 def choose_architecture(cfg: Config) -> str:
-    """The HF architecture a model exports to by default: phimoe for SparseMixer-v2, mixtral for top-K,
-    qwen2 for q/k/v-only biases, llama for other dense models (Phi-3 computes the same function as a
-    bias-free Llama; ``--architecture phi3`` writes its fused layout)."""
+    """The HF architecture a model exports to by default: phimoe for SparseMixer-v2; for top-K,
+    qwen3_moe with query/key norms (it also holds dense layers and weights not renormalised), else
+    mixtral; dense: qwen3 with query/key norms, qwen2 for q/k/v-only biases, llama otherwise (Phi-3
+    computes the same function as a bias-free Llama; ``--architecture phi3`` writes its fused layout)."""
     m, e = cfg.model, cfg.moe
     if e.num_experts:
-        return "phimoe" if e.router == "sparsemixer" else "mixtral"
+        if e.router == "sparsemixer":
+            return "phimoe"
+        return "qwen3_moe" if m.qk_layernorm else "mixtral"
+    if m.qk_layernorm:
+        return "qwen3"
     return "qwen2" if m.add_qkv_bias and not m.add_bias_linear else "llama"
 
 
@@ -327,8 +390,16 @@ def hf_config(cfg: Config, arch: str | None = None, dtype: str = "float32",
     }
     if arch == "llama":
         out.update(attention_bias=m.add_qkv_bias, mlp_bias=m.add_bias_linear, pretraining_tp=1)
-    elif arch == "qwen2":
+    elif arch in ("qwen2", "qwen3"):
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.num_layers)
+        if arch == "qwen3":
+            out.update(attention_bias=False)
+    elif arch == "qwen3_moe":
+        dense_layers = [i for i in range(m.num_layers) if not is_moe_layer(cfg, i)]
+        out.update(num_experts=e.num_experts, num_experts_per_tok=e.topk, moe_intermediate_size=cfg.expert_ffn_size,
+                   intermediate_size=m.dense_ffn_size, norm_topk_prob=e.renormalize, decoder_sparse_step=1,
+                   mlp_only_layers=dense_layers, router_aux_loss_coef=e.aux_loss_coeff, output_router_logits=False,
+                   attention_bias=False, use_sliding_window=False, sliding_window=None)
     elif arch == "phi3":
         out.update(original_max_position_embeddings=cfg.data.seq_length, resid_pdrop=0.0, embd_pdrop=0.0,
                    sliding_window=None, partial_rotary_factor=1.0)

@@ -3,7 +3,9 @@
 One :class:`Link` per group of tensors that convert together, so import and export read the same
 table. On-disk names are those of the released checkpoints (and of ``save_pretrained``, which
 writes the original layout): ``model.layers.N.block_sparse_moe.experts.E.w1.weight`` for
-Mixtral/PhiMoE experts, fused ``qkv_proj`` / ``gate_up_proj`` for Phi-3.
+Mixtral/PhiMoE experts, ``model.layers.N.mlp.experts.E.gate_proj.weight`` and the router
+``mlp.gate.weight`` for Qwen3-MoE, ``self_attn.q_norm`` / ``k_norm`` for Qwen3's query/key norms,
+fused ``qkv_proj`` / ``gate_up_proj`` for Phi-3.
 
 Link kinds:
 
@@ -26,6 +28,10 @@ _ATTN = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
 _MLP = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _NORMS = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 _GLOBAL = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+_QK_NORMS = {"q_norm": "q_norm", "k_norm": "k_norm"}
+# Per MoE format: the feed-forward module's name and the experts' projection names.
+_MOE_NAMES = {"qwen3_moe": ("mlp", {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"})}
+_MIXTRAL_MOE_NAMES = ("block_sparse_moe", {"w1": "w1", "w3": "w3", "w2": "w2"})
 
 
 @dataclass(frozen=True)
@@ -50,10 +56,13 @@ def _layer_link(name: str, arch: str, num_experts: int) -> Link | tuple[str, str
         if arch == "phi3" and proj != "wo":
             return (hf + "self_attn.qkv_proj." + leaf, name)
         return Link("same", (name,), (hf + f"self_attn.{_ATTN[proj]}.{leaf}",))
+    if module.startswith("attention.") and module[len("attention."):] in _QK_NORMS:
+        return Link("same", (name,), (hf + f"self_attn.{_QK_NORMS[module[len('attention.'):]]}.{leaf}",))
+    moe_module, expert_names = _MOE_NAMES.get(arch, _MIXTRAL_MOE_NAMES)
     if module == "feed_forward.router.gate" and leaf == "weight":
-        return Link("same", (name,), (hf + "block_sparse_moe.gate.weight",))
+        return Link("same", (name,), (hf + f"{moe_module}.gate.weight",))
     if module == "feed_forward.experts" and leaf in ("w1", "w2", "w3"):
-        return Link("experts", (name,), tuple(hf + f"block_sparse_moe.experts.{e}.{leaf}.weight"
+        return Link("experts", (name,), tuple(hf + f"{moe_module}.experts.{e}.{expert_names[leaf]}.weight"
                                               for e in range(num_experts)))
     if module.startswith("feed_forward.") and module[len("feed_forward."):] in _MLP:
         proj = module[len("feed_forward."):]

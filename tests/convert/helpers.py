@@ -18,7 +18,7 @@ TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_laye
 
 # Per architecture: transformers' config class name and the settings the tiny model adds.
 HF_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "phi3": "Phi3", "mixtral": "Mixtral",
-              "phimoe": "Phimoe"}
+              "phimoe": "Phimoe", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe"}
 HF_DEFAULTS = {
     "mistral": {"sliding_window": None},
     "phi3": {"pad_token_id": None},
@@ -26,6 +26,10 @@ HF_DEFAULTS = {
     # GRIN-MoE's released settings (attention and LM-head biases, both jitters 0.01), tiny shapes.
     "phimoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "attention_bias": True, "lm_head_bias": True,
                "router_jitter_noise": 0.01, "input_jitter_noise": 0.01, "rope_theta": 10000.0},
+    # Qwen3's heads are wider than hidden / heads (128 on 2048 / 32 for Qwen3-30B-A3B): 12 on 32 / 4 here.
+    "qwen3": {"head_dim": 12},
+    "qwen3_moe": {"head_dim": 12, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                  "norm_topk_prob": True},
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -96,7 +97,7 @@ def test_zero_centred_norms_export_as_plain_weights(tmp_path):
     ({"layer_freq": 2}, "moe.layer_freq = 2"),
     ({"normalization": "LayerNorm"}, "model.normalization = 'LayerNorm': Mixtral uses RMSNorm"),
     ({"add_qkv_bias": True}, "Mixtral has no attention or MLP biases"),
-    ({"qk_layernorm": True}, "model.qk_layernorm = true: mixtral has no query/key norms"),
+    ({"qk_layernorm": True}, "model.qk_layernorm = true: mixtral has no query/key norms (export as qwen3 or"),
 ])
 def test_inexpressible_moe_is_explained_and_nothing_written(tmp_path, capsys, moe, reason):
     cfg = tiny_config(num_experts=4, topk=2, **moe)
@@ -162,6 +163,9 @@ def test_sparsemixer_model_exports_to_phimoe_with_grin_fields(tmp_path):
     ({"add_qkv_bias": True, "add_bias_linear": True}, "auto", "LlamaForCausalLM"),
     ({"rope_scaling": "llama3", "rope_original_max_position": 16, "rope_theta": 5e5}, "auto", "LlamaForCausalLM"),
     ({}, "phi3", "Phi3ForCausalLM"),
+    ({"qk_layernorm": True, "kv_channels": 12}, "auto", "Qwen3ForCausalLM"),
+    ({"qk_layernorm": True, "tie_embeddings": True, "apply_layernorm_1p": True}, "qwen3", "Qwen3ForCausalLM"),
+    ({"kv_channels": 12}, "auto", "LlamaForCausalLM"),  # head_dim apart from hidden / heads
 ])
 def test_dense_architectures(tmp_path, settings, arch, cls):
     import transformers
@@ -174,6 +178,8 @@ def test_dense_architectures(tmp_path, settings, arch, cls):
     x = tokens(seq=24)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, atol=ATOL, rtol=0)
+    if cfg.model.apply_layernorm_1p:
+        return  # exported as 1 + w (the query/key norms too: the logits above), so read back as such
     source = read_hf(tmp_path / "out")  # ... and the export reads back into the same weights
     for name, t in ours.state_dict().items():
         assert torch.equal(source.get(name), t), name
@@ -244,3 +250,67 @@ def test_export_refuses_a_non_empty_output_unless_overwrite(tmp_path, capsys):
     assert "is not empty" in capsys.readouterr().err and sorted(os.listdir(tmp_path / "out")) == ["notes.txt"]
     assert export_hf.main(argv + ["--overwrite"]) == 0
     assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("settings", [
+    {"qk_layernorm": True, "kv_channels": 12},  # Qwen3-MoE's attention
+    {"qk_layernorm": True, "first_k_dense": 1, "renormalize": False},  # a dense layer first, weights as picked
+    {"qk_layernorm": True, "layer_freq": 2, "num_layers": 4},
+])
+def test_top_k_moe_exports_to_qwen3_moe_with_the_same_logits(tmp_path, settings):
+    """Top-K MoE models with query/key norms (which Mixtral has not), also with dense layers between MoE
+    ones or weights not renormalised, export as Qwen3-MoE (auto): transformers computes the same logits,
+    the routing matters, and the export reads back into the same weights."""
+    from transformers import Qwen3MoeForCausalLM
+
+    cfg = tiny_config(num_experts=4, topk=2, **settings)
+    ours = save_native(tmp_path / "moe", cfg, seed=3)
+    config = export(tmp_path / "moe", tmp_path / "out")
+    assert config["model_type"] == "qwen3_moe" and config["norm_topk_prob"] == cfg.moe.renormalize
+    dense_layers = [i for i, layer in ours.layers.items() if not hasattr(layer.feed_forward, "experts")]
+    assert config["mlp_only_layers"] == [int(i) for i in dense_layers]
+    hf = Qwen3MoeForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = tokens(seq=24)
+    with torch.no_grad():
+        ref = hf(x).logits
+        torch.testing.assert_close(ours(x), ref, atol=ATOL, rtol=0)
+    source = read_hf(tmp_path / "out")
+    read_back = {**vars(source.cfg.model), **vars(source.cfg.moe)}
+    for key in ("kv_channels", "qk_layernorm", "num_layers", "first_k_dense", "layer_freq", "renormalize", "topk"):
+        assert read_back[key] == {**vars(cfg.model), **vars(cfg.moe)}[key], key
+    for name, t in ours.state_dict().items():
+        assert torch.equal(source.get(name), t), name
+    with torch.no_grad():  # routing matters: reversed experts give other logits
+        for layer in ours.layers.values():
+            if hasattr(layer.feed_forward, "experts"):
+                layer.feed_forward.experts.w1.data = layer.feed_forward.experts.w1.data.flip(0)
+        assert (ours(x) - ref).abs().max() > 1e-3
+
+
+def test_qwen3_upcycled_to_moe_exports_as_qwen3_moe_computing_the_dense_models_function(tmp_path):
+    """The path Qwen3 users take: a dense Qwen3 (query/key norms, 12-wide heads on hidden 32) upcycled to 4
+    experts top-2, exported: transformers' Qwen3-MoE gives the dense Qwen3's logits."""
+    from transformers import Qwen3MoeForCausalLM
+
+    dense = make_hf(tmp_path / "hf", "qwen3")
+    cfg, state = upcycle(read_hf(tmp_path / "hf"), UpcycleOptions(4, 2, router_init_std=0.5))
+    save_model_checkpoint(tmp_path / "moe", cfg, state, "test")
+    assert export(tmp_path / "moe", tmp_path / "out")["model_type"] == "qwen3_moe"
+    hf = Qwen3MoeForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = tokens(seq=24)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, dense(x).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("settings,arch,reason", [
+    ({"num_experts": 4, "router": "sparsemixer"}, "qwen3_moe", "moe.router = 'sparsemixer': Qwen3-MoE routes by top-K"),
+    ({"num_experts": 4, "logit_norm": True}, "qwen3_moe", "Qwen3-MoE has no gating logit normalisation"),
+    ({"num_experts": 0}, "qwen3", "model.qk_layernorm = false: Qwen3 always normalises"),
+    ({"num_experts": 0, "qk_layernorm": True, "add_qkv_bias": True}, "qwen3", "Qwen3 has no attention or MLP biases"),
+    ({"num_experts": 0, "qk_layernorm": True}, "qwen3_moe", "qwen3_moe is an MoE format"),
+])
+def test_inexpressible_qwen3_exports_are_explained(tmp_path, settings, arch, reason):
+    save_native(tmp_path / "m", tiny_config(**settings))
+    with pytest.raises(ExportError, match=re.escape(reason)):
+        export(tmp_path / "m", tmp_path / "out", architecture=arch)
+    assert not (tmp_path / "out").exists()

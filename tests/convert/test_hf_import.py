@@ -48,6 +48,15 @@ def verified_relative_difference(out: str) -> float:
                  {"router": "sparsemixer", "jitter_eps": 0.03, "input_jitter_eps": 0.02, "normalization": "LayerNorm",
                   "add_qkv_bias": True, "add_bias_linear": True, "lm_head_bias": True, "num_experts": 4},
                  marks=pytest.mark.slow),
+    ("qwen3", {}, {"qk_layernorm": True, "kv_channels": 12, "normalization": "RMSNorm", "num_experts": 0}),
+    ("mistral", {"head_dim": 12}, {"kv_channels": 12, "qk_layernorm": False}),  # Mistral-Nemo's head_dim
+    pytest.param("qwen3_moe", {}, {"router": "topk", "renormalize": True, "num_experts": 4, "topk": 2,
+                                   "expert_ffn_hidden_size": 24, "ffn_hidden_size": 64, "qk_layernorm": True,
+                                   "kv_channels": 12, "first_k_dense": 0, "layer_freq": 1}, marks=pytest.mark.slow),
+    pytest.param("qwen3_moe", {"norm_topk_prob": False, "num_hidden_layers": 4, "decoder_sparse_step": 2},
+                 {"renormalize": False, "first_k_dense": 1, "layer_freq": 2}, marks=pytest.mark.slow),
+    pytest.param("qwen3_moe", {"mlp_only_layers": [0], "num_hidden_layers": 3}, {"first_k_dense": 1, "layer_freq": 1},
+                 marks=pytest.mark.slow),
 ])
 def test_import_gives_transformers_logits(tmp_path, capsys, model_type, overrides, expect):
     hf = make_hf(tmp_path / "hf", model_type, **overrides)
@@ -64,6 +73,8 @@ def test_import_gives_transformers_logits(tmp_path, capsys, model_type, override
     torch.testing.assert_close(got, ref, atol=REL * ref.abs().max().item(), rtol=0)
     if ours.cfg.moe.num_experts:  # the experts differ: routing decides the logits (reversed experts differ)
         for layer in ours.layers.values():
+            if not hasattr(layer.feed_forward, "experts"):
+                continue  # a dense layer (qwen3_moe's mlp_only_layers / decoder_sparse_step)
             experts = layer.feed_forward.experts
             for w in (experts.w1, experts.w3, experts.w2):
                 w.data = w.data.flip(0)

@@ -26,7 +26,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-@pytest.mark.parametrize("model_type,tied", [("llama", False), ("mistral", False), ("llama", True)])
+@pytest.mark.parametrize("model_type,tied", [("llama", False), ("mistral", False), ("llama", True), ("qwen3", False)])
 def test_upcycled_logits_equal_transformers_dense_logits(tmp_path, capsys, model_type, tied):
     hf = make_hf(tmp_path / "hf", model_type, tie_word_embeddings=tied)
     rc, out, err = run_cli(capsys, "--input", tmp_path / "hf", "--input-format", "hf", "--num-experts", 4,
@@ -99,15 +99,17 @@ def test_sharded_index_and_missing_shard(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("overrides,field", [
-    ({"attention_bias": True}, "attention_bias"),
-    ({"mlp_bias": True}, "mlp_bias = true"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, "rope_type"),
-    ({"head_dim": 16}, "head_dim"),
+@pytest.mark.parametrize("model_type,overrides,field", [
+    ("llama", {"attention_bias": True}, "attention_bias"),
+    ("llama", {"mlp_bias": True}, "mlp_bias = true"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act"),
+    ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, "rope_type"),
+    ("qwen3", {"attention_bias": True}, "attention_bias = true puts biases on q, k, v and o_proj"),
+    ("qwen3_moe", {"mlp_only_layers": [2], "num_hidden_layers": 3},
+     r"mlp_only_layers = \[2\] makes layers \[0, 1\] MoE"),
 ])
-def test_unsupported_architectures_name_the_field(tmp_path, overrides, field):
-    make_hf(tmp_path / "hf", **overrides)
+def test_unsupported_architectures_name_the_field(tmp_path, model_type, overrides, field):
+    make_hf(tmp_path / "hf", model_type, **overrides)
     with pytest.raises(ConversionError, match=field):
         read_hf(tmp_path / "hf")
 
