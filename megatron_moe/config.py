@@ -267,6 +267,16 @@ class DataConfig:
         parse_split(self.split)
 
 
+def _unquote(value: str) -> str:
+    """``value`` stripped, without one layer of matching quotes: a bash array expanded unquoted passes the
+    quotes on (Megatron-LM's llama3 script: ``--split '99,1,0'``; slime's Qwen3 scripts: ``--moe-layer-freq
+    "'([1]*48)'"``), where a shell running the command as a string would have removed them."""
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
 def parse_split(split: str) -> list[float]:
     """Normalise a Megatron split string (``"969,30,1"``, or ``"969/30/1"``, optionally in quotes) to three
     fractions summing to 1.
@@ -276,11 +286,7 @@ def parse_split(split: str) -> list[float]:
     """
     if not isinstance(split, str):
         raise ConfigError(f"data.split must be a string like '969,30,1', got {split!r}")
-    given, split = split, split.strip()
-    if len(split) >= 2 and split[0] == split[-1] and split[0] in "'\"":
-        # a bash array expanded unquoted passes the quotes on (Megatron-LM's llama3 script: --split '99,1,0');
-        # Megatron-LM reads the numbers out of it
-        split = split[1:-1]
+    given, split = split, _unquote(split)
     sep = "/" if "/" in split and "," not in split else ","
     parts = [p.strip() for p in split.split(sep) if p.strip()]
     if not 1 <= len(parts) <= 3:
@@ -945,7 +951,7 @@ def moe_layer_pattern(expression: str) -> list[int]:
         raise bad(f"{ast.unparse(node)!r} is not allowed")
 
     try:
-        tree = ast.parse(expression.strip(), mode="eval")
+        tree = ast.parse(_unquote(expression), mode="eval")
         pattern = value(tree.body)
     except SyntaxError:
         raise bad("not an expression") from None

@@ -1,4 +1,6 @@
 import re
+import shlex
+from pathlib import Path
 
 import pytest
 
@@ -189,6 +191,26 @@ def test_moe_layer_freq_last_given_counts_and_sharding_strategy_no_shard_changes
                  ["--data-parallel-sharding-strategy", "no_shard", "--use-torch-fsdp2"]):
         assert parse_args(argv)[0].parallel.data_parallel_shard
     assert not parse_args(["--data-parallel-sharding-strategy", "no_shard"])[0].parallel.data_parallel_shard
+
+
+def test_qwen3_30b_a3b_megatron_arguments_give_the_example_model():
+    """Qwen3-30B-A3B's Megatron-LM model arguments as a launch script passes them (slime's, a bash array
+    expanded unquoted: the quotes of --moe-layer-freq arrive in the value) build the model of
+    examples/qwen3_30b_a3b.toml; the dispatcher and kernel flags are notes."""
+    argv = shlex.split("""--disable-bias-linear --qk-layernorm --group-query-attention --num-attention-heads 32
+        --num-query-groups 4 --kv-channels 128 --num-layers 48 --hidden-size 2048 --ffn-hidden-size 6144
+        --normalization RMSNorm --position-embedding-type rope --norm-epsilon 1e-6 --rotary-percent 1.0 --swiglu
+        --untie-embeddings-and-output-weights --vocab-size 151936 --rotary-base 1000000 --moe-ffn-hidden-size 768
+        --moe-router-score-function softmax --moe-token-dispatcher-type alltoall --moe-router-topk 8
+        --moe-layer-freq "'([1]*48)'" --num-experts 128 --moe-grouped-gemm --moe-token-drop-policy probs
+        --moe-router-dtype fp32 --moe-permute-fusion --moe-aux-loss-coeff 0""")
+    cfg, extras = parse_args(argv)
+    example, _ = parse_args(["--config", str(Path(__file__).parents[1] / "examples" / "qwen3_30b_a3b.toml")])
+    assert cfg.model == example.model
+    for key in ("num_experts", "topk", "expert_ffn_hidden_size", "router", "renormalize", "layer_freq",
+                "first_k_dense"):
+        assert getattr(cfg.moe, key) == getattr(example.moe, key), key
+    assert any("--moe-token-dispatcher-type" in note for note in extras["notes"])
 
 
 def test_qk_layernorm_flag():

@@ -186,6 +186,35 @@ def test_grin_example_is_the_released_architecture():
     assert released.data.seq_length == 2047  # the released sliding window (see the example's comment)
 
 
+# Qwen/Qwen3-30B-A3B's released config.json (the fields that describe the model).
+QWEN3_30B_A3B_RELEASED = {
+    "model_type": "qwen3_moe", "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+    "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048,
+    "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48,
+    "mlp_only_layers": [], "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32,
+    "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4,
+    "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.001, "sliding_window": None, "tie_word_embeddings": False, "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+
+
+def test_qwen3_moe_example_is_the_released_architecture():
+    """examples/qwen3_30b_a3b.toml has every model and router setting of Qwen3-30B-A3B's config.json."""
+    from pathlib import Path
+
+    from megatron_moe.config import load_toml
+    from megatron_moe.convert.hf_config import config_from_hf
+
+    example = load_toml(Path(__file__).parents[2] / "examples" / "qwen3_30b_a3b.toml")
+    released = config_from_hf(QWEN3_30B_A3B_RELEASED)
+    assert example.model == released.model
+    for key in ("num_experts", "topk", "expert_ffn_hidden_size", "router", "renormalize", "layer_freq",
+                "first_k_dense", "logit_norm", "input_jitter_eps"):
+        assert getattr(example.moe, key) == getattr(released.moe, key), key
+    assert (released.model.head_dim, released.data.seq_length) == (128, 40960)
+
+
 def test_verify_fails_when_the_import_is_wrong(tmp_path, capsys, monkeypatch):
     """A wrong mapping (here: k and v swapped on import) is caught by --verify, not only printed."""
     from megatron_moe.convert import hf_tensors
