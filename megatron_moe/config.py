@@ -173,6 +173,12 @@ class MoEConfig:
     num_experts: int = 0  # 0 = dense model (Megatron-LM: no --num-experts)
     topk: int = 2
     expert_ffn_hidden_size: int = 0  # 0 = model.ffn_hidden_size
+    # A shared expert (Megatron-LM's --moe-shared-expert-intermediate-size; Qwen2-MoE, DeepSeek): one SwiGLU of this
+    # width that every token passes besides its routed experts, added to their weighted sum; 0 = none.
+    shared_expert_ffn_hidden_size: int = 0
+    # Scale the shared expert's output per token by sigmoid(x . g) with a learned g [hidden] (Qwen2-MoE's
+    # shared_expert_gate; Megatron-LM's --moe-shared-expert-gate).
+    shared_expert_gate: bool = False
     layer_freq: int = 1  # an MoE layer every `layer_freq` layers
     first_k_dense: int = 0  # the first k layers stay dense
     router: str = "topk"  # one of ROUTERS
@@ -209,7 +215,11 @@ class MoEConfig:
             "moe.jitter_eps": self.jitter_eps,
             "moe.input_jitter_eps": self.input_jitter_eps,
             "moe.expert_row_alignment": self.expert_row_alignment,
+            "moe.shared_expert_ffn_hidden_size": self.shared_expert_ffn_hidden_size,
         })
+        if self.shared_expert_gate and not self.shared_expert_ffn_hidden_size:
+            raise ConfigError("moe.shared_expert_gate needs a shared expert: set moe.shared_expert_ffn_hidden_size "
+                              "(--moe-shared-expert-intermediate-size)")
         if not self.num_experts:
             return
         if self.topk <= 0:
@@ -611,6 +621,7 @@ IMPLIED_FLAGS: dict[str, tuple[str, str]] = {
     "moe-router-pre-softmax": ("moe.renormalize", "false"),  # softmax over all experts, then top-K: unnormalised
     "init-model-with-meta-device": ("training.meta_init", "true"),
     "qk-layernorm": ("model.qk_layernorm", "true"),
+    "moe-shared-expert-gate": ("moe.shared_expert_gate", "true"),
 }
 
 # Flags that set a second setting besides their own: a capacity factor given means tokens are dropped
@@ -631,6 +642,7 @@ MEGATRON_FLAGS: dict[str, str] = {
     "num-experts": "moe.num_experts",
     "moe-router-topk": "moe.topk",
     "moe-ffn-hidden-size": "moe.expert_ffn_hidden_size",
+    "moe-shared-expert-intermediate-size": "moe.shared_expert_ffn_hidden_size",
     "moe-aux-loss-coeff": "moe.aux_loss_coeff",
     "moe-z-loss-coeff": "moe.z_loss_coeff",
     "moe-expert-capacity-factor": "moe.capacity_factor",

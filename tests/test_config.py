@@ -213,6 +213,19 @@ def test_qwen3_30b_a3b_megatron_arguments_give_the_example_model():
     assert any("--moe-token-dispatcher-type" in note for note in extras["notes"])
 
 
+def test_shared_expert_flags():
+    cfg, extras = parse_args(["--num-experts", "4", "--moe-shared-expert-intermediate-size", "96",
+                              "--moe-shared-expert-gate", "--moe-shared-expert-overlap"])
+    assert (cfg.moe.shared_expert_ffn_hidden_size, cfg.moe.shared_expert_gate) == (96, True)
+    assert any("--moe-shared-expert-overlap has no effect" in note for note in extras["notes"])
+    with pytest.raises(ConfigError, match=r"moe.shared_expert_gate needs a shared expert"):
+        parse_args(["--num-experts", "4", "--moe-shared-expert-gate"])
+    with pytest.raises(ConfigError, match=r"moe.shared_expert_ffn_hidden_size = -1; must not be negative"):
+        parse_args(["--num-experts", "4", "--moe-shared-expert-intermediate-size", "-1"])
+    with pytest.raises(ConfigError, match=r"moe.shared_expert_ffn_hidden_size: no effect on a dense model"):
+        parse_args(["--moe-shared-expert-intermediate-size", "96"])
+
+
 def test_qk_layernorm_flag():
     assert parse_args(["--qk-layernorm"])[0].model.qk_layernorm
     assert not parse_args([])[0].model.qk_layernorm

@@ -1,8 +1,8 @@
 """Read a Hugging Face checkpoint (config.json + safetensors) as a :class:`ModelSource`.
 
-Dense llama, mistral, qwen2, qwen3, phi3 and MoE mixtral, phimoe (grinmoe), qwen3_moe directories; the config mapping
-is :mod:`.hf_config`, the tensor layout :mod:`.hf_tensors`. Anything the project's model cannot
-compute exactly is refused with the config field (or tensor) at fault.
+Dense llama, mistral, qwen2, qwen3, phi3 and MoE mixtral, phimoe (grinmoe), qwen3_moe, qwen2_moe
+directories; the config mapping is :mod:`.hf_config`, the tensor layout :mod:`.hf_tensors`. Anything
+the project's model cannot compute exactly is refused with the config field (or tensor) at fault.
 
 Tensors are read lazily with ``safetensors.safe_open`` (memory-mapped), one at a time, from a
 single ``model.safetensors`` or the shards listed in ``model.safetensors.index.json``.

@@ -24,6 +24,10 @@ qwen3_moe  MoE     Qwen3's attention; top-K softmax router, ``norm_topk_prob`` -
                    in ``mlp_only_layers``, when that is k dense layers then one every f
                    (``moe.first_k_dense``, ``moe.layer_freq``); export writes step 1 and the dense
                    layers as ``mlp_only_layers``
+qwen2_moe  MoE     Qwen1.5-MoE / Qwen2-MoE: q/k/v biases (``qkv_bias``, default true), no query/key
+                   norms; routing and layer placement as qwen3_moe; a shared expert of width
+                   ``shared_expert_intermediate_size`` gated by sigmoid(``shared_expert_gate``)
+                   (``moe.shared_expert_ffn_hidden_size``, ``moe.shared_expert_gate``)
 ========== ======= ================================================================================
 
 ``head_dim`` other than hidden_size / num_attention_heads (Qwen3's 128 on any hidden size,
@@ -51,8 +55,9 @@ from megatron_moe.convert.source import ConversionError
 from megatron_moe.model.transformer import is_moe_layer
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-MOE_TYPES = ("mixtral", "phimoe", "grinmoe", "qwen3_moe")
+MOE_TYPES = ("mixtral", "phimoe", "grinmoe", "qwen3_moe", "qwen2_moe")
 QWEN3_TYPES = ("qwen3", "qwen3_moe")
+QWEN_MOE_TYPES = ("qwen3_moe", "qwen2_moe")  # routing, expert names and layer placement alike
 # transformers' default rope theta per config class, used when a config.json has none.
 _DEFAULT_THETA = {"mixtral": 1e6, "phimoe": 1e6, "grinmoe": 1e6}
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -96,10 +101,10 @@ def _rope_settings(hf: dict[str, Any], model_type: str, where: str) -> dict[str,
 def _bias_settings(hf: dict[str, Any], model_type: str, where: str) -> dict[str, bool]:
     """add_qkv_bias / add_bias_linear / lm_head_bias of the HF architecture."""
     attention, mlp = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen2_moe"):
         if attention or mlp:
-            raise ConversionError(f"{where}: qwen2 with attention_bias/mlp_bias set is not the Qwen2 format")
-        return {"add_qkv_bias": True}
+            raise ConversionError(f"{where}: {model_type} with attention_bias/mlp_bias set is not its format")
+        return {"add_qkv_bias": model_type == "qwen2" or bool(hf.get("qkv_bias", True))}
     if model_type in ("phimoe", "grinmoe"):
         out = {"add_qkv_bias": attention, "add_bias_linear": attention}
         return out | {"lm_head_bias": bool(hf.get("lm_head_bias"))}
@@ -120,7 +125,7 @@ def _sequence_length(hf: dict[str, Any], model_type: str, notes: list[str], wher
     max_pos = int(hf.get("max_position_embeddings") or 4096)
     window = hf.get("sliding_window")
     # Qwen2 and Qwen3 store a window they do not use unless use_sliding_window is set.
-    if window is None or not hf.get("use_sliding_window", model_type not in ("qwen2",) + QWEN3_TYPES):
+    if window is None or not hf.get("use_sliding_window", model_type not in ("qwen2", "qwen2_moe") + QWEN3_TYPES):
         return max_pos
     if not isinstance(window, int) or window < 1:
         raise ConversionError(f"{where}: sliding_window = {window!r}; expected a positive integer")
@@ -185,7 +190,8 @@ def _moe_settings(cfg: Config, hf: dict[str, Any], model_type: str, where: str) 
     if model_type in DENSE_TYPES:
         e.num_experts = 0
         return
-    experts_key = "num_experts" if model_type == "qwen3_moe" and "num_local_experts" not in hf else "num_local_experts"
+    qwen_key = model_type in QWEN_MOE_TYPES and "num_local_experts" not in hf  # their config.json's name
+    experts_key = "num_experts" if qwen_key else "num_local_experts"
     experts, topk = hf.get(experts_key), hf.get("num_experts_per_tok")
     for key, value in ((experts_key, experts), ("num_experts_per_tok", topk)):
         if not isinstance(value, int) or value <= 0:
@@ -193,8 +199,8 @@ def _moe_settings(cfg: Config, hf: dict[str, Any], model_type: str, where: str) 
     e.num_experts, e.topk = experts, topk
     e.expert_ffn_hidden_size = hf["intermediate_size"]
     e.layer_freq, e.first_k_dense, e.logit_norm = 1, 0, False
-    if model_type == "qwen3_moe":
-        _qwen3_moe_settings(cfg, hf, where)
+    if model_type in QWEN_MOE_TYPES:
+        _qwen_moe_settings(cfg, hf, model_type, where)
     elif model_type == "mixtral":
         e.router, e.renormalize = "topk", True
         e.input_jitter_eps = float(hf.get("router_jitter_noise") or 0.0)
@@ -206,8 +212,9 @@ def _moe_settings(cfg: Config, hf: dict[str, Any], model_type: str, where: str) 
         e.input_jitter_eps = float(hf.get("input_jitter_noise") or 0.0)
 
 
-def _qwen3_moe_settings(cfg: Config, hf: dict[str, Any], where: str) -> None:
-    """Router, expert width and MoE-layer placement of a qwen3_moe config (table in the module docstring)."""
+def _qwen_moe_settings(cfg: Config, hf: dict[str, Any], model_type: str, where: str) -> None:
+    """Router, expert width, MoE-layer placement (and qwen2_moe's shared expert) of a qwen3_moe / qwen2_moe config
+    (table in the module docstring)."""
     e, layers = cfg.moe, cfg.model.num_layers
     width = hf.get("moe_intermediate_size")
     step = hf.get("decoder_sparse_step", 1)
@@ -226,6 +233,11 @@ def _qwen3_moe_settings(cfg: Config, hf: dict[str, Any], where: str) -> None:
                               f"layers {moe_layers} MoE; only k dense layers followed by an MoE layer every f "
                               "layers (moe.first_k_dense, moe.layer_freq) are supported")
     e.first_k_dense, e.layer_freq = spacing
+    if model_type == "qwen2_moe":  # always a shared expert, always gated
+        shared = hf.get("shared_expert_intermediate_size")
+        if not isinstance(shared, int) or shared <= 0:
+            raise ConversionError(f"{where}: shared_expert_intermediate_size = {shared!r}; expected a positive integer")
+        e.shared_expert_ffn_hidden_size, e.shared_expert_gate = shared, True
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -235,11 +247,11 @@ class ExportError(ConversionError):
     """The model cannot be expressed in the requested Hugging Face architecture; the message says why."""
 
 
-EXPORT_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "mixtral", "phimoe", "qwen3_moe")
-_MOE_EXPORTS = ("mixtral", "phimoe", "qwen3_moe")
+EXPORT_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "mixtral", "phimoe", "qwen3_moe", "qwen2_moe")
+_MOE_EXPORTS = ("mixtral", "phimoe", "qwen3_moe", "qwen2_moe")
 _CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
           "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM", "phimoe": "PhimoeForCausalLM",
-          "qwen3_moe": "Qwen3MoeForCausalLM"}
+          "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 
 
 def _moe_layout_blockers(cfg: Config, fmt: str) -> list[str]:
@@ -275,9 +287,14 @@ def export_blockers(cfg: Config, arch: str) -> list[str]:
     if arch in _MOE_EXPORTS and not e.num_experts:
         return [f"moe.num_experts = 0: {arch} is an MoE format (dense models export as llama, qwen2, qwen3 or phi3)"]
     if arch not in _MOE_EXPORTS and e.num_experts:
-        return [f"moe.num_experts = {e.num_experts}: {arch} is a dense format (MoE exports as mixtral, phimoe or "
-                "qwen3_moe)"]
+        return [f"moe.num_experts = {e.num_experts}: {arch} is a dense format (MoE exports as mixtral, phimoe, "
+                "qwen3_moe or qwen2_moe)"]
     reasons: list[str] = []
+    if arch == "qwen2_moe":
+        return _qwen2_moe_blockers(cfg)
+    if e.shared_expert_ffn_hidden_size:
+        reasons.append(f"moe.shared_expert_ffn_hidden_size = {e.shared_expert_ffn_hidden_size}: {arch} has no shared "
+                       "expert (export as qwen2_moe)")
     if arch in QWEN3_TYPES:
         name = "Qwen3" if arch == "qwen3" else "Qwen3-MoE"
         if not m.qk_layernorm:
@@ -327,6 +344,27 @@ def export_blockers(cfg: Config, arch: str) -> list[str]:
     return reasons
 
 
+def _qwen2_moe_blockers(cfg: Config) -> list[str]:
+    """Why ``cfg`` is not a Qwen2-MoE: RMSNorm, optional q/k/v biases and nothing else, top-K routing, a shared
+    expert with its sigmoid gate."""
+    m, e = cfg.model, cfg.moe
+    reasons = _norm_blockers(m, "RMSNorm", "Qwen2-MoE")
+    if m.qk_layernorm:
+        reasons.append("model.qk_layernorm = true: Qwen2-MoE has no query/key norms")
+    if m.add_bias_linear or m.lm_head_bias:
+        reasons.append("model.add_bias_linear / model.lm_head_bias: Qwen2-MoE's only biases are on q, k and v")
+    if m.rope_scaling != "none":
+        reasons.append(f"model.rope_scaling = {m.rope_scaling!r}: exported Qwen2-MoE configs carry default RoPE only")
+    if e.router != "topk":
+        reasons.append(f"moe.router = {e.router!r}: Qwen2-MoE routes by top-K softmax only")
+    if e.logit_norm:
+        reasons.append("moe.logit_norm = true: Qwen2-MoE has no gating logit normalisation")
+    if not (e.shared_expert_ffn_hidden_size and e.shared_expert_gate):
+        reasons.append("moe.shared_expert_ffn_hidden_size / moe.shared_expert_gate: Qwen2-MoE always has a shared "
+                       "expert with a sigmoid gate")
+    return reasons
+
+
 def _norm_blockers(m, required: str, name: str) -> list[str]:
     """Why ``m`` (a ModelConfig) cannot be written to format ``name``, whose norms are ``required``."""
     return [] if m.normalization == required else [f"model.normalization = {m.normalization!r}: {name} uses {required}"]
@@ -342,13 +380,16 @@ def _attention_bias_blockers(m, name: str, hint: str = "") -> list[str]:
 
 def choose_architecture(cfg: Config) -> str:
     """The HF architecture a model exports to by default: phimoe for SparseMixer-v2; for top-K,
-    qwen3_moe with query/key norms (it also holds dense layers and weights not renormalised), else
-    mixtral; dense: qwen3 with query/key norms, qwen2 for q/k/v-only biases, llama otherwise (Phi-3
-    computes the same function as a bias-free Llama; ``--architecture phi3`` writes its fused layout)."""
+    qwen2_moe with a shared expert, qwen3_moe with query/key norms (it also holds dense layers and
+    weights not renormalised), else mixtral; dense: qwen3 with query/key norms, qwen2 for q/k/v-only
+    biases, llama otherwise (Phi-3 computes the same function as a bias-free Llama; ``--architecture
+    phi3`` writes its fused layout)."""
     m, e = cfg.model, cfg.moe
     if e.num_experts:
         if e.router == "sparsemixer":
             return "phimoe"
+        if e.shared_expert_ffn_hidden_size:
+            return "qwen2_moe"
         return "qwen3_moe" if m.qk_layernorm else "mixtral"
     if m.qk_layernorm:
         return "qwen3"
@@ -394,12 +435,16 @@ def hf_config(cfg: Config, arch: str | None = None, dtype: str = "float32",
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.num_layers)
         if arch == "qwen3":
             out.update(attention_bias=False)
-    elif arch == "qwen3_moe":
+    elif arch in QWEN_MOE_TYPES:
         dense_layers = [i for i in range(m.num_layers) if not is_moe_layer(cfg, i)]
         out.update(num_experts=e.num_experts, num_experts_per_tok=e.topk, moe_intermediate_size=cfg.expert_ffn_size,
                    intermediate_size=m.dense_ffn_size, norm_topk_prob=e.renormalize, decoder_sparse_step=1,
                    mlp_only_layers=dense_layers, router_aux_loss_coef=e.aux_loss_coeff, output_router_logits=False,
-                   attention_bias=False, use_sliding_window=False, sliding_window=None)
+                   use_sliding_window=False, sliding_window=None, max_window_layers=m.num_layers)
+        if arch == "qwen3_moe":
+            out.update(attention_bias=False)
+        else:
+            out.update(qkv_bias=m.add_qkv_bias, shared_expert_intermediate_size=e.shared_expert_ffn_hidden_size)
     elif arch == "phi3":
         out.update(original_max_position_embeddings=cfg.data.seq_length, resid_pdrop=0.0, embd_pdrop=0.0,
                    sliding_window=None, partial_rotary_factor=1.0)

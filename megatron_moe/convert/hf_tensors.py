@@ -4,8 +4,9 @@ One :class:`Link` per group of tensors that convert together, so import and expo
 table. On-disk names are those of the released checkpoints (and of ``save_pretrained``, which
 writes the original layout): ``model.layers.N.block_sparse_moe.experts.E.w1.weight`` for
 Mixtral/PhiMoE experts, ``model.layers.N.mlp.experts.E.gate_proj.weight`` and the router
-``mlp.gate.weight`` for Qwen3-MoE, ``self_attn.q_norm`` / ``k_norm`` for Qwen3's query/key norms,
-fused ``qkv_proj`` / ``gate_up_proj`` for Phi-3.
+``mlp.gate.weight`` for Qwen3-MoE and Qwen2-MoE (and its ``mlp.shared_expert.gate_proj`` /
+``up_proj`` / ``down_proj`` and ``mlp.shared_expert_gate``), ``self_attn.q_norm`` / ``k_norm`` for
+Qwen3's query/key norms, fused ``qkv_proj`` / ``gate_up_proj`` for Phi-3.
 
 Link kinds:
 
@@ -30,7 +31,8 @@ _NORMS = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layer
 _GLOBAL = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 _QK_NORMS = {"q_norm": "q_norm", "k_norm": "k_norm"}
 # Per MoE format: the feed-forward module's name and the experts' projection names.
-_MOE_NAMES = {"qwen3_moe": ("mlp", {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"})}
+_QWEN_EXPERT = ("mlp", {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"})
+_MOE_NAMES = {"qwen3_moe": _QWEN_EXPERT, "qwen2_moe": _QWEN_EXPERT}
 _MIXTRAL_MOE_NAMES = ("block_sparse_moe", {"w1": "w1", "w3": "w3", "w2": "w2"})
 
 
@@ -59,6 +61,11 @@ def _layer_link(name: str, arch: str, num_experts: int) -> Link | tuple[str, str
     if module.startswith("attention.") and module[len("attention."):] in _QK_NORMS:
         return Link("same", (name,), (hf + f"self_attn.{_QK_NORMS[module[len('attention.'):]]}.{leaf}",))
     moe_module, expert_names = _MOE_NAMES.get(arch, _MIXTRAL_MOE_NAMES)
+    if arch == "qwen2_moe" and module.startswith("feed_forward.shared_expert."):  # nn.Linear weights as they are
+        proj = module[len("feed_forward.shared_expert."):]
+        return Link("same", (name,), (hf + f"mlp.shared_expert.{expert_names[proj]}.{leaf}",))
+    if arch == "qwen2_moe" and module == "feed_forward.shared_gate":
+        return Link("same", (name,), (hf + f"mlp.shared_expert_gate.{leaf}",))
     if module == "feed_forward.router.gate" and leaf == "weight":
         return Link("same", (name,), (hf + f"{moe_module}.gate.weight",))
     if module == "feed_forward.experts" and leaf in ("w1", "w2", "w3"):

@@ -95,6 +95,26 @@ class GroupedExperts(nn.Module):
         return experts(x_sorted, self.w1, self.w3, self.w2, offsets)
 
 
+class SharedExpert(nn.Module):
+    """The shared expert (Qwen2-MoE, DeepSeek; Megatron-LM's ``--moe-shared-expert-intermediate-size``): a
+    bias-free SwiGLU w2(silu(w1 x) * w3 x) that every token passes, as nn.Linear weights ``[out, in]``.
+
+    Tensor parallelism shards its ffn dimension like the routed experts' (w1/w3 rows, w2 columns) and
+    this module computes on the local shards, so its output is a partial sum under TP like theirs.
+    """
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.w3 = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
+        self.w2 = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]."""
+        w1, w3, w2 = (_local(lin.weight) for lin in (self.w1, self.w3, self.w2))
+        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor parameter (the grouped GEMM runs on plain tensors)."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -220,7 +240,8 @@ class MoEStats:
 
 
 class MoELayer(nn.Module):
-    """Router + grouped experts. Input/output [B, S, hidden] (or [T, hidden])."""
+    """Router + grouped experts (+ an optional shared expert, its output optionally gated). Input/output
+    [B, S, hidden] (or [T, hidden])."""
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, cfg: MoEConfig):
         super().__init__()
@@ -237,6 +258,9 @@ class MoELayer(nn.Module):
             jitter_eps=cfg.jitter_eps,
         )
         self.experts = GroupedExperts(cfg.num_experts, hidden_size, ffn_hidden_size)
+        shared = cfg.shared_expert_ffn_hidden_size
+        self.shared_expert = SharedExpert(hidden_size, shared) if shared else None
+        self.shared_gate = nn.Linear(hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
         self.register_buffer("aux_coeff", torch.tensor(float(cfg.aux_loss_coeff)), persistent=False)
         self._balance_group = None
         self._aux_loss_scale = 1.0
@@ -318,6 +342,11 @@ class MoELayer(nn.Module):
         # promoted dtype (float32 gates x bf16 rows: autograd keeps the bf16 rows, not a float32 copy).
         slots = _GatherRows.apply(rows, inverse, order, 1).view(num_tokens, self.topk, -1)
         out = (slots * weights.unsqueeze(-1)).sum(1).to(x.dtype)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_gate is not None:  # Qwen2-MoE: sigmoid(x . g) per token
+                shared = shared * torch.sigmoid(self.shared_gate(x))
+            out = out + shared.to(out.dtype)
 
         aux = torch.zeros((), device=x.device)
         if self.cfg.balance_loss != "none":

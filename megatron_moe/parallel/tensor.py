@@ -22,7 +22,9 @@ Applied from outside to an unmodified model with DTensor parallel styles (torcht
   weights. tests/parallel/test_parity.py checks all of it against one process;
 - MoE (no expert parallelism): :class:`MoETensorParallel`, the whole tensor-parallel contract of
   an :class:`MoELayer` in one place. Every TP rank holds a 1/tp slice of EVERY expert's ffn
-  dimension (w1/w3 ``Shard(2)``, w2 ``Shard(1)``; :class:`GroupedExperts` calls ``to_local``). The
+  dimension (w1/w3 ``Shard(2)``, w2 ``Shard(1)``; :class:`GroupedExperts` calls ``to_local``), and
+  of the shared expert's (its nn.Linear w1/w3 ``Shard(0)``, w2 ``Shard(1)``), whose partial sums
+  join the experts' before the reduce-scatter. The
   sequence is all-gathered before routing (:class:`_GatherSequence`), so every TP rank routes the
   same tokens with the replicated router; the experts' partial sums are reduce-scattered back to
   the sequence shards (:class:`_ReduceScatterSequence`).
@@ -34,7 +36,9 @@ combine weights, a partial sum (it multiplies partial expert outputs), is all-re
 (``[T, K]`` values, :class:`_SumGradOverGroup`), so every rank's router - gate weight, balance
 and z losses included - sees the whole gradient and computes the same gate-weight gradient
 (nothing to reduce after backward); the router's input gradient is then scaled by ``1/tp``
-(:class:`_ScaleGrad`) so that the gather's sum counts it once.
+(:class:`_ScaleGrad`) so that the gather's sum counts it once. The shared expert's gate (Qwen2-MoE's
+sigmoid scale, replicated) is treated the same way: its ``[T, 1]`` output multiplies partial sums, so
+its gradient is all-reduced and its input gradient scaled by ``1/tp``.
 
 SparseMixer-v2 sampling / input jitter: TP ranks route the same tokens and must draw the same
 samples. They use the default generator, which the engine seeds identically on the TP ranks of a
@@ -152,11 +156,14 @@ class MoETensorParallel(ParallelStyle):
         if not isinstance(module, MoELayer):
             raise TypeError(f"MoETensorParallel applies to an MoELayer, got {type(module).__name__}")
         group, tp = device_mesh.get_group(), device_mesh.size()
-        experts = module.experts
-        for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)):
-            full = getattr(experts, name)
+        shards = [(module.experts, name, dim) for name, dim in (("w1", 2), ("w3", 2), ("w2", 1))]
+        if module.shared_expert is not None:  # nn.Linear [out, in]: w1/w3 by rows, w2 by columns
+            shards += [(getattr(module.shared_expert, name), "weight", dim) for name, dim in
+                       (("w1", 0), ("w3", 0), ("w2", 1))]
+        for owner, name, dim in shards:
+            full = getattr(owner, name)
             sharded = distribute_tensor(full.detach(), device_mesh, [Shard(dim)], src_data_rank=None)
-            experts.register_parameter(name, nn.Parameter(sharded, requires_grad=full.requires_grad))
+            owner.register_parameter(name, nn.Parameter(sharded, requires_grad=full.requires_grad))
 
         def gather_sequence(_module, args):
             (x,) = args
@@ -179,6 +186,10 @@ class MoETensorParallel(ParallelStyle):
         module.register_forward_hook(torch.compiler.disable(reduce_scatter_sequence))
         module.router.register_forward_pre_hook(torch.compiler.disable(scale_router_input_grad))
         module.router.register_forward_hook(torch.compiler.disable(sum_combine_weight_grads))
+        if module.shared_gate is not None:  # replicated like the router; its [T, 1] output scales partial sums
+            module.shared_gate.register_forward_pre_hook(torch.compiler.disable(scale_router_input_grad))
+            module.shared_gate.register_forward_hook(torch.compiler.disable(
+                lambda _gate, _args, out: _SumGradOverGroup.apply(out, group)))
         return module
 
 

@@ -18,7 +18,7 @@ TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_laye
 
 # Per architecture: transformers' config class name and the settings the tiny model adds.
 HF_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "phi3": "Phi3", "mixtral": "Mixtral",
-              "phimoe": "Phimoe", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe"}
+              "phimoe": "Phimoe", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe"}
 HF_DEFAULTS = {
     "mistral": {"sliding_window": None},
     "phi3": {"pad_token_id": None},
@@ -30,6 +30,9 @@ HF_DEFAULTS = {
     "qwen3": {"head_dim": 12},
     "qwen3_moe": {"head_dim": 12, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
                   "norm_topk_prob": True},
+    # Qwen1.5-MoE's layout: q/k/v biases, a shared expert gated by a sigmoid, top-K weights not renormalised.
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                  "shared_expert_intermediate_size": 40, "norm_topk_prob": False},
 }
 
 

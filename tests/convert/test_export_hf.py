@@ -314,3 +314,49 @@ def test_inexpressible_qwen3_exports_are_explained(tmp_path, settings, arch, rea
     with pytest.raises(ExportError, match=re.escape(reason)):
         export(tmp_path / "m", tmp_path / "out", architecture=arch)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("settings", [
+    {"add_qkv_bias": True},  # Qwen1.5-MoE: q/k/v biases, top-K weights as picked
+    {"renormalize": True, "first_k_dense": 1},
+])
+def test_shared_expert_moe_exports_to_qwen2_moe_with_the_same_logits(tmp_path, settings):
+    """A top-K MoE with a sigmoid-gated shared expert exports as Qwen2-MoE (auto): transformers computes the
+    same logits (the shared expert and its gate matter: zeroing the gate's weights changes them), and the
+    export reads back into the same weights."""
+    from transformers import Qwen2MoeForCausalLM
+
+    cfg = tiny_config(**{"num_experts": 4, "topk": 2, "renormalize": False, "shared_expert_ffn_hidden_size": 40,
+                         "shared_expert_gate": True, **settings})
+    ours = save_native(tmp_path / "moe", cfg, seed=3)
+    config = export(tmp_path / "moe", tmp_path / "out")
+    assert config["model_type"] == "qwen2_moe" and config["shared_expert_intermediate_size"] == 40
+    assert config["qkv_bias"] == cfg.model.add_qkv_bias and config["norm_topk_prob"] == cfg.moe.renormalize
+    hf = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = tokens(seq=24)
+    with torch.no_grad():
+        ref = hf(x).logits
+        torch.testing.assert_close(ours(x), ref, atol=ATOL, rtol=0)
+    source = read_hf(tmp_path / "out")
+    assert (source.cfg.moe.shared_expert_ffn_hidden_size, source.cfg.moe.shared_expert_gate) == (40, True)
+    for name, t in ours.state_dict().items():
+        assert torch.equal(source.get(name), t), name
+    with torch.no_grad():
+        for layer in ours.layers.values():
+            if hasattr(layer.feed_forward, "shared_gate"):
+                layer.feed_forward.shared_gate.weight.zero_()  # sigmoid(0) = 1/2 instead of the learned scale
+        assert (ours(x) - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("settings,arch,reason", [
+    ({"shared_expert_ffn_hidden_size": 40}, "qwen2_moe", "Qwen2-MoE always has a shared expert with a sigmoid gate"),
+    ({}, "qwen2_moe", "Qwen2-MoE always has a shared expert"),
+    ({"shared_expert_ffn_hidden_size": 40}, "mixtral", "mixtral has no shared expert (export as qwen2_moe)"),
+    ({"shared_expert_ffn_hidden_size": 40, "shared_expert_gate": True, "qk_layernorm": True}, "qwen2_moe",
+     "Qwen2-MoE has no query/key norms"),
+])
+def test_inexpressible_shared_expert_exports_are_explained(tmp_path, settings, arch, reason):
+    save_native(tmp_path / "m", tiny_config(num_experts=4, topk=2, **settings))
+    with pytest.raises(ExportError, match=re.escape(reason)):
+        export(tmp_path / "m", tmp_path / "out", architecture=arch)
+    assert not (tmp_path / "out").exists()

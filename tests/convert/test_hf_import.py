@@ -57,6 +57,15 @@ def verified_relative_difference(out: str) -> float:
                  {"renormalize": False, "first_k_dense": 1, "layer_freq": 2}, marks=pytest.mark.slow),
     pytest.param("qwen3_moe", {"mlp_only_layers": [0], "num_hidden_layers": 3}, {"first_k_dense": 1, "layer_freq": 1},
                  marks=pytest.mark.slow),
+    pytest.param("qwen2_moe", {}, {"router": "topk", "renormalize": False, "num_experts": 4,
+                                   "expert_ffn_hidden_size": 24, "shared_expert_ffn_hidden_size": 40,
+                                   "shared_expert_gate": True, "add_qkv_bias": True, "add_bias_linear": False,
+                                   "qk_layernorm": False},
+                 marks=pytest.mark.slow),
+    pytest.param("qwen2_moe", {"qkv_bias": False, "norm_topk_prob": True, "num_hidden_layers": 4,
+                               "decoder_sparse_step": 2},
+                 {"add_qkv_bias": False, "renormalize": True, "first_k_dense": 1, "layer_freq": 2},
+                 marks=pytest.mark.slow),
 ])
 def test_import_gives_transformers_logits(tmp_path, capsys, model_type, overrides, expect):
     hf = make_hf(tmp_path / "hf", model_type, **overrides)

@@ -68,15 +68,28 @@ def naive_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
             e = int(route.indices[t, slot])
             y = (torch.nn.functional.silu(x[t] @ w1[e]) * (x[t] @ w3[e])) @ w2[e]
             out[t] += route.weights[t, slot] * y
+        if layer.shared_expert is not None:  # every token, scaled by sigmoid(x . g) when gated
+            s = layer.shared_expert
+            y = s.w2.weight @ (torch.nn.functional.silu(s.w1.weight @ x[t]) * (s.w3.weight @ x[t]))
+            if layer.shared_gate is not None:
+                y = y / (1 + torch.exp(-(layer.shared_gate.weight[0] @ x[t])))
+            out[t] += y
     return out
 
 
-@pytest.mark.parametrize("router, topk", [("topk", 2), ("topk", 1), ("topk", 3), ("sparsemixer", 2)])
-def test_moe_layer_equals_naive_per_token_reference_forward_and_backward(router, topk):
+@pytest.mark.parametrize("router, topk, shared", [("topk", 2, {}), ("topk", 1, {}), ("topk", 3, {}),
+                                                  ("sparsemixer", 2, {}),
+                                                  ("topk", 2, {"shared_expert_ffn_hidden_size": 20}),
+                                                  ("topk", 4, {"shared_expert_ffn_hidden_size": 20,
+                                                               "shared_expert_gate": True})])
+def test_moe_layer_equals_naive_per_token_reference_forward_and_backward(router, topk, shared):
     """Dispatch to experts and combine (row permutations with gather-only backwards) against a per-token
     loop, outputs and the gradients of the input and of every parameter (float32: the grouped GEMM has no
-    float64 kernel; the tolerance is a few float32 roundings of sums of ~50 terms of size ~1)."""
-    layer = make_layer(router=router, topk=topk, balance_loss="none").eval()
+    float64 kernel; the tolerance is a few float32 roundings of sums of ~50 terms of size ~1). With a shared
+    expert (Qwen2-MoE's, gated by a sigmoid) every token also passes it."""
+    layer = make_layer(router=router, topk=topk, balance_loss="none", **shared).eval()
+    if shared:
+        assert (layer.shared_expert is not None) and (layer.shared_gate is not None) == ("shared_expert_gate" in shared)
     x = torch.randn(2, 9, 16)
     upstream = torch.randn(18, 16)
     ours, reference = x.clone().requires_grad_(), x.reshape(-1, 16).clone().requires_grad_()

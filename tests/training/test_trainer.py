@@ -26,3 +26,6 @@ def test_architecture_summary_places_the_moe_layers_as_the_model_does():
     summary = architecture_summary(cfg)
     assert summary.endswith("4 experts top-2 (topk router) every 2 layers from layer 1")
     assert [i for i in range(7) if is_moe_layer(cfg, i)] == [1, 3, 5]
+    cfg, _ = parse_args(["--num-experts", "4", "--moe-shared-expert-intermediate-size", "96",
+                         "--moe-shared-expert-gate"])
+    assert architecture_summary(cfg).endswith("every layer, a shared expert of 96 (sigmoid-gated)")
