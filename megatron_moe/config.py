@@ -30,6 +30,7 @@ class ConfigError(ValueError):
 
 # Choice lists, declared once: validation below and the modules that branch on them import these.
 ROUTERS = ("topk", "sparsemixer")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")  # the top-K router's scores (docs/routing.md §1, §1b)
 SPARSEMIXER_TOPK = 2  # SparseMixer-v2 as released (GRIN) routes exactly two experts per token
 BALANCE_LOSSES = ("switch", "sequence", "skywork", "none")
 BALANCE_SCOPES = ("local", "global")
@@ -183,6 +184,13 @@ class MoEConfig:
     first_k_dense: int = 0  # the first k layers stay dense
     router: str = "topk"  # one of ROUTERS
     renormalize: bool = True  # top-K: renormalise the K picked weights to sum 1
+    score_function: str = "softmax"  # top-K: one of SCORE_FUNCTIONS (sigmoid: DeepSeek-V3, docs/routing.md §1b)
+    # Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2, docs/routing.md §1b): a per-expert bias added to the
+    # sigmoid scores for choosing experts only, moved by +-expert_bias_update_rate after every step towards
+    # equal loads. Megatron-LM's --moe-router-enable-expert-bias / --moe-router-bias-update-rate.
+    expert_bias: bool = False
+    expert_bias_update_rate: float = 1e-3
+    topk_scaling_factor: float = 1.0  # top-K: combine weights x this (Megatron-LM's --moe-router-topk-scaling-factor)
     logit_norm: bool = False  # Skywork gating logit normalisation (docs/routing.md §2)
     logit_norm_scale: float = 1.0  # lambda
     jitter_eps: float = 0.01  # SparseMixer-v2 threshold epsilon
@@ -204,6 +212,7 @@ class MoEConfig:
     def validate(self) -> None:
         """Checks of the MoE settings alone (those against the model are in :meth:`Config.validate`)."""
         _check_choice("moe.router", self.router, ROUTERS)
+        _check_choice("moe.score_function", self.score_function, SCORE_FUNCTIONS)
         _check_choice("moe.balance_loss", self.balance_loss, BALANCE_LOSSES)
         _check_choice("moe.balance_scope", self.balance_scope, BALANCE_SCOPES)
         _check_non_negative({
@@ -216,7 +225,16 @@ class MoEConfig:
             "moe.input_jitter_eps": self.input_jitter_eps,
             "moe.expert_row_alignment": self.expert_row_alignment,
             "moe.shared_expert_ffn_hidden_size": self.shared_expert_ffn_hidden_size,
+            "moe.expert_bias_update_rate": self.expert_bias_update_rate,
         })
+        _check_positive({"moe.topk_scaling_factor": self.topk_scaling_factor})
+        if self.expert_bias and self.score_function != "sigmoid":
+            raise ConfigError("moe.expert_bias (--moe-router-enable-expert-bias) biases sigmoid scores: set "
+                              "moe.score_function = 'sigmoid' (--moe-router-score-function sigmoid), as Megatron-LM "
+                              "requires")
+        if self.router == "sparsemixer" and (self.score_function != "softmax" or self.topk_scaling_factor != 1.0):
+            raise ConfigError("moe.score_function and moe.topk_scaling_factor belong to the top-K router; "
+                              "SparseMixer-v2 (moe.router = 'sparsemixer') samples from a softmax")
         if self.shared_expert_gate and not self.shared_expert_ffn_hidden_size:
             raise ConfigError("moe.shared_expert_gate needs a shared expert: set moe.shared_expert_ffn_hidden_size "
                               "(--moe-shared-expert-intermediate-size)")
@@ -622,6 +640,7 @@ IMPLIED_FLAGS: dict[str, tuple[str, str]] = {
     "init-model-with-meta-device": ("training.meta_init", "true"),
     "qk-layernorm": ("model.qk_layernorm", "true"),
     "moe-shared-expert-gate": ("moe.shared_expert_gate", "true"),
+    "moe-router-enable-expert-bias": ("moe.expert_bias", "true"),
 }
 
 # Flags that set a second setting besides their own: a capacity factor given means tokens are dropped
@@ -643,6 +662,9 @@ MEGATRON_FLAGS: dict[str, str] = {
     "moe-router-topk": "moe.topk",
     "moe-ffn-hidden-size": "moe.expert_ffn_hidden_size",
     "moe-shared-expert-intermediate-size": "moe.shared_expert_ffn_hidden_size",
+    "moe-router-score-function": "moe.score_function",
+    "moe-router-bias-update-rate": "moe.expert_bias_update_rate",
+    "moe-router-topk-scaling-factor": "moe.topk_scaling_factor",
     "moe-aux-loss-coeff": "moe.aux_loss_coeff",
     "moe-z-loss-coeff": "moe.z_loss_coeff",
     "moe-expert-capacity-factor": "moe.capacity_factor",
@@ -1120,7 +1142,8 @@ def _check_no_ignored_settings(cfg: Config, given: set[str]) -> None:
 # MoE settings that, with every model.* setting, define a checkpoint's model: its parameters and routing.
 MOE_ARCHITECTURE_SETTINGS = ("num_experts", "topk", "expert_ffn_hidden_size", "layer_freq", "first_k_dense",
                              "router", "renormalize", "logit_norm", "logit_norm_scale", "jitter_eps",
-                             "input_jitter_eps")
+                             "input_jitter_eps", "score_function", "expert_bias", "topk_scaling_factor",
+                             "shared_expert_ffn_hidden_size", "shared_expert_gate")
 
 
 def adopt_checkpoint_architecture(cfg: Config, saved_config: dict[str, Any], given: set[str], source: str) -> Config:

@@ -257,11 +257,11 @@ def test_megatron_flags_of_newer_example_scripts():
                               "--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim_grads_params",
                               "--init-model-with-meta-device", "--manual-gc-interval", "10", "--logging-level", "40",
                               "--rope-type", "rope", "--mtp-num-layers", "0", "--trust-remote-code",
-                              "--mtp-loss-scaling-factor", "0.1", "--moe-router-bias-update-rate", "1e-3"])
+                              "--mtp-loss-scaling-factor", "0.1"])
     assert cfg.parallel.data_parallel_shard and cfg.training.meta_init
     assert {n.split()[0] for n in extras["notes"]} == {"--use-megatron-fsdp", "--manual-gc-interval",
                                                        "--logging-level", "--trust-remote-code",
-                                                       "--mtp-loss-scaling-factor", "--moe-router-bias-update-rate"}
+                                                       "--mtp-loss-scaling-factor"}
     with pytest.raises(ConfigError, match="the experts' tensor-parallel size is --tensor-model-parallel-size = 2 here"):
         parse_args(["--expert-tensor-parallel-size", "1", "--tensor-model-parallel-size", "2"])
     with pytest.raises(ConfigError) as err:

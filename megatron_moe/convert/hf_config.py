@@ -290,8 +290,14 @@ def export_blockers(cfg: Config, arch: str) -> list[str]:
         return [f"moe.num_experts = {e.num_experts}: {arch} is a dense format (MoE exports as mixtral, phimoe, "
                 "qwen3_moe or qwen2_moe)"]
     reasons: list[str] = []
+    if e.score_function != "softmax":
+        reasons.append(f"moe.score_function = {e.score_function!r}: {arch} routes by softmax (DeepSeek-V3's sigmoid "
+                       "routing comes with multi-latent attention, which is not built here)")
+    if e.topk_scaling_factor != 1.0:
+        reasons.append(f"moe.topk_scaling_factor = {e.topk_scaling_factor:g}: {arch} does not scale the routing "
+                       "weights")
     if arch == "qwen2_moe":
-        return _qwen2_moe_blockers(cfg)
+        return reasons + _qwen2_moe_blockers(cfg)
     if e.shared_expert_ffn_hidden_size:
         reasons.append(f"moe.shared_expert_ffn_hidden_size = {e.shared_expert_ffn_hidden_size}: {arch} has no shared "
                        "expert (export as qwen2_moe)")

@@ -256,6 +256,9 @@ class MoELayer(nn.Module):
             logit_norm=cfg.logit_norm,
             logit_norm_scale=cfg.logit_norm_scale,
             jitter_eps=cfg.jitter_eps,
+            score_function=cfg.score_function,
+            expert_bias=cfg.expert_bias,
+            topk_scaling_factor=cfg.topk_scaling_factor,
         )
         self.experts = GroupedExperts(cfg.num_experts, hidden_size, ffn_hidden_size)
         shared = cfg.shared_expert_ffn_hidden_size
@@ -272,6 +275,8 @@ class MoELayer(nn.Module):
     def reset_buffers(self) -> None:
         """Buffers are not parameters: after ``to_empty`` (meta-device build) they must be set again."""
         self.aux_coeff.fill_(float(self.cfg.aux_loss_coeff))
+        if self.router.expert_bias is not None:
+            self.router.expert_bias.zero_()
         self._stats = MoEStats(self.num_experts, self.aux_coeff.device)
 
     def set_balance_group(self, group) -> None:
@@ -407,6 +412,12 @@ class MoELayerSet:
     def reset_stats(self) -> None:
         for _, layer in self.layers:
             layer.pop_stats()
+
+    def update_expert_biases(self, counts: torch.Tensor, rate: float, apply: torch.Tensor | bool = True) -> None:
+        """Each layer's router moves its expert bias (if it has one) by the step's loads ``counts``
+        [num_total, E] (token assignments per expert, summed over micro-batches and data parallelism)."""
+        for idx, layer in self.layers:
+            layer.router.update_expert_bias(counts[idx], rate, apply)
 
     def pop_stats_rows(self, device: torch.device) -> torch.Tensor:
         """[num_total, E + 4] packed statistics (:meth:`MoEStats.pack`); zero rows for other ranks' layers,

@@ -325,6 +325,9 @@ class ParallelEngine:
         if clip_grad > 0:
             clip_gradients(params, clip_grad, grad_norm)
         step_if_finite(optimizer, finite)
+        if self.cfg.moe.expert_bias:  # aux-loss-free balancing: the step's global loads move the biases
+            loads = torch.stack([st.counts for st in stats])
+            self.moe.update_expert_biases(loads, self.cfg.moe.expert_bias_update_rate, finite)
         optimizer.zero_grad(set_to_none=True)
         params_norm = global_params_norm(params, s.pp, self.device) if log.log_params_norm else None
         return StepResult(lm, aux, grad_norm.detach(), stats, finite, params_norm, num_zeros)

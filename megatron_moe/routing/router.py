@@ -1,4 +1,5 @@
-"""The router module: fp32 gate, optional logit normalisation, top-K or SparseMixer-v2 routing."""
+"""The router module: fp32 gate, optional logit normalisation, top-K (softmax or sigmoid scores, optional
+expert bias) or SparseMixer-v2 routing."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatron_moe.config import ROUTERS, check_sparsemixer_topk
+from megatron_moe.config import ROUTERS, SCORE_FUNCTIONS, check_sparsemixer_topk
 from megatron_moe.routing.normalization import normalize_gate_logits
 from megatron_moe.routing.sparsemixer import sparsemixer_v2_routing
-from megatron_moe.routing.topk import topk_softmax_routing
+from megatron_moe.routing.topk import (
+    sigmoid_balance_probs,
+    sigmoid_topk_routing,
+    topk_softmax_routing,
+    updated_expert_bias,
+)
 
 
 @dataclass
@@ -22,7 +28,8 @@ class RouterOutput:
         indices: [T, K] int64 chosen experts (sampled ones for SparseMixer in training).
         weights: [T, K] float32 combine weights (differentiable w.r.t. the gate).
         logits: [T, E] float32 logits after normalisation if enabled (z-loss input).
-        probs: [T, E] float32 full, unmasked softmax(logits) (balance-loss input).
+        probs: [T, E] float32 full, unmasked softmax(logits), or with sigmoid scores the sigmoids normalised
+            over the experts (balance-loss input).
     """
 
     indices: Tensor
@@ -32,8 +39,8 @@ class RouterOutput:
 
 
 class Router(nn.Module):
-    """Bias-free linear gate computed in fp32, then top-K softmax (docs/routing.md §1) or SparseMixer-v2
-    (docs/routing.md §3).
+    """Bias-free linear gate computed in fp32, then top-K softmax (docs/routing.md §1), top-K sigmoid with an
+    optional expert bias for choosing (§1b) or SparseMixer-v2 (§3).
 
     Args:
         hidden_size: H.
@@ -44,6 +51,10 @@ class Router(nn.Module):
         logit_norm: apply Skywork's gating logit normalisation (docs/routing.md §2) before routing.
         logit_norm_scale: its lambda.
         jitter_eps: SparseMixer's relative masking window eps (GRIN: 0.01).
+        score_function: top-K only: ``"softmax"`` or ``"sigmoid"``.
+        expert_bias: keep an fp32 buffer ``expert_bias`` [E] (zeros) added to the sigmoid scores for choosing;
+            moved by :meth:`update_expert_bias` (a persistent buffer: checkpoints hold it).
+        topk_scaling_factor: top-K only: the combine weights are multiplied by it.
     """
 
     def __init__(
@@ -56,6 +67,9 @@ class Router(nn.Module):
         logit_norm: bool = False,
         logit_norm_scale: float = 1.0,
         jitter_eps: float = 0.01,
+        score_function: str = "softmax",
+        expert_bias: bool = False,
+        topk_scaling_factor: float = 1.0,
     ) -> None:
         super().__init__()
         if kind not in ROUTERS:
@@ -72,6 +86,10 @@ class Router(nn.Module):
             raise ValueError("moe.logit_norm needs moe.num_experts >= 2")
         if not jitter_eps >= 0:
             raise ValueError(f"moe.jitter_eps must be >= 0, got {jitter_eps}")
+        if score_function not in SCORE_FUNCTIONS or (kind == "sparsemixer" and score_function != "softmax"):
+            raise ValueError(f"moe.score_function = {score_function!r} with moe.router = {kind!r}")
+        if expert_bias and score_function != "sigmoid":
+            raise ValueError("moe.expert_bias needs moe.score_function = 'sigmoid'")
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.topk = topk
@@ -80,7 +98,19 @@ class Router(nn.Module):
         self.logit_norm = logit_norm
         self.logit_norm_scale = float(logit_norm_scale)
         self.jitter_eps = float(jitter_eps)
+        self.score_function = score_function
+        self.topk_scaling_factor = float(topk_scaling_factor)
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.expert_bias: Tensor | None
+        self.register_buffer("expert_bias", torch.zeros(num_experts) if expert_bias else None)
+
+    @torch.no_grad()
+    def update_expert_bias(self, counts: Tensor, rate: float, apply: Tensor | bool = True) -> None:
+        """Move the expert bias one step against the load imbalance of ``counts`` [E] (docs/routing.md §1b),
+        where ``apply`` (a bool or a device bool tensor: no host sync) holds."""
+        if self.expert_bias is not None:
+            new = updated_expert_bias(self.expert_bias, counts.to(self.expert_bias.device), rate)
+            self.expert_bias.copy_(torch.where(torch.as_tensor(apply, device=new.device), new, self.expert_bias))
 
     def reset_parameters(self, std: float, generator: torch.Generator | None = None) -> None:
         """Initialise the gate weight [E, H] from N(0, std^2)."""
@@ -109,17 +139,24 @@ class Router(nn.Module):
             raise ValueError(f"router input must have shape [T, {self.hidden_size}], got {tuple(x.shape)}")
         logits = self.gate_logits(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            probs = torch.softmax(logits, dim=-1)
-            if self.kind == "topk":
+            if self.score_function == "sigmoid":
+                probs = sigmoid_balance_probs(logits)
+                weights, indices = sigmoid_topk_routing(logits, self.topk, self.renormalize, self.expert_bias)
+            elif self.kind == "topk":
+                probs = torch.softmax(logits, dim=-1)
                 weights, indices = topk_softmax_routing(logits, self.topk, self.renormalize)
             else:
+                probs = torch.softmax(logits, dim=-1)
                 weights, indices = sparsemixer_v2_routing(
                     logits, self.jitter_eps, self.training, generator=generator
                 )
+            if self.topk_scaling_factor != 1.0:
+                weights = weights * self.topk_scaling_factor
         return RouterOutput(indices=indices, weights=weights, logits=logits, probs=probs)
 
     def extra_repr(self) -> str:
         return (
             f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, topk={self.topk}, "
-            f"kind={self.kind}, renormalize={self.renormalize}, logit_norm={self.logit_norm}"
+            f"kind={self.kind}, renormalize={self.renormalize}, logit_norm={self.logit_norm}, "
+            f"score_function={self.score_function}, expert_bias={self.expert_bias is not None}"
         )

@@ -1,4 +1,5 @@
-"""Top-K softmax router (GShard / Switch / Mixtral baseline), docs/routing.md §1."""
+"""Top-K routers: softmax scores (GShard / Switch / Mixtral, docs/routing.md §1) and sigmoid scores with an
+optional expert bias for choosing (DeepSeek-V3's auxiliary-loss-free balancing, docs/routing.md §1b)."""
 
 from __future__ import annotations
 
@@ -38,3 +39,49 @@ def topk_softmax_routing(logits: Tensor, topk: int, renormalize: bool = True) ->
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, indices
+
+
+def sigmoid_topk_routing(logits: Tensor, topk: int, renormalize: bool = True,
+                         expert_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Pick ``topk`` experts per token by sigmoid scores (DeepSeek-V3 eqs. 15-16, docs/routing.md §1b).
+
+    s = sigmoid(z); the K experts with the largest ``s + expert_bias`` are chosen (the bias only chooses);
+    their weights are the K picked s, divided by their sum (+ 1e-20, as Megatron-LM) when ``renormalize``
+    and K > 1. Computed in fp32 (fp64 stays fp64).
+
+    Args:
+        logits: [T, E] router logits z.
+        topk: K, 1 <= K <= E.
+        renormalize: normalise the K picked scores to sum 1 (K > 1).
+        expert_bias: [E] float32 bias b_i for choosing, or None.
+
+    Returns:
+        weights: [T, K], differentiable w.r.t. ``logits``; indices: [T, K] int64, by decreasing s + b.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape [T, E], got {tuple(logits.shape)}")
+    if not 1 <= topk <= logits.shape[-1]:
+        raise ValueError(f"moe.topk must be in [1, num_experts={logits.shape[-1]}], got {topk}")
+    scores = torch.sigmoid(logits.to(_compute_dtype(logits.dtype)))
+    choose = scores if expert_bias is None else scores.detach() + expert_bias.to(scores.dtype)
+    indices = torch.topk(choose, topk, dim=-1).indices
+    weights = scores.gather(1, indices)
+    if renormalize and topk > 1:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights, indices
+
+
+def sigmoid_balance_probs(logits: Tensor) -> Tensor:
+    """[T, E] sigmoid scores normalised over the E experts, s / (sum s + 1e-20): what the balance losses take
+    as probabilities with sigmoid scores (DeepSeek-V3 eq. 19; megatron-core's scores for its aux losses)."""
+    scores = torch.sigmoid(logits.to(_compute_dtype(logits.dtype)))
+    return scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+
+
+@torch.no_grad()
+def updated_expert_bias(expert_bias: Tensor, counts: Tensor, rate: float) -> Tensor:
+    """One step of DeepSeek-V3's bias update (§2.1.2, docs/routing.md §1b): b_i + rate * sign(mean(c) - c_i),
+    i.e. overloaded experts down, underloaded up by ``rate``; ``counts`` [E] are the step's assignments per
+    expert (the sign is the same for counts of one rank or summed over ranks in proportion)."""
+    counts = counts.to(expert_bias.dtype)
+    return expert_bias + rate * torch.sign(counts.mean() - counts)

@@ -174,7 +174,8 @@ ARCHITECTURE_SETTINGS = (
     "model.normalization", "model.apply_layernorm_1p", "model.add_qkv_bias", "model.add_bias_linear",
     "model.lm_head_bias",
     "model.rope_scaling", "model.rope_scaling_factor", "model.rope_low_freq_factor", "model.rope_high_freq_factor",
-    "model.rope_original_max_position",
+    "model.rope_original_max_position", "model.kv_channels", "model.qk_layernorm",
+    "moe.shared_expert_ffn_hidden_size", "moe.shared_expert_gate", "moe.expert_bias",
 )
 
 
@@ -194,6 +195,10 @@ def check_compatible(saved_config: dict, cfg, checkpoint, input_format: str = "n
         if key not in saved_config.get(group, {}):
             continue
         saved, mine = saved_config[group][key], getattr(getattr(cfg, group), key)
+        if dotted == "model.kv_channels":  # 0 means hidden / heads: compare head dimensions
+            heads = saved_config["model"].get("num_attention_heads", cfg.model.num_attention_heads)
+            saved = saved or saved_config["model"].get("hidden_size", cfg.model.hidden_size) // heads
+            mine = cfg.model.head_dim
         if saved != mine:
             diffs.append(f"{dotted}: checkpoint {saved!r}, config {mine!r}")
     if diffs:

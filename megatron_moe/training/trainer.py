@@ -120,7 +120,9 @@ def architecture_summary(cfg: Config) -> str:
     if e.num_experts:
         every = "every layer" if e.layer_freq == 1 else f"every {e.layer_freq} layers"
         start = f" from layer {e.first_k_dense}" if e.first_k_dense else ""  # 0-based, as is_moe_layer
-        parts.append(f"{e.num_experts} experts top-{e.topk} ({e.router} router) {every}{start}")
+        scores = ", sigmoid scores" if e.score_function == "sigmoid" else ""
+        scores += ", expert bias" if e.expert_bias else ""
+        parts.append(f"{e.num_experts} experts top-{e.topk} ({e.router} router{scores}) {every}{start}")
         if e.shared_expert_ffn_hidden_size:
             gate = " (sigmoid-gated)" if e.shared_expert_gate else ""
             parts.append(f"a shared expert of {e.shared_expert_ffn_hidden_size}{gate}")

@@ -81,15 +81,20 @@ def naive_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
                                                   ("sparsemixer", 2, {}),
                                                   ("topk", 2, {"shared_expert_ffn_hidden_size": 20}),
                                                   ("topk", 4, {"shared_expert_ffn_hidden_size": 20,
-                                                               "shared_expert_gate": True})])
+                                                               "shared_expert_gate": True}),
+                                                  ("topk", 2, {"score_function": "sigmoid", "expert_bias": True,
+                                                               "topk_scaling_factor": 2.5})])
 def test_moe_layer_equals_naive_per_token_reference_forward_and_backward(router, topk, shared):
     """Dispatch to experts and combine (row permutations with gather-only backwards) against a per-token
     loop, outputs and the gradients of the input and of every parameter (float32: the grouped GEMM has no
     float64 kernel; the tolerance is a few float32 roundings of sums of ~50 terms of size ~1). With a shared
-    expert (Qwen2-MoE's, gated by a sigmoid) every token also passes it."""
+    expert (Qwen2-MoE's, gated by a sigmoid) every token also passes it; with DeepSeek-V3's sigmoid routing the
+    loop takes the router's choices (made with its expert bias) and weights (x the scaling factor)."""
     layer = make_layer(router=router, topk=topk, balance_loss="none", **shared).eval()
-    if shared:
-        assert (layer.shared_expert is not None) and (layer.shared_gate is not None) == ("shared_expert_gate" in shared)
+    if layer.router.expert_bias is not None:  # DeepSeek-V3's bias: chooses, never weights
+        layer.router.expert_bias.copy_(torch.tensor([0.5, -0.5, 0.0, 0.2]))
+    assert (layer.shared_expert is not None) == ("shared_expert_ffn_hidden_size" in shared)
+    assert (layer.shared_gate is not None) == ("shared_expert_gate" in shared)
     x = torch.randn(2, 9, 16)
     upstream = torch.randn(18, 16)
     ours, reference = x.clone().requires_grad_(), x.reshape(-1, 16).clone().requires_grad_()

@@ -50,8 +50,8 @@ def run_steps(cfg: Config, step_batches: list[list[dict]], mesh=None, validate_f
     With ``validate_first`` the engine evaluates the first batch before training (as a run does at step 0).
 
     Returns losses / aux / grad norms per step (and the parameter norms and gradient zero counts when
-    ``cfg.logging`` asks for them) and the full values of this rank's parameters after the first step
-    (names without the part prefix), as numpy arrays.
+    ``cfg.logging`` asks for them) and the full values of this rank's parameters (and expert biases)
+    after the first step (names without the part prefix), as numpy arrays.
     """
     from megatron_moe.parallel.engine import ParallelEngine
     from megatron_moe.training.state import canonical_name
@@ -78,6 +78,9 @@ def run_steps(cfg: Config, step_batches: list[list[dict]], mesh=None, validate_f
             for name, p in module.named_parameters():
                 full = p.full_tensor() if hasattr(p, "full_tensor") else p
                 out["params"][canonical_name(name.split(".", 1)[1])] = full.detach().numpy().copy()
+            for name, b in module.named_buffers():  # DeepSeek-V3's expert biases move with the step's loads
+                if name.endswith("expert_bias"):
+                    out["params"][canonical_name(name.split(".", 1)[1])] = b.detach().numpy().copy()
     return out
 
 

@@ -48,14 +48,19 @@ def _config(model: str, tp: int = 1, pp: int = 1):
     """The tiny model with router ``model`` ("topk", "sparsemixer"), or "released": :data:`RELEASED`
     ("released-1p": with zero-centred norm scales, --apply-layernorm-1p), "sequence-balance" (top-K with
     the sequence-wise balance loss) or "qk-norm" (Qwen3's attention: LayerNorm query/key norms on heads of
-    12, not hidden / heads = 8, via model.kv_channels) or "shared-expert" (Qwen2-MoE's sigmoid-gated shared
-    expert beside top-K); parameter norms and gradient zero counts logged."""
+    12, not hidden / heads = 8, via model.kv_channels), "shared-expert" (Qwen2-MoE's sigmoid-gated shared
+    expert beside top-K) or "expert-bias" (DeepSeek-V3's sigmoid routing with an expert bias, moved after
+    every step by the global loads: a large rate, so that the second step routes by it); parameter norms and
+    gradient zero counts logged."""
     settings = {"released": RELEASED, "released-1p": {**RELEASED, "apply_layernorm_1p": True},
                 "sequence-balance": {"router": "topk", "balance_loss": "sequence"},
                 "qk-norm": {"router": "topk", "qk_layernorm": True, "normalization": "LayerNorm",
                             "kv_channels": 12},
                 "shared-expert": {"router": "topk", "shared_expert_ffn_hidden_size": 24,
-                                  "shared_expert_gate": True}}.get(model, {"router": model})
+                                  "shared_expert_gate": True},
+                "expert-bias": {"router": "topk", "score_function": "sigmoid", "expert_bias": True,
+                                "expert_bias_update_rate": 0.05, "topk_scaling_factor": 2.5},
+                }.get(model, {"router": model})
     return tiny_config(tp=tp, pp=pp, log_params_norm=True, log_num_zeros_in_grad=True, **settings)
 
 
@@ -103,6 +108,8 @@ def _variants(tp: int, pp: int, dp: int) -> list[tuple[str, str, dict]]:
         out.append(("qk-norm", "topk/qk-layernorm+kv-channels", {}))
     if (tp, pp, dp) in ((2, 1, 1), (2, 1, 2)):  # the shared expert sharded like the experts; its gate like the router
         out.append(("shared-expert", "topk/gated-shared-expert", {}))
+    if (tp, pp, dp) in ((1, 1, 2), (1, 2, 1), (2, 1, 1)):  # loads summed over dp; each stage moves its layers' biases
+        out.append(("expert-bias", "sigmoid/expert-bias", {}))
     return out
 
 
@@ -213,7 +220,7 @@ def test_layouts_match_single_process(world, tmp_path):
     """Layouts (tp, pp, dp) of this world size: losses, grad norms and parameters after a step."""
     layouts = [lay for lay in LAYOUTS if lay[0] * lay[1] * lay[2] == world]
     refs = {m: reference(m) for m in ("topk", "sparsemixer", "released", "released-1p", "sequence-balance",
-                                      "qk-norm", "shared-expert")}
+                                      "qk-norm", "shared-expert", "expert-bias")}
     gb_ref = global_balance_reference() if (1, 1, 2) in layouts else None
     released_ckpt = _save_released_checkpoint(tmp_path / "released") if (2, 1, 1) in layouts else None
     results = run_distributed(_layouts_body, world, (layouts, refs, gb_ref, released_ckpt), timeout=400)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_moe.testing import run_distributed
 from megatron_moe.training.checkpoint import CheckpointError, list_checkpoints, read_meta, resolve_checkpoint
@@ -42,13 +43,17 @@ def losses(run_dir) -> dict[int, tuple]:
     return out
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_interrupted_and_resumed_equals_uninterrupted_bitwise(loop_corpus, tmp_path, bf16):
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "expert-bias"])
+def test_interrupted_and_resumed_equals_uninterrupted_bitwise(loop_corpus, tmp_path, variant):
+    """bf16: the fp32 master weights are what is checkpointed; expert-bias: DeepSeek-V3's routing, whose
+    expert biases (moved by 0.05 a step, so that routing depends on them) are checkpointed with the model."""
     corpus = loop_corpus
 
     def config(run_dir):
-        cfg = cfg_for(corpus, run_dir)
-        cfg.training.bf16 = bf16  # bf16: the fp32 master weights are what is checkpointed
+        cfg = cfg_for(corpus, run_dir, router="topk" if variant == "expert-bias" else "sparsemixer")
+        cfg.training.bf16 = variant == "bf16"
+        if variant == "expert-bias":
+            cfg.moe.score_function, cfg.moe.expert_bias, cfg.moe.expert_bias_update_rate = "sigmoid", True, 0.05
         return cfg
 
     train(config(tmp_path / "full"))
@@ -65,6 +70,15 @@ def test_interrupted_and_resumed_equals_uninterrupted_bitwise(loop_corpus, tmp_p
         assert parts[step] == full[step], step
     meta = read_meta(resolve_checkpoint(tmp_path / "parts"))
     assert meta["step"] == 6 and meta["contents"] == ["model", "optimizer", "train_state"]
+    if variant == "expert-bias":  # saved with the model: nonzero after 3 steps, the same after 6 either way
+        from megatron_moe.convert.native import load_model
+
+        def biases(ckpt):
+            return [layer.feed_forward.router.expert_bias for layer in load_model(ckpt)[0].layers.values()]
+
+        assert all(b.abs().max() > 0 for b in biases(tmp_path / "parts" / "iter_0000003"))
+        for a, b in zip(biases(tmp_path / "parts"), biases(tmp_path / "full"), strict=True):
+            assert torch.equal(a, b)
 
 
 def _layout_body(rank, world, corpus, root, mode):

@@ -53,6 +53,7 @@ def test_other_layout_skips_rng_and_model_only_load(tmp_path):
 
 
 def test_incompatible_config_names_the_settings():
+    import copy
     import dataclasses
 
     import pytest
@@ -74,6 +75,18 @@ def test_incompatible_config_names_the_settings():
     cfg.model.hidden_size, cfg.moe.num_experts = 128, 8
     with pytest.raises(CheckpointError, match=r"model.hidden_size: checkpoint 256, config 128.*moe.num_experts"):
         check_compatible(dataclasses.asdict(saved), cfg, "ckpt")
+    # The head dimension, the query/key norms, the shared expert and the expert bias shape the tensors too; a
+    # --kv-channels restating hidden / heads (Megatron-LM scripts pass it) is the checkpoint's 0.
+    cfg = copy.deepcopy(saved)
+    cfg.model.kv_channels = 64
+    check_compatible(dataclasses.asdict(saved), cfg, "ckpt")  # 256 / 4 heads = 64
+    cfg.model.kv_channels, cfg.model.qk_layernorm = 128, True
+    cfg.moe = dataclasses.replace(cfg.moe, shared_expert_ffn_hidden_size=64, score_function="sigmoid", expert_bias=True)
+    with pytest.raises(CheckpointError) as err:
+        check_compatible(dataclasses.asdict(saved), cfg, "ckpt")
+    for needle in ("model.kv_channels: checkpoint 64, config 128", "model.qk_layernorm: checkpoint False, config True",
+                   "moe.shared_expert_ffn_hidden_size: checkpoint 0, config 64", "moe.expert_bias: checkpoint False"):
+        assert needle in str(err.value)
 
 
 def test_generator_states_missing_from_the_checkpoint_are_not_requested(tmp_path, monkeypatch):

@@ -29,3 +29,6 @@ def test_architecture_summary_places_the_moe_layers_as_the_model_does():
     cfg, _ = parse_args(["--num-experts", "4", "--moe-shared-expert-intermediate-size", "96",
                          "--moe-shared-expert-gate"])
     assert architecture_summary(cfg).endswith("every layer, a shared expert of 96 (sigmoid-gated)")
+    cfg, _ = parse_args(["--num-experts", "4", "--moe-router-score-function", "sigmoid",
+                         "--moe-router-enable-expert-bias"])
+    assert "4 experts top-2 (topk router, sigmoid scores, expert bias) every layer" in architecture_summary(cfg)
