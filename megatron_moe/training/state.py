@@ -114,6 +114,7 @@ def load_training_state(checkpoint, parts, optimizer, num_moe_layers: int, rank:
     restore_rng = load_rng and same_layout and "cpu" in rng
     if not restore_rng:
         del state["rng"]
+    _without_absent_expert_biases(state["model"], stored, "model.")
     load_checkpoint(checkpoint, state, group=group)
     if restore_rng:
         set_rng_state(state["rng"][f"rank{rank}"], device)
@@ -128,7 +129,17 @@ def load_training_state(checkpoint, parts, optimizer, num_moe_layers: int, rank:
 
 def load_model_only(checkpoint, parts, group=None) -> None:
     """Load just the model weights (an upcycled / converted checkpoint, or evaluation)."""
-    load_checkpoint(checkpoint, {"model": model_state(parts)}, group=group)
+    state = model_state(parts)
+    _without_absent_expert_biases(state, checkpoint_keys(checkpoint), "model.")
+    load_checkpoint(checkpoint, {"model": state}, group=group)
+
+
+def _without_absent_expert_biases(state: dict[str, torch.Tensor], stored: Collection[str], prefix: str) -> None:
+    """Drop from the load targets the routers' expert biases (docs/routing.md §1b) a checkpoint does not hold:
+    a model saved without auxiliary-loss-free balancing (an upcycled or imported one, a softmax run) starts
+    its biases at zero. Every other missing tensor stays an error."""
+    for name in [n for n in state if n.endswith("router.expert_bias") and prefix + n not in stored]:
+        del state[name]
 
 
 def load_full_state(parts, tensors: Mapping[str, Callable[[], torch.Tensor]], model_names: Collection[str],
@@ -175,7 +186,7 @@ ARCHITECTURE_SETTINGS = (
     "model.lm_head_bias",
     "model.rope_scaling", "model.rope_scaling_factor", "model.rope_low_freq_factor", "model.rope_high_freq_factor",
     "model.rope_original_max_position", "model.kv_channels", "model.qk_layernorm",
-    "moe.shared_expert_ffn_hidden_size", "moe.shared_expert_gate", "moe.expert_bias",
+    "moe.shared_expert_ffn_hidden_size", "moe.shared_expert_gate",
 )
 
 

@@ -302,3 +302,22 @@ def test_meta_json_disagreeing_with_the_tensors_is_refused(loop_corpus, tmp_path
     resume.checkpoint.load = str(tmp_path / "run")
     with pytest.raises(CheckpointError, match="meta.json says step 2 but its tensors hold step 3"):
         train(resume)
+
+
+def test_expert_bias_starts_at_zero_from_a_checkpoint_without_one(loop_corpus, tmp_path):
+    """Switching a run (or an upcycled, model-only checkpoint) to DeepSeek-V3's auxiliary-loss-free balancing:
+    the checkpoint has no expert biases, so they start at zero and move from there; the other tensors load."""
+    from megatron_moe.convert.native import load_model
+
+    first = cfg_for(loop_corpus, tmp_path / "run", router="topk", iters=3)
+    train(first)
+    cfg = cfg_for(loop_corpus, tmp_path / "run", router="topk", iters=4)  # one step: the biases are +-0.05
+    cfg.moe.score_function, cfg.moe.expert_bias, cfg.moe.expert_bias_update_rate = "sigmoid", True, 0.05
+    cfg.checkpoint.load = str(tmp_path / "run")
+    summary = train(cfg)
+    assert summary["valid"]
+    steps = losses(tmp_path / "run")
+    assert sorted(steps) == [1, 2, 3, 4]
+    model, meta = load_model(resolve_checkpoint(tmp_path / "run"))
+    assert meta["step"] == 4
+    assert any(layer.feed_forward.router.expert_bias.abs().max() > 0 for layer in model.layers.values())
