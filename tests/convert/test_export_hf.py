@@ -252,6 +252,19 @@ def test_export_refuses_a_non_empty_output_unless_overwrite(tmp_path, capsys):
     assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out" / "notes.txt").read_text() == "keep me"
 
 
+def _auto_export_logits(tmp_path, cfg, hf_class):
+    """Save a random model of ``cfg``, export it (``--architecture auto``) to ``tmp_path / "out"``, load it as
+    ``hf_class`` and check its logits equal ours; returns (our model, config.json dict, tokens, HF logits)."""
+    ours = save_native(tmp_path / "moe", cfg, seed=3)
+    config = export(tmp_path / "moe", tmp_path / "out")
+    hf = hf_class.from_pretrained(tmp_path / "out").eval()
+    x = tokens(seq=24)
+    with torch.no_grad():
+        ref = hf(x).logits
+        torch.testing.assert_close(ours(x), ref, atol=ATOL, rtol=0)
+    return ours, config, x, ref
+
+
 @pytest.mark.parametrize("settings", [
     {"qk_layernorm": True, "kv_channels": 12},  # Qwen3-MoE's attention
     {"qk_layernorm": True, "first_k_dense": 1, "renormalize": False},  # a dense layer first, weights as picked
@@ -264,16 +277,10 @@ def test_top_k_moe_exports_to_qwen3_moe_with_the_same_logits(tmp_path, settings)
     from transformers import Qwen3MoeForCausalLM
 
     cfg = tiny_config(num_experts=4, topk=2, **settings)
-    ours = save_native(tmp_path / "moe", cfg, seed=3)
-    config = export(tmp_path / "moe", tmp_path / "out")
+    ours, config, x, ref = _auto_export_logits(tmp_path, cfg, Qwen3MoeForCausalLM)
     assert config["model_type"] == "qwen3_moe" and config["norm_topk_prob"] == cfg.moe.renormalize
     dense_layers = [i for i, layer in ours.layers.items() if not hasattr(layer.feed_forward, "experts")]
     assert config["mlp_only_layers"] == [int(i) for i in dense_layers]
-    hf = Qwen3MoeForCausalLM.from_pretrained(tmp_path / "out").eval()
-    x = tokens(seq=24)
-    with torch.no_grad():
-        ref = hf(x).logits
-        torch.testing.assert_close(ours(x), ref, atol=ATOL, rtol=0)
     source = read_hf(tmp_path / "out")
     read_back = {**vars(source.cfg.model), **vars(source.cfg.moe)}
     for key in ("kv_channels", "qk_layernorm", "num_layers", "first_k_dense", "layer_freq", "renormalize", "topk"):
@@ -328,15 +335,9 @@ def test_shared_expert_moe_exports_to_qwen2_moe_with_the_same_logits(tmp_path, s
 
     cfg = tiny_config(**{"num_experts": 4, "topk": 2, "renormalize": False, "shared_expert_ffn_hidden_size": 40,
                          "shared_expert_gate": True, **settings})
-    ours = save_native(tmp_path / "moe", cfg, seed=3)
-    config = export(tmp_path / "moe", tmp_path / "out")
+    ours, config, x, ref = _auto_export_logits(tmp_path, cfg, Qwen2MoeForCausalLM)
     assert config["model_type"] == "qwen2_moe" and config["shared_expert_intermediate_size"] == 40
     assert config["qkv_bias"] == cfg.model.add_qkv_bias and config["norm_topk_prob"] == cfg.moe.renormalize
-    hf = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "out").eval()
-    x = tokens(seq=24)
-    with torch.no_grad():
-        ref = hf(x).logits
-        torch.testing.assert_close(ours(x), ref, atol=ATOL, rtol=0)
     source = read_hf(tmp_path / "out")
     assert (source.cfg.moe.shared_expert_ffn_hidden_size, source.cfg.moe.shared_expert_gate) == (40, True)
     for name, t in ours.state_dict().items():

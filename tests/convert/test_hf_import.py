@@ -179,22 +179,6 @@ GRIN_RELEASED = {
 }
 
 
-def test_grin_example_is_the_released_architecture():
-    """examples/grin_moe_16x3.8b.toml has every model and router setting of GRIN-MoE's config.json."""
-    from pathlib import Path
-
-    from megatron_moe.config import load_toml
-    from megatron_moe.convert.hf_config import config_from_hf
-
-    example = load_toml(Path(__file__).parents[2] / "examples" / "grin_moe_16x3.8b.toml")
-    released = config_from_hf(GRIN_RELEASED)
-    assert example.model == released.model
-    for key in ("num_experts", "topk", "expert_ffn_hidden_size", "router", "jitter_eps", "input_jitter_eps",
-                "layer_freq", "first_k_dense", "logit_norm"):
-        assert getattr(example.moe, key) == getattr(released.moe, key), key
-    assert released.data.seq_length == 2047  # the released sliding window (see the example's comment)
-
-
 # Qwen/Qwen3-30B-A3B's released config.json (the fields that describe the model).
 QWEN3_30B_A3B_RELEASED = {
     "model_type": "qwen3_moe", "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
@@ -208,20 +192,26 @@ QWEN3_30B_A3B_RELEASED = {
 }
 
 
-def test_qwen3_moe_example_is_the_released_architecture():
-    """examples/qwen3_30b_a3b.toml has every model and router setting of Qwen3-30B-A3B's config.json."""
+@pytest.mark.parametrize("example,released,seq_length", [
+    ("grin_moe_16x3.8b.toml", GRIN_RELEASED, 2047),  # the released sliding window (see the example's comment)
+    ("qwen3_30b_a3b.toml", QWEN3_30B_A3B_RELEASED, 40960),
+])
+def test_examples_are_the_released_architectures(example, released, seq_length):
+    """examples/grin_moe_16x3.8b.toml and examples/qwen3_30b_a3b.toml have every model and router setting of
+    GRIN-MoE's and Qwen3-30B-A3B's config.json (both with heads of 128: 4096 / 32 and kv_channels 128)."""
     from pathlib import Path
 
     from megatron_moe.config import load_toml
     from megatron_moe.convert.hf_config import config_from_hf
 
-    example = load_toml(Path(__file__).parents[2] / "examples" / "qwen3_30b_a3b.toml")
-    released = config_from_hf(QWEN3_30B_A3B_RELEASED)
-    assert example.model == released.model
-    for key in ("num_experts", "topk", "expert_ffn_hidden_size", "router", "renormalize", "layer_freq",
-                "first_k_dense", "logit_norm", "input_jitter_eps"):
-        assert getattr(example.moe, key) == getattr(released.moe, key), key
-    assert (released.model.head_dim, released.data.seq_length) == (128, 40960)
+    example = load_toml(Path(__file__).parents[2] / "examples" / example)
+    imported = config_from_hf(released)
+    assert example.model == imported.model
+    for key in ("num_experts", "topk", "expert_ffn_hidden_size", "router", "renormalize", "jitter_eps",
+                "input_jitter_eps", "layer_freq", "first_k_dense", "logit_norm", "score_function",
+                "shared_expert_ffn_hidden_size"):
+        assert getattr(example.moe, key) == getattr(imported.moe, key), key
+    assert (imported.model.head_dim, imported.data.seq_length) == (128, seq_length)
 
 
 def test_verify_fails_when_the_import_is_wrong(tmp_path, capsys, monkeypatch):
