@@ -9,9 +9,10 @@ Usage::
     python upcycle_checkpoint.py --input MEGATRON_DIR --input-format megatron --output DIR
 
 With ``--num-experts`` the dense input is upcycled (:mod:`megatron_moe.convert.upcycle`). Without it
-a Hugging Face checkpoint is imported unchanged to continue pretraining: an MoE one (Mixtral ->
-top-K router, PhiMoE / GRIN-MoE -> SparseMixer-v2 with its jitter settings) or a dense one
-(Llama, Mistral, Qwen2, Phi-3); :mod:`megatron_moe.convert.hf_config` has the mapping. A dense
+a Hugging Face checkpoint is imported unchanged to continue pretraining: an MoE one (Mixtral,
+Qwen3-MoE, Qwen1.5/Qwen2-MoE -> top-K router, PhiMoE / GRIN-MoE -> SparseMixer-v2 with its jitter
+settings) or a dense one (Llama, Mistral, Qwen2, Qwen3, Phi-3); :mod:`megatron_moe.convert.hf_config`
+has the mapping. A dense
 Megatron-LM checkpoint is imported too (``pretrain_moe.py --load`` reads one directly, but every rank
 reads all of it; the import is read once, then each rank reads only its shards). The weights keep the
 dtype they are stored in (bf16 for released models).

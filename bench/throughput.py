@@ -147,12 +147,16 @@ def _hf_row(name: str, impl: str, cfg: Config, ours: torch.nn.Module, device: to
         from transformers import MixtralForCausalLM, TrainingArguments
 
         from megatron_moe.convert.export_hf import hf_config, hf_state_dict, write_safetensors
+        from megatron_moe.convert.hf_config import export_blockers
     except ImportError as e:
         return Row(name, None, note=f"transformers not importable: {e}")
+    blockers = export_blockers(cfg, "mixtral")
+    if blockers:  # e.g. query/key norms, a shared expert, sigmoid routing: no Mixtral computes this model
+        return Row(name, None, note=f"not a Mixtral model: {blockers[0]}")
     state = _plain_state(ours)
     with tempfile.TemporaryDirectory() as tmp:
-        write_safetensors(hf_state_dict(cfg, state), Path(tmp), 2**40)
-        (Path(tmp) / "config.json").write_text(json.dumps(hf_config(cfg) | {"output_router_logits": True}))
+        write_safetensors(hf_state_dict(cfg, state, "mixtral"), Path(tmp), 2**40)
+        (Path(tmp) / "config.json").write_text(json.dumps(hf_config(cfg, "mixtral") | {"output_router_logits": True}))
         hf = MixtralForCausalLM.from_pretrained(tmp, experts_implementation=impl, dtype=torch.float32).to(device)
     reference = build_model(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, bf16=False)), "cpu")
     reference.load_state_dict(state)
@@ -288,8 +292,11 @@ def build_rows(cfg: Config, device: torch.device, only: set[str] | None) -> list
         dense = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=0),
                                     model=dataclasses.replace(cfg.model, ffn_hidden_size=dense_ffn))
         rows.append(_ours("dense", dense, device, f"ffn {dense.model.ffn_hidden_size} = top-K x expert ffn"))
-    if wanted("sparsemixer"):
-        sparsemixer = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, router="sparsemixer"))
+    if wanted("sparsemixer") and cfg.moe.topk != 2:
+        rows.append(Row("sparsemixer", None, note=f"SparseMixer-v2 routes 2 experts, this config {cfg.moe.topk}"))
+    elif wanted("sparsemixer"):  # the same model with GRIN's router in place of the top-K one
+        sparsemixer = dataclasses.replace(cfg, moe=dataclasses.replace(
+            cfg.moe, router="sparsemixer", score_function="softmax", expert_bias=False, topk_scaling_factor=1.0))
         rows.append(_ours("sparsemixer", sparsemixer, device))
     if wanted("expert-loop"):
         rows.append(_expert_loop_row(cfg, device))

@@ -92,7 +92,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
-    # Options of released models (GRIN/PhiMoE, Qwen2, Llama 3). Experts and routers never have biases.
+    # Options of released models (GRIN/PhiMoE, Qwen2/3, Llama 3). Experts and router gates never have biases.
     normalization: str = "RMSNorm"  # one of NORMALIZATIONS, for every norm of the model
     # Zero-centred norm scales (Megatron-LM's --apply-layernorm-1p): a norm stores w (initialised to 0)
     # and scales by 1 + w, so the stored values stay near 0, where floats are densest.
@@ -925,6 +925,11 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
             _apply_moe_layer_pattern(cfg, " ".join(layer_pattern), given)
         except ConfigError as e:
             errors.append(str(e))
+    if "--moe-router-pre-softmax" in args and cfg.moe.score_function == "sigmoid":
+        # megatron-core's sigmoid routing ignores pre-softmax and always normalises the K picked scores (K > 1)
+        cfg.moe.renormalize = True
+        extras["notes"].append("--moe-router-pre-softmax has no effect with --moe-router-score-function sigmoid "
+                               "(as in Megatron-LM): the picked sigmoid scores are normalised")
     if not errors:
         try:
             _derive_train_iters(cfg, given, from_file)
@@ -1129,6 +1134,9 @@ def _check_no_ignored_settings(cfg: Config, given: set[str]) -> None:
         if ignored:
             raise ConfigError(f"{', '.join(ignored)}: no effect on a dense model (moe.num_experts = 0); remove "
                               f"{'it' if len(ignored) == 1 else 'them'} or set --num-experts")
+    if "moe.expert_bias_update_rate" in given and not cfg.moe.expert_bias:
+        raise ConfigError("moe.expert_bias_update_rate (--moe-router-bias-update-rate): no effect without "
+                          "moe.expert_bias (--moe-router-enable-expert-bias)")
     if cfg.model.rope_scaling == "none":  # the scaling's parameters at their defaults (a full dump of a config) pass
         defaults = ModelConfig()
         ignored = sorted(k for k in given if k.startswith("model.rope_") and k not in ("model.rope_theta",

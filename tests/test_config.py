@@ -213,6 +213,30 @@ def test_qwen3_30b_a3b_megatron_arguments_give_the_example_model():
     assert any("--moe-token-dispatcher-type" in note for note in extras["notes"])
 
 
+def test_sigmoid_routing_flags():
+    """DeepSeek-V3's router flags as its Megatron-LM script passes them (pre-softmax included, which megatron-core
+    ignores for sigmoid scores); a bias update rate without the bias, the bias without sigmoid scores, and
+    sigmoid scores with SparseMixer-v2 are errors naming the settings."""
+    cfg, extras = parse_args(["--num-experts", "8", "--moe-router-score-function", "sigmoid",
+                              "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "1e-3",
+                              "--moe-router-topk-scaling-factor", "2.5", "--moe-router-pre-softmax"])
+    e = cfg.moe
+    assert (e.score_function, e.expert_bias, e.expert_bias_update_rate, e.topk_scaling_factor) == ("sigmoid", True,
+                                                                                                   1e-3, 2.5)
+    assert e.renormalize and any("--moe-router-pre-softmax has no effect" in n for n in extras["notes"])
+    assert parse_args(["--num-experts", "8", "--moe-router-pre-softmax"])[0].moe.renormalize is False  # softmax
+    for argv, needle in [
+        (["--moe-router-bias-update-rate", "1e-3"], "moe.expert_bias_update_rate (--moe-router-bias-update-rate): "
+                                                    "no effect without moe.expert_bias"),
+        (["--moe-router-enable-expert-bias"], "moe.expert_bias (--moe-router-enable-expert-bias) biases sigmoid"),
+        (["--moe-router-score-function", "sigmoid", "--moe.router", "sparsemixer"], "SparseMixer-v2"),
+        (["--moe-router-score-function", "tanh"], "moe.score_function"),
+        (["--moe-router-topk-scaling-factor", "0"], "moe.topk_scaling_factor = 0.0; must be positive"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            parse_args(["--num-experts", "8", *argv])
+
+
 def test_shared_expert_flags():
     cfg, extras = parse_args(["--num-experts", "4", "--moe-shared-expert-intermediate-size", "96",
                               "--moe-shared-expert-gate", "--moe-shared-expert-overlap"])

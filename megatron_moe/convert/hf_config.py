@@ -157,6 +157,8 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json", notes: list[s
         raise ConversionError(f"{where}: pretraining_tp = {hf['pretraining_tp']}; only 1 is supported")
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim")
+    if head_dim is None and model_type == "qwen3":
+        head_dim = 128  # transformers' Qwen3Config default (Qwen3MoeConfig has none: hidden / heads)
     if head_dim is None and hidden % heads:
         raise ConversionError(f"{where}: num_attention_heads = {heads} does not divide hidden_size = {hidden} and "
                               "there is no head_dim")

@@ -323,10 +323,14 @@ class MoELayer(nn.Module):
         capacity = expert_capacity(num_tokens, self.topk, self.num_experts, self.cfg.capacity_factor)
         drop_rate = token_drop_rate(counts, capacity, num_tokens * self.topk)
 
+        # The balance losses count the choice without the expert bias (docs/routing.md §1b); the statistics
+        # and the bias update count the experts that really run.
+        balance_indices = route.indices if route.balance_indices is None else route.balance_indices
+        balance_counts = counts if route.balance_indices is None else expert_counts(balance_indices, self.num_experts)
         use_global = self.cfg.balance_loss == "switch" and self.cfg.balance_scope == "global"
         if use_global:
             # Launched as soon as routing exists; waited on after the experts ran (overlap).
-            pending = AsyncAllReduce.start(counts, self._balance_group)
+            pending = AsyncAllReduce.start(balance_counts, self._balance_group)
             self._event("counts_allreduce_start")
 
         weights = route.weights
@@ -358,10 +362,10 @@ class MoELayer(nn.Module):
             if self.cfg.balance_loss == "skywork":
                 balance = skywork_balance_loss(route.probs)
             elif self.cfg.balance_loss == "sequence":  # [B, S, H] input: B sequences; [T, H]: one
-                balance = sequence_balance_loss(route.probs, route.indices, shape[0] if len(shape) == 3 else 1)
+                balance = sequence_balance_loss(route.probs, balance_indices, shape[0] if len(shape) == 3 else 1)
             else:
-                balance_counts = pending.wait() if use_global else counts
                 if use_global:
+                    balance_counts = pending.wait()
                     self._event("counts_allreduce_wait")
                 balance = switch_balance_loss(route.probs, balance_counts)
             aux = self.aux_coeff * balance

@@ -30,12 +30,15 @@ class RouterOutput:
         logits: [T, E] float32 logits after normalisation if enabled (z-loss input).
         probs: [T, E] float32 full, unmasked softmax(logits), or with sigmoid scores the sigmoids normalised
             over the experts (balance-loss input).
+        balance_indices: [T, K] the top-K of ``probs`` when an expert bias made ``indices`` differ from it
+            (the choice the balance losses count, as megatron-core and DeepSeek-V3 eq. 18); None: ``indices``.
     """
 
     indices: Tensor
     weights: Tensor
     logits: Tensor
     probs: Tensor
+    balance_indices: Tensor | None = None
 
 
 class Router(nn.Module):
@@ -152,7 +155,8 @@ class Router(nn.Module):
                 )
             if self.topk_scaling_factor != 1.0:
                 weights = weights * self.topk_scaling_factor
-        return RouterOutput(indices=indices, weights=weights, logits=logits, probs=probs)
+            unbiased = torch.topk(probs, self.topk, dim=-1).indices if self.expert_bias is not None else None
+        return RouterOutput(indices=indices, weights=weights, logits=logits, probs=probs, balance_indices=unbiased)
 
     def extra_repr(self) -> str:
         return (

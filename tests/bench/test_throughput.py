@@ -103,3 +103,20 @@ global_batch_size = 2
     assert gemm["grouped_tflops"] > 0 and gemm["ratio"] == pytest.approx(gemm["grouped_tflops"] / gemm["dense_tflops"])
     printed = capsys.readouterr().out
     assert "ours / hf-grouped" in printed and "grouped GEMM / dense GEMM" in printed
+
+
+def test_rows_a_model_has_no_counterpart_for_are_notes_not_failures():
+    """A Qwen3-MoE-like config (query/key norms, a shared expert, top-4) has no Mixtral and no SparseMixer-v2
+    variant: those rows say why instead of ending the run; ours still runs, as does the sigmoid-routing model's."""
+    argv = throughput.CPU_SHAPES["small"] + SMALL + ["--qk-layernorm", "--moe-router-topk", "4",
+                                                      "--moe-shared-expert-intermediate-size", "64"]
+    cfg, _ = parse_args(argv)
+    rows = {r.name: r for r in throughput.build_rows(cfg, torch.device("cpu"), {"ours", "hf-grouped", "sparsemixer"})}
+    assert rows["ours"].step is not None
+    assert rows["hf-grouped"].step is None and "not a Mixtral model: moe.shared_expert" in rows["hf-grouped"].note
+    assert rows["sparsemixer"].step is None and "routes 2 experts, this config 4" in rows["sparsemixer"].note
+    cfg, _ = parse_args(throughput.CPU_SHAPES["small"] + SMALL + ["--moe-router-score-function", "sigmoid",
+                                                                   "--moe-router-enable-expert-bias"])
+    rows = {r.name: r for r in throughput.build_rows(cfg, torch.device("cpu"), {"ours", "hf-grouped", "sparsemixer"})}
+    assert "not a Mixtral model: moe.score_function" in rows["hf-grouped"].note
+    assert rows["sparsemixer"].step is not None  # the same model with GRIN's router (softmax, no bias)

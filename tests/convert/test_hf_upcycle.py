@@ -114,6 +114,17 @@ def test_unsupported_architectures_name_the_field(tmp_path, model_type, override
         read_hf(tmp_path / "hf")
 
 
+def test_qwen3_without_head_dim_takes_transformers_default():
+    """transformers' Qwen3Config defaults head_dim to 128 whatever the hidden size; Qwen3MoeConfig to hidden / heads."""
+    from megatron_moe.convert.hf_config import config_from_hf
+
+    base = {"hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 512, "num_hidden_layers": 2,
+            "vocab_size": 96}
+    assert config_from_hf({**base, "model_type": "qwen3"}).model.head_dim == 128
+    moe = {**base, "model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64}
+    assert config_from_hf(moe).model.head_dim == 64
+
+
 def test_unknown_model_type_refused(tmp_path):
     make_hf(tmp_path / "q")
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())

@@ -39,8 +39,39 @@ def test_sigmoid_routing_equals_megatron_cores(topk, biased, scaling):
     ours = _dense(route.weights, route.indices, 8)
     assert torch.equal(ours != 0, routing_map)
     torch.testing.assert_close(ours, probs, rtol=1e-6, atol=1e-7)
-    _, aux_scores = moe_utils.compute_routing_scores_for_aux_loss(logits, topk, "sigmoid")
+    aux_map, aux_scores = moe_utils.compute_routing_scores_for_aux_loss(logits, topk, "sigmoid")
     torch.testing.assert_close(route.probs, aux_scores, rtol=1e-6, atol=1e-8)
+    counted = route.indices if route.balance_indices is None else route.balance_indices  # what the losses count
+    assert torch.equal(_dense(torch.ones_like(route.weights), counted, 8) != 0, aux_map)
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_balance_loss_counts_the_choice_without_the_bias(scope):
+    """The Switch loss of a layer routing with an expert bias equals megatron-core's: the scores normalised
+    over the experts and the token counts of the unbiased top-K (DeepSeek-V3 eq. 18), not of the experts the
+    bias chose (which differ here, and give another loss)."""
+    from megatron_moe.config import MoEConfig
+    from megatron_moe.model.moe import MoELayer
+    from megatron_moe.routing.balance import expert_counts, switch_balance_loss
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=8, topk=2, score_function="sigmoid", expert_bias=True, aux_loss_coeff=1.0,
+                    balance_loss="switch", balance_scope=scope)
+    layer = MoELayer(16, 8, cfg)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+        layer.router.expert_bias.copy_(torch.linspace(-0.4, 0.4, 8))
+    x = torch.randn(96, 16)
+    layer(x)
+    aux = layer.pop_stats().aux_loss
+    route = layer.router(x)
+    aux_map, scores = moe_utils.compute_routing_scores_for_aux_loss(route.logits, 2, "sigmoid")
+    reference = moe_utils.switch_load_balancing_loss_func(scores, aux_map.sum(0), 96, 2, 8, 1.0)
+    torch.testing.assert_close(aux, reference, rtol=1e-6, atol=0)
+    biased = switch_balance_loss(route.probs, expert_counts(route.indices, 8))
+    assert not torch.equal(route.indices.sort(-1).values, route.balance_indices.sort(-1).values)
+    assert abs(biased.item() - reference.item()) > 1e-3
 
 
 def test_sigmoid_routing_equals_a_float64_loop():
