@@ -1134,7 +1134,8 @@ def _check_no_ignored_settings(cfg: Config, given: set[str]) -> None:
         if ignored:
             raise ConfigError(f"{', '.join(ignored)}: no effect on a dense model (moe.num_experts = 0); remove "
                               f"{'it' if len(ignored) == 1 else 'them'} or set --num-experts")
-    if "moe.expert_bias_update_rate" in given and not cfg.moe.expert_bias:
+    moved = cfg.moe.expert_bias_update_rate != MoEConfig().expert_bias_update_rate  # a full dump holds the default
+    if "moe.expert_bias_update_rate" in given and not cfg.moe.expert_bias and moved:
         raise ConfigError("moe.expert_bias_update_rate (--moe-router-bias-update-rate): no effect without "
                           "moe.expert_bias (--moe-router-enable-expert-bias)")
     if cfg.model.rope_scaling == "none":  # the scaling's parameters at their defaults (a full dump of a config) pass

@@ -226,7 +226,7 @@ def test_sigmoid_routing_flags():
     assert e.renormalize and any("--moe-router-pre-softmax has no effect" in n for n in extras["notes"])
     assert parse_args(["--num-experts", "8", "--moe-router-pre-softmax"])[0].moe.renormalize is False  # softmax
     for argv, needle in [
-        (["--moe-router-bias-update-rate", "1e-3"], "moe.expert_bias_update_rate (--moe-router-bias-update-rate): "
+        (["--moe-router-bias-update-rate", "1e-2"], "moe.expert_bias_update_rate (--moe-router-bias-update-rate): "
                                                     "no effect without moe.expert_bias"),
         (["--moe-router-enable-expert-bias"], "moe.expert_bias (--moe-router-enable-expert-bias) biases sigmoid"),
         (["--moe-router-score-function", "sigmoid", "--moe.router", "sparsemixer"], "SparseMixer-v2"),

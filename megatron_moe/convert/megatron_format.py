@@ -1,4 +1,5 @@
-"""Read a dense Megatron-LM GPT checkpoint as a :class:`DenseSource`: the legacy torch format or torch_dist.
+"""Read a Megatron-LM GPT checkpoint as a :class:`ModelSource`: dense in the legacy torch format or torch_dist,
+MoE in torch_dist.
 
 Layout on disk (Megatron-LM ``--ckpt-format torch``)::
 
@@ -21,8 +22,19 @@ imply (ConversionError naming the tensor and the argument otherwise: a surplus o
 (``--qk-layernorm``: ``self_attention.q_layernorm`` / ``k_layernorm``, weight and with LayerNorm bias, over the head
 dimension, replicated over TP) -> ``model.qk_layernorm``; a head dimension of its own (``kv_channels`` other than
 hidden / heads, Qwen3's) -> ``model.kv_channels``; ``--use-rope-scaling`` -> llama3 rope scaling. Refused,
-naming the argument: other MLPs and position embeddings, other normalizations, interleaved or partial rotary,
-MoE models. Upcycling a model with FFN
+naming the argument: other MLPs and position embeddings, other normalizations, interleaved or partial rotary.
+
+MoE models (``num_experts``; torch_dist only: the legacy format's expert layout depends on the expert
+implementation and the parallelism that wrote it) map onto ``moe.*`` (:func:`_moe_from_megatron_args`):
+experts, top-K, softmax scores renormalised unless ``moe_router_pre_softmax`` or sigmoid scores with
+``moe_router_enable_expert_bias`` and ``moe_router_topk_scaling_factor``, ``moe_layer_freq`` (an integer or
+a per-layer list), a shared expert with its gate. megatron-core saves them as global tensors (tested with its SequentialMLP
+experts at TP = 2; not checked here for its grouped-GEMM experts or expert parallelism):
+``mlp.router.weight`` ``[E, H]``,
+``mlp.router.expert_bias`` ``[E]``, ``mlp.experts.experts.linear_fc1.weight`` ``[E, 2F, H]`` (``[gate; up]``)
+and ``linear_fc2.weight`` ``[E, H, F]``, ``mlp.shared_experts.linear_fc1`` / ``linear_fc2`` / ``gate_weight``
+(with a leading layer dimension when every layer is alike). Expert biases (``add_bias_linear`` on an MoE
+model) and group-limited routing are refused. Upcycling a model with FFN
 biases is refused by :func:`megatron_moe.convert.upcycle.upcycle` (the experts have none).
 
 Both model layouts are read: megatron-core (``decoder.layers.N.self_attention.linear_qkv.weight`` / ``.bias``,
@@ -98,7 +110,8 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_moe.config import Config
-from megatron_moe.convert.source import ConversionError, DenseSource
+from megatron_moe.convert.source import ConversionError, DenseSource, ModelSource
+from megatron_moe.model.transformer import is_moe_layer
 from megatron_moe.training.checkpoint_files import _SafeUnpickler
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -262,8 +275,16 @@ _WEIGHT_AND_BIAS = [
         (r"self_attention\.query_key_value", "qkv"), (r"self_attention\.dense", "proj"),
         (r"mlp\.dense_h_to_4h", "fc1"), (r"mlp\.dense_4h_to_h", "fc2"))),
 ]
-_KEY_PATTERNS = _WEIGHT_ONLY + [pair for weight, bias, role in _WEIGHT_AND_BIAS
-                                for pair in ((weight, role), (bias, role + "_b"))]
+# MoE layers (torch_dist only): the router, its expert bias (--moe-router-enable-expert-bias), the experts as
+# [experts, rows, cols] global tensors, the shared expert and its gate.
+_MOE_ROLES = [(_LAYER + module, role) for module, role in (
+    (r"mlp\.router\.weight", "router"), (r"mlp\.router\.expert_bias", "router_bias"),
+    (r"mlp\.experts\.experts\.linear_fc1\.weight", "exp_fc1"),
+    (r"mlp\.experts\.experts\.linear_fc2\.weight", "exp_fc2"),
+    (r"mlp\.shared_experts\.linear_fc1\.weight", "sh_fc1"), (r"mlp\.shared_experts\.linear_fc2\.weight", "sh_fc2"),
+    (r"mlp\.shared_experts\.gate_weight", "sh_gate"))]
+_KEY_PATTERNS = _WEIGHT_ONLY + _MOE_ROLES + [pair for weight, bias, role in _WEIGHT_AND_BIAS
+                                             for pair in ((weight, role), (bias, role + "_b"))]
 _COMPILED = [(re.compile(p + r"$"), role) for p, role in _KEY_PATTERNS]
 
 
@@ -312,9 +333,6 @@ def config_from_megatron_args(args: dict[str, Any], where: str) -> Config:
     if _arg(args, "rotary_seq_len_interpolation_factor") not in (None, 1):
         raise ConversionError(f"{where}: Megatron argument rotary_seq_len_interpolation_factor is set; rope "
                               "scaling is not supported")
-    if _arg(args, "num_experts"):
-        raise ConversionError(f"{where}: Megatron argument num_experts = {args['num_experts']}; the input must "
-                              "be a dense model")
     hidden, heads = args["hidden_size"], args["num_attention_heads"]
     kv_channels = _arg(args, "kv_channels", 0)  # Megatron-LM: hidden_size / num_attention_heads when not given
     if not isinstance(kv_channels, int) or kv_channels < 0 or (not kv_channels and hidden % heads):
@@ -351,8 +369,58 @@ def config_from_megatron_args(args: dict[str, Any], where: str) -> Config:
         m.vocab_size = int(vocab)
         m.make_vocab_size_divisible_by = math.gcd(m.vocab_size, 128)
     cfg.moe.num_experts = 0
+    if _arg(args, "num_experts", 0):
+        _moe_from_megatron_args(cfg, args, where)
     cfg.data.seq_length = int(_arg(args, "seq_length", cfg.data.seq_length))
     return cfg
+
+
+def _moe_from_megatron_args(cfg: Config, args: dict[str, Any], where: str) -> None:
+    """The MoE settings of an MoE checkpoint's arguments: experts, router (softmax top-K, renormalised unless
+    ``moe_router_pre_softmax``, or sigmoid scores with the expert bias and scaling factor), layer placement
+    (``moe_layer_freq``: an integer f, an MoE layer where i % f == 0, or a per-layer list) and the shared
+    expert. Balancing and dropping are training recipe, set by the run. Refused, naming the argument: expert
+    biases (``add_bias_linear``), group-limited routing, other layer patterns."""
+    from megatron_moe.config import ConfigError, moe_layer_pattern, moe_layer_spacing
+
+    e, layers = cfg.moe, cfg.model.num_layers
+    e.num_experts, e.topk = int(args["num_experts"]), int(_arg(args, "moe_router_topk", 2))
+    e.expert_ffn_hidden_size = int(_arg(args, "moe_ffn_hidden_size", cfg.model.dense_ffn_size))
+    if cfg.model.add_bias_linear:
+        raise ConversionError(f"{where}: Megatron argument add_bias_linear = True on an MoE model gives the experts "
+                              "biases, which this project's experts do not have (Megatron-LM trains MoE models with "
+                              "--disable-bias-linear)")
+    if _arg(args, "moe_router_num_groups") or _arg(args, "moe_router_group_topk"):
+        raise ConversionError(f"{where}: Megatron arguments moe_router_num_groups / moe_router_group_topk: "
+                              "group-limited routing is not implemented")
+    e.score_function = _arg(args, "moe_router_score_function", "softmax")
+    if e.score_function not in ("softmax", "sigmoid"):
+        raise ConversionError(f"{where}: Megatron argument moe_router_score_function = {e.score_function!r}; "
+                              "expected 'softmax' or 'sigmoid'")
+    # megatron-core: softmax then top-K (pre-softmax: weights not renormalised) or top-K logits then softmax
+    # (renormalised); sigmoid scores are always normalised over the K picked (K > 1)
+    e.renormalize = e.score_function == "sigmoid" or not _arg(args, "moe_router_pre_softmax", False)
+    e.expert_bias = bool(_arg(args, "moe_router_enable_expert_bias", False))
+    e.topk_scaling_factor = float(_arg(args, "moe_router_topk_scaling_factor", 1.0))
+    e.shared_expert_ffn_hidden_size = int(_arg(args, "moe_shared_expert_intermediate_size", 0))
+    e.shared_expert_gate = bool(_arg(args, "moe_shared_expert_gate", False))
+    freq = _arg(args, "moe_layer_freq", 1)
+    try:
+        pattern = moe_layer_pattern(freq) if isinstance(freq, str) else freq
+    except ConfigError as err:
+        raise ConversionError(f"{where}: Megatron argument moe_layer_freq: {err}") from None
+    if isinstance(pattern, int):
+        moe_layers = [i for i in range(layers) if i % pattern == 0] if pattern > 0 else []
+    elif isinstance(pattern, list | tuple) and len(pattern) == layers:
+        moe_layers = [i for i, v in enumerate(pattern) if v]
+    else:
+        raise ConversionError(f"{where}: Megatron argument moe_layer_freq = {freq!r} with num_layers = {layers}; "
+                              "expected an integer or one 0/1 entry per layer")
+    spacing = moe_layer_spacing(moe_layers, layers) if moe_layers else None
+    if spacing is None:
+        raise ConversionError(f"{where}: Megatron argument moe_layer_freq = {freq!r} makes layers {moe_layers} MoE; "
+                              "only k dense layers followed by an MoE layer every f are supported")
+    e.first_k_dense, e.layer_freq = spacing
 
 
 def _split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int, where: str):
@@ -374,6 +442,10 @@ def _split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int, where:
 # checkpoint has them.
 _OPTIONAL_ROLES = {
     "qnorm": ("query norm (q_layernorm)", "qk_layernorm"), "knorm": ("key norm (k_layernorm)", "qk_layernorm"),
+    "router_bias": ("router expert bias", "moe_router_enable_expert_bias"),
+    "sh_fc1": ("shared expert", "moe_shared_expert_intermediate_size"),
+    "sh_fc2": ("shared expert", "moe_shared_expert_intermediate_size"),
+    "sh_gate": ("shared expert gate", "moe_shared_expert_gate"),
     "final_norm_b": ("final norm bias", "normalization"), "norm1_b": ("input norm bias", "normalization"),
     "norm2_b": ("pre-MLP norm bias", "normalization"), "qnorm_b": ("query norm bias", "normalization"),
     "knorm_b": ("key norm bias", "normalization"), "qkv_b": ("QKV bias", "add_bias_linear / add_qkv_bias"),
@@ -382,9 +454,18 @@ _OPTIONAL_ROLES = {
 }
 
 
-def _expected_roles(m) -> set[str]:
-    """The roles a checkpoint of model config ``m`` holds (besides ``emb`` and, untied, ``out``)."""
-    roles = {"final_norm", "norm1", "norm2", "qkv", "proj", "fc1", "fc2"}
+def _expected_roles(cfg: Config) -> set[str]:
+    """The roles a checkpoint of config ``cfg`` holds (besides ``emb`` and, untied, ``out``)."""
+    m, e = cfg.model, cfg.moe
+    moe = [is_moe_layer(cfg, i) for i in range(m.num_layers)]
+    roles = {"final_norm", "norm1", "norm2", "qkv", "proj"}
+    if not all(moe):
+        roles |= {"fc1", "fc2"}
+    if any(moe):
+        roles |= {"router", "exp_fc1", "exp_fc2"}
+        roles |= {"router_bias"} if e.expert_bias else set()
+        roles |= {"sh_fc1", "sh_fc2"} if e.shared_expert_ffn_hidden_size else set()
+        roles |= {"sh_gate"} if e.shared_expert_gate else set()
     if m.qk_layernorm:
         roles |= {"qnorm", "knorm"}
     if m.normalization == "LayerNorm":
@@ -396,16 +477,22 @@ def _expected_roles(m) -> set[str]:
     return roles
 
 
-def _check_optional_roles(found: dict[tuple[str, int | None], str], m, args: dict[str, Any], where: str) -> None:
+def _check_optional_roles(found: dict[tuple[str, int | None], str], cfg: Config, args: dict[str, Any],
+                          where: str) -> None:
     """ConversionError when the checkpoint's biases and query/key norms (``found``: (role, layer) -> key) disagree
     with what the Megatron arguments ``args`` (mapped into the model config ``m``) say it has: a tensor too many
     would be dropped, one too few is missing."""
+    m, e = cfg.model, cfg.moe
     bias_linear, qkv_bias = _arg(args, "add_bias_linear", True), _arg(args, "add_qkv_bias", False)
     settings = {"normalization": f"normalization = {m.normalization!r}",
                 "qk_layernorm": f"qk_layernorm = {m.qk_layernorm}",
+                "moe_router_enable_expert_bias": f"moe_router_enable_expert_bias = {e.expert_bias}",
+                "moe_shared_expert_intermediate_size":
+                    f"moe_shared_expert_intermediate_size = {e.shared_expert_ffn_hidden_size or None}",
+                "moe_shared_expert_gate": f"moe_shared_expert_gate = {e.shared_expert_gate}",
                 "add_bias_linear": f"add_bias_linear = {bias_linear}",
                 "add_bias_linear / add_qkv_bias": f"add_bias_linear = {bias_linear}, add_qkv_bias = {qkv_bias}"}
-    want = _expected_roles(m)
+    want = _expected_roles(cfg)
     for (role, _), key in sorted(found.items(), key=lambda item: item[1]):
         if role in _OPTIONAL_ROLES and role not in want:
             what, arg = _OPTIONAL_ROLES[role]
@@ -418,12 +505,14 @@ def _check_optional_roles(found: dict[tuple[str, int | None], str], m, args: dic
                               f"({settings[arg]}); correct them with upcycle_checkpoint.py --megatron-args")
 
 
-def _model_loaders(m, *, whole, vocab_parallel, row_parallel, qkv_part, fc1_part) -> dict:
-    """Our dense model's tensor names -> loaders (callables returning the full tensor), from a reader's
-    loader factories by Megatron role: ``whole(role, layer)`` (norms, row-parallel biases: one tensor),
-    ``vocab_parallel(role)`` (embedding, output layer), ``row_parallel(role, layer)`` (linear_proj,
-    linear_fc2 weights), ``qkv_part(layer, which, role)`` (q, k or v of the fused QKV's weight or bias),
-    ``fc1_part(layer, which, role)`` (gate or up half of fc1's weight or bias)."""
+def _model_loaders(cfg: Config, *, whole, vocab_parallel, row_parallel, qkv_part, fc1_part) -> dict:
+    """Our model's tensor names -> loaders (callables returning the full tensor), from a reader's
+    loader factories by Megatron role: ``whole(role, layer)`` (norms, row-parallel biases, and the global
+    tensors of MoE layers: one tensor), ``vocab_parallel(role)`` (embedding, output layer),
+    ``row_parallel(role, layer)`` (linear_proj, linear_fc2 weights), ``qkv_part(layer, which, role)`` (q, k
+    or v of the fused QKV's weight or bias), ``fc1_part(layer, which, role)`` (gate or up half of fc1's
+    weight or bias)."""
+    m = cfg.model
     loaders = {"tok_embeddings.weight": vocab_parallel("emb"), "norm.weight": whole("final_norm", None)}
     if not m.tie_embeddings:
         loaders["output.weight"] = vocab_parallel("out")
@@ -437,9 +526,12 @@ def _model_loaders(m, *, whole, vocab_parallel, row_parallel, qkv_part, fc1_part
         for which, name in enumerate(("wq", "wk", "wv")):
             loaders[p + f"attention.{name}.weight"] = qkv_part(i, which)
         loaders[p + "attention.wo.weight"] = row_parallel("proj", i)
-        loaders[p + "feed_forward.w1.weight"] = fc1_part(i, 0)
-        loaders[p + "feed_forward.w3.weight"] = fc1_part(i, 1)
-        loaders[p + "feed_forward.w2.weight"] = row_parallel("fc2", i)
+        if is_moe_layer(cfg, i):
+            loaders.update(_moe_loaders(cfg, i, whole))
+        else:
+            loaders[p + "feed_forward.w1.weight"] = fc1_part(i, 0)
+            loaders[p + "feed_forward.w3.weight"] = fc1_part(i, 1)
+            loaders[p + "feed_forward.w2.weight"] = row_parallel("fc2", i)
         if m.qk_layernorm:  # over head_dim, the same weights for every head: whole on every TP rank
             loaders[p + "attention.q_norm.weight"] = whole("qnorm", i)
             loaders[p + "attention.k_norm.weight"] = whole("knorm", i)
@@ -460,8 +552,40 @@ def _model_loaders(m, *, whole, vocab_parallel, row_parallel, qkv_part, fc1_part
     return loaders
 
 
-def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> DenseSource:
-    """A :class:`DenseSource` for a Megatron-LM checkpoint, legacy torch (all TP shards merged) or torch_dist.
+def _gate_up(t: torch.Tensor, which: int, where: str) -> torch.Tensor:
+    """Gate (0) or up (1) half of a SwiGLU fc1 tensor's rows (dim -2: ``[gate; up]``, megatron-core's global
+    layout of torch_dist whatever the tensor-parallel size)."""
+    if t.shape[-2] % 2:
+        raise ConversionError(f"{where} has an odd number of rows ({t.shape[-2]}); expected [gate; up] for SwiGLU")
+    return t.chunk(2, dim=-2)[which]
+
+
+def _moe_loaders(cfg: Config, i: int, whole) -> dict:
+    """Loaders of MoE layer ``i``'s tensors from megatron-core's global ones (``whole(role, layer)``): the router
+    ``[E, H]`` as it is; experts' fc1 ``[E, 2F, H]`` split into w1 / w3 and fc2 ``[E, H, F]``, transposed to our
+    stacked ``[E, H, F]`` / ``[E, F, H]``; the shared expert's fc1 ``[2F, H]`` split, fc2 and gate as they are."""
+    e, p = cfg.moe, f"layers.{i}.feed_forward."
+    where = f"layer {i}"
+    out = {
+        p + "router.gate.weight": whole("router", i),
+        p + "experts.w1": lambda: _gate_up(whole("exp_fc1", i)(), 0, f"{where} experts' fc1").transpose(1, 2),
+        p + "experts.w3": lambda: _gate_up(whole("exp_fc1", i)(), 1, f"{where} experts' fc1").transpose(1, 2),
+        p + "experts.w2": lambda: whole("exp_fc2", i)().transpose(1, 2),
+    }
+    if e.expert_bias:
+        out[p + "router.expert_bias"] = whole("router_bias", i)
+    if e.shared_expert_ffn_hidden_size:
+        out[p + "shared_expert.w1.weight"] = lambda: _gate_up(whole("sh_fc1", i)(), 0, f"{where} shared fc1")
+        out[p + "shared_expert.w3.weight"] = lambda: _gate_up(whole("sh_fc1", i)(), 1, f"{where} shared fc1")
+        out[p + "shared_expert.w2.weight"] = whole("sh_fc2", i)
+    if e.shared_expert_gate:
+        out[p + "shared_gate.weight"] = whole("sh_gate", i)
+    return out
+
+
+def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> ModelSource:
+    """A :class:`ModelSource` for a Megatron-LM checkpoint, legacy torch (all TP shards merged; dense models only:
+    a :class:`DenseSource`) or torch_dist (dense or MoE).
 
     The shards are loaded memory-mapped (legacy) or one layer at a time (torch_dist); the merged tensors are
     computed on demand.
@@ -484,6 +608,11 @@ def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     args = dict(vars(args_obj)) if isinstance(args_obj, argparse.Namespace) else {}
     args.update(overrides or {})
     cfg = config_from_megatron_args(args, where)
+    if cfg.moe.num_experts:
+        raise ConversionError(f"{where}: an MoE checkpoint (num_experts = {cfg.moe.num_experts}) in the legacy torch "
+                              "format, whose expert layout depends on the expert implementation and parallelism; MoE "
+                              "checkpoints are read in torch_dist format (Megatron-LM's default --ckpt-format; "
+                              "convert with --ckpt-convert-format torch_dist)")
     tp = len(files)
     declared_tp = int(_arg(args, "tensor_model_parallel_size", tp))
     if declared_tp != tp:
@@ -501,7 +630,7 @@ def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> 
             if found is None:
                 raise ConversionError(f"{file}: tensor {key} has no counterpart in this project's model")
             table[found], keys[found] = value, key
-        _check_optional_roles(keys, cfg.model, args, str(file))
+        _check_optional_roles(keys, cfg, args, str(file))
         roles.append(table)
     m = cfg.model
     if not m.vocab_size:
@@ -548,7 +677,7 @@ def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> 
             return torch.cat(halves, dim=0)
         return load
 
-    loaders = _model_loaders(m, whole=replicated, vocab_parallel=lambda role: cat(role, None, 0),
+    loaders = _model_loaders(cfg, whole=replicated, vocab_parallel=lambda role: cat(role, None, 0),
                              row_parallel=lambda role, i: cat(role, i, 1), qkv_part=qkv_part,
                              fc1_part=fc1_part)
     layers_found = {layer for table in roles for (_, layer) in table if layer is not None}
@@ -711,8 +840,9 @@ class _ChunkPlanner(LoadPlanner):
         pass
 
 
-def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None = None) -> DenseSource:
-    """A :class:`DenseSource` for the torch_dist checkpoint directory ``ckpt`` (see the module docstring)."""
+def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None = None) -> ModelSource:
+    """A :class:`ModelSource` (a :class:`DenseSource` for a dense model) for the torch_dist checkpoint directory
+    ``ckpt`` (see the module docstring)."""
     ckpt = Path(ckpt)
     metadata = _read_dist_metadata(ckpt)
     if not any(key.startswith(_MODEL_PREFIXES) for key in metadata.state_dict_metadata):
@@ -751,7 +881,7 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
                                   f"{m.num_layers}")
         for i in range(m.num_layers):
             table[(role, i)] = (key, i)
-    _check_optional_roles({role: key for role, (key, _) in table.items()}, m, args, str(ckpt))
+    _check_optional_roles({role: key for role, (key, _) in table.items()}, cfg, args, str(ckpt))
     if not m.vocab_size:
         emb = table.get(("emb", None))
         if emb is None:
@@ -791,12 +921,13 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
             return fc1.chunk(2, dim=0)[which]
         return load
 
-    loaders = _model_loaders(m, whole=plain, vocab_parallel=plain, row_parallel=plain, qkv_part=qkv_part,
+    loaders = _model_loaders(cfg, whole=plain, vocab_parallel=plain, row_parallel=plain, qkv_part=qkv_part,
                              fc1_part=fc1_part)
     beyond = sorted(layer for (_, layer) in table if layer is not None and layer >= m.num_layers)
     if beyond:
         raise ConversionError(f"{ckpt}: holds layer {beyond[0]} but args say num_layers = {m.num_layers}")
-    source = DenseSource(cfg, loaders, f"megatron:{ckpt}", extra={"megatron_args": sorted(args),
-                                                                   "megatron_format": "torch_dist"})
+    kind = ModelSource if cfg.moe.num_experts else DenseSource
+    source = kind(cfg, loaders, f"megatron:{ckpt}", extra={"megatron_args": sorted(args),
+                                                            "megatron_format": "torch_dist"})
     source.check()
     return source

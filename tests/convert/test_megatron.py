@@ -8,6 +8,7 @@ import enum
 import math
 import pathlib
 import random
+import re
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import upcycle_checkpoint
 from megatron_moe.convert.megatron_format import read_megatron
 from megatron_moe.convert.native import load_model
 from megatron_moe.convert.source import ConversionError
+from megatron_moe.model.transformer import is_moe_layer
 from tests.convert.helpers import save_native, tiny_config, tokens
 
 
@@ -44,9 +46,18 @@ def megatron_args(cfg, tp: int, **overrides) -> argparse.Namespace:
         position_embedding_type="rope", add_bias_linear=m.add_bias_linear, add_qkv_bias=m.add_qkv_bias,
         rotary_interleaved=False, rotary_percent=1.0, rotary_base=int(m.rope_theta),
         norm_epsilon=m.norm_eps, untie_embeddings_and_output_weights=not m.tie_embeddings, qk_layernorm=m.qk_layernorm,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, num_experts=None,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, num_experts=cfg.moe.num_experts or None,
         attention_backend=AttnBackend.auto, params_dtype=torch.float32,
     )
+    if cfg.moe.num_experts:  # megatron-core's arguments of an MoE model (first_k_dense / layer_freq as a list)
+        e = cfg.moe
+        args.update(moe_router_topk=e.topk, moe_ffn_hidden_size=cfg.expert_ffn_size, moe_router_pre_softmax=False,
+                    moe_layer_freq=[int(is_moe_layer(cfg, i)) for i in range(m.num_layers)],
+                    moe_router_score_function=e.score_function, moe_router_enable_expert_bias=e.expert_bias,
+                    moe_router_topk_scaling_factor=None if e.topk_scaling_factor == 1.0 else e.topk_scaling_factor,
+                    moe_shared_expert_intermediate_size=e.shared_expert_ffn_hidden_size or None,
+                    moe_shared_expert_gate=e.shared_expert_gate, moe_grouped_gemm=False, moe_router_num_groups=None,
+                    moe_router_group_topk=None, moe_aux_loss_coeff=0.0)
     args.update(overrides)
     return argparse.Namespace(**args)
 
@@ -61,6 +72,26 @@ def fused_qkv(state, i, cfg, kind: str = "weight") -> torch.Tensor:
     v = state[f"layers.{i}.attention.wv.{kind}"].reshape(groups, hd, -1)
     fused = torch.cat([q, k, v], dim=1)
     return fused.reshape(-1, m.hidden_size) if kind == "weight" else fused.reshape(-1)
+
+
+def moe_shard(state, p: str, rows, cols) -> dict:
+    """One MoE layer (our names under ``p``) as megatron-core's modules on one tensor-parallel rank: the router
+    weight and expert bias whole, every local expert's fc1 as [this shard's gate; its up] and fc2 by columns
+    (SequentialMLP, experts sharded over TP like the dense MLP), the shared expert likewise, its gate whole."""
+    out = {"mlp.router.weight": state[p + "router.gate.weight"].clone()}
+    if p + "router.expert_bias" in state:
+        out["mlp.router.expert_bias"] = state[p + "router.expert_bias"].clone()
+    w1, w3, w2 = (state[p + f"experts.{n}"] for n in ("w1", "w3", "w2"))  # [E, H, F], [E, H, F], [E, F, H]
+    for e in range(w1.shape[0]):
+        out[f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = torch.cat([rows(w1[e].t()), rows(w3[e].t())])
+        out[f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = cols(w2[e].t())
+    if p + "shared_expert.w1.weight" in state:
+        s1, s3 = state[p + "shared_expert.w1.weight"], state[p + "shared_expert.w3.weight"]
+        out["mlp.shared_experts.linear_fc1.weight"] = torch.cat([rows(s1), rows(s3)])
+        out["mlp.shared_experts.linear_fc2.weight"] = cols(state[p + "shared_expert.w2.weight"])
+    if p + "shared_gate.weight" in state:
+        out["mlp.shared_experts.gate_weight"] = state[p + "shared_gate.weight"].clone()
+    return out
 
 
 def shard_model(state, cfg, tp: int, r: int, layout: str) -> dict:
@@ -78,15 +109,18 @@ def shard_model(state, cfg, tp: int, r: int, layout: str) -> dict:
         n = t.shape[1] // tp
         return t[:, r * n:(r + 1) * n].clone()
 
-    layers = {}
+    layers, moe_keys = {}, {}
     for i in range(m.num_layers):
         p = f"layers.{i}."
-        w1, w3 = state[p + "feed_forward.w1.weight"], state[p + "feed_forward.w3.weight"]
         layers[i] = dict(
             qkv=rows(fused_qkv(state, i, cfg)), proj=cols(state[p + "attention.wo.weight"]),
-            fc1=torch.cat([rows(w1), rows(w3)]), fc2=cols(state[p + "feed_forward.w2.weight"]),
             norm1=state[p + "attention_norm.weight"].clone(), norm2=state[p + "ffn_norm.weight"].clone(),
         )
+        if p + "feed_forward.router.gate.weight" in state:  # an MoE layer: megatron-core's local expert modules
+            moe_keys[i] = moe_shard(state, p + "feed_forward.", rows, cols)
+        else:
+            w1, w3 = state[p + "feed_forward.w1.weight"], state[p + "feed_forward.w3.weight"]
+            layers[i].update(fc1=torch.cat([rows(w1), rows(w3)]), fc2=cols(state[p + "feed_forward.w2.weight"]))
         if m.normalization == "LayerNorm":
             layers[i].update(norm1_b=state[p + "attention_norm.bias"].clone(),
                              norm2_b=state[p + "ffn_norm.bias"].clone())
@@ -117,6 +151,7 @@ def shard_model(state, cfg, tp: int, r: int, layout: str) -> dict:
         for i, t in layers.items():
             d = f"decoder.layers.{i}."
             model.update({d + names[role]: tensor for role, tensor in t.items()})
+            model.update({d + key: tensor for key, tensor in moe_keys.get(i, {}).items()})
             model[d + "self_attention.linear_qkv._extra_state"] = None
         if final_b is not None:
             model["decoder.final_layernorm.bias"] = final_b
@@ -484,7 +519,7 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
     import torch.nn.functional as F
     from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
     from megatron.core.dist_checkpointing.mapping import ShardedObject
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -492,17 +527,32 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
         torch.cuda.synchronize = lambda *a, **k: None
         torch.cuda.current_device = lambda: "cpu"
         tensor_parallel.get_cuda_rng_tracker = lambda: type("NoRng", (), {"fork": contextlib.nullcontext})()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
-    m = cfg.model
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world, expert_tensor_parallel_size=world)
+    m, e = cfg.model, cfg.moe
+    moe_kwargs = {}
+    if e.num_experts:  # local experts (SequentialMLP) sharded over TP; the all-gather dispatcher runs on CPU
+        import megatron.core.transformer.moe.moe_utils as moe_utils
+
+        moe_utils.te_general_gemm = None  # megatron-core 0.16.1's router refers to it without Transformer Engine
+        moe_kwargs = dict(
+            num_moe_experts=e.num_experts, moe_router_topk=e.topk, moe_ffn_hidden_size=cfg.expert_ffn_size,
+            moe_token_dispatcher_type="allgather", moe_grouped_gemm=False,
+            moe_layer_freq=[int(is_moe_layer(cfg, i)) for i in range(m.num_layers)],
+            moe_router_score_function=e.score_function, moe_router_enable_expert_bias=e.expert_bias,
+            moe_router_topk_scaling_factor=None if e.topk_scaling_factor == 1.0 else e.topk_scaling_factor,
+            moe_shared_expert_intermediate_size=e.shared_expert_ffn_hidden_size or None,
+            moe_shared_expert_gate=e.shared_expert_gate, expert_tensor_parallel_size=world)
     config = TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size, gated_linear_unit=True,
         activation_func=F.silu, normalization=m.normalization, layernorm_epsilon=m.norm_eps,
         add_bias_linear=m.add_bias_linear, add_qkv_bias=m.add_qkv_bias, bias_activation_fusion=False,
-        kv_channels=m.head_dim, qk_layernorm=m.qk_layernorm,
+        kv_channels=m.head_dim, qk_layernorm=m.qk_layernorm, **moe_kwargs,
         bias_dropout_fusion=False, tensor_model_parallel_size=world, use_cpu_initialization=True,
         params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0)
-    spec = get_gpt_layer_local_spec(normalization=m.normalization, qk_layernorm=m.qk_layernorm)
+    spec = (get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=m.normalization)
+            if e.num_experts else
+            get_gpt_layer_local_spec(normalization=m.normalization, qk_layernorm=m.qk_layernorm))
     model = GPTModel(config, spec, vocab_size=m.vocab_size,
                      max_sequence_length=64, position_embedding_type="rope", rotary_base=int(m.rope_theta),
                      share_embeddings_and_output_weights=m.tie_embeddings, parallel_output=False).eval()
@@ -517,8 +567,10 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
         mine[key] = value
     with torch.no_grad():
         params = dict(model.named_parameters())
-        assert set(params) == {k for k, v in mine.items() if v is not None}, sorted(set(params) ^ set(mine))
-        for name, p in params.items():
+        buffers = {k: b for k, b in model.named_buffers() if k.endswith("expert_bias")}
+        assert set(params) | set(buffers) == {k for k, v in mine.items() if v is not None}, sorted(
+            (set(params) | set(buffers)) ^ set(mine))
+        for name, p in {**params, **buffers}.items():
             p.copy_(mine[name])
         seq = tokens_in.shape[1]
         causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]  # True: masked
@@ -769,6 +821,102 @@ def test_torch_dist_qk_layernorm_and_kv_channels_of_megatron_core(megatron_dist_
         swapped = {**got, "layers.0.attention.q_norm.weight": got["layers.0.attention.k_norm.weight"],
                    "layers.0.attention.k_norm.weight": got["layers.0.attention.q_norm.weight"]}
         assert (model_from_state(source.cfg, swapped)(x) - run["logits"]).abs().max() > 1e-4
+
+
+# MoE checkpoints of megatron-core (torch_dist): Mixtral's layout (softmax top-2, renormalised, every layer MoE:
+# stacked layer tensors) and a DeepSeek-V3-like one (sigmoid scores with an expert bias and scaling factor, a
+# sigmoid-gated shared expert, a dense first layer: per-layer tensors) with Qwen3's attention.
+MEGATRON_MOE = {
+    "mixtral": dict(num_experts=4, topk=2),
+    "deepseek-like": dict(num_experts=4, topk=2, first_k_dense=1, score_function="sigmoid", expert_bias=True,
+                          topk_scaling_factor=2.5, shared_expert_ffn_hidden_size=40, shared_expert_gate=True,
+                          qk_layernorm=True, kv_channels=12, expert_ffn_hidden_size=24),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MEGATRON_MOE))
+def megatron_dist_moe(request, tmp_path_factory):
+    """megatron-core's GPTModel with MoE layers (SequentialMLP experts, all-gather dispatcher, local spec) holding a
+    random model of ours (random expert biases), TP=2 (experts sharded over TP as well), saved as torch_dist; with
+    megatron-core's own logits on ``tokens()``."""
+    from megatron_moe.testing import run_distributed
+
+    pytest.importorskip("psutil", reason="megatron-core's torch_dist writer needs psutil (in the test extra)")
+    root = tmp_path_factory.mktemp(f"megatron_moe_{request.param}")
+    cfg = tiny_config(vocab_size=320, **MEGATRON_MOE[request.param])
+    state = {k: v.detach().clone() for k, v in save_native(root / "native", cfg, seed=7).state_dict().items()}
+    g = torch.Generator().manual_seed(8)
+    for name in [n for n in state if n.endswith("expert_bias")]:
+        state[name] = torch.randn(state[name].shape, generator=g) * 0.3
+    x = tokens()
+    logits, _ = run_distributed(_megatron_core_save, 2, (state, cfg, str(root / "dist"), x))
+    return {"name": request.param, "root": root / "dist", "cfg": cfg, "state": state, "tokens": x, "logits": logits}
+
+
+@pytest.mark.slow
+def test_torch_dist_moe_checkpoint_of_megatron_core_reads_with_its_logits(megatron_dist_moe):
+    """An MoE torch_dist save of megatron-core (TP=2) reads back bit-exactly (router, expert biases, experts' fc1
+    split into w1 / w3 and transposed, fc2, shared expert and gate) with the MoE settings of its arguments, and the
+    model's logits equal megatron-core's (fp32, 1e-5): routing, bias, scaling and shared expert as megatron-core's."""
+    from megatron_moe.convert.megatron_format import _read_dist_metadata
+    from megatron_moe.convert.native import model_from_state
+
+    run = megatron_dist_moe
+    keys = set(_read_dist_metadata(run["root"] / "iter_0000010").state_dict_metadata)
+    assert any(k.endswith("mlp.experts.experts.linear_fc1.weight") for k in keys), sorted(keys)
+    source = read_megatron(run["root"])
+    want, got_cfg = run["cfg"], source.cfg
+    for key in ("num_experts", "topk", "first_k_dense", "layer_freq", "score_function", "expert_bias",
+                "topk_scaling_factor", "shared_expert_ffn_hidden_size", "shared_expert_gate", "renormalize"):
+        assert getattr(got_cfg.moe, key) == getattr(want.moe, key), key
+    assert got_cfg.expert_ffn_size == want.expert_ffn_size
+    assert got_cfg.model.head_dim == want.model.head_dim and got_cfg.model.qk_layernorm == want.model.qk_layernorm
+    got = source.state_dict()
+    assert set(got) == set(run["state"])
+    for name, tensor in run["state"].items():
+        assert torch.equal(got[name], tensor), name
+    with torch.no_grad():
+        ours = model_from_state(got_cfg, got).eval()(run["tokens"])
+        torch.testing.assert_close(ours, run["logits"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_load_megatron_moe_checkpoint_takes_its_architecture_and_weights(tmp_path, loop_corpus, megatron_dist_moe):
+    """pretrain_moe.py's --load (eval-only) of megatron-core's MoE save: the run's model is the checkpoint's MoE
+    architecture (from its arguments) and holds every weight and expert bias bit-exactly."""
+    from megatron_moe.training.state import model_state
+    from megatron_moe.training.trainer import Trainer
+
+    cfg = _megatron_run(loop_corpus, megatron_dist_moe["root"], tmp_path / "run")
+    trainer = Trainer(cfg, torch.device("cpu"), eval_only=True, given=set())
+    report = trainer.evaluate_checkpoint()["eval"]
+    moe = trainer.cfg.moe
+    assert moe.num_experts == 4 and moe.score_function == megatron_dist_moe["cfg"].moe.score_function
+    got, want = model_state(trainer.engine.parts), megatron_dist_moe["state"]
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert report["step"] == 10 and math.isfinite(report["loss"])
+
+
+def test_megatron_moe_arguments_that_cannot_be_read_are_named(tmp_path, reference):
+    """Expert biases (Megatron-LM's add_bias_linear default on an MoE model), group-limited routing, a layer
+    pattern other than k dense then every f, and an MoE checkpoint in the legacy format: each named."""
+    from megatron_moe.convert.megatron_format import config_from_megatron_args
+
+    cfg = tiny_config(num_experts=4, topk=2)
+    args = vars(megatron_args(cfg, 1))
+    for overrides, needle in [({"add_bias_linear": True}, "add_bias_linear = True on an MoE model"),
+                              ({"moe_router_num_groups": 2}, "group-limited routing is not implemented"),
+                              ({"moe_layer_freq": [0, 0]}, "makes layers [] MoE"),
+                              ({"moe_layer_freq": [1, 1, 1]}, "expected an integer or one 0/1 entry per layer")]:
+        with pytest.raises(ConversionError, match=re.escape(needle)):
+            config_from_megatron_args({**args, **overrides}, "args")
+    assert config_from_megatron_args({**args, "moe_layer_freq": 2}, "args").moe.layer_freq == 2
+    assert config_from_megatron_args({**args, "moe_router_pre_softmax": True}, "args").moe.renormalize is False
+    _, state, _ = reference
+    with pytest.raises(ConversionError, match="MoE checkpoints are read in torch_dist format"):
+        read_megatron(write_megatron(tmp_path / "legacy", state, reference[0], 1, num_experts=4))
 
 
 @pytest.mark.slow
