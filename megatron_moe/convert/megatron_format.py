@@ -28,8 +28,8 @@ MoE models (``num_experts``; torch_dist only: the legacy format's expert layout 
 implementation and the parallelism that wrote it) map onto ``moe.*`` (:func:`_moe_from_megatron_args`):
 experts, top-K, softmax scores renormalised unless ``moe_router_pre_softmax`` or sigmoid scores with
 ``moe_router_enable_expert_bias`` and ``moe_router_topk_scaling_factor``, ``moe_layer_freq`` (an integer or
-a per-layer list), a shared expert with its gate. megatron-core saves them as global tensors (tested with its SequentialMLP
-experts at TP = 2; not checked here for its grouped-GEMM experts or expert parallelism):
+a per-layer list), a shared expert with its gate. megatron-core saves them as global tensors (tested with its
+SequentialMLP experts at TP = 2; not checked here for its grouped-GEMM experts or expert parallelism):
 ``mlp.router.weight`` ``[E, H]``,
 ``mlp.router.expert_bias`` ``[E]``, ``mlp.experts.experts.linear_fc1.weight`` ``[E, 2F, H]`` (``[gate; up]``)
 and ``linear_fc2.weight`` ``[E, H, F]``, ``mlp.shared_experts.linear_fc1`` / ``linear_fc2`` / ``gate_weight``
