@@ -1084,7 +1084,8 @@ def _apply_flag(cfg: Config, name: str, values: list[str], extras: dict[str, Any
         dotted, mapping = mc.VALUE_MAPS[name]
         value = single_value()
         if value not in mapping:
-            raise ConfigError(f"--{name} {value}: not available here; choose one of {sorted(mapping)}")
+            why = mc.VALUE_REFUSALS.get((name, value), "not available here")
+            raise ConfigError(f"--{name} {value}: {why}; choose one of {sorted(mapping)}")
         if mapping[value] is not None:  # None: a value that asks for nothing; the setting stays as it is
             set_value(cfg, dotted, mapping[value])
             given.add(dotted)

@@ -201,6 +201,16 @@ VALUE_MAPS: dict[str, tuple[str, dict[str, str | None]]] = {
 }
 
 
+# (flag, value) of VALUE_MAPS refused with a reason rather than "not available here"
+VALUE_REFUSALS: dict[tuple[str, str], str] = {
+    ("moe-router-load-balancing-type", "global_aux_loss"):
+        "Megatron-LM averages the data-parallel token counts over the step's micro-batches so far; the global "
+        "balance here (GRIN §3.3) sums them over the data-parallel group for each micro-batch (the same with one "
+        "micro-batch per step): --moe-router-load-balancing-type aux_loss --moe.balance_scope global",
+    ("moe-router-load-balancing-type", "sinkhorn"): "Sinkhorn routing is not implemented",
+}
+
+
 # flag -> (the value this configuration implies, what it is): accepted when equal, checked after every flag
 DERIVED: dict[str, tuple[Callable[[Any], int], str]] = {
     "expert-tensor-parallel-size": (lambda cfg: cfg.parallel.tensor_model_parallel_size,

@@ -399,6 +399,8 @@ def test_megatron_meanings_of_moe_flags():
     assert cfg.moe.dropless is False and cfg.moe.capacity_factor == 1.25  # a capacity factor drops tokens
     assert parse_args(moe + ["--moe-router-pre-softmax"])[0].moe.renormalize is False
     assert parse_args(moe + ["--moe-input-jitter-eps", "0.01"])[0].moe.input_jitter_eps == 0.01
+    with pytest.raises(ConfigError, match=r"global_aux_loss: Megatron-LM averages .* --moe.balance_scope global"):
+        parse_args(moe + ["--moe-router-load-balancing-type", "global_aux_loss"])
 
 
 @pytest.mark.parametrize("megatron, ours", [("GPTSentencePieceTokenizer", "sentencepiece"),
