@@ -205,8 +205,8 @@ VALUE_MAPS: dict[str, tuple[str, dict[str, str | None]]] = {
 VALUE_REFUSALS: dict[tuple[str, str], str] = {
     ("moe-router-load-balancing-type", "global_aux_loss"):
         "Megatron-LM averages the data-parallel token counts over the step's micro-batches so far; the global "
-        "balance here (GRIN §3.3) sums them over the data-parallel group for each micro-batch (the same with one "
-        "micro-batch per step): --moe-router-load-balancing-type aux_loss --moe.balance_scope global",
+        "balance here (GRIN §3.3) sums each micro-batch's over the data-parallel group: "
+        "--moe-router-load-balancing-type aux_loss --moe.balance_scope global",
     ("moe-router-load-balancing-type", "sinkhorn"): "Sinkhorn routing is not implemented",
 }
 
