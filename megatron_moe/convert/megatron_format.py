@@ -28,13 +28,14 @@ MoE models (``num_experts``; torch_dist only: the legacy format's expert layout 
 implementation and the parallelism that wrote it) map onto ``moe.*`` (:func:`_moe_from_megatron_args`):
 experts, top-K, softmax scores renormalised unless ``moe_router_pre_softmax`` or sigmoid scores with
 ``moe_router_enable_expert_bias`` and ``moe_router_topk_scaling_factor``, ``moe_layer_freq`` (an integer or
-a per-layer list), a shared expert with its gate. megatron-core saves them as global tensors (tested with its
-SequentialMLP experts at TP = 2; not checked here for its grouped-GEMM experts or expert parallelism):
+a per-layer list), a shared expert with its gate, token dropping. megatron-core saves them as global tensors
+(tested with its SequentialMLP experts at TP = 2 and EP = 2; not checked here for its grouped-GEMM experts):
 ``mlp.router.weight`` ``[E, H]``,
 ``mlp.router.expert_bias`` ``[E]``, ``mlp.experts.experts.linear_fc1.weight`` ``[E, 2F, H]`` (``[gate; up]``)
 and ``linear_fc2.weight`` ``[E, H, F]``, ``mlp.shared_experts.linear_fc1`` / ``linear_fc2`` / ``gate_weight``
 (with a leading layer dimension when every layer is alike). Expert biases (``add_bias_linear`` on an MoE
-model) and group-limited routing are refused. Upcycling a model with FFN
+model), group-limited and Sinkhorn routing, probabilities applied on the expert input and latent experts are
+refused. Upcycling a model with FFN
 biases is refused by :func:`megatron_moe.convert.upcycle.upcycle` (the experts have none).
 
 Both model layouts are read: megatron-core (``decoder.layers.N.self_attention.linear_qkv.weight`` / ``.bias``,
@@ -378,9 +379,11 @@ def config_from_megatron_args(args: dict[str, Any], where: str) -> Config:
 def _moe_from_megatron_args(cfg: Config, args: dict[str, Any], where: str) -> None:
     """The MoE settings of an MoE checkpoint's arguments: experts, router (softmax top-K, renormalised unless
     ``moe_router_pre_softmax``, or sigmoid scores with the expert bias and scaling factor), layer placement
-    (``moe_layer_freq``: an integer f, an MoE layer where i % f == 0, or a per-layer list) and the shared
-    expert. Balancing and dropping are training recipe, set by the run. Refused, naming the argument: expert
-    biases (``add_bias_linear``), group-limited routing, other layer patterns."""
+    (``moe_layer_freq``: an integer f, an MoE layer where i % f == 0, or a per-layer list), the shared expert,
+    token dropping (``moe_expert_capacity_factor``, which megatron-core applies in evaluation too) and input
+    jitter. Balance losses are training recipe, set by the run. Refused, naming the argument: expert biases
+    (``add_bias_linear``), group-limited routing, Sinkhorn routing, probabilities applied to the expert input,
+    latent experts, the position drop policy, other layer patterns."""
     from megatron_moe.config import ConfigError, moe_layer_pattern, moe_layer_spacing
 
     e, layers = cfg.moe, cfg.model.num_layers
@@ -390,9 +393,23 @@ def _moe_from_megatron_args(cfg: Config, args: dict[str, Any], where: str) -> No
         raise ConversionError(f"{where}: Megatron argument add_bias_linear = True on an MoE model gives the experts "
                               "biases, which this project's experts do not have (Megatron-LM trains MoE models with "
                               "--disable-bias-linear)")
-    if _arg(args, "moe_router_num_groups") or _arg(args, "moe_router_group_topk"):
-        raise ConversionError(f"{where}: Megatron arguments moe_router_num_groups / moe_router_group_topk: "
+    if _arg(args, "moe_router_group_topk") or _arg(args, "moe_router_topk_limited_devices"):
+        raise ConversionError(f"{where}: Megatron arguments moe_router_group_topk / moe_router_topk_limited_devices: "
                               "group-limited routing is not implemented")
+    balancing = _arg(args, "moe_router_load_balancing_type", "aux_loss")
+    if "sinkhorn" in ([balancing] if isinstance(balancing, str) else list(balancing)):
+        raise ConversionError(f"{where}: Megatron argument moe_router_load_balancing_type = {balancing!r}: Sinkhorn "
+                              "routing is not implemented")
+    for name, why in (("moe_apply_probs_on_input", "routing probabilities applied to the expert input"),
+                      ("moe_latent_size", "latent experts"), ("qk_l2_norm", "L2-normalised queries and keys")):
+        if _arg(args, name):
+            raise ConversionError(f"{where}: Megatron argument {name} = {args[name]!r}: {why} are not implemented")
+    if _arg(args, "moe_expert_capacity_factor") is not None:  # megatron-core drops in evaluation too
+        if _arg(args, "moe_token_drop_policy", "probs") != "probs":
+            raise ConversionError(f"{where}: Megatron argument moe_token_drop_policy = "
+                                  f"{args['moe_token_drop_policy']!r}; only 'probs' is implemented")
+        e.capacity_factor, e.dropless = float(args["moe_expert_capacity_factor"]), False
+    e.input_jitter_eps = float(_arg(args, "moe_input_jitter_eps", 0.0))
     e.score_function = _arg(args, "moe_router_score_function", "softmax")
     if e.score_function not in ("softmax", "sigmoid"):
         raise ConversionError(f"{where}: Megatron argument moe_router_score_function = {e.score_function!r}; "
@@ -401,9 +418,10 @@ def _moe_from_megatron_args(cfg: Config, args: dict[str, Any], where: str) -> No
     # (renormalised); sigmoid scores are always normalised over the K picked (K > 1)
     e.renormalize = e.score_function == "sigmoid" or not _arg(args, "moe_router_pre_softmax", False)
     e.expert_bias = bool(_arg(args, "moe_router_enable_expert_bias", False))
-    e.topk_scaling_factor = float(_arg(args, "moe_router_topk_scaling_factor", 1.0))
+    e.topk_scaling_factor = float(_arg(args, "moe_router_topk_scaling_factor", 0) or 1.0)  # falsy: no scaling
     e.shared_expert_ffn_hidden_size = int(_arg(args, "moe_shared_expert_intermediate_size", 0))
-    e.shared_expert_gate = bool(_arg(args, "moe_shared_expert_gate", False))
+    # megatron-core builds the gate only with a shared expert
+    e.shared_expert_gate = bool(_arg(args, "moe_shared_expert_gate", False)) and bool(e.shared_expert_ffn_hidden_size)
     freq = _arg(args, "moe_layer_freq", 1)
     try:
         pattern = moe_layer_pattern(freq) if isinstance(freq, str) else freq

@@ -74,17 +74,19 @@ def fused_qkv(state, i, cfg, kind: str = "weight") -> torch.Tensor:
     return fused.reshape(-1, m.hidden_size) if kind == "weight" else fused.reshape(-1)
 
 
-def moe_shard(state, p: str, rows, cols) -> dict:
+def moe_shard(state, p: str, rows, cols, experts: tuple[int, int] | None = None) -> dict:
     """One MoE layer (our names under ``p``) as megatron-core's modules on one tensor-parallel rank: the router
     weight and expert bias whole, every local expert's fc1 as [this shard's gate; its up] and fc2 by columns
-    (SequentialMLP, experts sharded over TP like the dense MLP), the shared expert likewise, its gate whole."""
+    (SequentialMLP, experts sharded over TP like the dense MLP), the shared expert likewise, its gate whole.
+    ``experts`` (first, count): under expert parallelism the rank's experts, numbered from 0 locally."""
     out = {"mlp.router.weight": state[p + "router.gate.weight"].clone()}
     if p + "router.expert_bias" in state:
         out["mlp.router.expert_bias"] = state[p + "router.expert_bias"].clone()
     w1, w3, w2 = (state[p + f"experts.{n}"] for n in ("w1", "w3", "w2"))  # [E, H, F], [E, H, F], [E, F, H]
-    for e in range(w1.shape[0]):
-        out[f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = torch.cat([rows(w1[e].t()), rows(w3[e].t())])
-        out[f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = cols(w2[e].t())
+    first, count = experts or (0, w1.shape[0])
+    for local, e in enumerate(range(first, first + count)):
+        out[f"mlp.experts.local_experts.{local}.linear_fc1.weight"] = torch.cat([rows(w1[e].t()), rows(w3[e].t())])
+        out[f"mlp.experts.local_experts.{local}.linear_fc2.weight"] = cols(w2[e].t())
     if p + "shared_expert.w1.weight" in state:
         s1, s3 = state[p + "shared_expert.w1.weight"], state[p + "shared_expert.w3.weight"]
         out["mlp.shared_experts.linear_fc1.weight"] = torch.cat([rows(s1), rows(s3)])
@@ -94,7 +96,7 @@ def moe_shard(state, p: str, rows, cols) -> dict:
     return out
 
 
-def shard_model(state, cfg, tp: int, r: int, layout: str) -> dict:
+def shard_model(state, cfg, tp: int, r: int, layout: str, experts: tuple[int, int] | None = None) -> dict:
     """Rank r's Megatron model dict (mcore flat keys, or the old nested language_model layout), with the norm
     biases of LayerNorm (the old layout then names the norms ``*_layernorm``), the QKV bias (``add_qkv_bias``)
     and the linear_proj / fc1 / fc2 biases (``add_bias_linear``) of ``cfg``: column-parallel ones (QKV, fc1 as
@@ -117,7 +119,7 @@ def shard_model(state, cfg, tp: int, r: int, layout: str) -> dict:
             norm1=state[p + "attention_norm.weight"].clone(), norm2=state[p + "ffn_norm.weight"].clone(),
         )
         if p + "feed_forward.router.gate.weight" in state:  # an MoE layer: megatron-core's local expert modules
-            moe_keys[i] = moe_shard(state, p + "feed_forward.", rows, cols)
+            moe_keys[i] = moe_shard(state, p + "feed_forward.", rows, cols, experts)
         else:
             w1, w3 = state[p + "feed_forward.w1.weight"], state[p + "feed_forward.w3.weight"]
             layers[i].update(fc1=torch.cat([rows(w1), rows(w3)]), fc2=cols(state[p + "feed_forward.w2.weight"]))
@@ -503,8 +505,10 @@ def _megatron_gpt_save(rank: int, world: int, state: dict, cfg, root: str, token
     return _megatron_core_save(rank, world, state, cfg, root, tokens_in), _train_layouts(corpus, legacy, runs)
 
 
-def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, tokens_in: torch.Tensor):
-    """One tensor-parallel rank (TP = world): megatron-core's GPTModel (local spec, built on CPU) with
+def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, tokens_in: torch.Tensor,
+                        expert_parallel: bool = False):
+    """One tensor-parallel rank (TP = world; with ``expert_parallel`` TP = 1 and EP = world, each rank holding
+    its share of the experts): megatron-core's GPTModel (local spec, built on CPU) with
     ``cfg.model``'s normalization and biases, holding ``state`` split as Megatron splits it, saved with
     dist_checkpointing.save into ``root/iter_0000010`` with Megatron-LM's common state (``args``, ...) and an
     RNG ShardedObject holding pickled code that must never run. Returns megatron-core's own logits for
@@ -527,7 +531,9 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
         torch.cuda.synchronize = lambda *a, **k: None
         torch.cuda.current_device = lambda: "cpu"
         tensor_parallel.get_cuda_rng_tracker = lambda: type("NoRng", (), {"fork": contextlib.nullcontext})()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world, expert_tensor_parallel_size=world)
+    tp, ep = (1, world) if expert_parallel else (world, 1)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                                             expert_tensor_parallel_size=tp)
     m, e = cfg.model, cfg.moe
     moe_kwargs = {}
     if e.num_experts:  # local experts (SequentialMLP) sharded over TP; the all-gather dispatcher runs on CPU
@@ -541,14 +547,14 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
             moe_router_score_function=e.score_function, moe_router_enable_expert_bias=e.expert_bias,
             moe_router_topk_scaling_factor=None if e.topk_scaling_factor == 1.0 else e.topk_scaling_factor,
             moe_shared_expert_intermediate_size=e.shared_expert_ffn_hidden_size or None,
-            moe_shared_expert_gate=e.shared_expert_gate, expert_tensor_parallel_size=world)
+            moe_shared_expert_gate=e.shared_expert_gate, expert_model_parallel_size=ep, expert_tensor_parallel_size=tp)
     config = TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size, gated_linear_unit=True,
         activation_func=F.silu, normalization=m.normalization, layernorm_epsilon=m.norm_eps,
         add_bias_linear=m.add_bias_linear, add_qkv_bias=m.add_qkv_bias, bias_activation_fusion=False,
         kv_channels=m.head_dim, qk_layernorm=m.qk_layernorm, **moe_kwargs,
-        bias_dropout_fusion=False, tensor_model_parallel_size=world, use_cpu_initialization=True,
+        bias_dropout_fusion=False, tensor_model_parallel_size=tp, use_cpu_initialization=True,
         params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0)
     spec = (get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=m.normalization)
             if e.num_experts else
@@ -561,7 +567,8 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
                 "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
                 "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias"}
     mine = {}
-    for key, value in shard_model(state, cfg, world, rank, "mcore").items():
+    experts = (rank * e.num_experts // ep, e.num_experts // ep) if expert_parallel else None
+    for key, value in shard_model(state, cfg, tp, rank % tp, "mcore", experts).items():
         for te, local in te_names.items():
             key = key.replace(te, local)
         mine[key] = value
@@ -582,7 +589,8 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
     torch.distributed.barrier()
     evil = Evil(pathlib.Path(root) / "pwned")
     sharded = {
-        "args": megatron_args(cfg, world, ckpt_format="torch_dist"), "checkpoint_version": 3.0, "iteration": 10,
+        "args": megatron_args(cfg, tp, ckpt_format="torch_dist", expert_model_parallel_size=ep),
+        "checkpoint_version": 3.0, "iteration": 10,
         "model": model.sharded_state_dict(),
         "rng_state": ShardedObject("rng_state", [evil], (world,), (rank,), replica_id=0),
     }
@@ -828,6 +836,7 @@ def test_torch_dist_qk_layernorm_and_kv_channels_of_megatron_core(megatron_dist_
 # sigmoid-gated shared expert, a dense first layer: per-layer tensors) with Qwen3's attention.
 MEGATRON_MOE = {
     "mixtral": dict(num_experts=4, topk=2),
+    "mixtral-ep2": dict(num_experts=4, topk=2),  # TP = 1, EP = 2: each rank holds 2 experts
     "deepseek-like": dict(num_experts=4, topk=2, first_k_dense=1, score_function="sigmoid", expert_bias=True,
                           topk_scaling_factor=2.5, shared_expert_ffn_hidden_size=40, shared_expert_gate=True,
                           qk_layernorm=True, kv_channels=12, expert_ffn_hidden_size=24),
@@ -837,8 +846,8 @@ MEGATRON_MOE = {
 @pytest.fixture(scope="module", params=sorted(MEGATRON_MOE))
 def megatron_dist_moe(request, tmp_path_factory):
     """megatron-core's GPTModel with MoE layers (SequentialMLP experts, all-gather dispatcher, local spec) holding a
-    random model of ours (random expert biases), TP=2 (experts sharded over TP as well), saved as torch_dist; with
-    megatron-core's own logits on ``tokens()``."""
+    random model of ours (random expert biases), TP=2 (experts sharded over TP as well) or, "-ep2", expert parallel
+    (EP = 2, TP = 1), saved as torch_dist; with megatron-core's own logits on ``tokens()``."""
     from megatron_moe.testing import run_distributed
 
     pytest.importorskip("psutil", reason="megatron-core's torch_dist writer needs psutil (in the test extra)")
@@ -849,7 +858,8 @@ def megatron_dist_moe(request, tmp_path_factory):
     for name in [n for n in state if n.endswith("expert_bias")]:
         state[name] = torch.randn(state[name].shape, generator=g) * 0.3
     x = tokens()
-    logits, _ = run_distributed(_megatron_core_save, 2, (state, cfg, str(root / "dist"), x))
+    logits, _ = run_distributed(_megatron_core_save, 2, (state, cfg, str(root / "dist"), x,
+                                                        request.param.endswith("-ep2")))
     return {"name": request.param, "root": root / "dist", "cfg": cfg, "state": state, "tokens": x, "logits": logits}
 
 
@@ -900,19 +910,35 @@ def test_load_megatron_moe_checkpoint_takes_its_architecture_and_weights(tmp_pat
 
 
 def test_megatron_moe_arguments_that_cannot_be_read_are_named(tmp_path, reference):
-    """Expert biases (Megatron-LM's add_bias_linear default on an MoE model), group-limited routing, a layer
-    pattern other than k dense then every f, and an MoE checkpoint in the legacy format: each named."""
+    """Expert biases (Megatron-LM's add_bias_linear default on an MoE model), group-limited routing (also the
+    deprecated topk_limited_devices), Sinkhorn routing, probabilities applied on the expert input, latent experts,
+    L2 query/key norms, the position drop policy, a layer pattern other than k dense then every f, and an MoE
+    checkpoint in the legacy format: each named. Read as megatron-core means them: a capacity factor drops (in
+    evaluation too), num_groups without group_topk is plain top-K, a scaling factor of 0 is none, a shared-expert
+    gate without a shared expert is none."""
     from megatron_moe.convert.megatron_format import config_from_megatron_args
 
     cfg = tiny_config(num_experts=4, topk=2)
     args = vars(megatron_args(cfg, 1))
     for overrides, needle in [({"add_bias_linear": True}, "add_bias_linear = True on an MoE model"),
-                              ({"moe_router_num_groups": 2}, "group-limited routing is not implemented"),
+                              ({"moe_router_num_groups": 2, "moe_router_group_topk": 1}, "group-limited routing"),
                               ({"moe_layer_freq": [0, 0]}, "makes layers [] MoE"),
+                              ({"moe_router_topk_limited_devices": 2}, "group-limited routing is not implemented"),
+                              ({"moe_router_load_balancing_type": ["aux_loss", "sinkhorn"]}, "Sinkhorn routing"),
+                              ({"moe_apply_probs_on_input": True}, "moe_apply_probs_on_input = True: routing"),
+                              ({"moe_latent_size": 16}, "moe_latent_size = 16: latent experts"),
+                              ({"qk_l2_norm": True}, "qk_l2_norm = True"),
+                              ({"moe_expert_capacity_factor": 1.0, "moe_token_drop_policy": "position"},
+                               "moe_token_drop_policy = 'position'"),
                               ({"moe_layer_freq": [1, 1, 1]}, "expected an integer or one 0/1 entry per layer")]:
         with pytest.raises(ConversionError, match=re.escape(needle)):
             config_from_megatron_args({**args, **overrides}, "args")
     assert config_from_megatron_args({**args, "moe_layer_freq": 2}, "args").moe.layer_freq == 2
+    read = config_from_megatron_args({**args, "moe_expert_capacity_factor": 1.25, "moe_router_num_groups": 2,
+                                      "moe_router_topk_scaling_factor": 0.0, "moe_shared_expert_gate": True,
+                                      "moe_input_jitter_eps": 0.01}, "args").moe
+    assert (read.capacity_factor, read.dropless, read.topk_scaling_factor, read.shared_expert_gate,
+            read.input_jitter_eps) == (1.25, False, 1.0, False, 0.01)
     assert config_from_megatron_args({**args, "moe_router_pre_softmax": True}, "args").moe.renormalize is False
     _, state, _ = reference
     with pytest.raises(ConversionError, match="MoE checkpoints are read in torch_dist format"):
