@@ -324,6 +324,9 @@ def config_from_megatron_args(args: dict[str, Any], where: str) -> Config:
             got = "rope"
         if got != want:
             raise ConversionError(f"{where}: Megatron argument {name} = {got!r}; {why} (need {want!r})")
+    if _arg(args, "qk_l2_norm", False):
+        raise ConversionError(f"{where}: Megatron argument qk_l2_norm = True: L2-normalised queries and keys are not "
+                              "implemented")
     normalization = _arg(args, "normalization", "LayerNorm")  # Megatron-LM's default
     if normalization not in ("LayerNorm", "RMSNorm"):
         raise ConversionError(f"{where}: Megatron argument normalization = {normalization!r}; only 'LayerNorm' and "
@@ -401,7 +404,7 @@ def _moe_from_megatron_args(cfg: Config, args: dict[str, Any], where: str) -> No
         raise ConversionError(f"{where}: Megatron argument moe_router_load_balancing_type = {balancing!r}: Sinkhorn "
                               "routing is not implemented")
     for name, why in (("moe_apply_probs_on_input", "routing probabilities applied to the expert input"),
-                      ("moe_latent_size", "latent experts"), ("qk_l2_norm", "L2-normalised queries and keys")):
+                      ("moe_latent_size", "latent experts")):
         if _arg(args, name):
             raise ConversionError(f"{where}: Megatron argument {name} = {args[name]!r}: {why} are not implemented")
     if _arg(args, "moe_expert_capacity_factor") is not None:  # megatron-core drops in evaluation too

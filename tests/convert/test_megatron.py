@@ -927,7 +927,7 @@ def test_megatron_moe_arguments_that_cannot_be_read_are_named(tmp_path, referenc
                               ({"moe_router_load_balancing_type": ["aux_loss", "sinkhorn"]}, "Sinkhorn routing"),
                               ({"moe_apply_probs_on_input": True}, "moe_apply_probs_on_input = True: routing"),
                               ({"moe_latent_size": 16}, "moe_latent_size = 16: latent experts"),
-                              ({"qk_l2_norm": True}, "qk_l2_norm = True"),
+                              ({"qk_l2_norm": True, "num_experts": None}, "qk_l2_norm = True"),  # dense too
                               ({"moe_expert_capacity_factor": 1.0, "moe_token_drop_policy": "position"},
                                "moe_token_drop_policy = 'position'"),
                               ({"moe_layer_freq": [1, 1, 1]}, "expected an integer or one 0/1 entry per layer")]:
