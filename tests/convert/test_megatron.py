@@ -894,7 +894,6 @@ def test_torch_dist_moe_checkpoint_of_megatron_core_reads_with_its_logits(megatr
 def test_load_megatron_moe_checkpoint_takes_its_architecture_and_weights(tmp_path, loop_corpus, megatron_dist_moe):
     """pretrain_moe.py's --load (eval-only) of megatron-core's MoE save: the run's model is the checkpoint's MoE
     architecture (from its arguments) and holds every weight and expert bias bit-exactly."""
-    from megatron_moe.training.state import model_state
     from megatron_moe.training.trainer import Trainer
 
     cfg = _megatron_run(loop_corpus, megatron_dist_moe["root"], tmp_path / "run")
@@ -902,11 +901,7 @@ def test_load_megatron_moe_checkpoint_takes_its_architecture_and_weights(tmp_pat
     report = trainer.evaluate_checkpoint()["eval"]
     moe = trainer.cfg.moe
     assert moe.num_experts == 4 and moe.score_function == megatron_dist_moe["cfg"].moe.score_function
-    got, want = model_state(trainer.engine.parts), megatron_dist_moe["state"]
-    assert set(got) == set(want)
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
-    assert report["step"] == 10 and math.isfinite(report["loss"])
+    _assert_run_holds(trainer, megatron_dist_moe["state"], report)
 
 
 def test_megatron_moe_arguments_that_cannot_be_read_are_named(tmp_path, reference):
@@ -981,7 +976,6 @@ def test_load_megatron_layernorm_and_biases_holds_the_weights(tmp_path, loop_cor
     takes LayerNorm and both bias settings from the saved arguments and holds every weight and bias bit-exactly;
     without --save its report is printed, and nothing in the Megatron-LM directory changes."""
     from megatron_moe.training.checkpoint import CheckpointError
-    from megatron_moe.training.state import model_state
     from megatron_moe.training.trainer import Trainer
 
     root = megatron_dist_biased["root"]
@@ -998,11 +992,7 @@ def test_load_megatron_layernorm_and_biases_holds_the_weights(tmp_path, loop_cor
     assert sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*")) == before
     m = trainer.cfg.model
     assert (m.normalization, m.add_bias_linear, m.add_qkv_bias) == ("LayerNorm", True, True)
-    got, want = model_state(trainer.engine.parts), megatron_dist_biased["state"]
-    assert set(got) == set(want)
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
-    assert report["step"] == 10 and math.isfinite(report["loss"])
+    _assert_run_holds(trainer, megatron_dist_biased["state"], report)
 
 
 def test_torch_dist_per_layer_keys_with_layernorm_and_biases(tmp_path, biased):
@@ -1044,6 +1034,18 @@ def _megatron_run(corpus: dict, load, run_dir, **layout):
     return cfg
 
 
+def _assert_run_holds(trainer, want: dict, report: dict) -> None:
+    """The run's model holds every tensor of ``want`` bit-exactly, and its evaluation of the step-10 checkpoint
+    gave a finite loss."""
+    from megatron_moe.training.state import model_state
+
+    got = model_state(trainer.engine.parts)
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert report["step"] == 10 and math.isfinite(report["loss"])
+
+
 def _train_layouts(corpus: dict, load, runs, layouts: dict | None = None) -> dict:
     """Train :func:`_megatron_run` from ``load`` in each layout (default: the 2-rank tp2, pp2 and FSDP2 ones);
     name -> (validation losses, the first step's training loss from metrics.jsonl) on global rank 0."""
@@ -1067,18 +1069,13 @@ def _train_layouts(corpus: dict, load, runs, layouts: dict | None = None) -> dic
 def test_load_megatron_torch_dist_holds_the_dense_weights_bit_exactly(tmp_path, capsys, loop_corpus, megatron_dist):
     """--eval-only --load on megatron-core's TP=2 torch_dist save: the architecture comes from its args and every
     parameter of the run's model equals the dense model it was written from, bit for bit."""
-    from megatron_moe.training.state import model_state
     from megatron_moe.training.trainer import Trainer
 
     cfg = _megatron_run(loop_corpus, megatron_dist["root"], tmp_path / "run")
     trainer = Trainer(cfg, torch.device("cpu"), eval_only=True, given=set())
     report = trainer.evaluate_checkpoint()["eval"]
     assert (trainer.cfg.model.num_layers, trainer.cfg.moe.num_experts, trainer.cfg.model.vocab_size) == (2, 0, 320)
-    got, want = model_state(trainer.engine.parts), megatron_dist["state"]
-    assert set(got) == set(want)
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
-    assert report["step"] == 10 and math.isfinite(report["loss"])
+    _assert_run_holds(trainer, megatron_dist["state"], report)
     assert not (megatron_dist["root"] / "pwned").exists()
 
 
