@@ -51,6 +51,31 @@ def test_upcycled_logits_equal_transformers_dense_logits(tmp_path, capsys, model
     assert all(torch.equal(w1[0], w1[e]) for e in range(4))
 
 
+def test_upcycled_model_routed_by_sigmoid_scores_with_expert_bias_keeps_the_dense_function(hf_llama):
+    """Upcycling then training with DeepSeek-V3's routing (--moe-router-score-function sigmoid
+    --moe-router-enable-expert-bias on the upcycled checkpoint): identical experts whose K weights are normalised
+    to sum 1 give the dense logits, whatever the (zero, then moving) biases choose; a scaling factor would not."""
+    import dataclasses
+
+    from megatron_moe.convert.native import model_from_state
+
+    path, hf = hf_llama
+    cfg, state = upcycle(read_hf(path), UpcycleOptions(4, 2, router_init_std=0.5))
+    sigmoid = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, score_function="sigmoid", expert_bias=True))
+    model = model_from_state(sigmoid, {**state, **{f"layers.{i}.feed_forward.router.expert_bias": torch.zeros(4)
+                                                   for i in range(cfg.model.num_layers)}}).eval()
+    x = tokens()
+    with torch.no_grad():
+        ref = hf(x).logits
+        torch.testing.assert_close(model(x), ref, atol=ATOL, rtol=0)
+        for layer in model.layers.values():  # biases that change the choices change nothing either
+            layer.feed_forward.router.expert_bias.copy_(torch.tensor([0.5, -0.5, 0.2, 0.0]))
+        torch.testing.assert_close(model(x), ref, atol=ATOL, rtol=0)
+        for layer in model.layers.values():
+            layer.feed_forward.router.topk_scaling_factor = 2.5
+        assert (model(x) - ref).abs().max() > 1e-3
+
+
 def test_router_is_seeded_and_noise_breaks_exactness(tmp_path, hf_llama):
     path, hf = hf_llama
     source = read_hf(path)
