@@ -191,6 +191,10 @@ class MoEConfig:
     expert_bias: bool = False
     expert_bias_update_rate: float = 1e-3
     topk_scaling_factor: float = 1.0  # top-K: combine weights x this (Megatron-LM's --moe-router-topk-scaling-factor)
+    # Group-limited routing (DeepSeek-V2/V3; --moe-router-num-groups, --moe-router-group-topk): the experts form
+    # router_num_groups equal groups; each token chooses among the router_group_topk best (docs/routing.md §1b).
+    router_num_groups: int = 0
+    router_group_topk: int = 0
     logit_norm: bool = False  # Skywork gating logit normalisation (docs/routing.md §2)
     logit_norm_scale: float = 1.0  # lambda
     jitter_eps: float = 0.01  # SparseMixer-v2 threshold epsilon
@@ -226,7 +230,12 @@ class MoEConfig:
             "moe.expert_row_alignment": self.expert_row_alignment,
             "moe.shared_expert_ffn_hidden_size": self.shared_expert_ffn_hidden_size,
             "moe.expert_bias_update_rate": self.expert_bias_update_rate,
+            "moe.router_num_groups": self.router_num_groups,
+            "moe.router_group_topk": self.router_group_topk,
         })
+        if bool(self.router_num_groups) != bool(self.router_group_topk):
+            raise ConfigError("moe.router_num_groups and moe.router_group_topk (--moe-router-num-groups, "
+                              "--moe-router-group-topk) go together: group-limited routing needs both")
         _check_positive({"moe.topk_scaling_factor": self.topk_scaling_factor})
         if self.expert_bias and self.score_function != "sigmoid":
             raise ConfigError("moe.expert_bias (--moe-router-enable-expert-bias) biases sigmoid scores: set "
@@ -246,6 +255,15 @@ class MoEConfig:
             raise ConfigError(f"moe.topk = {self.topk} exceeds moe.num_experts = {self.num_experts}")
         if self.router == "sparsemixer":
             check_sparsemixer_topk(self.topk)
+        if self.router_group_topk:
+            g, kept = self.router_num_groups, self.router_group_topk
+            per_group = 0 if self.num_experts % g else self.num_experts // g
+            if self.router != "topk" or not per_group or kept > g or kept > self.topk or kept * per_group < self.topk:
+                raise ConfigError(
+                    f"group-limited routing: moe.router_num_groups = {g} must divide moe.num_experts = "
+                    f"{self.num_experts}, and moe.router_group_topk = {kept} must be at most the groups and "
+                    f"moe.topk = {self.topk}, with enough experts in the kept groups for top-{self.topk}, "
+                    f"on the top-K router (moe.router = {self.router!r})")
         if self.layer_freq <= 0:
             raise ConfigError(f"moe.layer_freq = {self.layer_freq}; must be positive")
         if not self.capacity_factor > 0:
@@ -665,6 +683,8 @@ MEGATRON_FLAGS: dict[str, str] = {
     "moe-router-score-function": "moe.score_function",
     "moe-router-bias-update-rate": "moe.expert_bias_update_rate",
     "moe-router-topk-scaling-factor": "moe.topk_scaling_factor",
+    "moe-router-num-groups": "moe.router_num_groups",
+    "moe-router-group-topk": "moe.router_group_topk",
     "moe-aux-loss-coeff": "moe.aux_loss_coeff",
     "moe-z-loss-coeff": "moe.z_loss_coeff",
     "moe-expert-capacity-factor": "moe.capacity_factor",
@@ -1153,7 +1173,8 @@ def _check_no_ignored_settings(cfg: Config, given: set[str]) -> None:
 MOE_ARCHITECTURE_SETTINGS = ("num_experts", "topk", "expert_ffn_hidden_size", "layer_freq", "first_k_dense",
                              "router", "renormalize", "logit_norm", "logit_norm_scale", "jitter_eps",
                              "input_jitter_eps", "score_function", "expert_bias", "topk_scaling_factor",
-                             "shared_expert_ffn_hidden_size", "shared_expert_gate")
+                             "shared_expert_ffn_hidden_size", "shared_expert_gate", "router_num_groups",
+                             "router_group_topk")
 
 
 def adopt_checkpoint_architecture(cfg: Config, saved_config: dict[str, Any], given: set[str], source: str) -> Config:

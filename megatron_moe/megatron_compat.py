@@ -143,8 +143,6 @@ REFUSED: dict[str, tuple[str | None, str]] = {
     "start-weight-decay": (None, "weight decay is constant (--weight-decay)"),
     "end-weight-decay": (None, "weight decay is constant (--weight-decay)"),
     "mock-data": (None, "training needs real .bin/.idx data (--data-path)"),
-    "moe-router-num-groups": (None, "group-limited routing is not implemented"),
-    "moe-router-group-topk": (None, "group-limited routing is not implemented"),
     "moe-layer-recompute": (None, "use --recompute-granularity selective --recompute-modules core_attn moe"),
     "moe-use-upcycling": (None, "upcycle a dense checkpoint with upcycle_checkpoint.py, then --load it"),
     "pretrained-checkpoint": (None, "pass the checkpoint to --load (with --finetune to start at step 0)"),

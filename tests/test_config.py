@@ -225,6 +225,8 @@ def test_sigmoid_routing_flags():
                                                                                                    1e-3, 2.5)
     assert e.renormalize and any("--moe-router-pre-softmax has no effect" in n for n in extras["notes"])
     assert parse_args(["--num-experts", "8", "--moe-router-pre-softmax"])[0].moe.renormalize is False  # softmax
+    grouped = parse_args(["--num-experts", "8", "--moe-router-num-groups", "4", "--moe-router-group-topk", "2"])[0]
+    assert (grouped.moe.router_num_groups, grouped.moe.router_group_topk) == (4, 2)
     for argv, needle in [
         (["--moe-router-bias-update-rate", "1e-2"], "moe.expert_bias_update_rate (--moe-router-bias-update-rate): "
                                                     "no effect without moe.expert_bias"),
@@ -232,6 +234,9 @@ def test_sigmoid_routing_flags():
         (["--moe-router-score-function", "sigmoid", "--moe.router", "sparsemixer"], "SparseMixer-v2"),
         (["--moe-router-score-function", "tanh"], "moe.score_function"),
         (["--moe-router-topk-scaling-factor", "0"], "moe.topk_scaling_factor = 0.0; must be positive"),
+        (["--moe-router-num-groups", "2"], "moe.router_num_groups and moe.router_group_topk"),
+        (["--moe-router-num-groups", "3", "--moe-router-group-topk", "1"], "moe.router_num_groups = 3 must divide"),
+        (["--moe-router-num-groups", "4", "--moe-router-group-topk", "3"], "at most the groups and moe.topk = 2"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(needle)):
             parse_args(["--num-experts", "8", *argv])

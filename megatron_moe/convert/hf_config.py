@@ -298,6 +298,8 @@ def export_blockers(cfg: Config, arch: str) -> list[str]:
     if e.topk_scaling_factor != 1.0:
         reasons.append(f"moe.topk_scaling_factor = {e.topk_scaling_factor:g}: {arch} does not scale the routing "
                        "weights")
+    if e.router_group_topk:
+        reasons.append(f"moe.router_group_topk = {e.router_group_topk}: {arch} has no group-limited routing")
     if arch == "qwen2_moe":
         return reasons + _qwen2_moe_blockers(cfg)
     if e.shared_expert_ffn_hidden_size:

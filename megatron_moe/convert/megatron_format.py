@@ -33,9 +33,9 @@ a per-layer list), a shared expert with its gate, token dropping. megatron-core 
 ``mlp.router.weight`` ``[E, H]``,
 ``mlp.router.expert_bias`` ``[E]``, ``mlp.experts.experts.linear_fc1.weight`` ``[E, 2F, H]`` (``[gate; up]``)
 and ``linear_fc2.weight`` ``[E, H, F]``, ``mlp.shared_experts.linear_fc1`` / ``linear_fc2`` / ``gate_weight``
-(with a leading layer dimension when every layer is alike). Expert biases (``add_bias_linear`` on an MoE
-model), group-limited and Sinkhorn routing, probabilities applied on the expert input and latent experts are
-refused. Upcycling a model with FFN
+(with a leading layer dimension when every layer is alike). Group-limited routing (``moe_router_num_groups``
+with ``moe_router_group_topk``) is read too. Expert biases (``add_bias_linear`` on an MoE model), Sinkhorn
+routing, probabilities applied on the expert input and latent experts are refused. Upcycling a model with FFN
 biases is refused by :func:`megatron_moe.convert.upcycle.upcycle` (the experts have none).
 
 Both model layouts are read: megatron-core (``decoder.layers.N.self_attention.linear_qkv.weight`` / ``.bias``,
@@ -384,9 +384,10 @@ def _moe_from_megatron_args(cfg: Config, args: dict[str, Any], where: str) -> No
     ``moe_router_pre_softmax``, or sigmoid scores with the expert bias and scaling factor), layer placement
     (``moe_layer_freq``: an integer f, an MoE layer where i % f == 0, or a per-layer list), the shared expert,
     token dropping (``moe_expert_capacity_factor``, which megatron-core applies in evaluation too) and input
-    jitter. Balance losses are training recipe, set by the run. Refused, naming the argument: expert biases
-    (``add_bias_linear``), group-limited routing, Sinkhorn routing, probabilities applied to the expert input,
-    latent experts, the position drop policy, other layer patterns."""
+    jitter, group-limited routing. Balance losses are training recipe, set by the run. Refused, naming the
+    argument: expert biases (``add_bias_linear``), the deprecated ``moe_router_topk_limited_devices``, Sinkhorn
+    routing, probabilities applied to the expert input, latent experts, the position drop policy, other layer
+    patterns."""
     from megatron_moe.config import ConfigError, moe_layer_pattern, moe_layer_spacing
 
     e, layers = cfg.moe, cfg.model.num_layers
@@ -396,9 +397,16 @@ def _moe_from_megatron_args(cfg: Config, args: dict[str, Any], where: str) -> No
         raise ConversionError(f"{where}: Megatron argument add_bias_linear = True on an MoE model gives the experts "
                               "biases, which this project's experts do not have (Megatron-LM trains MoE models with "
                               "--disable-bias-linear)")
-    if _arg(args, "moe_router_group_topk") or _arg(args, "moe_router_topk_limited_devices"):
-        raise ConversionError(f"{where}: Megatron arguments moe_router_group_topk / moe_router_topk_limited_devices: "
-                              "group-limited routing is not implemented")
+    if _arg(args, "moe_router_topk_limited_devices"):
+        raise ConversionError(f"{where}: Megatron argument moe_router_topk_limited_devices (deprecated): give its "
+                              "group-limited routing as moe_router_num_groups / moe_router_group_topk "
+                              "(--megatron-args)")
+    if _arg(args, "moe_router_group_topk"):  # without it, megatron-core routes plain top-K whatever num_groups says
+        e.router_num_groups = int(_arg(args, "moe_router_num_groups", 0))
+        e.router_group_topk = int(args["moe_router_group_topk"])
+        if not e.router_num_groups:
+            raise ConversionError(f"{where}: Megatron argument moe_router_group_topk = {e.router_group_topk} without "
+                                  "moe_router_num_groups (megatron-core refuses it too)")
     balancing = _arg(args, "moe_router_load_balancing_type", "aux_loss")
     if "sinkhorn" in ([balancing] if isinstance(balancing, str) else list(balancing)):
         raise ConversionError(f"{where}: Megatron argument moe_router_load_balancing_type = {balancing!r}: Sinkhorn "

@@ -259,6 +259,7 @@ class MoELayer(nn.Module):
             score_function=cfg.score_function,
             expert_bias=cfg.expert_bias,
             topk_scaling_factor=cfg.topk_scaling_factor,
+            groups=(cfg.router_num_groups, cfg.router_group_topk) if cfg.router_group_topk else None,
         )
         self.experts = GroupedExperts(cfg.num_experts, hidden_size, ffn_hidden_size)
         shared = cfg.shared_expert_ffn_hidden_size

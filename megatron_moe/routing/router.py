@@ -30,8 +30,9 @@ class RouterOutput:
         logits: [T, E] float32 logits after normalisation if enabled (z-loss input).
         probs: [T, E] float32 full, unmasked softmax(logits), or with sigmoid scores the sigmoids normalised
             over the experts (balance-loss input).
-        balance_indices: [T, K] the top-K of ``probs`` when an expert bias made ``indices`` differ from it
-            (the choice the balance losses count, as megatron-core and DeepSeek-V3 eq. 18); None: ``indices``.
+        balance_indices: [T, K] the top-K of ``probs`` when an expert bias or group-limited routing made
+            ``indices`` differ from it (the choice the balance losses count, as megatron-core and DeepSeek-V3
+            eq. 18); None: ``indices``.
     """
 
     indices: Tensor
@@ -58,6 +59,7 @@ class Router(nn.Module):
         expert_bias: keep an fp32 buffer ``expert_bias`` [E] (zeros) added to the sigmoid scores for choosing;
             moved by :meth:`update_expert_bias` (a persistent buffer: checkpoints hold it).
         topk_scaling_factor: top-K only: the combine weights are multiplied by it.
+        groups: top-K only: (number of groups, groups kept) for group-limited routing, or None.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class Router(nn.Module):
         score_function: str = "softmax",
         expert_bias: bool = False,
         topk_scaling_factor: float = 1.0,
+        groups: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if kind not in ROUTERS:
@@ -93,6 +96,9 @@ class Router(nn.Module):
             raise ValueError(f"moe.score_function = {score_function!r} with moe.router = {kind!r}")
         if expert_bias and score_function != "sigmoid":
             raise ValueError("moe.expert_bias needs moe.score_function = 'sigmoid'")
+        if groups is not None and (kind != "topk" or num_experts % groups[0] or not 1 <= groups[1] <= groups[0]
+                                   or groups[1] > topk or groups[1] * (num_experts // groups[0]) < topk):
+            raise ValueError(f"group-limited routing {groups} with {num_experts} experts, top-{topk}, {kind!r}")
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.topk = topk
@@ -103,6 +109,7 @@ class Router(nn.Module):
         self.jitter_eps = float(jitter_eps)
         self.score_function = score_function
         self.topk_scaling_factor = float(topk_scaling_factor)
+        self.groups = groups
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.expert_bias: Tensor | None
         self.register_buffer("expert_bias", torch.zeros(num_experts) if expert_bias else None)
@@ -144,10 +151,11 @@ class Router(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.score_function == "sigmoid":
                 probs = sigmoid_balance_probs(logits)
-                weights, indices = sigmoid_topk_routing(logits, self.topk, self.renormalize, self.expert_bias)
+                weights, indices = sigmoid_topk_routing(logits, self.topk, self.renormalize, self.expert_bias,
+                                                        self.groups)
             elif self.kind == "topk":
                 probs = torch.softmax(logits, dim=-1)
-                weights, indices = topk_softmax_routing(logits, self.topk, self.renormalize)
+                weights, indices = topk_softmax_routing(logits, self.topk, self.renormalize, self.groups)
             else:
                 probs = torch.softmax(logits, dim=-1)
                 weights, indices = sparsemixer_v2_routing(
@@ -155,7 +163,8 @@ class Router(nn.Module):
                 )
             if self.topk_scaling_factor != 1.0:
                 weights = weights * self.topk_scaling_factor
-            unbiased = torch.topk(probs, self.topk, dim=-1).indices if self.expert_bias is not None else None
+            limited = self.expert_bias is not None or self.groups is not None
+            unbiased = torch.topk(probs, self.topk, dim=-1).indices if limited else None
         return RouterOutput(indices=indices, weights=weights, logits=logits, probs=probs, balance_indices=unbiased)
 
     def extra_repr(self) -> str:

@@ -12,7 +12,22 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def topk_softmax_routing(logits: Tensor, topk: int, renormalize: bool = True) -> tuple[Tensor, Tensor]:
+def group_limited_choice(scores: Tensor, topk: int, groups: tuple[int, int]) -> Tensor:
+    """[T, K] experts chosen within the best groups (DeepSeek-V2/V3's device- and node-limited routing;
+    megatron-core's ``group_limited_topk``, docs/routing.md §1b): the E experts form ``groups[0]`` equal groups
+    in order; each group scores the sum of its top-(K / ``groups[1]``) ``scores``; the ``groups[1]`` best groups
+    are kept and the K largest ``scores`` among their experts are chosen, by decreasing score."""
+    num_groups, group_topk = groups
+    t, e = scores.shape
+    group_scores = scores.view(t, num_groups, e // num_groups).topk(topk // group_topk, dim=-1).values.sum(-1)
+    kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_scores.topk(group_topk, dim=-1).indices,
+                                                                      True)
+    masked = scores.masked_fill(~kept.repeat_interleave(e // num_groups, dim=1), float("-inf"))
+    return masked.topk(topk, dim=-1).indices
+
+
+def topk_softmax_routing(logits: Tensor, topk: int, renormalize: bool = True,
+                         groups: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """Pick the ``topk`` largest softmax probabilities per token.
 
     docs/routing.md §1: g = softmax(z); weights = the K picked g, renormalised to sum 1 per token unless
@@ -23,6 +38,9 @@ def topk_softmax_routing(logits: Tensor, topk: int, renormalize: bool = True) ->
         logits: router logits z, shape [T, E].
         topk: K, 1 <= K <= E.
         renormalize: divide the K picked probabilities by their sum.
+        groups: (number of groups, groups kept) for group-limited routing (:func:`group_limited_choice`),
+            chosen by the logits when ``renormalize`` and by the probabilities otherwise (megatron-core's
+            top-K-then-softmax and pre-softmax orders, which group sums tell apart), or None.
 
     Returns:
         weights: [T, K] in fp32 (fp64 for fp64 input), differentiable w.r.t. ``logits``,
@@ -35,14 +53,18 @@ def topk_softmax_routing(logits: Tensor, topk: int, renormalize: bool = True) ->
     if not 1 <= topk <= num_experts:
         raise ValueError(f"moe.topk must be in [1, num_experts={num_experts}], got {topk}")
     probs = torch.softmax(logits.to(_compute_dtype(logits.dtype)), dim=-1)
-    weights, indices = torch.topk(probs, topk, dim=-1)
+    if groups is None:
+        weights, indices = torch.topk(probs, topk, dim=-1)
+    else:
+        indices = group_limited_choice(logits.detach() if renormalize else probs.detach(), topk, groups)
+        weights = probs.gather(1, indices)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, indices
 
 
-def sigmoid_topk_routing(logits: Tensor, topk: int, renormalize: bool = True,
-                         expert_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def sigmoid_topk_routing(logits: Tensor, topk: int, renormalize: bool = True, expert_bias: Tensor | None = None,
+                         groups: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """Pick ``topk`` experts per token by sigmoid scores (DeepSeek-V3 eqs. 15-16, docs/routing.md §1b).
 
     s = sigmoid(z); the K experts with the largest ``s + expert_bias`` are chosen (the bias only chooses);
@@ -54,6 +76,8 @@ def sigmoid_topk_routing(logits: Tensor, topk: int, renormalize: bool = True,
         topk: K, 1 <= K <= E.
         renormalize: normalise the K picked scores to sum 1 (K > 1).
         expert_bias: [E] float32 bias b_i for choosing, or None.
+        groups: (number of groups, groups kept): choose within the best groups of ``s + b``
+            (:func:`group_limited_choice`), or None.
 
     Returns:
         weights: [T, K], differentiable w.r.t. ``logits``; indices: [T, K] int64, by decreasing s + b.
@@ -63,8 +87,8 @@ def sigmoid_topk_routing(logits: Tensor, topk: int, renormalize: bool = True,
     if not 1 <= topk <= logits.shape[-1]:
         raise ValueError(f"moe.topk must be in [1, num_experts={logits.shape[-1]}], got {topk}")
     scores = torch.sigmoid(logits.to(_compute_dtype(logits.dtype)))
-    choose = scores if expert_bias is None else scores.detach() + expert_bias.to(scores.dtype)
-    indices = torch.topk(choose, topk, dim=-1).indices
+    choose = scores.detach() if expert_bias is None else scores.detach() + expert_bias.to(scores.dtype)
+    indices = torch.topk(choose, topk, dim=-1).indices if groups is None else group_limited_choice(choose, topk, groups)
     weights = scores.gather(1, indices)
     if renormalize and topk > 1:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

@@ -366,9 +366,9 @@ def test_inexpressible_shared_expert_exports_are_explained(tmp_path, settings, a
 def test_sigmoid_routing_with_expert_bias_is_not_exported(tmp_path):
     """DeepSeek-V3's sigmoid routing (expert bias, scaled weights) has no format here: every reason listed."""
     save_native(tmp_path / "m", tiny_config(num_experts=4, topk=2, score_function="sigmoid", expert_bias=True,
-                                            topk_scaling_factor=2.5))
+                                            topk_scaling_factor=2.5, router_num_groups=2, router_group_topk=1))
     with pytest.raises(ExportError) as err:
         export(tmp_path / "m", tmp_path / "out")
     assert "moe.score_function = 'sigmoid': mixtral routes by softmax" in str(err.value)
-    assert "moe.topk_scaling_factor = 2.5" in str(err.value)
+    assert "moe.topk_scaling_factor = 2.5" in str(err.value) and "no group-limited routing" in str(err.value)
     assert not (tmp_path / "out").exists()

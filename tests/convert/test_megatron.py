@@ -56,8 +56,9 @@ def megatron_args(cfg, tp: int, **overrides) -> argparse.Namespace:
                     moe_router_score_function=e.score_function, moe_router_enable_expert_bias=e.expert_bias,
                     moe_router_topk_scaling_factor=None if e.topk_scaling_factor == 1.0 else e.topk_scaling_factor,
                     moe_shared_expert_intermediate_size=e.shared_expert_ffn_hidden_size or None,
-                    moe_shared_expert_gate=e.shared_expert_gate, moe_grouped_gemm=False, moe_router_num_groups=None,
-                    moe_router_group_topk=None, moe_aux_loss_coeff=0.0)
+                    moe_shared_expert_gate=e.shared_expert_gate, moe_grouped_gemm=False,
+                    moe_router_num_groups=e.router_num_groups or None,
+                    moe_router_group_topk=e.router_group_topk or None, moe_aux_loss_coeff=0.0)
     args.update(overrides)
     return argparse.Namespace(**args)
 
@@ -547,7 +548,8 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
             moe_router_score_function=e.score_function, moe_router_enable_expert_bias=e.expert_bias,
             moe_router_topk_scaling_factor=None if e.topk_scaling_factor == 1.0 else e.topk_scaling_factor,
             moe_shared_expert_intermediate_size=e.shared_expert_ffn_hidden_size or None,
-            moe_shared_expert_gate=e.shared_expert_gate, expert_model_parallel_size=ep, expert_tensor_parallel_size=tp)
+            moe_shared_expert_gate=e.shared_expert_gate, expert_model_parallel_size=ep, expert_tensor_parallel_size=tp,
+            moe_router_num_groups=e.router_num_groups or None, moe_router_group_topk=e.router_group_topk or None)
     config = TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size, gated_linear_unit=True,
@@ -832,14 +834,16 @@ def test_torch_dist_qk_layernorm_and_kv_channels_of_megatron_core(megatron_dist_
 
 
 # MoE checkpoints of megatron-core (torch_dist): Mixtral's layout (softmax top-2, renormalised, every layer MoE:
-# stacked layer tensors) and a DeepSeek-V3-like one (sigmoid scores with an expert bias and scaling factor, a
-# sigmoid-gated shared expert, a dense first layer: per-layer tensors) with Qwen3's attention.
+# stacked layer tensors) and a DeepSeek-V3-like one (sigmoid scores with an expert bias and scaling factor,
+# group-limited routing, a sigmoid-gated shared expert, a dense first layer: per-layer tensors) with Qwen3's
+# attention.
 MEGATRON_MOE = {
     "mixtral": dict(num_experts=4, topk=2),
     "mixtral-ep2": dict(num_experts=4, topk=2),  # TP = 1, EP = 2: each rank holds 2 experts
     "deepseek-like": dict(num_experts=4, topk=2, first_k_dense=1, score_function="sigmoid", expert_bias=True,
                           topk_scaling_factor=2.5, shared_expert_ffn_hidden_size=40, shared_expert_gate=True,
-                          qk_layernorm=True, kv_channels=12, expert_ffn_hidden_size=24),
+                          qk_layernorm=True, kv_channels=12, expert_ffn_hidden_size=24, router_num_groups=2,
+                          router_group_topk=1),
 }
 
 
@@ -877,7 +881,8 @@ def test_torch_dist_moe_checkpoint_of_megatron_core_reads_with_its_logits(megatr
     source = read_megatron(run["root"])
     want, got_cfg = run["cfg"], source.cfg
     for key in ("num_experts", "topk", "first_k_dense", "layer_freq", "score_function", "expert_bias",
-                "topk_scaling_factor", "shared_expert_ffn_hidden_size", "shared_expert_gate", "renormalize"):
+                "topk_scaling_factor", "shared_expert_ffn_hidden_size", "shared_expert_gate", "renormalize",
+                "router_num_groups", "router_group_topk"):
         assert getattr(got_cfg.moe, key) == getattr(want.moe, key), key
     assert got_cfg.expert_ffn_size == want.expert_ffn_size
     assert got_cfg.model.head_dim == want.model.head_dim and got_cfg.model.qk_layernorm == want.model.qk_layernorm
@@ -905,8 +910,8 @@ def test_load_megatron_moe_checkpoint_takes_its_architecture_and_weights(tmp_pat
 
 
 def test_megatron_moe_arguments_that_cannot_be_read_are_named(tmp_path, reference):
-    """Expert biases (Megatron-LM's add_bias_linear default on an MoE model), group-limited routing (also the
-    deprecated topk_limited_devices), Sinkhorn routing, probabilities applied on the expert input, latent experts,
+    """Expert biases (Megatron-LM's add_bias_linear default on an MoE model), group_topk without num_groups, the
+    deprecated topk_limited_devices, Sinkhorn routing, probabilities applied on the expert input, latent experts,
     L2 query/key norms, the position drop policy, a layer pattern other than k dense then every f, and an MoE
     checkpoint in the legacy format: each named. Read as megatron-core means them: a capacity factor drops (in
     evaluation too), num_groups without group_topk is plain top-K, a scaling factor of 0 is none, a shared-expert
@@ -916,9 +921,9 @@ def test_megatron_moe_arguments_that_cannot_be_read_are_named(tmp_path, referenc
     cfg = tiny_config(num_experts=4, topk=2)
     args = vars(megatron_args(cfg, 1))
     for overrides, needle in [({"add_bias_linear": True}, "add_bias_linear = True on an MoE model"),
-                              ({"moe_router_num_groups": 2, "moe_router_group_topk": 1}, "group-limited routing"),
+                              ({"moe_router_group_topk": 1}, "moe_router_group_topk = 1 without moe_router_num_groups"),
                               ({"moe_layer_freq": [0, 0]}, "makes layers [] MoE"),
-                              ({"moe_router_topk_limited_devices": 2}, "group-limited routing is not implemented"),
+                              ({"moe_router_topk_limited_devices": 2}, "moe_router_topk_limited_devices (deprecated)"),
                               ({"moe_router_load_balancing_type": ["aux_loss", "sinkhorn"]}, "Sinkhorn routing"),
                               ({"moe_apply_probs_on_input": True}, "moe_apply_probs_on_input = True: routing"),
                               ({"moe_latent_size": 16}, "moe_latent_size = 16: latent experts"),
@@ -929,6 +934,8 @@ def test_megatron_moe_arguments_that_cannot_be_read_are_named(tmp_path, referenc
         with pytest.raises(ConversionError, match=re.escape(needle)):
             config_from_megatron_args({**args, **overrides}, "args")
     assert config_from_megatron_args({**args, "moe_layer_freq": 2}, "args").moe.layer_freq == 2
+    grouped = config_from_megatron_args({**args, "moe_router_num_groups": 2, "moe_router_group_topk": 1}, "args").moe
+    assert (grouped.router_num_groups, grouped.router_group_topk) == (2, 1)
     read = config_from_megatron_args({**args, "moe_expert_capacity_factor": 1.25, "moe_router_num_groups": 2,
                                       "moe_router_topk_scaling_factor": 0.0, "moe_shared_expert_gate": True,
                                       "moe_input_jitter_eps": 0.01}, "args").moe

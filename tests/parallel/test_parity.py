@@ -50,8 +50,8 @@ def _config(model: str, tp: int = 1, pp: int = 1):
     the sequence-wise balance loss) or "qk-norm" (Qwen3's attention: LayerNorm query/key norms on heads of
     12, not hidden / heads = 8, via model.kv_channels), "shared-expert" (Qwen2-MoE's sigmoid-gated shared
     expert beside top-K) or "expert-bias" (DeepSeek-V3's sigmoid routing with an expert bias, moved after
-    every step by the global loads: a large rate, so that the second step routes by it); parameter norms and
-    gradient zero counts logged."""
+    every step by the global loads: a large rate, so that the second step routes by it; group-limited); parameter
+    norms and gradient zero counts logged."""
     settings = {"released": RELEASED, "released-1p": {**RELEASED, "apply_layernorm_1p": True},
                 "sequence-balance": {"router": "topk", "balance_loss": "sequence"},
                 "qk-norm": {"router": "topk", "qk_layernorm": True, "normalization": "LayerNorm",
@@ -59,7 +59,8 @@ def _config(model: str, tp: int = 1, pp: int = 1):
                 "shared-expert": {"router": "topk", "shared_expert_ffn_hidden_size": 24,
                                   "shared_expert_gate": True},
                 "expert-bias": {"router": "topk", "score_function": "sigmoid", "expert_bias": True,
-                                "expert_bias_update_rate": 0.05, "topk_scaling_factor": 2.5},
+                                "expert_bias_update_rate": 0.05, "topk_scaling_factor": 2.5, "router_num_groups": 2,
+                                "router_group_topk": 1},
                 }.get(model, {"router": model})
     return tiny_config(tp=tp, pp=pp, log_params_norm=True, log_num_zeros_in_grad=True, **settings)
 

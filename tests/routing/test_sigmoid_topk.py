@@ -20,22 +20,24 @@ def _dense(weights: torch.Tensor, indices: torch.Tensor, num_experts: int) -> to
     return torch.zeros(weights.shape[0], num_experts, dtype=weights.dtype).scatter(1, indices, weights)
 
 
-@pytest.mark.parametrize("topk", [1, 2, 4])
+@pytest.mark.parametrize("topk,groups", [(1, None), (2, None), (4, None), (2, (4, 2)), (4, (2, 1))])
 @pytest.mark.parametrize("biased", [False, True])
 @pytest.mark.parametrize("scaling", [None, 2.5])
-def test_sigmoid_routing_equals_megatron_cores(topk, biased, scaling):
+def test_sigmoid_routing_equals_megatron_cores(topk, groups, biased, scaling):
     """Weights and chosen experts of the router equal megatron-core's ``topk_routing_with_score_function``
-    (score_function sigmoid, its expert bias and top-K scaling factor), fp32."""
+    (score_function sigmoid, its expert bias, top-K scaling factor and group-limited routing), fp32."""
     g = torch.Generator().manual_seed(topk)
     logits = torch.randn(64, 8, generator=g)
     bias = torch.randn(8, generator=g) * 0.3 if biased else None
-    router = Router(4, 8, topk, score_function="sigmoid", expert_bias=biased, topk_scaling_factor=scaling or 1.0)
+    router = Router(4, 8, topk, score_function="sigmoid", expert_bias=biased, topk_scaling_factor=scaling or 1.0,
+                    groups=groups)
     if biased:
         router.expert_bias.copy_(bias)
     router.gate_logits = lambda x: logits  # route these logits
     route = router(torch.zeros(64, 4))
     probs, routing_map = moe_utils.topk_routing_with_score_function(
-        logits, topk, use_pre_softmax=False, score_function="sigmoid", expert_bias=bias, scaling_factor=scaling)
+        logits, topk, use_pre_softmax=False, score_function="sigmoid", expert_bias=bias, scaling_factor=scaling,
+        num_groups=groups and groups[0], group_topk=groups and groups[1])
     ours = _dense(route.weights, route.indices, 8)
     assert torch.equal(ours != 0, routing_map)
     torch.testing.assert_close(ours, probs, rtol=1e-6, atol=1e-7)
@@ -43,6 +45,29 @@ def test_sigmoid_routing_equals_megatron_cores(topk, biased, scaling):
     torch.testing.assert_close(route.probs, aux_scores, rtol=1e-6, atol=1e-8)
     counted = route.indices if route.balance_indices is None else route.balance_indices  # what the losses count
     assert torch.equal(_dense(torch.ones_like(route.weights), counted, 8) != 0, aux_map)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("groups", [(4, 2), (2, 1)])
+def test_group_limited_softmax_routing_equals_megatron_cores(renormalize, groups):
+    """Group-limited top-K softmax routing (DeepSeek-V2's device-limited routing) equals megatron-core's: groups
+    scored by the logits (top-K then softmax, renormalised) or by the probabilities (pre-softmax). Groups scored by
+    their best expert alone (K / groups kept = 1) choose as plain top-K does; by their best two, differently."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(128, 8, generator=g) * 2
+    router = Router(4, 8, 2, renormalize=renormalize, groups=groups)
+    router.gate_logits = lambda x: logits
+    route = router(torch.zeros(128, 4))
+    probs, routing_map = moe_utils.topk_routing_with_score_function(
+        logits, 2, use_pre_softmax=not renormalize, num_groups=groups[0], group_topk=groups[1])
+    ours = _dense(route.weights, route.indices, 8)
+    assert torch.equal(ours != 0, routing_map)
+    torch.testing.assert_close(ours, probs, rtol=1e-6, atol=1e-7)
+    plain = Router(4, 8, 2, renormalize=renormalize)
+    plain.gate_logits = lambda x: logits
+    same = torch.equal(plain(torch.zeros(128, 4)).indices.sort(-1).values, route.indices.sort(-1).values)
+    assert same == (2 // groups[1] == 1)
+    assert torch.equal(route.balance_indices.sort(-1).values, torch.topk(route.probs, 2).indices.sort(-1).values)
 
 
 @pytest.mark.parametrize("scope", ["local", "global"])
@@ -154,6 +179,9 @@ def test_sigmoid_settings_are_checked():
         Router(4, 8, 2, expert_bias=True)
     with pytest.raises(ValueError, match="moe.score_function = 'sigmoid' with moe.router = 'sparsemixer'"):
         Router(4, 8, 2, kind="sparsemixer", score_function="sigmoid")
+    for groups in [(3, 1), (4, 3), (8, 1)]:  # not dividing 8; more groups kept than top-2; 1 expert for top-2
+        with pytest.raises(ValueError, match="group-limited routing"):
+            Router(4, 8, 2, groups=groups)
     assert Router(4, 8, 2).expert_bias is None and "expert_bias" not in Router(4, 8, 2).state_dict()
     assert "expert_bias" in Router(4, 8, 2, score_function="sigmoid", expert_bias=True).state_dict()
     torch.testing.assert_close(sigmoid_balance_probs(torch.zeros(3, 4)), torch.full((3, 4), 0.25))
