@@ -47,6 +47,14 @@ ROPE_SCALINGS = ("none", "llama3")  # "llama3": Llama 3.1's frequency scaling (M
 TOKENIZER_TYPES = ("auto", "sentencepiece", "huggingface")  # auto: told from the file (data.tokenizer.load_tokenizer)
 
 
+def group_limited_routing_fits(num_experts: int, topk: int, num_groups: int, group_topk: int) -> bool:
+    """The one place of the rule for group-limited routing: the groups divide the experts, at most the groups
+    and K groups are kept, and the kept groups hold at least K experts."""
+    if num_groups < 1 or num_experts % num_groups:
+        return False
+    return 1 <= group_topk <= min(num_groups, topk) and group_topk * (num_experts // num_groups) >= topk
+
+
 def check_sparsemixer_topk(topk: int) -> None:
     """The one place of the rule: SparseMixer-v2 routes exactly :data:`SPARSEMIXER_TOPK` experts per token."""
     if topk != SPARSEMIXER_TOPK:
@@ -257,8 +265,7 @@ class MoEConfig:
             check_sparsemixer_topk(self.topk)
         if self.router_group_topk:
             g, kept = self.router_num_groups, self.router_group_topk
-            per_group = 0 if self.num_experts % g else self.num_experts // g
-            if self.router != "topk" or not per_group or kept > g or kept > self.topk or kept * per_group < self.topk:
+            if self.router != "topk" or not group_limited_routing_fits(self.num_experts, self.topk, g, kept):
                 raise ConfigError(
                     f"group-limited routing: moe.router_num_groups = {g} must divide moe.num_experts = "
                     f"{self.num_experts}, and moe.router_group_topk = {kept} must be at most the groups and "

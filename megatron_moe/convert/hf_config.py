@@ -311,13 +311,8 @@ def export_blockers(cfg: Config, arch: str) -> list[str]:
             reasons.append(f"model.qk_layernorm = false: {name} always normalises queries and keys")
         reasons += _rmsnorm_no_bias_blockers(cfg, name)
         if arch == "qwen3_moe":
-            if e.router != "topk":
-                reasons.append(f"moe.router = {e.router!r}: Qwen3-MoE routes by top-K softmax only")
-            if e.logit_norm:
-                reasons.append("moe.logit_norm = true: Qwen3-MoE has no gating logit normalisation")
-        if m.rope_scaling != "none":
-            reasons.append(f"model.rope_scaling = {m.rope_scaling!r}: exported Qwen3 configs carry default RoPE only")
-        return reasons
+            reasons += _qwen_moe_router_blockers(e, name)
+        return reasons + _default_rope_blockers(m, "Qwen3")
     if m.qk_layernorm:
         reasons.append(f"model.qk_layernorm = true: {arch} has no query/key norms (export as qwen3 or qwen3_moe)")
     if arch == "mixtral":
@@ -363,16 +358,26 @@ def _qwen2_moe_blockers(cfg: Config) -> list[str]:
         reasons.append("model.qk_layernorm = true: Qwen2-MoE has no query/key norms")
     if m.add_bias_linear or m.lm_head_bias:
         reasons.append("model.add_bias_linear / model.lm_head_bias: Qwen2-MoE's only biases are on q, k and v")
-    if m.rope_scaling != "none":
-        reasons.append(f"model.rope_scaling = {m.rope_scaling!r}: exported Qwen2-MoE configs carry default RoPE only")
-    if e.router != "topk":
-        reasons.append(f"moe.router = {e.router!r}: Qwen2-MoE routes by top-K softmax only")
-    if e.logit_norm:
-        reasons.append("moe.logit_norm = true: Qwen2-MoE has no gating logit normalisation")
+    reasons += _default_rope_blockers(m, "Qwen2-MoE") + _qwen_moe_router_blockers(e, "Qwen2-MoE")
     if not (e.shared_expert_ffn_hidden_size and e.shared_expert_gate):
         reasons.append("moe.shared_expert_ffn_hidden_size / moe.shared_expert_gate: Qwen2-MoE always has a shared "
                        "expert with a sigmoid gate")
     return reasons
+
+
+def _qwen_moe_router_blockers(e, name: str) -> list[str]:
+    """Why the router of ``e`` (a MoEConfig) is not Qwen-MoE's plain top-K softmax router."""
+    reasons = [f"moe.router = {e.router!r}: {name} routes by top-K softmax only"] if e.router != "topk" else []
+    if e.logit_norm:
+        reasons.append(f"moe.logit_norm = true: {name} has no gating logit normalisation")
+    return reasons
+
+
+def _default_rope_blockers(m, name: str) -> list[str]:
+    """Formats whose exported config carries the default rotary embedding only."""
+    if m.rope_scaling == "none":
+        return []
+    return [f"model.rope_scaling = {m.rope_scaling!r}: exported {name} configs carry default RoPE only"]
 
 
 def _norm_blockers(m, required: str, name: str) -> list[str]:

@@ -581,12 +581,12 @@ def _model_loaders(cfg: Config, *, whole, vocab_parallel, row_parallel, qkv_part
     return loaders
 
 
-def _gate_up(t: torch.Tensor, which: int, where: str) -> torch.Tensor:
-    """Gate (0) or up (1) half of a SwiGLU fc1 tensor's rows (dim -2: ``[gate; up]``, megatron-core's global
-    layout of torch_dist whatever the tensor-parallel size)."""
-    if t.shape[-2] % 2:
-        raise ConversionError(f"{where} has an odd number of rows ({t.shape[-2]}); expected [gate; up] for SwiGLU")
-    return t.chunk(2, dim=-2)[which]
+def _gate_up(t: torch.Tensor, which: int, where: str, dim: int = 0) -> torch.Tensor:
+    """Gate (0) or up (1) half of a SwiGLU fc1 weight's or bias's rows along ``dim`` (``[gate; up]``: a legacy
+    shard's, or torch_dist's global layout whatever the tensor-parallel size; dim 1 for stacked experts)."""
+    if t.shape[dim] % 2:
+        raise ConversionError(f"{where} has an odd number of rows ({t.shape[dim]}); expected [gate; up] for SwiGLU")
+    return t.chunk(2, dim=dim)[which]
 
 
 def _moe_loaders(cfg: Config, i: int, whole) -> dict:
@@ -597,8 +597,8 @@ def _moe_loaders(cfg: Config, i: int, whole) -> dict:
     where = f"layer {i}"
     out = {
         p + "router.gate.weight": whole("router", i),
-        p + "experts.w1": lambda: _gate_up(whole("exp_fc1", i)(), 0, f"{where} experts' fc1").transpose(1, 2),
-        p + "experts.w3": lambda: _gate_up(whole("exp_fc1", i)(), 1, f"{where} experts' fc1").transpose(1, 2),
+        p + "experts.w1": lambda: _gate_up(whole("exp_fc1", i)(), 0, f"{where} experts' fc1", 1).transpose(1, 2),
+        p + "experts.w3": lambda: _gate_up(whole("exp_fc1", i)(), 1, f"{where} experts' fc1", 1).transpose(1, 2),
         p + "experts.w2": lambda: whole("exp_fc2", i)().transpose(1, 2),
     }
     if e.expert_bias:
@@ -697,13 +697,8 @@ def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> 
 
     def fc1_part(layer: int, which: int, role: str = "fc1"):
         def load() -> torch.Tensor:  # each shard: [its gate rows; its up rows]
-            halves = []
-            for file, p in zip(files, shard_list(role, layer), strict=True):
-                if p.shape[0] % 2:
-                    raise ConversionError(f"{file}: layer {layer} {role} has an odd number of rows ({p.shape[0]}); "
-                                          "expected [gate; up] for SwiGLU")
-                halves.append(p.chunk(2, dim=0)[which])
-            return torch.cat(halves, dim=0)
+            return torch.cat([_gate_up(p, which, f"{file}: layer {layer} {role}")
+                              for file, p in zip(files, shard_list(role, layer), strict=True)], dim=0)
         return load
 
     loaders = _model_loaders(cfg, whole=replicated, vocab_parallel=lambda role: cat(role, None, 0),
@@ -942,13 +937,8 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
                                   f"{ckpt} layer {layer} {role}")[which]
 
     def fc1_part(layer: int, which: int, role: str = "fc1"):
-        def load() -> torch.Tensor:  # [gate of all ranks; up of all ranks]
-            fc1 = get(role, layer)
-            if fc1.shape[0] % 2:
-                raise ConversionError(f"{ckpt}: layer {layer} {role} has an odd number of rows ({fc1.shape[0]}); "
-                                      "expected [gate; up] for SwiGLU")
-            return fc1.chunk(2, dim=0)[which]
-        return load
+        # [gate of all ranks; up of all ranks]
+        return lambda: _gate_up(get(role, layer), which, f"{ckpt}: layer {layer} {role}")
 
     loaders = _model_loaders(cfg, whole=plain, vocab_parallel=plain, row_parallel=plain, qkv_part=qkv_part,
                              fc1_part=fc1_part)

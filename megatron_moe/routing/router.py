@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatron_moe.config import ROUTERS, SCORE_FUNCTIONS, check_sparsemixer_topk
+from megatron_moe.config import ROUTERS, SCORE_FUNCTIONS, check_sparsemixer_topk, group_limited_routing_fits
 from megatron_moe.routing.normalization import normalize_gate_logits
 from megatron_moe.routing.sparsemixer import sparsemixer_v2_routing
 from megatron_moe.routing.topk import (
@@ -96,8 +96,7 @@ class Router(nn.Module):
             raise ValueError(f"moe.score_function = {score_function!r} with moe.router = {kind!r}")
         if expert_bias and score_function != "sigmoid":
             raise ValueError("moe.expert_bias needs moe.score_function = 'sigmoid'")
-        if groups is not None and (kind != "topk" or num_experts % groups[0] or not 1 <= groups[1] <= groups[0]
-                                   or groups[1] > topk or groups[1] * (num_experts // groups[0]) < topk):
+        if groups is not None and (kind != "topk" or not group_limited_routing_fits(num_experts, topk, *groups)):
             raise ValueError(f"group-limited routing {groups} with {num_experts} experts, top-{topk}, {kind!r}")
         self.hidden_size = hidden_size
         self.num_experts = num_experts

@@ -114,7 +114,7 @@ def load_training_state(checkpoint, parts, optimizer, num_moe_layers: int, rank:
     restore_rng = load_rng and same_layout and "cpu" in rng
     if not restore_rng:
         del state["rng"]
-    _without_absent_expert_biases(state["model"], stored, "model.")
+    _without_absent_expert_biases(state["model"], stored)
     load_checkpoint(checkpoint, state, group=group)
     if restore_rng:
         set_rng_state(state["rng"][f"rank{rank}"], device)
@@ -130,15 +130,15 @@ def load_training_state(checkpoint, parts, optimizer, num_moe_layers: int, rank:
 def load_model_only(checkpoint, parts, group=None) -> None:
     """Load just the model weights (an upcycled / converted checkpoint, or evaluation)."""
     state = model_state(parts)
-    _without_absent_expert_biases(state, checkpoint_keys(checkpoint), "model.")
+    _without_absent_expert_biases(state, checkpoint_keys(checkpoint))
     load_checkpoint(checkpoint, {"model": state}, group=group)
 
 
-def _without_absent_expert_biases(state: dict[str, torch.Tensor], stored: Collection[str], prefix: str) -> None:
+def _without_absent_expert_biases(state: dict[str, torch.Tensor], stored: Collection[str]) -> None:
     """Drop from the load targets the routers' expert biases (docs/routing.md §1b) a checkpoint does not hold:
     a model saved without auxiliary-loss-free balancing (an upcycled or imported one, a softmax run) starts
     its biases at zero. Every other missing tensor stays an error."""
-    for name in [n for n in state if n.endswith("router.expert_bias") and prefix + n not in stored]:
+    for name in [n for n in state if n.endswith("router.expert_bias") and f"model.{n}" not in stored]:
         del state[name]
 
 
