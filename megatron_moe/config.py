@@ -116,6 +116,17 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / low are fully scaled
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / high are kept
     rope_original_max_position: int = 8192  # llama3: the context length the model was trained at
+    # Multi-head latent attention (DeepSeek-V2 §2.1, DeepSeek-V3; Megatron-LM's --multi-latent-attention): keys and
+    # values are projected up per head from one kv_lora_rank-wide latent, queries from a q_lora_rank-wide latent
+    # (0: straight from the hidden state); each q/k head is qk_head_dim channels without position plus
+    # qk_pos_emb_head_dim rotary ones (the key's shared by all heads), each value head v_head_dim wide. With
+    # qk_layernorm the two latents are normalised (megatron-core's layer spec; DeepSeek's q_a/kv_a_layernorm).
+    multi_latent_attention: bool = False
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 32
+    qk_head_dim: int = 128
+    qk_pos_emb_head_dim: int = 64
+    v_head_dim: int = 128
 
     @property
     def dense_ffn_size(self) -> int:
@@ -126,6 +137,30 @@ class ModelConfig:
     def head_dim(self) -> int:
         """Elements per attention head: ``kv_channels``, or hidden_size / num_attention_heads."""
         return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def _validate_latent_attention(self) -> None:
+        _check_positive({"model.kv_lora_rank": self.kv_lora_rank, "model.qk_head_dim": self.qk_head_dim,
+                         "model.qk_pos_emb_head_dim": self.qk_pos_emb_head_dim, "model.v_head_dim": self.v_head_dim})
+        _check_non_negative({"model.q_lora_rank": self.q_lora_rank})
+        if self.qk_pos_emb_head_dim % 2:
+            raise ConfigError(f"model.qk_pos_emb_head_dim = {self.qk_pos_emb_head_dim} must be even for rotary "
+                              "embeddings")
+        if self.kv_channels:
+            raise ConfigError(f"model.kv_channels = {self.kv_channels} with model.multi_latent_attention: latent "
+                              "attention heads are model.qk_head_dim + model.qk_pos_emb_head_dim wide (q, k) and "
+                              "model.v_head_dim (v); leave kv_channels at 0")
+        if self.num_kv_heads != self.num_attention_heads:
+            raise ConfigError(f"model.num_query_groups = {self.num_query_groups} with model.multi_latent_attention: "
+                              "latent attention has a key and value per head (leave num_query_groups at 0)")
+        if self.add_qkv_bias:
+            raise ConfigError("model.add_qkv_bias with model.multi_latent_attention: the latent projections have no "
+                              "biases here")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each q/k head that rotary embeddings rotate: the last ``qk_pos_emb_head_dim`` with
+        multi-latent attention, else all ``head_dim``."""
+        return self.qk_pos_emb_head_dim if self.multi_latent_attention else self.head_dim
 
     @property
     def num_kv_heads(self) -> int:
@@ -145,13 +180,15 @@ class ModelConfig:
             "model.ffn_hidden_size": self.ffn_hidden_size,
             "model.kv_channels": self.kv_channels,
         })
-        if not self.kv_channels and self.hidden_size % self.num_attention_heads:
+        if self.multi_latent_attention:
+            self._validate_latent_attention()
+        elif not self.kv_channels and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.num_attention_heads = {self.num_attention_heads} does not divide "
                 f"model.hidden_size = {self.hidden_size}; set model.kv_channels (--kv-channels) for a head "
                 "dimension of its own"
             )
-        if self.head_dim % 2:
+        if not self.multi_latent_attention and self.head_dim % 2:
             what = "model.kv_channels" if self.kv_channels else "model.hidden_size / model.num_attention_heads"
             raise ConfigError(f"head dimension {what} = {self.head_dim} must be even for rotary embeddings")
         if self.num_attention_heads % self.num_kv_heads:
@@ -664,6 +701,7 @@ IMPLIED_FLAGS: dict[str, tuple[str, str]] = {
     "moe-router-pre-softmax": ("moe.renormalize", "false"),  # softmax over all experts, then top-K: unnormalised
     "init-model-with-meta-device": ("training.meta_init", "true"),
     "qk-layernorm": ("model.qk_layernorm", "true"),
+    "multi-latent-attention": ("model.multi_latent_attention", "true"),
     "moe-shared-expert-gate": ("moe.shared_expert_gate", "true"),
     "moe-router-enable-expert-bias": ("moe.expert_bias", "true"),
 }
@@ -724,6 +762,11 @@ MEGATRON_FLAGS: dict[str, str] = {
     "num-attention-heads": "model.num_attention_heads",
     "num-query-groups": "model.num_query_groups",
     "kv-channels": "model.kv_channels",
+    "q-lora-rank": "model.q_lora_rank",
+    "kv-lora-rank": "model.kv_lora_rank",
+    "qk-head-dim": "model.qk_head_dim",
+    "qk-pos-emb-head-dim": "model.qk_pos_emb_head_dim",
+    "v-head-dim": "model.v_head_dim",
     "ffn-hidden-size": "model.ffn_hidden_size",
     "rotary-base": "model.rope_theta",
     "norm-epsilon": "model.norm_eps",
@@ -952,6 +995,12 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
             _apply_moe_layer_pattern(cfg, " ".join(layer_pattern), given)
         except ConfigError as e:
             errors.append(str(e))
+    if cfg.model.multi_latent_attention and "--kv-channels" in args:
+        # Megatron-LM's DeepSeek scripts pass --kv-channels, which its latent attention does not read either
+        cfg.model.kv_channels = 0
+        given.discard("model.kv_channels")
+        extras["notes"].append("--kv-channels has no effect with --multi-latent-attention (as in Megatron-LM): the "
+                               "heads are --qk-head-dim + --qk-pos-emb-head-dim (q, k) and --v-head-dim (v) wide")
     if "--moe-router-pre-softmax" in args and cfg.moe.score_function == "sigmoid":
         # megatron-core's sigmoid routing ignores pre-softmax and always normalises the K picked scores (K > 1)
         cfg.moe.renormalize = True
@@ -1155,6 +1204,9 @@ def _derive_train_iters(cfg: Config, given: set[str], from_file: set[str]) -> No
                               f"({t.global_batch_size} samples)")
 
 
+LATENT_ATTENTION_SETTINGS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+
+
 def _check_no_ignored_settings(cfg: Config, given: set[str]) -> None:
     """Settings a user gave that the chosen model would silently ignore are an error, not a no-op."""
     if cfg.moe.num_experts == 0:
@@ -1166,6 +1218,13 @@ def _check_no_ignored_settings(cfg: Config, given: set[str]) -> None:
     if "moe.expert_bias_update_rate" in given and not cfg.moe.expert_bias and moved:
         raise ConfigError("moe.expert_bias_update_rate (--moe-router-bias-update-rate): no effect without "
                           "moe.expert_bias (--moe-router-enable-expert-bias)")
+    if not cfg.model.multi_latent_attention:
+        defaults = ModelConfig()
+        ignored = sorted(k for k in given if k[6:] in LATENT_ATTENTION_SETTINGS
+                         and getattr(cfg.model, k[6:]) != getattr(defaults, k[6:]))
+        if ignored:
+            raise ConfigError(f"{', '.join(ignored)}: no effect without multi-latent attention; set "
+                              "--multi-latent-attention (model.multi_latent_attention)")
     if cfg.model.rope_scaling == "none":  # the scaling's parameters at their defaults (a full dump of a config) pass
         defaults = ModelConfig()
         ignored = sorted(k for k in given if k.startswith("model.rope_") and k not in ("model.rope_theta",

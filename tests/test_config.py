@@ -297,11 +297,37 @@ def test_megatron_flags_of_newer_example_scripts():
         parse_args(["--data-parallel-sharding-strategy", "optim", "--multi-latent-attention", "--q-lora-rank", "1536",
                     "--rotary-scaling-factor", "40", "--mtp-num-layers", "1", "--enable-gpt-oss"])
     message = str(err.value)
-    for needle in ("choose one of ['no_shard', 'optim_grads_params']", "multi-latent attention is not implemented",
+    for needle in ("choose one of ['no_shard', 'optim_grads_params']",
                    "YaRN rotary scaling is not implemented", "multi-token prediction is not implemented",
                    "the gpt-oss architecture is not implemented"):
         assert needle in message, needle
     assert "unknown flag" not in message
+
+
+def test_multi_latent_attention_flags_of_megatrons_deepseek_scripts():
+    """The attention flags of Megatron-LM's DeepSeek-V3 script (examples/megatron_fsdp), at the plain rotary
+    embedding: --kv-channels and YaRN's mscales are notes (Megatron-LM's latent attention does not read them
+    either at factor 1), --rope-type yarn at factor 1 is the plain rotary embedding."""
+    cfg, extras = parse_args(["--multi-latent-attention", "--num-attention-heads", "128", "--hidden-size", "7168",
+                              "--kv-channels", "128", "--qk-layernorm", "--q-lora-rank", "1536", "--kv-lora-rank",
+                              "512", "--qk-head-dim", "128", "--qk-pos-emb-head-dim", "64", "--v-head-dim", "128",
+                              "--rope-type", "yarn", "--rotary-scaling-factor", "1", "--mscale", "1.0",
+                              "--mscale-all-dim", "1.0"])
+    m = cfg.model
+    assert m.multi_latent_attention and m.qk_layernorm and m.kv_channels == 0 and m.rotary_dim == 64
+    assert (m.q_lora_rank, m.kv_lora_rank, m.qk_head_dim, m.qk_pos_emb_head_dim, m.v_head_dim) == (1536, 512, 128, 64,
+                                                                                                   128)
+    assert {n.split()[0] for n in extras["notes"]} == {"--kv-channels", "--mscale", "--mscale-all-dim"}
+    with pytest.raises(ConfigError, match="YaRN rotary scaling is not implemented"):
+        parse_args(["--multi-latent-attention", "--rotary-scaling-factor", "40"])
+    with pytest.raises(ConfigError, match="model.kv_lora_rank, model.v_head_dim: no effect without multi-latent"):
+        parse_args(["--kv-lora-rank", "64", "--v-head-dim", "32"])
+    with pytest.raises(ConfigError, match="model.num_query_groups = 2 with model.multi_latent_attention"):
+        parse_args(["--multi-latent-attention", "--num-query-groups", "2"])
+    with pytest.raises(ConfigError, match="model.qk_pos_emb_head_dim = 5 must be even"):
+        parse_args(["--multi-latent-attention", "--qk-pos-emb-head-dim", "5"])
+    with pytest.raises(ConfigError, match="model.kv_channels = 64 with model.multi_latent_attention"):
+        parse_args(["--model.multi_latent_attention", "true", "--model.kv_channels", "64"])
 
 
 def test_architecture_option_flags():

@@ -123,7 +123,11 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device=None,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, S, heads, head_dim] by position; cos/sin [S, head_dim]."""
+    """Rotate x [B, S, heads, d] by position; cos/sin [S, r] with r <= d: the last r channels of each head
+    are rotated (all of them unless multi-latent attention keeps the first d - r without position)."""
+    if cos.shape[-1] < x.shape[-1]:
+        r = cos.shape[-1]
+        return torch.cat([x[..., :-r], apply_rope(x[..., -r:], cos, sin)], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     cos = cos[None, :, None, :].to(x.dtype)
@@ -138,7 +142,8 @@ class CoreAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
-        """q [B, S, heads, d], k/v [B, S, kv_heads, d], cos/sin [>= S, d] -> [B, S, heads * d]."""
+        """q/k [B, S, heads or kv_heads, d], v [B, S, kv_heads, d_v], cos/sin [>= S, r] (the last r of d
+        channels are rotated) -> [B, S, heads * d_v]. The scale is 1 / sqrt(d)."""
         b, s = q.shape[:2]
         q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -178,6 +183,55 @@ class Attention(nn.Module):
         return self.wo(self.core(q, k, v, cos, sin))
 
 
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2 §2.1, eqs. 9-19; DeepSeek-V3 §2.1.1), causal, trained form.
+
+    With ``c_kv = kv_latent_norm(wkv_down x)`` [kv_lora_rank] and ``c_q = q_latent_norm(wq_down x)``
+    [q_lora_rank] (or ``c_q = x`` with ``q_lora_rank = 0``), per head i:
+    ``q_i = [wq c_q]_i`` (qk_head_dim channels without position, then qk_pos_emb_head_dim rotated ones),
+    ``[k_i^C, v_i] = [wkv c_kv]_i``, ``k_i = [k_i^C, RoPE(wk_rope x)]`` (the rotated part is one
+    qk_pos_emb_head_dim vector shared by every head), output ``wo [softmax(q_i k_i^T / sqrt(qk_head_dim +
+    qk_pos_emb_head_dim)) v_i]_i``. Heads are read from the (possibly sharded) up-projections. The latent
+    norms are None without ``model.qk_layernorm``. DeepSeek's checkpoints hold ``wkv_down`` and ``wk_rope``
+    as one tensor (kv_a_proj_with_mqa) and lay the rotary channels out in interleaved pairs; the converters
+    split and reorder them (:mod:`megatron_moe.convert.hf_tensors`).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, q_lora_rank: int, kv_lora_rank: int, qk_head_dim: int,
+                 rope_dim: int, v_head_dim: int, out_bias: bool = False,
+                 q_latent_norm: nn.Module | None = None, kv_latent_norm: nn.Module | None = None):
+        super().__init__()
+        self.qk_head_dim, self.rope_dim, self.v_head_dim = qk_head_dim, rope_dim, v_head_dim
+        q_width = num_heads * (qk_head_dim + rope_dim)
+        self.wq_down = nn.Linear(hidden_size, q_lora_rank, bias=False) if q_lora_rank else None
+        self.q_latent_norm = q_latent_norm
+        self.wq = nn.Linear(q_lora_rank or hidden_size, q_width, bias=False)
+        self.wkv_down = nn.Linear(hidden_size, kv_lora_rank, bias=False)
+        self.kv_latent_norm = kv_latent_norm
+        self.wkv = nn.Linear(kv_lora_rank, num_heads * (qk_head_dim + v_head_dim), bias=False)
+        self.wk_rope = nn.Linear(hidden_size, rope_dim, bias=False)
+        self.wo = nn.Linear(num_heads * v_head_dim, hidden_size, bias=out_bias)
+        self.core = CoreAttention()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, S, hidden] -> [B, S, hidden]; cos/sin [>= S, qk_pos_emb_head_dim]."""
+        c_q = x if self.wq_down is None else self.wq_down(x)
+        if self.q_latent_norm is not None:
+            c_q = self.q_latent_norm(c_q)
+        c_kv = self.wkv_down(x)
+        if self.kv_latent_norm is not None:
+            c_kv = self.kv_latent_norm(c_kv)
+        q = self.wq(c_q)
+        kv = self.wkv(c_kv)
+        k_rope = self.wk_rope(x)  # [B, S, rope_dim], one for all heads
+        b, s = q.shape[:2]
+        q = q.view(b, s, -1, self.qk_head_dim + self.rope_dim)
+        k_nope, v = kv.view(b, s, -1, self.qk_head_dim + self.v_head_dim).split(
+            [self.qk_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope[:, :, None, :].expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
+        return self.wo(self.core(q, k, v, cos, sin))
+
+
 class FeedForward(nn.Module):
     """SwiGLU MLP: w2(silu(w1 x) * w3 x), every linear with a bias if ``bias``."""
 
@@ -199,9 +253,7 @@ class TransformerBlock(nn.Module):
         m, e = cfg.model, cfg.moe
         self.layer_idx = layer_idx
         self.attention_norm = build_norm(m)
-        qk_norms = (build_norm(m, m.head_dim), build_norm(m, m.head_dim)) if m.qk_layernorm else (None, None)
-        self.attention = Attention(m.hidden_size, m.num_attention_heads, m.num_kv_heads, m.head_dim,
-                                   m.add_qkv_bias, m.add_bias_linear, *qk_norms)
+        self.attention = build_attention(m)
         self.ffn_norm = build_norm(m)
         if is_moe_layer(cfg, layer_idx):
             self.feed_forward: nn.Module = MoELayer(m.hidden_size, cfg.expert_ffn_size, e)
@@ -211,6 +263,19 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+def build_attention(m: ModelConfig) -> Attention | LatentAttention:
+    """The attention ``m`` asks for: :class:`LatentAttention` with ``m.multi_latent_attention`` (latent norms
+    with ``m.qk_layernorm``), else grouped-query :class:`Attention` (query/key norms with ``m.qk_layernorm``)."""
+    if m.multi_latent_attention:
+        q_norm = build_norm(m, m.q_lora_rank) if m.qk_layernorm and m.q_lora_rank else None
+        norms = (q_norm, build_norm(m, m.kv_lora_rank) if m.qk_layernorm else None)
+        return LatentAttention(m.hidden_size, m.num_attention_heads, m.q_lora_rank, m.kv_lora_rank, m.qk_head_dim,
+                               m.qk_pos_emb_head_dim, m.v_head_dim, m.add_bias_linear, *norms)
+    qk_norms = (build_norm(m, m.head_dim), build_norm(m, m.head_dim)) if m.qk_layernorm else (None, None)
+    return Attention(m.hidden_size, m.num_attention_heads, m.num_kv_heads, m.head_dim, m.add_qkv_bias,
+                     m.add_bias_linear, *qk_norms)
 
 
 def is_moe_layer(cfg: Config, layer_idx: int) -> bool:
@@ -233,7 +298,7 @@ class MoETransformer(nn.Module):
         self.norm: nn.Module | None = build_norm(m)
         self.output: nn.Linear | None = (
             None if m.tie_embeddings else nn.Linear(m.hidden_size, m.vocab_size, bias=m.lm_head_bias))
-        cos, sin = rope_tables(cfg.data.seq_length, m.head_dim, m.rope_theta, scaling=Llama3RopeScaling.of(m))
+        cos, sin = rope_tables(cfg.data.seq_length, m.rotary_dim, m.rope_theta, scaling=Llama3RopeScaling.of(m))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -255,7 +320,7 @@ class MoETransformer(nn.Module):
         """(Re)initialise every parameter and buffer deterministically (scheme in the module docstring)."""
         m = self.cfg.model
         std, out_std = m.init_std, m.init_std / math.sqrt(2 * m.num_layers)
-        cos, sin = rope_tables(self.cfg.data.seq_length, m.head_dim, m.rope_theta, device=self.rope_cos.device,
+        cos, sin = rope_tables(self.cfg.data.seq_length, m.rotary_dim, m.rope_theta, device=self.rope_cos.device,
                                scaling=Llama3RopeScaling.of(m))
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

@@ -65,7 +65,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from megatron_moe.model.moe import MoELayer
-from megatron_moe.model.transformer import FeedForward
+from megatron_moe.model.transformer import FeedForward, LatentAttention
 
 
 def _all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -215,20 +215,22 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     if root_plan:
         parallelize_module(model, tp_mesh, root_plan, src_data_rank=None)
     for block in model.layers.values():
-        plan = {
-            "attention_norm": SequenceParallel(),
-            "attention": PrepareModuleInput(
-                input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
-            ),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-            "ffn_norm": SequenceParallel(),
-        }
-        if block.attention.q_norm is not None:  # over this rank's heads (dim 2): Partial weight gradients
-            for name in ("attention.q_norm", "attention.k_norm"):
-                plan[name] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        plan = {"attention_norm": SequenceParallel(), "ffn_norm": SequenceParallel()}
+        if isinstance(block.attention, LatentAttention):
+            plan |= _latent_attention_plan(block.attention)
+        else:
+            plan |= {
+                "attention": PrepareModuleInput(
+                    input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+                ),
+                "attention.wq": ColwiseParallel(),
+                "attention.wk": ColwiseParallel(),
+                "attention.wv": ColwiseParallel(),
+                "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            }
+            if block.attention.q_norm is not None:  # over this rank's heads (dim 2): Partial weight gradients
+                for name in ("attention.q_norm", "attention.k_norm"):
+                    plan[name] = SequenceParallel(sequence_dim=2, use_local_output=True)
         if isinstance(block.feed_forward, MoELayer):
             plan["feed_forward"] = MoETensorParallel()
         elif isinstance(block.feed_forward, FeedForward):
@@ -243,4 +245,30 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
                 }
             )
         parallelize_module(block, tp_mesh, plan, src_data_rank=None)
+        if isinstance(block.attention, LatentAttention):
+            group = tp_mesh.get_group()
+            block.attention.wk_rope.register_forward_hook(torch.compiler.disable(
+                lambda _module, _args, out: _GatherSequence.apply(out, 1, group)))
     return model
+
+
+def _latent_attention_plan(attention: LatentAttention) -> dict[str, ParallelStyle]:
+    """Multi-head latent attention under TP, as Megatron-LM runs it with sequence parallelism: the
+    down-projections and latent norms are replicated and run on this rank's sequence shard (their weight
+    gradients come out ``Partial``, as the norms'); the up-projections ``wq`` / ``wkv`` are column-parallel
+    over heads and all-gather the (narrow) latents; ``wo`` is row-parallel, reduce-scattered. The rotary
+    key ``wk_rope`` is computed on the shard and all-gathered after the plan (a hook), since every head of
+    every rank uses it: its backward reduce-scatter sums the ranks' partial gradients."""
+    plan: dict[str, ParallelStyle] = {
+        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                        desired_input_layouts=(Shard(1), None, None)),
+        "attention.wkv_down": SequenceParallel(),
+        "attention.wkv": ColwiseParallel(input_layouts=Shard(1)),
+        "attention.wk_rope": SequenceParallel(use_local_output=True),
+        "attention.wq": ColwiseParallel(input_layouts=Shard(1)),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+    }
+    for name in ("wq_down", "q_latent_norm", "kv_latent_norm"):
+        if getattr(attention, name) is not None:
+            plan[f"attention.{name}"] = SequenceParallel()
+    return plan

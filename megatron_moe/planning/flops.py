@@ -2,9 +2,11 @@
 
 Per token (backward = 2 x forward): ``6 N + 6 L S A``. N = parameters of the matmuls one token goes
 through (attention projections, router gate, the K routed experts or the dense FFN, output layer;
-not the embedding lookup), L layers, S sequence length, A = heads x head dimension (the hidden size
-unless ``model.kv_channels`` sets the head dimension apart): causal attention scores and the weighted
-sum of values cost ``2 * 2 * (S/2) * A`` per token and layer in the forward.
+not the embedding lookup), L layers, S sequence length, A = heads x (q/k head width + value head width) / 2:
+causal attention scores (``2 (S/2)`` multiply-adds per q/k channel) and the weighted sum of values (the same per
+value channel) cost ``2 * 2 * (S/2) * A`` per token and layer in the forward. Both widths are the head dimension
+(the hidden size / heads unless ``model.kv_channels`` sets it apart); multi-latent attention has q/k heads of
+``qk_head_dim + qk_pos_emb_head_dim`` and value heads of ``v_head_dim``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from megatron_moe.config import Config
 def model_flops_per_token(cfg: Config, matmul_params: int) -> float:
     """Training FLOPs per token: 6 N + 6 L S A (module docstring)."""
     m = cfg.model
-    return 6.0 * matmul_params + 6.0 * m.num_layers * cfg.data.seq_length * m.num_attention_heads * m.head_dim
+    return 6.0 * matmul_params + 6.0 * m.num_layers * cfg.data.seq_length * attention_width(cfg)
+
+
+def attention_width(cfg: Config) -> float:
+    """A of the module docstring: heads x (q/k head width + value head width) / 2."""
+    m = cfg.model
+    if m.multi_latent_attention:
+        return m.num_attention_heads * (m.qk_head_dim + m.qk_pos_emb_head_dim + m.v_head_dim) / 2
+    return m.num_attention_heads * m.head_dim
 
 
 def matmul_active_params(module: torch.nn.Module, cfg: Config) -> int:

@@ -5,8 +5,10 @@ import torch
 
 from megatron_moe.model.transformer import (
     Attention,
+    LatentAttention,
     Llama3RopeScaling,
     MoETransformer,
+    RMSNorm,
     apply_rope,
     build_model,
     is_moe_layer,
@@ -114,6 +116,74 @@ def test_gqa_attention_matches_naive_reference(head_dim):
     k = apply_rope(attn.wk(x).view(2, 6, 2, d), cos, sin)
     ref = attn.wo(naive_gqa_attention(q, k, attn.wv(x).view(2, 6, 2, d)))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def _rotate_pairs_complex(x: torch.Tensor, position: int, theta: float) -> torch.Tensor:
+    """x [r] rotated as r/2 complex numbers x[j] + i x[j + r/2], each by position * theta^(-2j/r)."""
+    half = x.shape[0] // 2
+    z = torch.complex(x[:half], x[half:])
+    freq = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / x.shape[0])
+    z = z * torch.exp(1j * position * freq)
+    return torch.cat([z.real, z.imag])
+
+
+@pytest.mark.parametrize("q_lora_rank,latent_norms", [(0, False), (12, True)])
+def test_latent_attention_matches_deepseek_equations_in_a_loop(q_lora_rank, latent_norms):
+    """Multi-head latent attention against DeepSeek-V2's equations (9)-(19), one head, query and key at a
+    time in float64: score = q_C . k_C + q_R . k_R over sqrt(d_h + d_R), the rotary parts rotated as complex
+    numbers, k_R one vector for all heads, values 5 wide (not the q/k width), RMS-normalised latents."""
+    torch.manual_seed(0)
+    heads, dn, dr, dv, hidden, s = 3, 6, 4, 5, 16, 5
+    norms = (RMSNorm(q_lora_rank) if q_lora_rank else None, RMSNorm(8)) if latent_norms else (None, None)
+    attn = LatentAttention(hidden, heads, q_lora_rank, 8, dn, dr, dv, False, *norms).double()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn(p.shape, dtype=torch.float64) * 0.5)
+    x = torch.randn(1, s, hidden, dtype=torch.float64)
+    cos, sin = (t.double() for t in rope_tables(s, dr, 10000.0))
+    out = attn(x, cos, sin)
+
+    def rms(t, norm):
+        return t / torch.sqrt(t.pow(2).mean() + 1e-5) * norm.weight if norm is not None else t
+
+    rows = []
+    for t in range(s):
+        heads_out = []
+        for h in range(heads):
+            c_q = x[0, t] if not q_lora_rank else rms(attn.wq_down.weight @ x[0, t], attn.q_latent_norm)
+            q = (attn.wq.weight @ c_q).view(heads, dn + dr)[h]
+            q_c, q_r = q[:dn], _rotate_pairs_complex(q[dn:], t, 10000.0)
+            scores, values = [], []
+            for j in range(t + 1):
+                c_kv = rms(attn.wkv_down.weight @ x[0, j], attn.kv_latent_norm)
+                kv = (attn.wkv.weight @ c_kv).view(heads, dn + dv)[h]
+                k_r = _rotate_pairs_complex(attn.wk_rope.weight @ x[0, j], j, 10000.0)
+                scores.append((q_c @ kv[:dn] + q_r @ k_r) / math.sqrt(dn + dr))
+                values.append(kv[dn:])
+            weights = torch.stack(scores).softmax(0)
+            heads_out.append(sum(w * v for w, v in zip(weights, values, strict=True)))
+        rows.append(attn.wo.weight @ torch.cat(heads_out))
+    # 1e-5: the model's rotary tables are float32 (rope_tables), the loop's angles exact
+    torch.testing.assert_close(out[0], torch.stack(rows), rtol=1e-5, atol=1e-5)
+
+
+def test_latent_attention_model_settings(tiny_config):
+    """model.multi_latent_attention builds LatentAttention in every layer with the configured widths, rotary
+    tables over qk_pos_emb_head_dim only, latent norms with model.qk_layernorm; hidden 20 with 3 heads is fine."""
+    cfg = tiny_config(hidden_size=20, num_attention_heads=3, vocab_size=96, multi_latent_attention=True,
+                      q_lora_rank=10, kv_lora_rank=8, qk_head_dim=6, qk_pos_emb_head_dim=4, v_head_dim=5,
+                      qk_layernorm=True)
+    model = build_model(cfg, "cpu", seed=0)
+    attn = model.layers["1"].attention
+    assert isinstance(attn, LatentAttention) and model.rope_cos.shape[1] == 4
+    shapes = {n: tuple(p.shape) for n, p in attn.named_parameters()}
+    assert shapes == {"wq_down.weight": (10, 20), "q_latent_norm.weight": (10,), "wq.weight": (30, 10),
+                      "wkv_down.weight": (8, 20), "kv_latent_norm.weight": (8,), "wkv.weight": (33, 8),
+                      "wk_rope.weight": (4, 20), "wo.weight": (20, 15)}
+    assert model(torch.randint(0, 96, (2, 8))).shape == (2, 8, 96)
+    plain = build_model(tiny_config(vocab_size=96, multi_latent_attention=True, kv_lora_rank=8, qk_head_dim=8,
+                                    qk_pos_emb_head_dim=4, v_head_dim=8), "cpu").layers["0"].attention
+    assert plain.wq_down is None and plain.q_latent_norm is None and plain.kv_latent_norm is None
 
 
 def test_kv_channels_sets_the_head_dimension_of_the_model(tiny_config):

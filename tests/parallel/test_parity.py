@@ -39,6 +39,9 @@ STEP_BATCHES = [make_batches(seed=0), make_batches(seed=1)]
 RELEASED = {**RELEASED_OPTIONS, "first_k_dense": 1}
 RELEASED_LAYOUTS = {(2, 1, 1): {}, (1, 2, 1): {}, (1, 1, 2): {"data_parallel_shard": True}, (2, 2, 1): {}}
 GLOBAL_BALANCE_BATCHES = [make_batches(num=2, seed=2, full_mask=True)]
+# DeepSeek-V3's multi-latent attention, small: 4 heads of 6 + 4 rotary channels, values 5 wide, a kv latent of 10
+MLA = {"router": "topk", "multi_latent_attention": True, "num_query_groups": 0, "kv_lora_rank": 10, "qk_head_dim": 6,
+       "qk_pos_emb_head_dim": 4, "v_head_dim": 5}
 VALIDATE_FIRST = "validate_first"  # a variant option that is not a ParallelConfig field: see run_steps
 # Parameters agree to PARAM_ATOL (1e-6) absolute; the norm of all of them (~17) so to ~1e-7 relative.
 PARAMS_NORM_RTOL = 1e-6
@@ -49,7 +52,8 @@ def _config(model: str, tp: int = 1, pp: int = 1):
     ("released-1p": with zero-centred norm scales, --apply-layernorm-1p), "sequence-balance" (top-K with
     the sequence-wise balance loss) or "qk-norm" (Qwen3's attention: LayerNorm query/key norms on heads of
     12, not hidden / heads = 8, via model.kv_channels), "shared-expert" (Qwen2-MoE's sigmoid-gated shared
-    expert beside top-K) or "expert-bias" (DeepSeek-V3's sigmoid routing with an expert bias, moved after
+    expert beside top-K), "mla" / "mla-direct-q" (DeepSeek-V3's multi-latent attention with / without the query
+    latent and the latent norms) or "expert-bias" (DeepSeek-V3's sigmoid routing with an expert bias, moved after
     every step by the global loads: a large rate, so that the second step routes by it; group-limited); parameter
     norms and gradient zero counts logged."""
     settings = {"released": RELEASED, "released-1p": {**RELEASED, "apply_layernorm_1p": True},
@@ -58,6 +62,8 @@ def _config(model: str, tp: int = 1, pp: int = 1):
                             "kv_channels": 12},
                 "shared-expert": {"router": "topk", "shared_expert_ffn_hidden_size": 24,
                                   "shared_expert_gate": True},
+                "mla": {**MLA, "q_lora_rank": 12, "qk_layernorm": True},
+                "mla-direct-q": MLA,
                 "expert-bias": {"router": "topk", "score_function": "sigmoid", "expert_bias": True,
                                 "expert_bias_update_rate": 0.05, "topk_scaling_factor": 2.5, "router_num_groups": 2,
                                 "router_group_topk": 1},
@@ -109,6 +115,10 @@ def _variants(tp: int, pp: int, dp: int) -> list[tuple[str, str, dict]]:
         out.append(("qk-norm", "topk/qk-layernorm+kv-channels", {}))
     if (tp, pp, dp) in ((2, 1, 1), (2, 1, 2)):  # the shared expert sharded like the experts; its gate like the router
         out.append(("shared-expert", "topk/gated-shared-expert", {}))
+    if (tp, pp, dp) in ((2, 1, 1), (2, 2, 1), (2, 1, 2)):  # sequence-parallel latents, heads split, rope key gathered
+        out.append(("mla", "topk/latent-attention", {}))
+    if (tp, pp, dp) == (2, 1, 1):  # queries straight from the (gathered) hidden state
+        out.append(("mla-direct-q", "topk/latent-attention-direct-q", {}))
     if (tp, pp, dp) in ((1, 1, 2), (1, 2, 1), (2, 1, 1)):  # loads summed over dp; each stage moves its layers' biases
         out.append(("expert-bias", "sigmoid/expert-bias", {}))
     return out
@@ -221,7 +231,7 @@ def test_layouts_match_single_process(world, tmp_path):
     """Layouts (tp, pp, dp) of this world size: losses, grad norms and parameters after a step."""
     layouts = [lay for lay in LAYOUTS if lay[0] * lay[1] * lay[2] == world]
     refs = {m: reference(m) for m in ("topk", "sparsemixer", "released", "released-1p", "sequence-balance",
-                                      "qk-norm", "shared-expert", "expert-bias")}
+                                      "qk-norm", "shared-expert", "expert-bias", "mla", "mla-direct-q")}
     gb_ref = global_balance_reference() if (1, 1, 2) in layouts else None
     released_ckpt = _save_released_checkpoint(tmp_path / "released") if (2, 1, 1) in layouts else None
     results = run_distributed(_layouts_body, world, (layouts, refs, gb_ref, released_ckpt), timeout=400)

@@ -54,13 +54,18 @@ def peak_allocated(prof) -> int:
     return peak
 
 
-def group_dims(mesh) -> dict[str, str]:
-    """Process-group name -> mesh dimension ("pp", "dp", "tp"; the default group is "world")."""
-    names = {dist.group.WORLD.group_name: "world"}
+def group_dims(mesh, names_seen) -> dict[str, str]:
+    """Process-group name -> mesh dimension ("pp", "dp", "tp"; the default group is "world") for the group
+    names in ``names_seen``, told by their ranks: a process measuring several layouts has several groups of
+    the same ranks, and DTensor may reuse one made for an earlier mesh of the same shape."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    by_ranks = {tuple(dist.get_process_group_ranks(dist.group.WORLD)): "world"}
     for dim in ("pp", "dp", "tp"):
         if mesh.size(mesh.mesh_dim_names.index(dim)) > 1:
-            names[mesh[dim].get_group().group_name] = dim
-    return names
+            by_ranks[tuple(dist.get_process_group_ranks(mesh[dim].get_group()))] = dim
+    return {name: by_ranks.get(tuple(dist.get_process_group_ranks(_resolve_process_group(name))), name)
+            for name in names_seen}
 
 
 def measure_rank(rank: int, world: int, cfg: Config) -> dict:
@@ -79,7 +84,7 @@ def measure_rank(rank: int, world: int, cfg: Config) -> dict:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         with counter:
             engine.train_step(batches, optimizer, 1.0)
-    dims = group_dims(engine.mesh)
+    dims = group_dims(engine.mesh, counter.bytes)
     comm: dict[str, int] = {}
     for group, total in counter.by_group().items():
         comm[dims.get(group, group)] = comm.get(dims.get(group, group), 0) + total

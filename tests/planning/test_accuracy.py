@@ -33,6 +33,10 @@ LAYOUTS = {
     # the MoE layers recomputed in backward: less memory, and the global balance all-reduce issued twice
     "dp2pp2-recompute-moe": {"pp": 2, "balance_scope": "global", "recompute_granularity": "selective",
                              "recompute_modules": ["core_attn", "moe"]},
+    # DeepSeek-V3's multi-latent attention: sequence-parallel latents, their gathers, the rope key's gather
+    "tp2pp2-mla": {"tp": 2, "pp": 2, "multi_latent_attention": True, "num_query_groups": 0, "q_lora_rank": 48,
+                   "kv_lora_rank": 32, "qk_head_dim": 32, "qk_pos_emb_head_dim": 16, "v_head_dim": 24,
+                   "qk_layernorm": True},
 }
 
 
@@ -40,9 +44,9 @@ def layout_config(name: str):
     """hidden 128, 4 layers, 4 experts top-2, sequence 64, 4 micro-batches of 2 per rank and step."""
     settings = dict(LAYOUTS[name])
     dp = 4 // (settings.get("tp", 1) * settings["pp"])
-    return tiny_config(hidden_size=128, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=256,
-                       expert_ffn_hidden_size=128, seq_length=64, vocab_size=512, micro=2, global_batch=8 * dp,
-                       **settings)
+    base = dict(hidden_size=128, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=256,
+                expert_ffn_hidden_size=128, seq_length=64, vocab_size=512, micro=2, global_batch=8 * dp)
+    return tiny_config(**(base | settings))
 
 
 def _measure_layouts(rank: int, world: int, configs: list) -> list[dict]:

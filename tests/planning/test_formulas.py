@@ -31,6 +31,17 @@ def test_flops_per_token_with_a_head_dimension_of_its_own():
     assert model_flops_per_token(cfg, n) == 6 * n + 6 * layers * s * a
 
 
+def test_flops_per_token_with_latent_attention():
+    """Multi-latent attention on hidden 128, 4 heads: q latent 48 -> 4 x (32 + 16), kv latent 32 -> 4 x (32 + 24),
+    a rotary key of 16, o from 4 x 24; the scores cost 6 L S 4 (32 + 16) / 2 and the values 6 L S 4 x 24 / 2."""
+    cfg = layout_config("tp2pp2-mla")
+    h, f, e, k, v, layers, s = 128, 128, 4, 2, 512, 4, 64
+    attention = h * 48 + 48 * 4 * 48 + h * 32 + 32 * 4 * (32 + 24) + h * 16 + 4 * 24 * h
+    n = layers * (attention + h * e + k * 3 * h * f) + h * v
+    assert matmul_active_params(meta_model(cfg), cfg) == n
+    assert model_flops_per_token(cfg, n) == 6 * n + 6 * layers * s * 4 * (48 + 24) / 2
+
+
 @pytest.mark.slow
 def test_tensor_parallel_bytes_by_hand():
     """Per micro-batch and MoE block (fp32, B 2 x S 64 x H 128 gathered = 64 KiB): forward and backward
