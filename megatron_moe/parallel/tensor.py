@@ -214,6 +214,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
         )
     if root_plan:
         parallelize_module(model, tp_mesh, root_plan, src_data_rank=None)
+    group = tp_mesh.get_group()
     for block in model.layers.values():
         plan = {"attention_norm": SequenceParallel(), "ffn_norm": SequenceParallel()}
         if isinstance(block.attention, LatentAttention):
@@ -246,7 +247,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
             )
         parallelize_module(block, tp_mesh, plan, src_data_rank=None)
         if isinstance(block.attention, LatentAttention):
-            group = tp_mesh.get_group()
             block.attention.wk_rope.register_forward_hook(torch.compiler.disable(
                 lambda _module, _args, out: _GatherSequence.apply(out, 1, group)))
     return model
