@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from megatron_moe.config import Config, ConfigError
 from megatron_moe.convert.hf import hf_names_family
 from megatron_moe.convert.hf_config import EXPORT_ARCHITECTURES, ExportError, choose_architecture, hf_config
-from megatron_moe.convert.hf_tensors import tensor_links, to_hf
+from megatron_moe.convert.hf_tensors import interleaved_rope, tensor_links, to_hf
 from megatron_moe.convert.hf_tokenizer import (
     load_tokenizer,
     special_token_ids,
@@ -75,8 +75,12 @@ def hf_state_dict(cfg: Config, state: dict[str, torch.Tensor], arch: str | None 
         state = {k: v + 1 if k.endswith("norm.weight") else v for k, v in state.items()}
     shapes = {name: tuple(t.shape) for name, t in state.items()}
     out: dict[str, torch.Tensor] = {}
-    for link in tensor_links(shapes, hf_names_family(arch), cfg.moe.num_experts):
+    rope = interleaved_rope(cfg) if arch == "deepseek_v3" else None  # written as DeepSeek lays it out
+    for link in tensor_links(shapes, hf_names_family(arch), cfg.moe.num_experts, rope):
         out.update(to_hf(link, state))
+    if arch == "deepseek_v3" and not cfg.moe.expert_bias:  # the format always has the bias: zero chooses as none
+        for name in [n for n in out if n.endswith("mlp.gate.weight")]:
+            out[name.replace(".weight", ".e_score_correction_bias")] = torch.zeros(cfg.moe.num_experts)
     return {k: v.detach().to(dtype).contiguous() for k, v in out.items()}
 
 

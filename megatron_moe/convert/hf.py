@@ -1,7 +1,7 @@
 """Read a Hugging Face checkpoint (config.json + safetensors) as a :class:`ModelSource`.
 
-Dense llama, mistral, qwen2, qwen3, phi3 and MoE mixtral, phimoe (grinmoe), qwen3_moe, qwen2_moe
-directories; the config mapping is :mod:`.hf_config`, the tensor layout :mod:`.hf_tensors`. Anything
+Dense llama, mistral, qwen2, qwen3, phi3 and MoE mixtral, phimoe (grinmoe), qwen3_moe, qwen2_moe,
+deepseek_v3 directories; the config mapping is :mod:`.hf_config`, the tensor layout :mod:`.hf_tensors`. Anything
 the project's model cannot compute exactly is refused with the config field (or tensor) at fault.
 
 Tensors are read lazily with ``safetensors.safe_open`` (memory-mapped), one at a time, from a
@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from megatron_moe.convert.hf_config import config_from_hf
-from megatron_moe.convert.hf_tensors import from_hf, tensor_links
+from megatron_moe.convert.hf_tensors import from_hf, interleaved_rope, tensor_links
 from megatron_moe.convert.source import ConversionError, ModelSource, expected_shapes
 
 INDEX = "model.safetensors.index.json"
@@ -92,7 +92,8 @@ def read_hf(path: str | Path) -> ModelSource:
     cfg = config_from_hf(hf, str(path / "config.json"), notes)
     files = _weight_files(path)
     shapes = expected_shapes(cfg)
-    links = tensor_links(shapes, hf_names_family(hf["model_type"]), cfg.moe.num_experts)
+    links = tensor_links(shapes, hf_names_family(hf["model_type"]), cfg.moe.num_experts,
+                         interleaved_rope(cfg, bool(hf.get("rope_interleave", True))))
     needed = {name for link in links for name in link.hf}
     missing = sorted(needed - set(files))
     if missing:

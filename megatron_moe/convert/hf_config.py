@@ -28,6 +28,14 @@ qwen2_moe  MoE     Qwen1.5-MoE / Qwen2-MoE: q/k/v biases (``qkv_bias``, default 
                    norms; routing and layer placement as qwen3_moe; a shared expert of width
                    ``shared_expert_intermediate_size`` gated by sigmoid(``shared_expert_gate``)
                    (``moe.shared_expert_ffn_hidden_size``, ``moe.shared_expert_gate``)
+deepseek_v3 MoE     DeepSeek-V3 / Kimi-K2 / Moonlight: multi-latent attention (``q_lora_rank`` (null: no
+                   query latent), ``kv_lora_rank``, ``qk_nope_head_dim`` -> ``qk_head_dim``,
+                   ``qk_rope_head_dim`` -> ``qk_pos_emb_head_dim``, ``v_head_dim``; the latent norms
+                   -> ``qk_layernorm``); sigmoid routing with ``e_score_correction_bias`` (``moe.expert_bias``),
+                   ``norm_topk_prob``, ``routed_scaling_factor`` (``moe.topk_scaling_factor``), groups
+                   ``n_group`` / ``topk_group`` (kept groups scored by their top 2, so K / topk_group = 2
+                   unless every group is kept); ``n_shared_experts`` x ``moe_intermediate_size`` wide ungated
+                   shared expert; ``first_k_dense_replace`` dense layers of ``intermediate_size``
 ========== ======= ================================================================================
 
 ``head_dim`` other than hidden_size / num_attention_heads (Qwen3's 128 on any hidden size,
@@ -50,12 +58,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from megatron_moe.config import Config, moe_layer_spacing
+from megatron_moe.config import Config, group_limited_routing_fits, moe_layer_spacing
 from megatron_moe.convert.source import ConversionError
 from megatron_moe.model.transformer import is_moe_layer
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-MOE_TYPES = ("mixtral", "phimoe", "grinmoe", "qwen3_moe", "qwen2_moe")
+MOE_TYPES = ("mixtral", "phimoe", "grinmoe", "qwen3_moe", "qwen2_moe", "deepseek_v3")
+# transformers' DeepseekV3RMSNorm default: the eps of its latent norms, whatever rms_norm_eps says
+DEEPSEEK_LATENT_NORM_EPS = 1e-6
 QWEN3_TYPES = ("qwen3", "qwen3_moe")
 QWEN_MOE_TYPES = ("qwen3_moe", "qwen2_moe")  # routing, expert names and layer placement alike
 # transformers' default rope theta per config class, used when a config.json has none.
@@ -156,7 +166,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json", notes: list[s
     if hf.get("pretraining_tp", 1) not in (None, 1):
         raise ConversionError(f"{where}: pretraining_tp = {hf['pretraining_tp']}; only 1 is supported")
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-    head_dim = hf.get("head_dim")
+    head_dim = hf.get("head_dim") if model_type != "deepseek_v3" else None  # there: the rotary width
     if head_dim is None and model_type == "qwen3":
         head_dim = 128  # transformers' Qwen3Config default (Qwen3MoeConfig has none: hidden / heads)
     if head_dim is None and hidden % heads:
@@ -179,6 +189,8 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json", notes: list[s
     if model_type in ("phimoe", "grinmoe"):
         m.normalization = "LayerNorm"
     m.norm_eps = float(hf.get("rms_norm_eps", 1e-6))
+    if model_type == "deepseek_v3":
+        _latent_attention_settings(m, hf, where)
     m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
     m.init_std = float(hf.get("initializer_range", m.init_std))
     m.make_vocab_size_divisible_by = math.gcd(m.vocab_size, 128)  # never pads the imported vocabulary
@@ -187,13 +199,66 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json", notes: list[s
     return cfg
 
 
+def _positive_ints(hf: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
+    for key in keys:
+        if not isinstance(hf.get(key), int) or hf[key] <= 0:
+            raise ConversionError(f"{where}: {key} = {hf.get(key)!r}; expected a positive integer")
+
+
+def _latent_attention_settings(m, hf: dict[str, Any], where: str) -> None:
+    """model.* of DeepSeek-V3's multi-latent attention (table in the module docstring)."""
+    _positive_ints(hf, ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"), where)
+    q_lora_rank = hf.get("q_lora_rank")
+    if q_lora_rank is not None:
+        _positive_ints(hf, ("q_lora_rank",), where)
+    if m.num_query_groups != m.num_attention_heads:
+        raise ConversionError(f"{where}: num_key_value_heads = {m.num_query_groups} with num_attention_heads = "
+                              f"{m.num_attention_heads}; latent attention has a key and value per head")
+    if m.norm_eps != DEEPSEEK_LATENT_NORM_EPS:
+        raise ConversionError(f"{where}: rms_norm_eps = {m.norm_eps:g}; transformers' DeepSeek-V3 normalises the "
+                              f"latents with eps {DEEPSEEK_LATENT_NORM_EPS:g} whatever it says, and this model uses "
+                              "one eps for every norm")
+    m.multi_latent_attention, m.qk_layernorm, m.num_query_groups, m.kv_channels = True, True, 0, 0
+    m.q_lora_rank, m.kv_lora_rank, m.v_head_dim = q_lora_rank or 0, hf["kv_lora_rank"], hf["v_head_dim"]
+    m.qk_head_dim, m.qk_pos_emb_head_dim = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"]
+
+
+def _deepseek_moe_settings(cfg: Config, hf: dict[str, Any], where: str) -> None:
+    """Routing, experts and layer placement of a deepseek_v3 config (table in the module docstring)."""
+    e = cfg.moe
+    _positive_ints(hf, ("n_routed_experts", "moe_intermediate_size", "n_shared_experts"), where)
+    for key, expected in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
+        if hf.get(key, expected) != expected:
+            raise ConversionError(f"{where}: {key} = {hf[key]!r}; DeepSeek-V3's format has {expected!r} only")
+    e.num_experts, e.expert_ffn_hidden_size = hf["n_routed_experts"], hf["moe_intermediate_size"]
+    e.shared_expert_ffn_hidden_size = hf["n_shared_experts"] * hf["moe_intermediate_size"]
+    e.router, e.score_function, e.expert_bias, e.input_jitter_eps = "topk", "sigmoid", True, 0.0
+    e.renormalize = bool(hf.get("norm_topk_prob", True))
+    e.topk_scaling_factor = float(hf.get("routed_scaling_factor", 1.0))
+    e.first_k_dense = int(hf.get("first_k_dense_replace", 0))
+    if e.renormalize and e.topk == 1:
+        raise ConversionError(f"{where}: norm_topk_prob with num_experts_per_tok = 1 gives every token the weight "
+                              "routed_scaling_factor; this model normalises top-K weights only for K > 1")
+    groups, kept = hf.get("n_group", 1), hf.get("topk_group", 1)
+    if not (isinstance(groups, int) and isinstance(kept, int) and 1 <= kept <= groups):
+        raise ConversionError(f"{where}: n_group = {groups!r}, topk_group = {kept!r}; expected 1 <= topk_group <= "
+                              "n_group")
+    if kept < groups:  # DeepSeek-V3 scores a group by its top-2 scores; Megatron-LM (and this model) by top-(K/kept)
+        if e.topk != 2 * kept or not group_limited_routing_fits(e.num_experts, e.topk, groups, kept):
+            raise ConversionError(f"{where}: n_group = {groups}, topk_group = {kept} with num_experts_per_tok = "
+                                  f"{e.topk}: transformers scores each group by its 2 best experts, this model by "
+                                  "its num_experts_per_tok / topk_group best; they agree when that is 2")
+        e.router_num_groups, e.router_group_topk = groups, kept
+
+
 def _moe_settings(cfg: Config, hf: dict[str, Any], model_type: str, where: str) -> None:
     e = cfg.moe
     if model_type in DENSE_TYPES:
         e.num_experts = 0
         return
     qwen_key = model_type in QWEN_MOE_TYPES and "num_local_experts" not in hf  # their config.json's name
-    experts_key = "num_experts" if qwen_key else "num_local_experts"
+    experts_key = "num_experts" if qwen_key else "n_routed_experts" if model_type == "deepseek_v3" else \
+        "num_local_experts"
     experts, topk = hf.get(experts_key), hf.get("num_experts_per_tok")
     for key, value in ((experts_key, experts), ("num_experts_per_tok", topk)):
         if not isinstance(value, int) or value <= 0:
@@ -203,6 +268,8 @@ def _moe_settings(cfg: Config, hf: dict[str, Any], model_type: str, where: str) 
     e.layer_freq, e.first_k_dense, e.logit_norm = 1, 0, False
     if model_type in QWEN_MOE_TYPES:
         _qwen_moe_settings(cfg, hf, model_type, where)
+    elif model_type == "deepseek_v3":
+        _deepseek_moe_settings(cfg, hf, where)
     elif model_type == "mixtral":
         e.router, e.renormalize = "topk", True
         e.input_jitter_eps = float(hf.get("router_jitter_noise") or 0.0)
@@ -249,11 +316,13 @@ class ExportError(ConversionError):
     """The model cannot be expressed in the requested Hugging Face architecture; the message says why."""
 
 
-EXPORT_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "mixtral", "phimoe", "qwen3_moe", "qwen2_moe")
-_MOE_EXPORTS = ("mixtral", "phimoe", "qwen3_moe", "qwen2_moe")
+EXPORT_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "mixtral", "phimoe", "qwen3_moe", "qwen2_moe",
+                        "deepseek_v3")
+_MOE_EXPORTS = ("mixtral", "phimoe", "qwen3_moe", "qwen2_moe", "deepseek_v3")
 _CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
           "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM", "phimoe": "PhimoeForCausalLM",
-          "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+          "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+          "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 def _moe_layout_blockers(cfg: Config, fmt: str) -> list[str]:
@@ -291,10 +360,15 @@ def export_blockers(cfg: Config, arch: str) -> list[str]:
     if arch not in _MOE_EXPORTS and e.num_experts:
         return [f"moe.num_experts = {e.num_experts}: {arch} is a dense format (MoE exports as mixtral, phimoe, "
                 "qwen3_moe or qwen2_moe)"]
+    if arch == "deepseek_v3":
+        return _deepseek_v3_blockers(cfg)
     reasons: list[str] = []
+    if m.multi_latent_attention:
+        reasons.append(f"model.multi_latent_attention = true: {arch} has grouped-query attention (export as "
+                       "deepseek_v3)")
     if e.score_function != "softmax":
-        reasons.append(f"moe.score_function = {e.score_function!r}: {arch} routes by softmax (DeepSeek-V3's sigmoid "
-                       "routing comes with multi-latent attention, which is not built here)")
+        reasons.append(f"moe.score_function = {e.score_function!r}: {arch} routes by softmax (sigmoid routing "
+                       "exports as deepseek_v3)")
     if e.topk_scaling_factor != 1.0:
         reasons.append(f"moe.topk_scaling_factor = {e.topk_scaling_factor:g}: {arch} does not scale the routing "
                        "weights")
@@ -349,6 +423,39 @@ def export_blockers(cfg: Config, arch: str) -> list[str]:
     return reasons
 
 
+def _deepseek_v3_blockers(cfg: Config) -> list[str]:
+    """Why ``cfg`` is not a DeepSeek-V3: latent attention with its latent norms, RMSNorm of eps 1e-6 and no biases,
+    sigmoid top-K routing (groups scored by their top 2), an ungated shared expert a whole number of experts wide,
+    dense layers only first, default RoPE."""
+    m, e = cfg.model, cfg.moe
+    reasons = _rmsnorm_no_bias_blockers(cfg, "DeepSeek-V3") + _default_rope_blockers(m, "DeepSeek-V3")
+    if not (m.multi_latent_attention and m.qk_layernorm):
+        reasons.append("model.multi_latent_attention / model.qk_layernorm: DeepSeek-V3 always has latent attention "
+                       "with normalised latents")
+    if m.norm_eps != DEEPSEEK_LATENT_NORM_EPS:
+        reasons.append(f"model.norm_eps = {m.norm_eps:g}: transformers' DeepSeek-V3 normalises the latents with eps "
+                       f"{DEEPSEEK_LATENT_NORM_EPS:g}")
+    if e.router != "topk" or e.score_function != "sigmoid":
+        reasons.append(f"moe.router = {e.router!r}, moe.score_function = {e.score_function!r}: DeepSeek-V3 routes by "
+                       "top-K sigmoid scores")
+    if e.logit_norm:
+        reasons.append("moe.logit_norm = true: DeepSeek-V3 has no gating logit normalisation")
+    if e.renormalize and e.topk == 1:
+        reasons.append("moe.renormalize with moe.topk = 1: DeepSeek-V3's norm_topk_prob would give every token the "
+                       "weight 1")
+    if e.router_group_topk and e.topk != 2 * e.router_group_topk:
+        reasons.append(f"moe.router_group_topk = {e.router_group_topk} with moe.topk = {e.topk}: DeepSeek-V3 scores "
+                       "groups by their top 2 experts (moe.topk = 2 x moe.router_group_topk)")
+    width, expert = e.shared_expert_ffn_hidden_size, cfg.expert_ffn_size
+    if not width or width % expert or e.shared_expert_gate:
+        reasons.append(f"moe.shared_expert_ffn_hidden_size = {width} (gate: {str(e.shared_expert_gate).lower()}): "
+                       f"DeepSeek-V3 has an ungated shared expert of n_shared_experts x {expert} (the experts' width)")
+    if e.layer_freq != 1:
+        reasons.append(f"moe.layer_freq = {e.layer_freq}: DeepSeek-V3's dense layers are the first ones only "
+                       "(moe.first_k_dense)")
+    return reasons
+
+
 def _qwen2_moe_blockers(cfg: Config) -> list[str]:
     """Why ``cfg`` is not a Qwen2-MoE: RMSNorm, optional q/k/v biases and nothing else, top-K routing, a shared
     expert with its sigmoid gate."""
@@ -394,13 +501,15 @@ def _attention_bias_blockers(m, name: str, hint: str = "") -> list[str]:
 
 
 def choose_architecture(cfg: Config) -> str:
-    """The HF architecture a model exports to by default: phimoe for SparseMixer-v2; for top-K,
-    qwen2_moe with a shared expert, qwen3_moe with query/key norms (it also holds dense layers and
-    weights not renormalised), else mixtral; dense: qwen3 with query/key norms, qwen2 for q/k/v-only
-    biases, llama otherwise (Phi-3 computes the same function as a bias-free Llama; ``--architecture
-    phi3`` writes its fused layout)."""
+    """The HF architecture a model exports to by default: deepseek_v3 for latent attention or sigmoid
+    routing; phimoe for SparseMixer-v2; for top-K, qwen2_moe with a shared expert, qwen3_moe with query/key
+    norms (it also holds dense layers and weights not renormalised), else mixtral; dense: qwen3 with
+    query/key norms, qwen2 for q/k/v-only biases, llama otherwise (Phi-3 computes the same function as a
+    bias-free Llama; ``--architecture phi3`` writes its fused layout)."""
     m, e = cfg.model, cfg.moe
     if e.num_experts:
+        if m.multi_latent_attention or e.score_function == "sigmoid":
+            return "deepseek_v3"
         if e.router == "sparsemixer":
             return "phimoe"
         if e.shared_expert_ffn_hidden_size:
@@ -446,6 +555,17 @@ def hf_config(cfg: Config, arch: str | None = None, dtype: str = "float32",
     }
     if arch == "llama":
         out.update(attention_bias=m.add_qkv_bias, mlp_bias=m.add_bias_linear, pretraining_tp=1)
+    elif arch == "deepseek_v3":
+        groups = (e.router_num_groups, e.router_group_topk) if e.router_group_topk else (1, 1)
+        del out["head_dim"]  # transformers sets it to the rotary width itself
+        out.update(q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_head_dim,
+                   qk_rope_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim, rope_interleave=True,
+                   n_routed_experts=e.num_experts, num_experts_per_tok=e.topk,
+                   moe_intermediate_size=cfg.expert_ffn_size, intermediate_size=m.dense_ffn_size,
+                   n_shared_experts=e.shared_expert_ffn_hidden_size // cfg.expert_ffn_size,
+                   first_k_dense_replace=e.first_k_dense, norm_topk_prob=e.renormalize,
+                   routed_scaling_factor=e.topk_scaling_factor, n_group=groups[0], topk_group=groups[1],
+                   attention_bias=False, router_aux_loss_coef=e.aux_loss_coeff)
     elif arch in ("qwen2", "qwen3"):
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.num_layers)
         if arch == "qwen3":

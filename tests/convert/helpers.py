@@ -18,7 +18,8 @@ TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_laye
 
 # Per architecture: transformers' config class name and the settings the tiny model adds.
 HF_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "phi3": "Phi3", "mixtral": "Mixtral",
-              "phimoe": "Phimoe", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe"}
+              "phimoe": "Phimoe", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe",
+              "deepseek_v3": "DeepseekV3"}
 HF_DEFAULTS = {
     "mistral": {"sliding_window": None},
     "phi3": {"pad_token_id": None},
@@ -33,6 +34,13 @@ HF_DEFAULTS = {
     # Qwen1.5-MoE's layout: q/k/v biases, a shared expert gated by a sigmoid, top-K weights not renormalised.
     "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
                   "shared_expert_intermediate_size": 40, "norm_topk_prob": False},
+    # DeepSeek-V3's layout: latent attention (query latent 16, kv latent 12, heads of 6 + 4 rotary channels, values
+    # 5 wide, rotary channels interleaved), 16 experts in 4 groups of which 2 are kept, top-4, weights normalised and
+    # scaled by 2.5, two shared experts' width, one dense layer first.
+    "deepseek_v3": {"num_key_value_heads": 4, "q_lora_rank": 16, "kv_lora_rank": 12, "qk_nope_head_dim": 6,
+                    "qk_rope_head_dim": 4, "v_head_dim": 5, "n_routed_experts": 16, "num_experts_per_tok": 4,
+                    "moe_intermediate_size": 24, "n_shared_experts": 2, "first_k_dense_replace": 1, "n_group": 4,
+                    "topk_group": 2, "routed_scaling_factor": 2.5, "norm_topk_prob": True},
 }
 
 
@@ -57,6 +65,9 @@ def make_hf(path: Path, model_type: str = "llama", seed: int = 0, save_kwargs: d
             elif pname.endswith("bias"):
                 p.uniform_(-0.2, 0.2)
             p.copy_(p.to(save_dtype).float())
+        for bname, b in model.named_buffers():
+            if bname.endswith("e_score_correction_bias"):  # DeepSeek-V3's expert bias: zeros would hide it
+                b.uniform_(-0.1, 0.1)
     model.to(save_dtype).save_pretrained(path, **(save_kwargs or {}))
     return model.float()
 
@@ -81,6 +92,9 @@ def save_native(path: Path, cfg: Config, seed: int = 0) -> torch.nn.Module:
                 p.uniform_(0.5, 1.5, generator=generator)
             elif name.endswith(".bias"):
                 p.uniform_(-0.2, 0.2, generator=generator)
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias"):  # DeepSeek-V3's: chooses experts, zero would hide a lost one
+                b.uniform_(-0.1, 0.1, generator=torch.Generator().manual_seed(seed + zlib.crc32(name.encode())))
     save_model_checkpoint(path, cfg, {k: v.detach() for k, v in model.state_dict().items()}, "test")
     return model
 

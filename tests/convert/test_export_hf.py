@@ -363,12 +363,49 @@ def test_inexpressible_shared_expert_exports_are_explained(tmp_path, settings, a
     assert not (tmp_path / "out").exists()
 
 
-def test_sigmoid_routing_with_expert_bias_is_not_exported(tmp_path):
-    """DeepSeek-V3's sigmoid routing (expert bias, scaled weights) has no format here: every reason listed."""
-    save_native(tmp_path / "m", tiny_config(num_experts=4, topk=2, score_function="sigmoid", expert_bias=True,
-                                            topk_scaling_factor=2.5, router_num_groups=2, router_group_topk=1))
-    with pytest.raises(ExportError) as err:
-        export(tmp_path / "m", tmp_path / "out")
-    assert "moe.score_function = 'sigmoid': mixtral routes by softmax" in str(err.value)
-    assert "moe.topk_scaling_factor = 2.5" in str(err.value) and "no group-limited routing" in str(err.value)
+MLA_EXPORT = dict(num_attention_heads=4, num_query_groups=0, multi_latent_attention=True, kv_lora_rank=12,
+                  qk_head_dim=6, qk_pos_emb_head_dim=4, v_head_dim=5, qk_layernorm=True, norm_eps=1e-6,
+                  num_experts=8, topk=2, expert_ffn_hidden_size=16, score_function="sigmoid", expert_bias=True,
+                  shared_expert_ffn_hidden_size=32, first_k_dense=1)
+
+
+@pytest.mark.parametrize("settings", [
+    {"q_lora_rank": 16, "topk": 4, "router_num_groups": 4, "router_group_topk": 2, "topk_scaling_factor": 2.5},
+    {"renormalize": False, "first_k_dense": 0, "num_layers": 3},  # queries straight from the hidden state
+])
+def test_latent_attention_moe_exports_to_deepseek_v3_with_the_same_logits(tmp_path, settings):
+    """DeepSeek-V3's architecture (latent attention, sigmoid routing with expert biases, groups, scaled weights, a
+    shared expert, a dense layer first) exports as deepseek_v3 (auto): transformers computes the same logits, the
+    rotary channels' interleaving matters (writing them in halves changes the logits), and the export reads back
+    into the same weights."""
+    from transformers import DeepseekV3ForCausalLM
+
+    cfg = tiny_config(**{**MLA_EXPORT, **settings})
+    ours, config, x, ref = _auto_export_logits(tmp_path, cfg, DeepseekV3ForCausalLM)
+    assert config["model_type"] == "deepseek_v3" and config["n_shared_experts"] == 2 and config["rope_interleave"]
+    assert config["q_lora_rank"] == (cfg.model.q_lora_rank or None)
+    source = read_hf(tmp_path / "out")
+    for name, t in ours.state_dict().items():
+        assert torch.equal(source.get(name), t), name
+    config["rope_interleave"] = False  # the same tensors read with the rotary channels in halves
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        assert (DeepseekV3ForCausalLM.from_pretrained(tmp_path / "out").eval()(x).logits - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("settings,arch,reason", [
+    ({"score_function": "sigmoid", "topk_scaling_factor": 2.5}, "mixtral",
+     "moe.score_function = 'sigmoid': mixtral routes by softmax (sigmoid routing exports as deepseek_v3)"),
+    ({"score_function": "sigmoid"}, "auto", "DeepSeek-V3 always has latent attention with normalised latents"),
+    ({**MLA_EXPORT, "shared_expert_ffn_hidden_size": 24}, "deepseek_v3", "n_shared_experts x 16"),
+    ({**MLA_EXPORT, "topk": 2, "router_num_groups": 4, "router_group_topk": 2}, "deepseek_v3",
+     "groups by their top 2 experts"),
+    ({**MLA_EXPORT, "norm_eps": 1e-5}, "deepseek_v3", "normalises the latents with eps 1e-06"),
+    ({**MLA_EXPORT, "score_function": "softmax", "expert_bias": False}, "deepseek_v3", "top-K sigmoid scores"),
+    (MLA_EXPORT, "qwen3_moe", "model.multi_latent_attention = true: qwen3_moe has grouped-query attention"),
+])
+def test_inexpressible_deepseek_exports_are_explained(tmp_path, settings, arch, reason):
+    save_native(tmp_path / "m", tiny_config(**{"num_experts": 4, "topk": 2, **settings}))
+    with pytest.raises(ExportError, match=re.escape(reason)):
+        export(tmp_path / "m", tmp_path / "out", architecture=arch)
     assert not (tmp_path / "out").exists()

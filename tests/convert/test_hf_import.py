@@ -66,6 +66,16 @@ def verified_relative_difference(out: str) -> float:
                                "decoder_sparse_step": 2},
                  {"add_qkv_bias": False, "renormalize": True, "first_k_dense": 1, "layer_freq": 2},
                  marks=pytest.mark.slow),
+    ("deepseek_v3", {}, {"multi_latent_attention": True, "q_lora_rank": 16, "kv_lora_rank": 12, "qk_head_dim": 6,
+                         "qk_pos_emb_head_dim": 4, "v_head_dim": 5, "qk_layernorm": True, "num_experts": 16, "topk": 4,
+                         "score_function": "sigmoid", "expert_bias": True, "topk_scaling_factor": 2.5,
+                         "router_num_groups": 4, "router_group_topk": 2, "shared_expert_ffn_hidden_size": 48,
+                         "first_k_dense": 1, "renormalize": True}),
+    # Moonlight's layout: no query latent, one group; here also weights as picked and rotary channels in halves
+    pytest.param("deepseek_v3", {"q_lora_rank": None, "n_group": 1, "topk_group": 1, "norm_topk_prob": False,
+                                 "first_k_dense_replace": 0, "rope_interleave": False},
+                 {"q_lora_rank": 0, "router_group_topk": 0, "renormalize": False, "first_k_dense": 0},
+                 marks=pytest.mark.slow),
 ])
 def test_import_gives_transformers_logits(tmp_path, capsys, model_type, overrides, expect):
     hf = make_hf(tmp_path / "hf", model_type, **overrides)
@@ -120,6 +130,12 @@ def test_sliding_window_sets_the_sequence_length(tmp_path):
     ("phi3", {"partial_rotary_factor": 0.5}, "partial_rotary_factor = 0.5"),
     ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, "'yarn'"),
     ("phimoe", {"num_experts_per_tok": 1}, "SparseMixer-v2 routes exactly 2"),
+    ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 40.0, "rope_theta": 1e4,
+                                         "original_max_position_embeddings": 16}}, "'yarn'"),
+    ("deepseek_v3", {"num_experts_per_tok": 2}, "scores each group by its 2 best experts"),
+    ("deepseek_v3", {"rms_norm_eps": 1e-5}, "normalises the latents with eps 1e-06"),
+    ("deepseek_v3", {"num_key_value_heads": 2}, "latent attention has a key and value per head"),
+    ("deepseek_v3", {"attention_bias": True}, "attention_bias/mlp_bias = true is not part of the deepseek_v3"),
 ])
 def test_unrepresentable_inputs_name_the_field(tmp_path, model_type, overrides, message):
     make_hf(tmp_path / "hf", model_type, **overrides)
