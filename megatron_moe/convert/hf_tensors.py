@@ -165,15 +165,17 @@ def _query_link(link: Link, shapes: dict[str, tuple[int, ...]], interleaved_rope
     return Link(link.kind, link.native, (hf,), interleaved_rope)
 
 
-def _rope_rows(t: torch.Tensor, rope: tuple[int, int] | None, to_hf: bool) -> torch.Tensor:
-    """Reorder the last r of every ``group`` rows of ``t``: interleaved pairs -> halves (import) or back."""
+def interleaved_rope_rows(t: torch.Tensor, rope: tuple[int, int] | None, to_interleaved: bool) -> torch.Tensor:
+    """Reorder the last r of every ``group`` rows of ``t`` (``rope = (group, r)``; None: ``t`` as it is): rotary
+    channels as interleaved pairs -> halves (``to_interleaved`` false: reading DeepSeek's or megatron-core's
+    latent attention) or back (module docstring)."""
     if rope is None:
         return t
     group, r = rope
     if t.shape[0] % group:
         raise ConversionError(f"a tensor of {t.shape[0]} rows does not hold whole heads of {group} rows")
     halves = torch.cat([torch.arange(0, r, 2), torch.arange(1, r, 2)])  # position j of the halves <- interleaved
-    order = torch.argsort(halves) if to_hf else halves
+    order = torch.argsort(halves) if to_interleaved else halves
     rows = torch.cat([torch.arange(group - r), group - r + order])
     grouped = t.reshape(t.shape[0] // group, group, *t.shape[1:])
     return grouped[:, rows].reshape(t.shape)
@@ -182,9 +184,10 @@ def _rope_rows(t: torch.Tensor, rope: tuple[int, int] | None, to_hf: bool) -> to
 def to_hf(link: Link, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The HF tensors of ``link`` from the project ``state``."""
     if link.kind == "same":
-        return {link.hf[0]: _rope_rows(state[link.native[0]], link.rope, to_hf=True)}
+        return {link.hf[0]: interleaved_rope_rows(state[link.native[0]], link.rope, to_interleaved=True)}
     if link.kind == "rows":
-        return {link.hf[0]: _rope_rows(torch.cat([state[n] for n in link.native], dim=0), link.rope, to_hf=True)}
+        return {link.hf[0]: interleaved_rope_rows(torch.cat([state[n] for n in link.native], dim=0), link.rope,
+                                                    to_interleaved=True)}
     stacked = state[link.native[0]]
     return {name: stacked[e].t() for e, name in enumerate(link.hf)}
 
@@ -193,9 +196,9 @@ def from_hf(link: Link, read, shapes: dict[str, tuple[int, ...]]) -> dict[str, t
     """The project parameters of ``link``, reading HF tensors with ``read(name)``; ``shapes`` gives the
     row counts of fused tensors."""
     if link.kind == "same":
-        return {link.native[0]: _rope_rows(read(link.hf[0]), link.rope, to_hf=False)}
+        return {link.native[0]: interleaved_rope_rows(read(link.hf[0]), link.rope, to_interleaved=False)}
     if link.kind == "rows":
-        fused = _rope_rows(read(link.hf[0]), link.rope, to_hf=False)
+        fused = interleaved_rope_rows(read(link.hf[0]), link.rope, to_interleaved=False)
         rows = [shapes[n][0] for n in link.native]
         if fused.shape[0] != sum(rows):
             raise ConversionError(f"{link.hf[0]} has {fused.shape[0]} rows; the config implies {sum(rows)} "

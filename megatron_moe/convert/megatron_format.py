@@ -111,6 +111,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_moe.config import Config
+from megatron_moe.convert.hf_tensors import interleaved_rope_rows
 from megatron_moe.convert.source import ConversionError, DenseSource, ModelSource
 from megatron_moe.model.transformer import is_moe_layer
 from megatron_moe.training.checkpoint_files import _SafeUnpickler
@@ -276,6 +277,18 @@ _WEIGHT_AND_BIAS = [
         (r"self_attention\.query_key_value", "qkv"), (r"self_attention\.dense", "proj"),
         (r"mlp\.dense_h_to_4h", "fc1"), (r"mlp\.dense_4h_to_h", "fc2"))),
 ]
+# Multi-latent attention (torch_dist only): the projections (no biases), the latent norms under the local spec's
+# names or fused into the up-projections (Transformer Engine).
+_LATENT_ROLES = [(_LAYER + r"self_attention\." + module + r"\.weight", role) for module, role in (
+    ("linear_q_proj", "mla_q"), ("linear_q_down_proj", "mla_q_down"), ("linear_q_up_proj", "mla_q_up"),
+    ("linear_kv_down_proj", "mla_kv_down"), ("linear_kv_up_proj", "mla_kv_up"))]
+_WEIGHT_AND_BIAS += [
+    (_LAYER + r"self_attention\.linear_q_up_proj\.layer_norm_weight",
+     _LAYER + r"self_attention\.linear_q_up_proj\.layer_norm_bias", "qnorm"),
+    (_LAYER + r"self_attention\.kv_layernorm\.weight", _LAYER + r"self_attention\.kv_layernorm\.bias", "kvnorm"),
+    (_LAYER + r"self_attention\.linear_kv_up_proj\.layer_norm_weight",
+     _LAYER + r"self_attention\.linear_kv_up_proj\.layer_norm_bias", "kvnorm"),
+]
 # MoE layers (torch_dist only): the router, its expert bias (--moe-router-enable-expert-bias), the experts as
 # [experts, rows, cols] global tensors, the shared expert and its gate.
 _MOE_ROLES = [(_LAYER + module, role) for module, role in (
@@ -284,7 +297,7 @@ _MOE_ROLES = [(_LAYER + module, role) for module, role in (
     (r"mlp\.experts\.experts\.linear_fc2\.weight", "exp_fc2"),
     (r"mlp\.shared_experts\.linear_fc1\.weight", "sh_fc1"), (r"mlp\.shared_experts\.linear_fc2\.weight", "sh_fc2"),
     (r"mlp\.shared_experts\.gate_weight", "sh_gate"))]
-_KEY_PATTERNS = _WEIGHT_ONLY + _MOE_ROLES + [pair for weight, bias, role in _WEIGHT_AND_BIAS
+_KEY_PATTERNS = _WEIGHT_ONLY + _LATENT_ROLES + _MOE_ROLES + [pair for weight, bias, role in _WEIGHT_AND_BIAS
                                              for pair in ((weight, role), (bias, role + "_b"))]
 _COMPILED = [(re.compile(p + r"$"), role) for p, role in _KEY_PATTERNS]
 
@@ -338,8 +351,9 @@ def config_from_megatron_args(args: dict[str, Any], where: str) -> Config:
         raise ConversionError(f"{where}: Megatron argument rotary_seq_len_interpolation_factor is set; rope "
                               "scaling is not supported")
     hidden, heads = args["hidden_size"], args["num_attention_heads"]
-    kv_channels = _arg(args, "kv_channels", 0)  # Megatron-LM: hidden_size / num_attention_heads when not given
-    if not isinstance(kv_channels, int) or kv_channels < 0 or (not kv_channels and hidden % heads):
+    latent = bool(_arg(args, "multi_latent_attention", False))
+    kv_channels = 0 if latent else _arg(args, "kv_channels", 0)  # hidden / heads when not given; MLA ignores it
+    if not latent and (not isinstance(kv_channels, int) or kv_channels < 0 or (not kv_channels and hidden % heads)):
         raise ConversionError(f"{where}: Megatron argument kv_channels = {kv_channels!r} with hidden_size = "
                               f"{hidden} and num_attention_heads = {heads}; expected a positive head dimension")
     if int(_arg(args, "pipeline_model_parallel_size", 1)) != 1:
@@ -368,6 +382,8 @@ def config_from_megatron_args(args: dict[str, Any], where: str) -> Config:
     bias_linear = bool(_arg(args, "add_bias_linear", True))
     m.add_bias_linear = bias_linear
     m.add_qkv_bias = bias_linear or bool(_arg(args, "add_qkv_bias", False))
+    if latent:
+        _latent_attention_from_megatron_args(m, args, where)
     vocab = args.get("padded_vocab_size")
     if vocab:
         m.vocab_size = int(vocab)
@@ -377,6 +393,26 @@ def config_from_megatron_args(args: dict[str, Any], where: str) -> Config:
         _moe_from_megatron_args(cfg, args, where)
     cfg.data.seq_length = int(_arg(args, "seq_length", cfg.data.seq_length))
     return cfg
+
+
+def _latent_attention_from_megatron_args(m, args: dict[str, Any], where: str) -> None:
+    """model.* of multi-latent attention (``multi_latent_attention``): Megatron-LM's defaults for the widths,
+    ``qk_layernorm`` -> the latent norms, a key and value per head whatever ``num_query_groups`` says and no
+    biases on the projections (megatron-core builds them so). megatron-core gives it YaRN by default
+    (``rope_type``), the plain rotary embedding at ``rotary_scaling_factor`` 1, the only factor read."""
+    rope_type, factor = _arg(args, "rope_type", "yarn"), float(_arg(args, "rotary_scaling_factor", 1.0))
+    if rope_type not in ("rope", "yarn") or factor != 1.0:
+        raise ConversionError(f"{where}: Megatron arguments rope_type = {rope_type!r}, rotary_scaling_factor = "
+                              f"{factor:g}: YaRN rotary scaling is not implemented (factor 1 is plain RoPE)")
+    if m.rope_scaling != "none":
+        raise ConversionError(f"{where}: Megatron argument use_rope_scaling with multi_latent_attention: "
+                              "megatron-core's latent attention does not apply it")
+    m.multi_latent_attention, m.num_query_groups, m.add_qkv_bias = True, m.num_attention_heads, False
+    m.q_lora_rank = int(_arg(args, "q_lora_rank", 0))
+    m.kv_lora_rank = int(_arg(args, "kv_lora_rank", 32))
+    m.qk_head_dim = int(_arg(args, "qk_head_dim", 128))
+    m.qk_pos_emb_head_dim = int(_arg(args, "qk_pos_emb_head_dim", 64))
+    m.v_head_dim = int(_arg(args, "v_head_dim", 128))
 
 
 def _moe_from_megatron_args(cfg: Config, args: dict[str, Any], where: str) -> None:
@@ -471,6 +507,7 @@ def _split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int, where:
 # checkpoint has them.
 _OPTIONAL_ROLES = {
     "qnorm": ("query norm (q_layernorm)", "qk_layernorm"), "knorm": ("key norm (k_layernorm)", "qk_layernorm"),
+    "kvnorm": ("kv latent norm (kv_layernorm)", "qk_layernorm"), "kvnorm_b": ("kv latent norm bias", "normalization"),
     "router_bias": ("router expert bias", "moe_router_enable_expert_bias"),
     "sh_fc1": ("shared expert", "moe_shared_expert_intermediate_size"),
     "sh_fc2": ("shared expert", "moe_shared_expert_intermediate_size"),
@@ -487,7 +524,11 @@ def _expected_roles(cfg: Config) -> set[str]:
     """The roles a checkpoint of config ``cfg`` holds (besides ``emb`` and, untied, ``out``)."""
     m, e = cfg.model, cfg.moe
     moe = [is_moe_layer(cfg, i) for i in range(m.num_layers)]
-    roles = {"final_norm", "norm1", "norm2", "qkv", "proj"}
+    roles = {"final_norm", "norm1", "norm2", "proj"}
+    if m.multi_latent_attention:
+        roles |= {"mla_kv_down", "mla_kv_up"} | ({"mla_q_down", "mla_q_up"} if m.q_lora_rank else {"mla_q"})
+    else:
+        roles.add("qkv")
     if not all(moe):
         roles |= {"fc1", "fc2"}
     if any(moe):
@@ -495,10 +536,13 @@ def _expected_roles(cfg: Config) -> set[str]:
         roles |= {"router_bias"} if e.expert_bias else set()
         roles |= {"sh_fc1", "sh_fc2"} if e.shared_expert_ffn_hidden_size else set()
         roles |= {"sh_gate"} if e.shared_expert_gate else set()
-    if m.qk_layernorm:
-        roles |= {"qnorm", "knorm"}
+    norms = set()
+    if m.qk_layernorm:  # latent attention: the kv latent's, and the query latent's when there is one
+        norms = ({"kvnorm"} | ({"qnorm"} if m.q_lora_rank else set())) if m.multi_latent_attention else {"qnorm",
+                                                                                                         "knorm"}
+    roles |= norms
     if m.normalization == "LayerNorm":
-        roles |= {"final_norm_b", "norm1_b", "norm2_b"} | ({"qnorm_b", "knorm_b"} if m.qk_layernorm else set())
+        roles |= {"final_norm_b", "norm1_b", "norm2_b"} | {n + "_b" for n in norms}
     if m.add_qkv_bias:
         roles.add("qkv_b")
     if m.add_bias_linear:
@@ -552,8 +596,11 @@ def _model_loaders(cfg: Config, *, whole, vocab_parallel, row_parallel, qkv_part
         p = f"layers.{i}."
         loaders[p + "attention_norm.weight"] = whole("norm1", i)
         loaders[p + "ffn_norm.weight"] = whole("norm2", i)
-        for which, name in enumerate(("wq", "wk", "wv")):
-            loaders[p + f"attention.{name}.weight"] = qkv_part(i, which)
+        if m.multi_latent_attention:
+            loaders.update(_latent_attention_loaders(cfg, i, whole))
+        else:
+            for which, name in enumerate(("wq", "wk", "wv")):
+                loaders[p + f"attention.{name}.weight"] = qkv_part(i, which)
         loaders[p + "attention.wo.weight"] = row_parallel("proj", i)
         if is_moe_layer(cfg, i):
             loaders.update(_moe_loaders(cfg, i, whole))
@@ -561,15 +608,14 @@ def _model_loaders(cfg: Config, *, whole, vocab_parallel, row_parallel, qkv_part
             loaders[p + "feed_forward.w1.weight"] = fc1_part(i, 0)
             loaders[p + "feed_forward.w3.weight"] = fc1_part(i, 1)
             loaders[p + "feed_forward.w2.weight"] = row_parallel("fc2", i)
-        if m.qk_layernorm:  # over head_dim, the same weights for every head: whole on every TP rank
-            loaders[p + "attention.q_norm.weight"] = whole("qnorm", i)
-            loaders[p + "attention.k_norm.weight"] = whole("knorm", i)
+        if m.qk_layernorm:  # over head_dim (or a latent), the same weights for every head: whole on every TP rank
+            for role, name in _attention_norms(m):
+                loaders[p + f"attention.{name}.weight"] = whole(role, i)
+                if layer_norm:
+                    loaders[p + f"attention.{name}.bias"] = whole(role + "_b", i)
         if layer_norm:
             loaders[p + "attention_norm.bias"] = whole("norm1_b", i)
             loaders[p + "ffn_norm.bias"] = whole("norm2_b", i)
-            if m.qk_layernorm:
-                loaders[p + "attention.q_norm.bias"] = whole("qnorm_b", i)
-                loaders[p + "attention.k_norm.bias"] = whole("knorm_b", i)
         if m.add_qkv_bias:
             for which, name in enumerate(("wq", "wk", "wv")):
                 loaders[p + f"attention.{name}.bias"] = qkv_part(i, which, "qkv_b")
@@ -579,6 +625,41 @@ def _model_loaders(cfg: Config, *, whole, vocab_parallel, row_parallel, qkv_part
             loaders[p + "feed_forward.w3.bias"] = fc1_part(i, 1, "fc1_b")
             loaders[p + "feed_forward.w2.bias"] = whole("fc2_b", i)
     return loaders
+
+
+def _attention_norms(m) -> list[tuple[str, str]]:
+    """(Megatron role, our module) of the attention's norms under ``qk_layernorm``: the query/key norms, or the
+    latent attention's latent norms."""
+    if not m.multi_latent_attention:
+        return [("qnorm", "q_norm"), ("knorm", "k_norm")]
+    return [("kvnorm", "kv_latent_norm")] + ([("qnorm", "q_latent_norm")] if m.q_lora_rank else [])
+
+
+def _latent_attention_loaders(cfg: Config, i: int, whole) -> dict:
+    """Loaders of layer ``i``'s latent attention projections from megatron-core's global tensors: the query
+    projection (or the query latent's down and up), the kv down-projection ``[kv_lora_rank + rope, H]`` split
+    into ours and the rotary key, the kv up-projection. megatron-core takes each head's rotary channels as
+    interleaved pairs (``apply_rotary_pos_emb`` with ``multi_latent_attention``), as DeepSeek does: they are
+    reordered to halves, as the Hugging Face reader does (:func:`.hf_tensors.interleaved_rope_rows`)."""
+    m, p = cfg.model, f"layers.{i}.attention."
+    rope, head = m.qk_pos_emb_head_dim, m.qk_head_dim + m.qk_pos_emb_head_dim
+    query = whole("mla_q_up" if m.q_lora_rank else "mla_q", i)
+    out = {p + "wq.weight": lambda: interleaved_rope_rows(query(), (head, rope), to_interleaved=False),
+           p + "wkv.weight": whole("mla_kv_up", i)}
+    if m.q_lora_rank:
+        out[p + "wq_down.weight"] = whole("mla_q_down", i)
+
+    def kv_down(which: int) -> torch.Tensor:
+        t = whole("mla_kv_down", i)()
+        if t.shape[0] != m.kv_lora_rank + rope:
+            raise ConversionError(f"layer {i} linear_kv_down_proj has {t.shape[0]} rows; kv_lora_rank + "
+                                  f"qk_pos_emb_head_dim = {m.kv_lora_rank + rope}")
+        latent, rotary = t.split([m.kv_lora_rank, rope])
+        return latent if which == 0 else interleaved_rope_rows(rotary, (rope, rope), to_interleaved=False)
+
+    out[p + "wkv_down.weight"] = lambda: kv_down(0)
+    out[p + "wk_rope.weight"] = lambda: kv_down(1)
+    return out
 
 
 def _gate_up(t: torch.Tensor, which: int, where: str, dim: int = 0) -> torch.Tensor:
@@ -637,6 +718,10 @@ def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     args = dict(vars(args_obj)) if isinstance(args_obj, argparse.Namespace) else {}
     args.update(overrides or {})
     cfg = config_from_megatron_args(args, where)
+    if cfg.model.multi_latent_attention:
+        raise ConversionError(f"{where}: a multi-latent attention checkpoint in the legacy torch format; such "
+                              "checkpoints are read in torch_dist format (Megatron-LM's default --ckpt-format; "
+                              "convert with --ckpt-convert-format torch_dist)")
     if cfg.moe.num_experts:
         raise ConversionError(f"{where}: an MoE checkpoint (num_experts = {cfg.moe.num_experts}) in the legacy torch "
                               "format, whose expert layout depends on the expert implementation and parallelism; MoE "

@@ -49,6 +49,10 @@ def megatron_args(cfg, tp: int, **overrides) -> argparse.Namespace:
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, num_experts=cfg.moe.num_experts or None,
         attention_backend=AttnBackend.auto, params_dtype=torch.float32,
     )
+    if m.multi_latent_attention:  # Megatron-LM's DeepSeek-V3 arguments at the plain rotary embedding
+        args.update(multi_latent_attention=True, q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank,
+                    qk_head_dim=m.qk_head_dim, qk_pos_emb_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim,
+                    rope_type="rope", rotary_scaling_factor=1.0, group_query_attention=False)
     if cfg.moe.num_experts:  # megatron-core's arguments of an MoE model (first_k_dense / layer_freq as a list)
         e = cfg.moe
         args.update(moe_router_topk=e.topk, moe_ffn_hidden_size=cfg.expert_ffn_size, moe_router_pre_softmax=False,
@@ -97,6 +101,34 @@ def moe_shard(state, p: str, rows, cols, experts: tuple[int, int] | None = None)
     return out
 
 
+def to_interleaved_rope(t: torch.Tensor, group: int, r: int) -> torch.Tensor:
+    """Rows of ``t`` in groups of ``group`` whose last ``r`` hold rotary channels as halves (ours) -> as interleaved
+    pairs (megatron-core's and DeepSeek's latent attention): pair j = (half one's j, half two's j)."""
+    g = t.reshape(-1, group, *t.shape[1:])
+    first, second = g[:, group - r: group - r // 2], g[:, group - r // 2:]
+    pairs = torch.stack([first, second], dim=2).reshape(g.shape[0], r, *t.shape[1:])
+    return torch.cat([g[:, :group - r], pairs], dim=1).reshape(t.shape)
+
+
+def latent_attention_shard(state, p: str, m, rows) -> dict:
+    """Layer ``p``'s latent attention as megatron-core's local-spec modules on one tensor-parallel rank: every
+    projection a column-parallel linear (the down-projections too: their rows are gathered in forward), rotary
+    channels interleaved, the latent norms whole."""
+    head, rope = m.qk_head_dim + m.qk_pos_emb_head_dim, m.qk_pos_emb_head_dim
+    query = to_interleaved_rope(state[p + "wq.weight"], head, rope)
+    kv_down = torch.cat([state[p + "wkv_down.weight"], to_interleaved_rope(state[p + "wk_rope.weight"], rope, rope)])
+    out = {"self_attention.linear_kv_down_proj.weight": rows(kv_down),
+           "self_attention.linear_kv_up_proj.weight": rows(state[p + "wkv.weight"]),
+           "self_attention.kv_layernorm.weight": state[p + "kv_latent_norm.weight"].clone()}
+    if m.q_lora_rank:
+        out.update({"self_attention.linear_q_down_proj.weight": rows(state[p + "wq_down.weight"]),
+                    "self_attention.linear_q_up_proj.weight": rows(query),
+                    "self_attention.q_layernorm.weight": state[p + "q_latent_norm.weight"].clone()})
+    else:
+        out["self_attention.linear_q_proj.weight"] = rows(query)
+    return out
+
+
 def shard_model(state, cfg, tp: int, r: int, layout: str, experts: tuple[int, int] | None = None) -> dict:
     """Rank r's Megatron model dict (mcore flat keys, or the old nested language_model layout), with the norm
     biases of LayerNorm (the old layout then names the norms ``*_layernorm``), the QKV bias (``add_qkv_bias``)
@@ -115,19 +147,21 @@ def shard_model(state, cfg, tp: int, r: int, layout: str, experts: tuple[int, in
     layers, moe_keys = {}, {}
     for i in range(m.num_layers):
         p = f"layers.{i}."
-        layers[i] = dict(
-            qkv=rows(fused_qkv(state, i, cfg)), proj=cols(state[p + "attention.wo.weight"]),
-            norm1=state[p + "attention_norm.weight"].clone(), norm2=state[p + "ffn_norm.weight"].clone(),
-        )
+        layers[i] = dict(proj=cols(state[p + "attention.wo.weight"]), norm1=state[p + "attention_norm.weight"].clone(),
+                         norm2=state[p + "ffn_norm.weight"].clone())
+        if m.multi_latent_attention:
+            moe_keys[i] = latent_attention_shard(state, p + "attention.", m, rows)
+        else:
+            layers[i]["qkv"] = rows(fused_qkv(state, i, cfg))
         if p + "feed_forward.router.gate.weight" in state:  # an MoE layer: megatron-core's local expert modules
-            moe_keys[i] = moe_shard(state, p + "feed_forward.", rows, cols, experts)
+            moe_keys[i] = moe_keys.get(i, {}) | moe_shard(state, p + "feed_forward.", rows, cols, experts)
         else:
             w1, w3 = state[p + "feed_forward.w1.weight"], state[p + "feed_forward.w3.weight"]
             layers[i].update(fc1=torch.cat([rows(w1), rows(w3)]), fc2=cols(state[p + "feed_forward.w2.weight"]))
         if m.normalization == "LayerNorm":
             layers[i].update(norm1_b=state[p + "attention_norm.bias"].clone(),
                              norm2_b=state[p + "ffn_norm.bias"].clone())
-        if m.qk_layernorm:  # megatron-core only (the old layout has none); replicated over TP
+        if m.qk_layernorm and not m.multi_latent_attention:  # megatron-core only; replicated over TP
             layers[i].update({role: state[p + f"attention.{name}_norm.{kind}"].clone()
                               for role, name, kind in (("qnorm", "q", "weight"), ("knorm", "k", "weight"),
                                                        ("qnorm_b", "q", "bias"), ("knorm_b", "k", "bias"))
@@ -155,7 +189,8 @@ def shard_model(state, cfg, tp: int, r: int, layout: str, experts: tuple[int, in
             d = f"decoder.layers.{i}."
             model.update({d + names[role]: tensor for role, tensor in t.items()})
             model.update({d + key: tensor for key, tensor in moe_keys.get(i, {}).items()})
-            model[d + "self_attention.linear_qkv._extra_state"] = None
+            if not m.multi_latent_attention:
+                model[d + "self_attention.linear_qkv._extra_state"] = None
         if final_b is not None:
             model["decoder.final_layernorm.bias"] = final_b
         if out is not None:
@@ -506,6 +541,24 @@ def _megatron_gpt_save(rank: int, world: int, state: dict, cfg, root: str, token
     return _megatron_core_save(rank, world, state, cfg, root, tokens_in), _train_layouts(corpus, legacy, runs)
 
 
+class _MlaCoreAttention(torch.nn.Module):
+    """Causal softmax(q k^T * softmax_scale) v for megatron-core 0.16.1's latent attention, whose local-spec core
+    attention (DotProductAttention) takes no separate key and value widths: Transformer Engine's does, and is
+    not on a CPU machine. q/k [s, b, heads, d_k], v [s, b, heads, d_v] -> [s, b, heads * d_v]; the scale is
+    the one megatron-core passes (1 / sqrt(qk_head_dim + qk_pos_emb_head_dim) without YaRN)."""
+
+    def __init__(self, *args, softmax_scale=None, **kwargs):  # megatron-core builds it twice: the second counts
+        super().__init__()
+        self.scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, packed_seq_params=None, **_):
+        scores = torch.einsum("sbhd,tbhd->bhst", query, key) * self.scale
+        seq = scores.shape[-1]
+        scores = scores.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
+        out = torch.einsum("bhst,tbhd->sbhd", scores.softmax(-1), value)
+        return out.reshape(out.shape[0], out.shape[1], -1)
+
+
 def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, tokens_in: torch.Tensor,
                         expert_parallel: bool = False):
     """One tensor-parallel rank (TP = world; with ``expert_parallel`` TP = 1 and EP = world, each rank holding
@@ -526,7 +579,7 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     if not torch.cuda.is_available():
         torch.cuda.synchronize = lambda *a, **k: None
@@ -550,17 +603,29 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
             moe_shared_expert_intermediate_size=e.shared_expert_ffn_hidden_size or None,
             moe_shared_expert_gate=e.shared_expert_gate, expert_model_parallel_size=ep, expert_tensor_parallel_size=tp,
             moe_router_num_groups=e.router_num_groups or None, moe_router_group_topk=e.router_group_topk or None)
-    config = TransformerConfig(
-        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size, gated_linear_unit=True,
+    latent = {}
+    if m.multi_latent_attention:  # Megatron-LM's DeepSeek-V3 settings at the plain rotary embedding
+        latent = dict(q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank, qk_head_dim=m.qk_head_dim,
+                      qk_pos_emb_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim, rope_type="rope",
+                      rotary_scaling_factor=1.0, rotary_base=m.rope_theta)
+    config = (MLATransformerConfig if latent else TransformerConfig)(
+        **latent, num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_kv_heads, ffn_hidden_size=m.ffn_hidden_size, gated_linear_unit=True,
         activation_func=F.silu, normalization=m.normalization, layernorm_epsilon=m.norm_eps,
         add_bias_linear=m.add_bias_linear, add_qkv_bias=m.add_qkv_bias, bias_activation_fusion=False,
         kv_channels=m.head_dim, qk_layernorm=m.qk_layernorm, **moe_kwargs,
         bias_dropout_fusion=False, tensor_model_parallel_size=tp, use_cpu_initialization=True,
         params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0)
     spec = (get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=m.normalization)
-            if e.num_experts else
+            if e.num_experts or m.multi_latent_attention else
             get_gpt_layer_local_spec(normalization=m.normalization, qk_layernorm=m.qk_layernorm))
+    if m.multi_latent_attention:
+        import megatron.core.transformer.multi_latent_attention as mla
+
+        if not isinstance(mla.TELinear, type):  # without Transformer Engine a placeholder 0.16.1 isinstance()s
+            mla.TELinear = type("NoTransformerEngineLinear", (), {})
+        for layer_spec in spec.layer_specs:
+            layer_spec.submodules.self_attention.submodules.core_attention = _MlaCoreAttention
     model = GPTModel(config, spec, vocab_size=m.vocab_size,
                      max_sequence_length=64, position_embedding_type="rope", rotary_base=int(m.rope_theta),
                      share_embeddings_and_output_weights=m.tie_embeddings, parallel_output=False).eval()
@@ -844,6 +909,11 @@ MEGATRON_MOE = {
                           topk_scaling_factor=2.5, shared_expert_ffn_hidden_size=40, shared_expert_gate=True,
                           qk_layernorm=True, kv_channels=12, expert_ffn_hidden_size=24, router_num_groups=2,
                           router_group_topk=1),
+    # DeepSeek-V3's attention too: multi-latent attention with a query latent and the latent norms
+    "deepseek-mla": dict(num_experts=4, topk=2, first_k_dense=1, score_function="sigmoid", expert_bias=True,
+                         topk_scaling_factor=2.5, shared_expert_ffn_hidden_size=40, expert_ffn_hidden_size=24,
+                         multi_latent_attention=True, num_query_groups=0, q_lora_rank=16, kv_lora_rank=12,
+                         qk_head_dim=6, qk_pos_emb_head_dim=4, v_head_dim=5, qk_layernorm=True),
 }
 
 
@@ -885,7 +955,9 @@ def test_torch_dist_moe_checkpoint_of_megatron_core_reads_with_its_logits(megatr
                 "router_num_groups", "router_group_topk"):
         assert getattr(got_cfg.moe, key) == getattr(want.moe, key), key
     assert got_cfg.expert_ffn_size == want.expert_ffn_size
-    assert got_cfg.model.head_dim == want.model.head_dim and got_cfg.model.qk_layernorm == want.model.qk_layernorm
+    for key in ("head_dim", "qk_layernorm", "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim",
+                "qk_pos_emb_head_dim", "v_head_dim"):
+        assert getattr(got_cfg.model, key) == getattr(want.model, key), key
     got = source.state_dict()
     assert set(got) == set(run["state"])
     for name, tensor in run["state"].items():
@@ -930,7 +1002,11 @@ def test_megatron_moe_arguments_that_cannot_be_read_are_named(tmp_path, referenc
                               ({"qk_l2_norm": True, "num_experts": None}, "qk_l2_norm = True"),  # dense too
                               ({"moe_expert_capacity_factor": 1.0, "moe_token_drop_policy": "position"},
                                "moe_token_drop_policy = 'position'"),
-                              ({"moe_layer_freq": [1, 1, 1]}, "expected an integer or one 0/1 entry per layer")]:
+                              ({"moe_layer_freq": [1, 1, 1]}, "expected an integer or one 0/1 entry per layer"),
+                              ({"multi_latent_attention": True, "rotary_scaling_factor": 40.0},
+                               "YaRN rotary scaling is not implemented"),
+                              ({"multi_latent_attention": True, "use_rope_scaling": True},
+                               "use_rope_scaling with multi_latent_attention")]:
         with pytest.raises(ConversionError, match=re.escape(needle)):
             config_from_megatron_args({**args, **overrides}, "args")
     assert config_from_megatron_args({**args, "moe_layer_freq": 2}, "args").moe.layer_freq == 2
@@ -945,6 +1021,14 @@ def test_megatron_moe_arguments_that_cannot_be_read_are_named(tmp_path, referenc
     _, state, _ = reference
     with pytest.raises(ConversionError, match="MoE checkpoints are read in torch_dist format"):
         read_megatron(write_megatron(tmp_path / "legacy", state, reference[0], 1, num_experts=4))
+    with pytest.raises(ConversionError, match="multi-latent attention checkpoint in the legacy torch format"):
+        read_megatron(write_megatron(tmp_path / "legacy-mla", state, reference[0], 1, multi_latent_attention=True,
+                                     add_bias_linear=False))
+    # megatron-core's latent attention: yarn at factor 1 is plain RoPE; kv_channels and num_query_groups ignored
+    mla = config_from_megatron_args({**args, "multi_latent_attention": True, "rope_type": "yarn", "kv_channels": 16,
+                                     "q_lora_rank": None, "kv_lora_rank": 512}, "args").model
+    assert (mla.multi_latent_attention, mla.q_lora_rank, mla.kv_lora_rank, mla.kv_channels, mla.num_kv_heads,
+            mla.qk_head_dim, mla.qk_pos_emb_head_dim, mla.v_head_dim) == (True, 0, 512, 0, 4, 128, 64, 128)
 
 
 @pytest.mark.slow
