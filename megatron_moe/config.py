@@ -127,6 +127,9 @@ class ModelConfig:
     qk_head_dim: int = 128
     qk_pos_emb_head_dim: int = 64
     v_head_dim: int = 128
+    # The latent norms' eps; 0 = norm_eps (megatron-core's). transformers' DeepSeek-V3 uses 1e-6 there whatever its
+    # rms_norm_eps says (Moonlight: 1e-5): its import sets this.
+    latent_norm_eps: float = 0.0
 
     @property
     def dense_ffn_size(self) -> int:
@@ -141,7 +144,7 @@ class ModelConfig:
     def _validate_latent_attention(self) -> None:
         _check_positive({"model.kv_lora_rank": self.kv_lora_rank, "model.qk_head_dim": self.qk_head_dim,
                          "model.qk_pos_emb_head_dim": self.qk_pos_emb_head_dim, "model.v_head_dim": self.v_head_dim})
-        _check_non_negative({"model.q_lora_rank": self.q_lora_rank})
+        _check_non_negative({"model.q_lora_rank": self.q_lora_rank, "model.latent_norm_eps": self.latent_norm_eps})
         if self.qk_pos_emb_head_dim % 2:
             raise ConfigError(f"model.qk_pos_emb_head_dim = {self.qk_pos_emb_head_dim} must be even for rotary "
                               "embeddings")
@@ -1204,7 +1207,8 @@ def _derive_train_iters(cfg: Config, given: set[str], from_file: set[str]) -> No
                               f"({t.global_batch_size} samples)")
 
 
-LATENT_ATTENTION_SETTINGS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+LATENT_ATTENTION_SETTINGS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+                             "latent_norm_eps")
 
 
 def _check_no_ignored_settings(cfg: Config, given: set[str]) -> None:

@@ -214,10 +214,7 @@ def _latent_attention_settings(m, hf: dict[str, Any], where: str) -> None:
     if m.num_query_groups != m.num_attention_heads:
         raise ConversionError(f"{where}: num_key_value_heads = {m.num_query_groups} with num_attention_heads = "
                               f"{m.num_attention_heads}; latent attention has a key and value per head")
-    if m.norm_eps != DEEPSEEK_LATENT_NORM_EPS:
-        raise ConversionError(f"{where}: rms_norm_eps = {m.norm_eps:g}; transformers' DeepSeek-V3 normalises the "
-                              f"latents with eps {DEEPSEEK_LATENT_NORM_EPS:g} whatever it says, and this model uses "
-                              "one eps for every norm")
+    m.latent_norm_eps = DEEPSEEK_LATENT_NORM_EPS
     m.multi_latent_attention, m.qk_layernorm, m.num_query_groups, m.kv_channels = True, True, 0, 0
     m.q_lora_rank, m.kv_lora_rank, m.v_head_dim = q_lora_rank or 0, hf["kv_lora_rank"], hf["v_head_dim"]
     m.qk_head_dim, m.qk_pos_emb_head_dim = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"]
@@ -432,9 +429,10 @@ def _deepseek_v3_blockers(cfg: Config) -> list[str]:
     if not (m.multi_latent_attention and m.qk_layernorm):
         reasons.append("model.multi_latent_attention / model.qk_layernorm: DeepSeek-V3 always has latent attention "
                        "with normalised latents")
-    if m.norm_eps != DEEPSEEK_LATENT_NORM_EPS:
-        reasons.append(f"model.norm_eps = {m.norm_eps:g}: transformers' DeepSeek-V3 normalises the latents with eps "
-                       f"{DEEPSEEK_LATENT_NORM_EPS:g}")
+    latent_eps = m.latent_norm_eps or m.norm_eps
+    if latent_eps != DEEPSEEK_LATENT_NORM_EPS:
+        reasons.append(f"model.latent_norm_eps = {latent_eps:g} (0: model.norm_eps): transformers' DeepSeek-V3 "
+                       f"normalises the latents with eps {DEEPSEEK_LATENT_NORM_EPS:g}")
     if e.router != "topk" or e.score_function != "sigmoid":
         reasons.append(f"moe.router = {e.router!r}, moe.score_function = {e.score_function!r}: DeepSeek-V3 routes by "
                        "top-K sigmoid scores")

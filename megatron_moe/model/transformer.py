@@ -65,15 +65,15 @@ class LayerNorm1P(nn.LayerNorm):
         nn.init.zeros_(self.bias)
 
 
-def build_norm(m: ModelConfig, dim: int | None = None) -> nn.Module:
+def build_norm(m: ModelConfig, dim: int | None = None, eps: float = 0.0) -> nn.Module:
     """A norm over ``dim`` (default ``m.hidden_size``) as ``m.normalization`` says: :class:`RMSNorm` (a
-    weight) or torch's ``LayerNorm`` (a weight and a bias), with ``m.norm_eps``; zero-centred scales with
-    ``m.apply_layernorm_1p``."""
-    dim = dim or m.hidden_size
+    weight) or torch's ``LayerNorm`` (a weight and a bias), with ``eps`` (0: ``m.norm_eps``); zero-centred
+    scales with ``m.apply_layernorm_1p``."""
+    dim, eps = dim or m.hidden_size, eps or m.norm_eps
     if m.normalization == "LayerNorm":
         cls = LayerNorm1P if m.apply_layernorm_1p else nn.LayerNorm
-        return cls(dim, eps=m.norm_eps)
-    return RMSNorm(dim, m.norm_eps, m.apply_layernorm_1p)
+        return cls(dim, eps=eps)
+    return RMSNorm(dim, eps, m.apply_layernorm_1p)
 
 
 @dataclass(frozen=True)
@@ -269,8 +269,8 @@ def build_attention(m: ModelConfig) -> Attention | LatentAttention:
     """The attention ``m`` asks for: :class:`LatentAttention` with ``m.multi_latent_attention`` (latent norms
     with ``m.qk_layernorm``), else grouped-query :class:`Attention` (query/key norms with ``m.qk_layernorm``)."""
     if m.multi_latent_attention:
-        q_norm = build_norm(m, m.q_lora_rank) if m.qk_layernorm and m.q_lora_rank else None
-        norms = (q_norm, build_norm(m, m.kv_lora_rank) if m.qk_layernorm else None)
+        q_norm = build_norm(m, m.q_lora_rank, m.latent_norm_eps) if m.qk_layernorm and m.q_lora_rank else None
+        norms = (q_norm, build_norm(m, m.kv_lora_rank, m.latent_norm_eps) if m.qk_layernorm else None)
         return LatentAttention(m.hidden_size, m.num_attention_heads, m.q_lora_rank, m.kv_lora_rank, m.qk_head_dim,
                                m.qk_pos_emb_head_dim, m.v_head_dim, m.add_bias_linear, *norms)
     qk_norms = (build_norm(m, m.head_dim), build_norm(m, m.head_dim)) if m.qk_layernorm else (None, None)

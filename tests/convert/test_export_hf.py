@@ -372,6 +372,7 @@ MLA_EXPORT = dict(num_attention_heads=4, num_query_groups=0, multi_latent_attent
 @pytest.mark.parametrize("settings", [
     {"q_lora_rank": 16, "topk": 4, "router_num_groups": 4, "router_group_topk": 2, "topk_scaling_factor": 2.5},
     {"renormalize": False, "first_k_dense": 0, "num_layers": 3},  # queries straight from the hidden state
+    {"norm_eps": 1e-5, "latent_norm_eps": 1e-6},  # Moonlight's eps, the latents' as transformers has them
 ])
 def test_latent_attention_moe_exports_to_deepseek_v3_with_the_same_logits(tmp_path, settings):
     """DeepSeek-V3's architecture (latent attention, sigmoid routing with expert biases, groups, scaled weights, a
@@ -400,7 +401,7 @@ def test_latent_attention_moe_exports_to_deepseek_v3_with_the_same_logits(tmp_pa
     ({**MLA_EXPORT, "shared_expert_ffn_hidden_size": 24}, "deepseek_v3", "n_shared_experts x 16"),
     ({**MLA_EXPORT, "topk": 2, "router_num_groups": 4, "router_group_topk": 2}, "deepseek_v3",
      "groups by their top 2 experts"),
-    ({**MLA_EXPORT, "norm_eps": 1e-5}, "deepseek_v3", "normalises the latents with eps 1e-06"),
+    ({**MLA_EXPORT, "norm_eps": 1e-5}, "deepseek_v3", "model.latent_norm_eps = 1e-05 (0: model.norm_eps)"),
     ({**MLA_EXPORT, "score_function": "softmax", "expert_bias": False}, "deepseek_v3", "top-K sigmoid scores"),
     (MLA_EXPORT, "qwen3_moe", "model.multi_latent_attention = true: qwen3_moe has grouped-query attention"),
 ])

@@ -172,9 +172,10 @@ def test_latent_attention_model_settings(tiny_config):
     tables over qk_pos_emb_head_dim only, latent norms with model.qk_layernorm; hidden 20 with 3 heads is fine."""
     cfg = tiny_config(hidden_size=20, num_attention_heads=3, vocab_size=96, multi_latent_attention=True,
                       q_lora_rank=10, kv_lora_rank=8, qk_head_dim=6, qk_pos_emb_head_dim=4, v_head_dim=5,
-                      qk_layernorm=True)
+                      qk_layernorm=True, norm_eps=1e-5, latent_norm_eps=1e-6)
     model = build_model(cfg, "cpu", seed=0)
     attn = model.layers["1"].attention
+    assert (attn.q_latent_norm.eps, attn.kv_latent_norm.eps, model.layers["1"].attention_norm.eps) == (1e-6, 1e-6, 1e-5)
     assert isinstance(attn, LatentAttention) and model.rope_cos.shape[1] == 4
     shapes = {n: tuple(p.shape) for n, p in attn.named_parameters()}
     assert shapes == {"wq_down.weight": (10, 20), "q_latent_norm.weight": (10,), "wq.weight": (30, 10),
