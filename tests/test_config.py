@@ -213,6 +213,37 @@ def test_qwen3_30b_a3b_megatron_arguments_give_the_example_model():
     assert any("--moe-token-dispatcher-type" in note for note in extras["notes"])
 
 
+def test_moonlight_megatron_arguments_give_the_example_model():
+    """Moonlight-16B-A3B's Megatron-LM model arguments as a launch script passes them (slime's: --kv-channels,
+    YaRN's mscales at factor 1, pre-softmax with sigmoid scores, one group of experts, the layer list expanded
+    unquoted into words) build the model of examples/moonlight_16b_a3b.toml, but for the latent norms' eps,
+    which megatron-core takes from --norm-epsilon (the example keeps transformers' 1e-6)."""
+    argv = shlex.split("""--disable-bias-linear --num-layers 27 --hidden-size 2048 --ffn-hidden-size 11264
+        --num-attention-heads 16 --kv-channels 128 --normalization RMSNorm --position-embedding-type rope
+        --norm-epsilon 1e-5 --rotary-percent 1.0 --swiglu --untie-embeddings-and-output-weights
+        --no-masked-softmax-fusion --vocab-size 163840 --multi-latent-attention --kv-lora-rank 512 --qk-head-dim 128
+        --qk-pos-emb-head-dim 64 --v-head-dim 128 --qk-layernorm --rotary-scaling-factor 1 --rotary-base 50000
+        --mscale 1.0 --mscale-all-dim 1.0 --attention-softmax-in-fp32 --no-rope-fusion --num-experts 64
+        --moe-layer-freq [0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+        --moe-ffn-hidden-size 1408 --moe-router-topk 6 --moe-shared-expert-intermediate-size 2816
+        --moe-router-pre-softmax --moe-router-score-function sigmoid --moe-router-enable-expert-bias
+        --moe-router-load-balancing-type seq_aux_loss --moe-token-dispatcher-type alltoall --moe-aux-loss-coeff 0
+        --moe-router-bias-update-rate 0 --moe-router-group-topk 1 --moe-router-num-groups 1 --moe-grouped-gemm
+        --moe-router-topk-scaling-factor 2.446 --moe-token-drop-policy probs --moe-router-dtype fp32
+        --moe-permute-fusion""")
+    cfg, extras = parse_args(argv)
+    example, _ = parse_args(["--config", str(Path(__file__).parents[1] / "examples" / "moonlight_16b_a3b.toml")])
+    assert cfg.model.latent_norm_eps == 0 and example.model.latent_norm_eps == 1e-6
+    cfg.model.latent_norm_eps = example.model.latent_norm_eps
+    assert cfg.model == example.model
+    for key in ("num_experts", "topk", "expert_ffn_hidden_size", "shared_expert_ffn_hidden_size", "router",
+                "renormalize", "layer_freq", "first_k_dense", "score_function", "expert_bias", "topk_scaling_factor",
+                "balance_loss"):
+        assert getattr(cfg.moe, key) == getattr(example.moe, key), key
+    assert (cfg.moe.router_num_groups, cfg.moe.router_group_topk) == (1, 1)  # one group: plain top-K
+    assert {n.split()[0] for n in extras["notes"]} >= {"--kv-channels", "--mscale", "--moe-router-pre-softmax"}
+
+
 def test_sigmoid_routing_flags():
     """DeepSeek-V3's router flags as its Megatron-LM script passes them (pre-softmax included, which megatron-core
     ignores for sigmoid scores); a bias update rate without the bias, the bias without sigmoid scores, and

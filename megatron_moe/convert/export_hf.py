@@ -6,8 +6,9 @@ Usage::
         [--dtype {fp32,bf16}] [--max-shard-size 5GB] [--tokenizer-model FILE.model] [--overwrite]
 
 Architectures (``--architecture auto`` picks by the model, :func:`~.hf_config.choose_architecture`):
-SparseMixer-v2 MoE -> PhiMoE (GRIN-MoE's format), top-K MoE -> Qwen3-MoE with query/key norms, else
-Mixtral; dense -> Qwen3 with query/key norms, Qwen2 (q/k/v biases only) or Llama; ``--architecture
+multi-latent attention or sigmoid routing -> DeepSeek-V3, SparseMixer-v2 MoE -> PhiMoE (GRIN-MoE's format),
+top-K MoE -> Qwen2-MoE with a shared expert, Qwen3-MoE with query/key norms, else Mixtral; dense -> Qwen3
+with query/key norms, Qwen2 (q/k/v biases only) or Llama; ``--architecture
 phi3`` writes a bias-free dense model in Phi-3's fused layout. A
 model not expressible exactly in the chosen architecture is refused with every reason listed
 (:func:`~.hf_config.export_blockers`) and nothing is written. Training-only settings map where the

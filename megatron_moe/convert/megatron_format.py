@@ -38,6 +38,15 @@ with ``moe_router_group_topk``) is read too. Expert biases (``add_bias_linear`` 
 routing, probabilities applied on the expert input and latent experts are refused. Upcycling a model with FFN
 biases is refused by :func:`megatron_moe.convert.upcycle.upcycle` (the experts have none).
 
+Multi-latent attention (``multi_latent_attention``; torch_dist only) maps onto ``model.multi_latent_attention``
+with ``q_lora_rank`` (None: 0), ``kv_lora_rank``, ``qk_head_dim``, ``qk_pos_emb_head_dim``, ``v_head_dim`` and
+``qk_layernorm`` (the latent norms): ``self_attention.linear_q_proj`` or ``linear_q_down_proj`` / ``q_layernorm``
+/ ``linear_q_up_proj``, ``linear_kv_down_proj`` ``[kv_lora_rank + rope, H]`` (split into our ``wkv_down`` and
+``wk_rope``), ``kv_layernorm``, ``linear_kv_up_proj``, ``linear_proj`` (Transformer Engine fuses the latent norms
+into the up-projections: ``linear_*_up_proj.layer_norm_weight``). megatron-core rotates each head's rotary channels
+as interleaved pairs, as DeepSeek does; they are reordered to halves. Its default YaRN is read at
+``rotary_scaling_factor`` 1 (plain RoPE); other factors are refused.
+
 Both model layouts are read: megatron-core (``decoder.layers.N.self_attention.linear_qkv.weight`` / ``.bias``,
 Transformer Engine fused norms ``...linear_qkv.layer_norm_weight`` / ``layer_norm_bias`` and
 ``...linear_fc1.layer_norm_weight`` / ``layer_norm_bias``, or the local spec's ``input_layernorm`` /

@@ -114,9 +114,8 @@ def architecture_summary(cfg: Config) -> str:
     parts = [f"{m.normalization}{' (1p)' if m.apply_layernorm_1p else ''}", "SwiGLU",
              f"RoPE theta {m.rope_theta:g}{' + llama3 scaling' if m.rope_scaling == 'llama3' else ''}",
              f"{'biases: ' + ', '.join(biases) if biases else 'no biases'}",
-             *(["QK norm"] if m.qk_layernorm else []),
-             "tied embeddings" if m.tie_embeddings else "untied embeddings",
-             f"{m.num_attention_heads} heads / {m.num_kv_heads} KV heads of {m.head_dim}"]
+             *([("latent norms" if m.multi_latent_attention else "QK norm")] if m.qk_layernorm else []),
+             "tied embeddings" if m.tie_embeddings else "untied embeddings", _attention_summary(m)]
     if e.num_experts:
         every = "every layer" if e.layer_freq == 1 else f"every {e.layer_freq} layers"
         start = f" from layer {e.first_k_dense}" if e.first_k_dense else ""  # 0-based, as is_moe_layer
@@ -127,6 +126,14 @@ def architecture_summary(cfg: Config) -> str:
             gate = " (sigmoid-gated)" if e.shared_expert_gate else ""
             parts.append(f"a shared expert of {e.shared_expert_ffn_hidden_size}{gate}")
     return ", ".join(parts)
+
+
+def _attention_summary(m) -> str:
+    if not m.multi_latent_attention:
+        return f"{m.num_attention_heads} heads / {m.num_kv_heads} KV heads of {m.head_dim}"
+    query = f"q latent {m.q_lora_rank}, " if m.q_lora_rank else ""
+    return (f"latent attention: {m.num_attention_heads} heads of {m.qk_head_dim} + {m.qk_pos_emb_head_dim} rotary "
+            f"(values {m.v_head_dim}), {query}kv latent {m.kv_lora_rank}")
 
 
 class Trainer:

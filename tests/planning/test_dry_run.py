@@ -89,6 +89,7 @@ def _dry_run_cpu_seconds(args: list[str]) -> tuple[int, str, float]:
 @pytest.mark.parametrize("args,code", [
     (["--config", "examples/grin_moe_16x3.8b.toml", "--world-size", "64"], 0),
     (["--config", "examples/qwen3_30b_a3b.toml", "--world-size", "64"], 0),
+    (["--config", "examples/moonlight_16b_a3b.toml", "--world-size", "32"], 0),
     (["--config", "examples/skywork_moe_style.toml", "--world-size", "128", "--pipeline-model-parallel-size", "8",
       "--recompute-granularity", "full", "--use-torch-fsdp2"], 0),
 ])

@@ -32,3 +32,9 @@ def test_architecture_summary_places_the_moe_layers_as_the_model_does():
     cfg, _ = parse_args(["--num-experts", "4", "--moe-router-score-function", "sigmoid",
                          "--moe-router-enable-expert-bias"])
     assert "4 experts top-2 (topk router, sigmoid scores, expert bias) every layer" in architecture_summary(cfg)
+
+
+def test_architecture_summary_of_latent_attention():
+    cfg, _ = parse_args(["--multi-latent-attention", "--qk-layernorm", "--q-lora-rank", "96", "--kv-lora-rank", "64"])
+    assert architecture_summary(cfg).endswith("latent norms, untied embeddings, latent attention: 4 heads of 128 + 64 "
+                                              "rotary (values 128), q latent 96, kv latent 64")
