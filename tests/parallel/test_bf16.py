@@ -7,7 +7,8 @@ bitwise equal here; TP sums partial matmul results in bf16 in another order (obs
 relative on losses, 3.8e-4 absolute on parameters after one SGD step with lr = 1). We allow 1e-3
 and 2e-3 (about 5x the observed, well under one bf16 step of the O(1) losses); a missing dp average
 or a gradient counted tp times is off by >= 50%. The released-model options (LayerNorm, biases,
-llama3 RoPE: tests/builders.py, layer 0 dense) run in bf16 under tp2 with the same tolerances.
+llama3 RoPE: tests/builders.py, layer 0 dense) and multi-latent attention run in bf16 under tp2 with the same
+tolerances.
 """
 
 from __future__ import annotations
@@ -18,30 +19,37 @@ import torch
 from megatron_moe.testing import run_distributed
 from tests.builders import RELEASED_OPTIONS, tiny_config
 from tests.parallel.helpers import compare, make_batches, run_steps
+from tests.parallel.test_parity import MLA
 
 BF16_LOSS_RTOL = 1e-3
 BF16_PARAM_ATOL = 2e-3
 STEP_BATCHES = [make_batches(seed=0), make_batches(seed=1)]
 
 
-def _bf16_config(tp: int = 1, pp: int = 1, released: bool = False):
-    cfg = tiny_config(tp=tp, pp=pp, **({**RELEASED_OPTIONS, "first_k_dense": 1} if released else {}))
+# Model variants: the tiny default, the released-model options, DeepSeek-V3's multi-latent attention (its latents
+# and rotary key in bf16 under TP too).
+VARIANTS = {"default": {}, "released": {**RELEASED_OPTIONS, "first_k_dense": 1}, "mla": MLA}
+
+
+def _bf16_config(tp: int = 1, pp: int = 1, variant: str = "default"):
+    cfg = tiny_config(tp=tp, pp=pp, **VARIANTS[variant])
     cfg.training.bf16 = True
     return cfg
 
 
 def _reference_body(rank, world):
-    return {released: run_steps(_bf16_config(released=released), STEP_BATCHES) for released in (False, True)}
+    return {variant: run_steps(_bf16_config(variant=variant), STEP_BATCHES) for variant in VARIANTS}
 
 
 def _layouts_body(rank, world, refs):
     from torch.distributed.device_mesh import init_device_mesh
 
     out = {}
-    for tp, pp, dp, released in ((2, 1, 1, False), (1, 2, 1, False), (1, 1, 2, False), (2, 1, 1, True)):
+    for tp, pp, dp, variant in ((2, 1, 1, "default"), (1, 2, 1, "default"), (1, 1, 2, "default"),
+                                (2, 1, 1, "released"), (2, 1, 1, "mla")):
         mesh = init_device_mesh("cpu", (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
-        run = run_steps(_bf16_config(tp, pp, released), STEP_BATCHES, mesh)
-        out[(tp, pp, dp, "released" if released else "default")] = compare(run, refs[released])
+        run = run_steps(_bf16_config(tp, pp, variant), STEP_BATCHES, mesh)
+        out[(tp, pp, dp, variant)] = compare(run, refs[variant])
     return out
 
 
@@ -50,7 +58,7 @@ def test_bf16_layouts_match_single_process_bf16():
     (refs,) = run_distributed(_reference_body, 1)
     fp32 = run_steps(tiny_config(), STEP_BATCHES)
     # bf16 is not fp32 (the comparison below could not pass with the fp32 values) but close to it.
-    assert refs[False]["lm"] != fp32["lm"] and refs[False]["lm"][0] == pytest.approx(fp32["lm"][0], rel=1e-2)
+    assert refs["default"]["lm"] != fp32["lm"] and refs["default"]["lm"][0] == pytest.approx(fp32["lm"][0], rel=1e-2)
     for rank, results in enumerate(run_distributed(_layouts_body, 2, (refs,), timeout=300)):
         for layout, r in results.items():
             assert r["loss_rel"] <= BF16_LOSS_RTOL, f"rank {rank} {layout}: loss rel diff {r['loss_rel']:.2e}"
@@ -137,7 +145,7 @@ def test_grad_reduce_in_bf16_halves_the_dp_bytes_and_stays_close():
     losses and 3.4e-4 on the parameters after one SGD step with lr = 1, so the bf16 tolerances above
     apply; a missing dp average is off by >= 50 %)."""
     (refs,) = run_distributed(_reference_body, 1)
-    for rank, results in enumerate(run_distributed(_reduce_in_bf16_body, 2, (refs[False],), timeout=300)):
+    for rank, results in enumerate(run_distributed(_reduce_in_bf16_body, 2, (refs["default"],), timeout=300)):
         fp32, bf16 = results[False], results[True]
         saved = fp32["dp_bytes"] - bf16["dp_bytes"]
         assert saved == 2 * bf16["numel"] * len(STEP_BATCHES), (rank, bf16["dp_bytes"], fp32["dp_bytes"], bf16["numel"])

@@ -17,6 +17,7 @@ import pytest
 from megatron_moe.testing import run_distributed
 from tests.builders import tiny_config
 from tests.parallel.helpers import LOSS_RTOL, PARAM_ATOL, compare, make_batches, run_steps
+from tests.parallel.test_parity import MLA
 
 STEP_BATCHES = [make_batches(seed=0), make_batches(seed=1)]
 
@@ -47,3 +48,13 @@ def test_compiled_blocks_match_eager_single_process_and_in_layouts():
         for layout, r in results.items():
             assert r["loss_rel"] <= LOSS_RTOL, f"rank {rank} {layout}: loss rel diff {r['loss_rel']:.2e}"
             assert r["param_abs"] <= PARAM_ATOL, f"rank {rank} {layout}: param abs diff {r['param_abs']:.2e}"
+
+
+@pytest.mark.slow
+def test_compiled_latent_attention_blocks_match_eager():
+    """A block with DeepSeek-V3's multi-latent attention (query latent, latent norms) compiles and trains like
+    eager, within the parity tolerances."""
+    settings = {**MLA, "q_lora_rank": 12, "qk_layernorm": True, "num_layers": 2}
+    ref = run_steps(tiny_config(**settings), STEP_BATCHES)
+    got = compare(run_steps(_compiled(tiny_config(**settings)), STEP_BATCHES), ref)
+    assert got["loss_rel"] <= LOSS_RTOL and got["param_abs"] <= PARAM_ATOL, got
