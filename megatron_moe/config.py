@@ -43,7 +43,9 @@ RECOMPUTE_GRANULARITIES = ("none", "full", "selective")  # Megatron-LM's --recom
 RECOMPUTE_MODULES = ("core_attn", "mlp", "moe")  # Megatron-LM's --recompute-modules that exist here
 WANDB_MODES = ("offline", "online", "disabled")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")  # Megatron-LM's --normalization; LayerNorm has a weight and a bias
-ROPE_SCALINGS = ("none", "llama3")  # "llama3": Llama 3.1's frequency scaling (Megatron-LM's --use-rope-scaling)
+# "llama3": Llama 3.1's frequency scaling (Megatron-LM's --use-rope-scaling); "yarn": YaRN (arXiv 2309.00071;
+# DeepSeek-V3, Kimi-K2; Megatron-LM's --rotary-scaling-factor)
+ROPE_SCALINGS = ("none", "llama3", "yarn")
 TOKENIZER_TYPES = ("auto", "sentencepiece", "huggingface")  # auto: told from the file (data.tokenizer.load_tokenizer)
 
 
@@ -116,6 +118,15 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / low are fully scaled
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / high are kept
     rope_original_max_position: int = 8192  # llama3: the context length the model was trained at
+    # YaRN (rope_scaling = "yarn", factor rope_scaling_factor s), Megatron-LM's YarnRotaryEmbedding and transformers'
+    # "yarn" rope type: frequencies blended between f and f / s over the dimensions whose wavelengths fall between
+    # beta_fast and beta_slow rotations of the original context; cos/sin scaled by m(s, mscale) / m(s, mscale_all_dim)
+    # and latent attention's softmax scale by m(s, mscale_all_dim)^2, m(s, a) = 0.1 a ln s + 1.
+    rope_yarn_original_max_position: int = 4096
+    rope_yarn_beta_fast: float = 32.0
+    rope_yarn_beta_slow: float = 1.0
+    rope_yarn_mscale: float = 1.0
+    rope_yarn_mscale_all_dim: float = 0.0
     # Multi-head latent attention (DeepSeek-V2 §2.1, DeepSeek-V3; Megatron-LM's --multi-latent-attention): keys and
     # values are projected up per head from one kv_lora_rank-wide latent, queries from a q_lora_rank-wide latent
     # (0: straight from the hidden state); each q/k head is qk_head_dim channels without position plus
@@ -158,6 +169,13 @@ class ModelConfig:
         if self.add_qkv_bias:
             raise ConfigError("model.add_qkv_bias with model.multi_latent_attention: the latent projections have no "
                               "biases here")
+        if self.rope_scaling == "llama3":
+            raise ConfigError("model.rope_scaling = 'llama3' (--use-rope-scaling) with model.multi_latent_attention: "
+                              "megatron-core's latent attention does not apply it; its long-context scaling is YaRN "
+                              "(--rotary-scaling-factor)")
+        if self.latent_norm_eps and not self.qk_layernorm:
+            raise ConfigError(f"model.latent_norm_eps = {self.latent_norm_eps:g} without model.qk_layernorm: there are "
+                              "no latent norms")
 
     @property
     def rotary_dim(self) -> int:
@@ -204,6 +222,15 @@ class ModelConfig:
         if self.lm_head_bias and self.tie_embeddings:
             raise ConfigError("model.lm_head_bias with model.tie_embeddings: a tied output layer has no bias here "
                               "(no released model this project reads combines them); untie the embeddings")
+        if self.rope_scaling == "yarn":
+            _check_positive({"model.rope_scaling_factor": self.rope_scaling_factor,
+                             "model.rope_yarn_original_max_position": self.rope_yarn_original_max_position,
+                             "model.rope_yarn_beta_slow": self.rope_yarn_beta_slow})
+            _check_non_negative({"model.rope_yarn_mscale": self.rope_yarn_mscale,
+                                 "model.rope_yarn_mscale_all_dim": self.rope_yarn_mscale_all_dim})
+            if not self.rope_yarn_beta_fast > self.rope_yarn_beta_slow:
+                raise ConfigError(f"model.rope_yarn_beta_fast = {self.rope_yarn_beta_fast} must exceed "
+                                  f"model.rope_yarn_beta_slow = {self.rope_yarn_beta_slow} (YaRN)")
         if self.rope_scaling == "llama3":
             _check_positive({
                 "model.rope_scaling_factor": self.rope_scaling_factor,
@@ -765,6 +792,9 @@ MEGATRON_FLAGS: dict[str, str] = {
     "num-attention-heads": "model.num_attention_heads",
     "num-query-groups": "model.num_query_groups",
     "kv-channels": "model.kv_channels",
+    "rotary-scaling-factor": "model.rope_scaling_factor",  # YaRN's factor (parse_args: model.rope_scaling = yarn)
+    "mscale": "model.rope_yarn_mscale",
+    "mscale-all-dim": "model.rope_yarn_mscale_all_dim",
     "q-lora-rank": "model.q_lora_rank",
     "kv-lora-rank": "model.kv_lora_rank",
     "qk-head-dim": "model.qk_head_dim",
@@ -998,6 +1028,8 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
             _apply_moe_layer_pattern(cfg, " ".join(layer_pattern), given)
         except ConfigError as e:
             errors.append(str(e))
+    if "--rotary-scaling-factor" in args:
+        _apply_megatron_yarn(cfg, given, extras["notes"])
     if cfg.model.multi_latent_attention and "--kv-channels" in args:
         # Megatron-LM's DeepSeek scripts pass --kv-channels, which its latent attention does not read either
         cfg.model.kv_channels = 0
@@ -1027,6 +1059,22 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
     _check_derived_flags(cfg, derived)
     extras["given"] = given
     return cfg, extras
+
+
+def _apply_megatron_yarn(cfg: Config, given: set[str], notes: list[str]) -> None:
+    """Megatron-LM's ``--rotary-scaling-factor`` is YaRN's factor (with ``--mscale``, ``--mscale-all-dim``): YaRN
+    for a factor other than 1; at 1 (its DeepSeek scripts' value) YaRN is the plain rotary embedding, so the
+    three are notes and the settings stay at their defaults."""
+    m, defaults = cfg.model, ModelConfig()
+    if m.rope_scaling_factor != 1.0:
+        m.rope_scaling = "yarn"
+        given.add("model.rope_scaling")
+        return
+    for name in ("rope_scaling_factor", "rope_yarn_mscale", "rope_yarn_mscale_all_dim"):
+        setattr(m, name, getattr(defaults, name))
+        given.discard(f"model.{name}")
+    notes.append("--rotary-scaling-factor 1 is the plain rotary embedding (YaRN at factor 1, as in Megatron-LM): it, "
+                 "--mscale and --mscale-all-dim have no effect")
 
 
 def _shorten(text: str, limit: int = 80) -> str:
@@ -1207,6 +1255,10 @@ def _derive_train_iters(cfg: Config, given: set[str], from_file: set[str]) -> No
                               f"({t.global_batch_size} samples)")
 
 
+ROPE_LLAMA3_SETTINGS = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                        "rope_original_max_position")
+ROPE_YARN_SETTINGS = ("rope_scaling_factor", "rope_yarn_original_max_position", "rope_yarn_beta_fast",
+                      "rope_yarn_beta_slow", "rope_yarn_mscale", "rope_yarn_mscale_all_dim")
 LATENT_ATTENTION_SETTINGS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
                              "latent_norm_eps")
 
@@ -1229,14 +1281,15 @@ def _check_no_ignored_settings(cfg: Config, given: set[str]) -> None:
         if ignored:
             raise ConfigError(f"{', '.join(ignored)}: no effect without multi-latent attention; set "
                               "--multi-latent-attention (model.multi_latent_attention)")
-    if cfg.model.rope_scaling == "none":  # the scaling's parameters at their defaults (a full dump of a config) pass
-        defaults = ModelConfig()
-        ignored = sorted(k for k in given if k.startswith("model.rope_") and k not in ("model.rope_theta",
-                                                                                     "model.rope_scaling")
-                         and getattr(cfg.model, k[6:]) != getattr(defaults, k[6:]))
-        if ignored:
-            raise ConfigError(f"{', '.join(ignored)}: no effect without rope scaling (model.rope_scaling = 'none'); "
-                              "set --model.rope_scaling llama3 (--use-rope-scaling)")
+    # the parameters of a rope scaling other than the chosen one, given apart from their defaults (a full dump of a
+    # config holds them all at their defaults and passes)
+    defaults, kind = ModelConfig(), cfg.model.rope_scaling
+    used = {"none": (), "llama3": ROPE_LLAMA3_SETTINGS, "yarn": ROPE_YARN_SETTINGS}[kind]
+    ignored = sorted(k for k in given if k[6:] in ROPE_LLAMA3_SETTINGS + ROPE_YARN_SETTINGS and k[6:] not in used
+                     and getattr(cfg.model, k[6:]) != getattr(defaults, k[6:]))
+    if ignored:
+        raise ConfigError(f"{', '.join(ignored)}: no effect with model.rope_scaling = {kind!r}; set "
+                          "--model.rope_scaling llama3 (--use-rope-scaling) or yarn (--rotary-scaling-factor)")
 
 
 # MoE settings that, with every model.* setting, define a checkpoint's model: its parameters and routing.

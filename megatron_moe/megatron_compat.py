@@ -56,8 +56,6 @@ NO_EFFECT: dict[str, str] = {
     "moe-token-dispatcher-type": "without expert parallelism there is no token dispatch",
     "moe-shared-expert-overlap": "without expert parallelism there is no token dispatch to overlap the shared "
                                  "expert with",
-    "mscale": "YaRN's attention scale, 1 without YaRN scaling (--rotary-scaling-factor 1, the only one here)",
-    "mscale-all-dim": "YaRN's attention scale, 1 without YaRN scaling (--rotary-scaling-factor 1, the only one here)",
     "cross-entropy-loss-fusion": "the cross entropy is always fused (vocabulary-parallel under TP)",
     "no-gradient-accumulation-fusion": "gradients accumulate through autograd or FSDP2",
     "transformer-impl": "the model is this project's PyTorch code (Transformer Engine is not used)",
@@ -167,7 +165,6 @@ REFUSED: dict[str, tuple[str | None, str]] = {
     "rotary-seq-len-interpolation-factor": (None, "rotary position interpolation is not implemented"),
     "squared-relu": (None, "the MLPs and experts are SwiGLU"),
     "window-size": (None, "attention is causal over the whole sequence (no sliding window)"),
-    "rotary-scaling-factor": ("1", "YaRN rotary scaling is not implemented (llama3 scaling is: --use-rope-scaling)"),
     "mtp-num-layers": ("0", "multi-token prediction is not implemented"),
     **dict.fromkeys(("enable-gpt-oss", "quick-geglu", "glu-linear-offset", "activation-func-clamp-value",
                      "softmax-type", "window-attn-skip-freq"), (None, "the gpt-oss architecture is not implemented")),
@@ -188,8 +185,8 @@ VALUE_MAPS: dict[str, tuple[str, dict[str, str | None]]] = {
                                                                        "auto": None}),
     "megatron-fsdp-main-grads-dtype": ("parallel.grad_reduce_in_bf16", {"fp32": None, "auto": None}),
     "megatron-fsdp-main-params-dtype": ("training.bf16", {"fp32": None, "auto": None}),
-    # Megatron-LM's YaRN at --rotary-scaling-factor 1 (the only factor accepted) is the plain rotary embedding;
-    # megatron-core gives multi-latent attention YaRN by default
+    # Megatron-LM's YaRN comes with --rotary-scaling-factor (which sets model.rope_scaling = yarn); megatron-core gives
+    # multi-latent attention YaRN by default, at factor 1 the plain rotary embedding
     "rope-type": ("model.rope_scaling", {"rope": None, "yarn": None}),
     # Megatron-LM's tokenizer classes that read a SentencePiece model or a Hugging Face tokenizer; training
     # reads only the end-of-document id and the vocabulary size from them, which the classes agree on.

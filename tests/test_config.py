@@ -241,7 +241,8 @@ def test_moonlight_megatron_arguments_give_the_example_model():
                 "balance_loss"):
         assert getattr(cfg.moe, key) == getattr(example.moe, key), key
     assert (cfg.moe.router_num_groups, cfg.moe.router_group_topk) == (1, 1)  # one group: plain top-K
-    assert {n.split()[0] for n in extras["notes"]} >= {"--kv-channels", "--mscale", "--moe-router-pre-softmax"}
+    notes = {n.split()[0] for n in extras["notes"]}
+    assert notes >= {"--kv-channels", "--rotary-scaling-factor", "--moe-router-pre-softmax"}
 
 
 def test_sigmoid_routing_flags():
@@ -328,8 +329,7 @@ def test_megatron_flags_of_newer_example_scripts():
         parse_args(["--data-parallel-sharding-strategy", "optim", "--multi-latent-attention", "--q-lora-rank", "1536",
                     "--rotary-scaling-factor", "40", "--mtp-num-layers", "1", "--enable-gpt-oss"])
     message = str(err.value)
-    for needle in ("choose one of ['no_shard', 'optim_grads_params']",
-                   "YaRN rotary scaling is not implemented", "multi-token prediction is not implemented",
+    for needle in ("choose one of ['no_shard', 'optim_grads_params']", "multi-token prediction is not implemented",
                    "the gpt-oss architecture is not implemented"):
         assert needle in message, needle
     assert "unknown flag" not in message
@@ -337,8 +337,8 @@ def test_megatron_flags_of_newer_example_scripts():
 
 def test_multi_latent_attention_flags_of_megatrons_deepseek_scripts():
     """The attention flags of Megatron-LM's DeepSeek-V3 script (examples/megatron_fsdp), at the plain rotary
-    embedding: --kv-channels and YaRN's mscales are notes (Megatron-LM's latent attention does not read them
-    either at factor 1), --rope-type yarn at factor 1 is the plain rotary embedding."""
+    embedding: --kv-channels, and at factor 1 YaRN's factor and mscales, are notes (Megatron-LM's latent attention
+    does not read --kv-channels, and YaRN at factor 1 is the plain rotary embedding); at factor 40 they are YaRN."""
     cfg, extras = parse_args(["--multi-latent-attention", "--num-attention-heads", "128", "--hidden-size", "7168",
                               "--kv-channels", "128", "--qk-layernorm", "--q-lora-rank", "1536", "--kv-lora-rank",
                               "512", "--qk-head-dim", "128", "--qk-pos-emb-head-dim", "64", "--v-head-dim", "128",
@@ -348,9 +348,18 @@ def test_multi_latent_attention_flags_of_megatrons_deepseek_scripts():
     assert m.multi_latent_attention and m.qk_layernorm and m.kv_channels == 0 and m.rotary_dim == 64
     assert (m.q_lora_rank, m.kv_lora_rank, m.qk_head_dim, m.qk_pos_emb_head_dim, m.v_head_dim) == (1536, 512, 128, 64,
                                                                                                    128)
-    assert {n.split()[0] for n in extras["notes"]} == {"--kv-channels", "--mscale", "--mscale-all-dim"}
-    with pytest.raises(ConfigError, match="YaRN rotary scaling is not implemented"):
-        parse_args(["--multi-latent-attention", "--rotary-scaling-factor", "40"])
+    assert {n.split()[0] for n in extras["notes"]} == {"--kv-channels", "--rotary-scaling-factor"}
+    assert m.rope_scaling == "none" and (m.rope_yarn_mscale, m.rope_yarn_mscale_all_dim) == (1.0, 0.0)
+    m = parse_args(["--multi-latent-attention", "--rotary-scaling-factor", "40", "--mscale", "1.0",
+                    "--mscale-all-dim", "1.0"])[0].model
+    assert (m.rope_scaling, m.rope_scaling_factor, m.rope_yarn_mscale, m.rope_yarn_mscale_all_dim,
+            m.rope_yarn_original_max_position) == ("yarn", 40.0, 1.0, 1.0, 4096)
+    with pytest.raises(ConfigError, match="model.rope_yarn_mscale_all_dim: no effect with model.rope_scaling = 'none'"):
+        parse_args(["--model.rope_yarn_mscale_all_dim", "1.0"])
+    with pytest.raises(ConfigError, match="model.rope_scaling = 'llama3' .--use-rope-scaling. with model.multi_latent"):
+        parse_args(["--multi-latent-attention", "--use-rope-scaling"])
+    with pytest.raises(ConfigError, match="model.rope_low_freq_factor: no effect with model.rope_scaling = 'yarn'"):
+        parse_args(["--rotary-scaling-factor", "4", "--model.rope_low_freq_factor", "2"])
     with pytest.raises(ConfigError, match="model.kv_lora_rank, model.v_head_dim: no effect without multi-latent"):
         parse_args(["--kv-lora-rank", "64", "--v-head-dim", "32"])
     with pytest.raises(ConfigError, match="model.num_query_groups = 2 with model.multi_latent_attention"):
@@ -377,11 +386,11 @@ def test_architecture_option_flags():
 
 @pytest.mark.parametrize(("argv", "needle"), [
     (["--normalization", "GroupNorm"], "model.normalization = 'GroupNorm'"),
-    (["--model.rope_scaling", "yarn"], "model.rope_scaling = 'yarn'"),
+    (["--model.rope_scaling", "longrope"], "model.rope_scaling = 'longrope'"),
     (["--model.lm_head_bias", "true", "--model.tie_embeddings", "true"], "untie the embeddings"),
     (["--use-rope-scaling", "--model.rope_high_freq_factor", "1"], "model.rope_high_freq_factor = 1.0 must exceed"),
     (["--use-rope-scaling", "--rope-scaling-factor", "0"], "model.rope_scaling_factor = 0.0; must be positive"),
-    (["--rope-scaling-factor", "16"], "model.rope_scaling_factor: no effect without rope scaling"),
+    (["--rope-scaling-factor", "16"], "model.rope_scaling_factor: no effect with model.rope_scaling = 'none'"),
 ])
 def test_architecture_option_errors_name_the_setting(argv, needle):
     with pytest.raises(ConfigError) as err:
@@ -416,7 +425,7 @@ def test_checkpoint_architecture_fills_what_was_not_given():
     scaled.model.rope_scaling, scaled.model.rope_scaling_factor = "llama3", 16.0
     cfg, extras = parse_args(["--load", "ckpt", "--rope-scaling-factor", "16"])
     assert adopt_checkpoint_architecture(cfg, scaled.to_dict(), extras["given"], "ckpt").model.rope_scaling == "llama3"
-    with pytest.raises(ConfigError, match="model.rope_scaling_factor: no effect without rope scaling"):
+    with pytest.raises(ConfigError, match="model.rope_scaling_factor: no effect with model.rope_scaling = 'none'"):
         adopt_checkpoint_architecture(cfg, Config().to_dict(), extras["given"], "ckpt")
 
 
@@ -580,5 +589,5 @@ def test_a_full_dump_of_a_config_loads_back(tmp_path):
     path.write_text("".join(f"[{group}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
                             for group, values in cfg.to_dict().items()))
     assert parse_args(["--config", str(path)])[0].to_dict() == cfg.to_dict()
-    with pytest.raises(ConfigError, match="model.rope_scaling_factor: no effect without rope scaling"):
+    with pytest.raises(ConfigError, match="model.rope_scaling_factor: no effect with model.rope_scaling = 'none'"):
         parse_args(["--config", str(path), "--rope-scaling-factor", "16"])

@@ -82,7 +82,10 @@ def hf_state_dict(cfg: Config, state: dict[str, torch.Tensor], arch: str | None 
     if arch == "deepseek_v3" and not cfg.moe.expert_bias:  # the format always has the bias: zero chooses as none
         for name in [n for n in out if n.endswith("mlp.gate.weight")]:
             out[name.replace(".weight", ".e_score_correction_bias")] = torch.zeros(cfg.moe.num_experts)
-    return {k: v.detach().to(dtype).contiguous() for k, v in out.items()}
+    # DeepSeek-V3's router weight and expert bias stay float32, as transformers keeps and computes them: a bf16 bias
+    # would choose other experts for some tokens
+    fp32 = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias") if arch == "deepseek_v3" else ()
+    return {k: v.detach().to(torch.float32 if k.endswith(fp32) else dtype).contiguous() for k, v in out.items()}
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], output: Path, max_shard_bytes: int) -> list[str]:

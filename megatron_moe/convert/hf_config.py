@@ -94,6 +94,8 @@ def _rope_settings(hf: dict[str, Any], model_type: str, where: str) -> dict[str,
             if value.get("factor") not in (None, 1, 1.0):
                 raise ConversionError(f"{where}: {field_name}.factor = {value['factor']} with rope_type "
                                       "'default'; not understood")
+        elif kind == "yarn":
+            out.update(_yarn_settings(value, f"{where}: {field_name}"))
         elif kind == "llama3":
             missing = [k for k in _LLAMA3_KEYS if value.get(k) is None]
             if missing:
@@ -103,9 +105,33 @@ def _rope_settings(hf: dict[str, Any], model_type: str, where: str) -> dict[str,
                        rope_high_freq_factor=float(value["high_freq_factor"]),
                        rope_original_max_position=int(value["original_max_position_embeddings"]))
         else:
-            raise ConversionError(f"{where}: {field_name}.rope_type = {kind!r}; supported: 'default' and "
-                                  "'llama3'")
+            raise ConversionError(f"{where}: {field_name}.rope_type = {kind!r}; supported: 'default', 'llama3' "
+                                  "and 'yarn'")
     return out
+
+
+def _yarn_settings(value: dict[str, Any], where: str) -> dict[str, Any]:
+    """ModelConfig fields of transformers' ``rope_type: yarn`` parameters. transformers scales cos/sin by
+    m(s, mscale) / m(s, mscale_all_dim) only when both are set, else by m(s, 1); DeepSeek-V3's softmax by
+    m(s, mscale_all_dim)^2 whenever mscale_all_dim is set (the model's formulas: YarnRopeScaling)."""
+    for key in ("factor", "original_max_position_embeddings"):
+        if not isinstance(value.get(key), int | float) or value[key] <= 0:
+            raise ConversionError(f"{where}: rope_type 'yarn' needs a positive {key} (got {value.get(key)!r})")
+    if value.get("attention_factor") is not None:
+        raise ConversionError(f"{where}.attention_factor = {value['attention_factor']}: an explicit YaRN attention "
+                              "factor is not supported (it follows from factor, mscale and mscale_all_dim)")
+    if value.get("truncate", True) is not True:
+        raise ConversionError(f"{where}.truncate = {value['truncate']}: only the truncated (floored / ceiled) YaRN "
+                              "correction range is supported")
+    mscale, mscale_all_dim = value.get("mscale"), value.get("mscale_all_dim")
+    if mscale_all_dim and not mscale:
+        raise ConversionError(f"{where}: mscale_all_dim = {mscale_all_dim} without mscale is not supported")
+    return {"rope_scaling": "yarn", "rope_scaling_factor": float(value["factor"]),
+            "rope_yarn_original_max_position": int(value["original_max_position_embeddings"]),
+            "rope_yarn_beta_fast": float(value.get("beta_fast") or 32),
+            "rope_yarn_beta_slow": float(value.get("beta_slow") or 1),
+            "rope_yarn_mscale": float(mscale) if mscale and mscale_all_dim else 1.0,
+            "rope_yarn_mscale_all_dim": float(mscale_all_dim or 0.0)}
 
 
 def _bias_settings(hf: dict[str, Any], model_type: str, where: str) -> dict[str, bool]:
@@ -231,12 +257,13 @@ def _deepseek_moe_settings(cfg: Config, hf: dict[str, Any], where: str) -> None:
     e.shared_expert_ffn_hidden_size = hf["n_shared_experts"] * hf["moe_intermediate_size"]
     e.router, e.score_function, e.expert_bias, e.input_jitter_eps = "topk", "sigmoid", True, 0.0
     e.renormalize = bool(hf.get("norm_topk_prob", True))
-    e.topk_scaling_factor = float(hf.get("routed_scaling_factor", 1.0))
+    # transformers' DeepseekV3Config defaults for what a config.json leaves out (no tensor depends on them)
+    e.topk_scaling_factor = float(hf.get("routed_scaling_factor", 2.5))
     e.first_k_dense = int(hf.get("first_k_dense_replace", 0))
     if e.renormalize and e.topk == 1:
         raise ConversionError(f"{where}: norm_topk_prob with num_experts_per_tok = 1 gives every token the weight "
                               "routed_scaling_factor; this model normalises top-K weights only for K > 1")
-    groups, kept = hf.get("n_group", 1), hf.get("topk_group", 1)
+    groups, kept = hf.get("n_group", 8), hf.get("topk_group", 4)
     if not (isinstance(groups, int) and isinstance(kept, int) and 1 <= kept <= groups):
         raise ConversionError(f"{where}: n_group = {groups!r}, topk_group = {kept!r}; expected 1 <= topk_group <= "
                               "n_group")
@@ -360,6 +387,9 @@ def export_blockers(cfg: Config, arch: str) -> list[str]:
     if arch == "deepseek_v3":
         return _deepseek_v3_blockers(cfg)
     reasons: list[str] = []
+    if m.rope_scaling == "yarn" and arch in ("qwen2", "phi3", "mixtral"):  # the others refuse any rope scaling
+        reasons.append(f"model.rope_scaling = 'yarn': exported for llama and deepseek_v3 only (checked against "
+                       f"transformers there), not {arch}")
     if m.multi_latent_attention:
         reasons.append(f"model.multi_latent_attention = true: {arch} has grouped-query attention (export as "
                        "deepseek_v3)")
@@ -425,7 +455,12 @@ def _deepseek_v3_blockers(cfg: Config) -> list[str]:
     sigmoid top-K routing (groups scored by their top 2), an ungated shared expert a whole number of experts wide,
     dense layers only first, default RoPE."""
     m, e = cfg.model, cfg.moe
-    reasons = _rmsnorm_no_bias_blockers(cfg, "DeepSeek-V3") + _default_rope_blockers(m, "DeepSeek-V3")
+    reasons = _rmsnorm_no_bias_blockers(cfg, "DeepSeek-V3")
+    if m.rope_scaling == "llama3":
+        reasons.append("model.rope_scaling = 'llama3': DeepSeek-V3's configs carry default RoPE or YaRN")
+    if m.rope_scaling == "yarn" and m.rope_yarn_mscale != 1.0 and not m.rope_yarn_mscale_all_dim:
+        reasons.append(f"model.rope_yarn_mscale = {m.rope_yarn_mscale:g} without model.rope_yarn_mscale_all_dim: "
+                       "transformers then scales cos/sin by m(s, 1)")
     if not (m.multi_latent_attention and m.qk_layernorm):
         reasons.append("model.multi_latent_attention / model.qk_layernorm: DeepSeek-V3 always has latent attention "
                        "with normalised latents")
@@ -525,6 +560,11 @@ def _rope_fields(cfg: Config) -> dict[str, Any]:
         params.update(rope_type="llama3", factor=m.rope_scaling_factor, low_freq_factor=m.rope_low_freq_factor,
                       high_freq_factor=m.rope_high_freq_factor,
                       original_max_position_embeddings=m.rope_original_max_position)
+    elif m.rope_scaling == "yarn":
+        params.update(rope_type="yarn", factor=m.rope_scaling_factor,
+                      original_max_position_embeddings=m.rope_yarn_original_max_position,
+                      beta_fast=m.rope_yarn_beta_fast, beta_slow=m.rope_yarn_beta_slow, mscale=m.rope_yarn_mscale,
+                      mscale_all_dim=m.rope_yarn_mscale_all_dim, truncate=True)
     return {"rope_theta": m.rope_theta, "rope_parameters": params}
 
 
@@ -563,7 +603,8 @@ def hf_config(cfg: Config, arch: str | None = None, dtype: str = "float32",
                    n_shared_experts=e.shared_expert_ffn_hidden_size // cfg.expert_ffn_size,
                    first_k_dense_replace=e.first_k_dense, norm_topk_prob=e.renormalize,
                    routed_scaling_factor=e.topk_scaling_factor, n_group=groups[0], topk_group=groups[1],
-                   attention_bias=False, router_aux_loss_coef=e.aux_loss_coeff)
+                   attention_bias=False, router_aux_loss_coef=e.aux_loss_coeff,
+                   scoring_func="sigmoid", topk_method="noaux_tc")  # DeepSeek's own code reads these two
     elif arch in ("qwen2", "qwen3"):
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.num_layers)
         if arch == "qwen3":

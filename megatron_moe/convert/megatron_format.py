@@ -408,14 +408,23 @@ def _latent_attention_from_megatron_args(m, args: dict[str, Any], where: str) ->
     """model.* of multi-latent attention (``multi_latent_attention``): Megatron-LM's defaults for the widths,
     ``qk_layernorm`` -> the latent norms, a key and value per head whatever ``num_query_groups`` says and no
     biases on the projections (megatron-core builds them so). megatron-core gives it YaRN by default
-    (``rope_type``), the plain rotary embedding at ``rotary_scaling_factor`` 1, the only factor read."""
+    (``rope_type``) with ``rotary_scaling_factor``, ``mscale``, ``mscale_all_dim`` and MLATransformerConfig's
+    original context 4096 and betas 32 / 1 (Megatron-LM has no arguments of those names); at factor 1 it is
+    the plain rotary embedding."""
     rope_type, factor = _arg(args, "rope_type", "yarn"), float(_arg(args, "rotary_scaling_factor", 1.0))
-    if rope_type not in ("rope", "yarn") or factor != 1.0:
-        raise ConversionError(f"{where}: Megatron arguments rope_type = {rope_type!r}, rotary_scaling_factor = "
-                              f"{factor:g}: YaRN rotary scaling is not implemented (factor 1 is plain RoPE)")
-    if m.rope_scaling != "none":
+    mscale, mscale_all_dim = float(_arg(args, "mscale", 1.0)), float(_arg(args, "mscale_all_dim", 0.0))
+    if rope_type not in ("rope", "yarn"):
+        raise ConversionError(f"{where}: Megatron argument rope_type = {rope_type!r}; expected 'rope' or 'yarn'")
+    if rope_type == "rope" and factor != 1.0 and mscale_all_dim:
+        raise ConversionError(f"{where}: Megatron arguments rope_type = 'rope' with rotary_scaling_factor = "
+                              f"{factor:g} and mscale_all_dim = {mscale_all_dim:g}: megatron-core then scales the "
+                              "softmax as YaRN does without YaRN's frequencies, which is not implemented")
+    if m.rope_scaling == "llama3":
         raise ConversionError(f"{where}: Megatron argument use_rope_scaling with multi_latent_attention: "
                               "megatron-core's latent attention does not apply it")
+    if rope_type == "yarn" and factor != 1.0:
+        m.rope_scaling, m.rope_scaling_factor = "yarn", factor
+        m.rope_yarn_mscale, m.rope_yarn_mscale_all_dim = mscale, mscale_all_dim
     m.multi_latent_attention, m.num_query_groups, m.add_qkv_bias = True, m.num_attention_heads, False
     m.q_lora_rank = int(_arg(args, "q_lora_rank", 0))
     m.kv_lora_rank = int(_arg(args, "kv_lora_rank", 32))

@@ -90,14 +90,7 @@ class Llama3RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position: int
-
-    @classmethod
-    def of(cls, m: ModelConfig) -> Llama3RopeScaling | None:
-        """The scaling ``m`` asks for, or None (``m.rope_scaling = "none"``)."""
-        if m.rope_scaling != "llama3":
-            return None
-        return cls(m.rope_scaling_factor, m.rope_low_freq_factor, m.rope_high_freq_factor,
-                   m.rope_original_max_position)
+    attention_factor = 1.0  # cos/sin as they are
 
     def apply(self, inv_freq: torch.Tensor) -> torch.Tensor:
         """Scaled frequencies (radians per position) of ``inv_freq``; same shape and dtype."""
@@ -111,16 +104,79 @@ class Llama3RopeScaling:
         return torch.where(wavelength < high_wavelength, inv_freq, scaled)
 
 
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN's attention temperature m(s, a) = 0.1 a ln s + 1 (1 for s <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@dataclass(frozen=True)
+class YarnRopeScaling:
+    """YaRN (arXiv 2309.00071 §3.2-3.4; DeepSeek-V3 §4.3), as megatron-core's YarnRotaryEmbedding and
+    transformers' ``rope_type: yarn`` compute it.
+
+    Over the d/2 frequencies f_i = theta^(-2i/d): a dimension rotating fewer than ``beta_slow`` times over
+    ``original_max_position`` positions is interpolated (f / s), one rotating more than ``beta_fast`` times kept,
+    with a linear ramp over the dimensions between (their bounds floored / ceiled, clamped to [0, d - 1]):
+    ``f' = f / s (1 - e) + f e``, ``e = 1 - clamp((i - low) / (high - low), 0, 1)``, the dimension of r
+    rotations being ``d ln(original / (2 pi r)) / (2 ln theta)``. cos/sin are multiplied by
+    :attr:`attention_factor` = m(s, mscale) / m(s, mscale_all_dim); multi-latent attention also multiplies its
+    softmax scale by :attr:`softmax_factor` = m(s, mscale_all_dim)^2 (:func:`yarn_mscale`).
+    """
+
+    factor: float
+    original_max_position: int
+    beta_fast: float
+    beta_slow: float
+    mscale: float
+    mscale_all_dim: float
+    theta: float
+
+    @property
+    def attention_factor(self) -> float:
+        return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+
+    @property
+    def softmax_factor(self) -> float:
+        return yarn_mscale(self.factor, self.mscale_all_dim) ** 2
+
+    def apply(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        """Scaled frequencies of ``inv_freq`` [d/2] (theta^(-2i/d), float64); same shape and dtype."""
+        dim = 2 * inv_freq.shape[0]
+
+        def dimension(rotations: float) -> float:
+            return dim * math.log(self.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(self.theta))
+
+        low = max(math.floor(dimension(self.beta_fast)), 0)
+        high = min(math.ceil(dimension(self.beta_slow)), dim - 1)
+        high = high + 0.001 if low == high else high
+        ramp = ((torch.arange(dim // 2, dtype=inv_freq.dtype, device=inv_freq.device) - low) / (high - low)).clamp(0, 1)
+        keep = 1 - ramp
+        return inv_freq / self.factor * (1 - keep) + inv_freq * keep
+
+
+def rope_scaling_of(m: ModelConfig) -> Llama3RopeScaling | YarnRopeScaling | None:
+    """The rotary scaling ``m`` asks for (llama3 or YaRN), or None (``m.rope_scaling = "none"``)."""
+    if m.rope_scaling == "yarn":
+        return YarnRopeScaling(m.rope_scaling_factor, m.rope_yarn_original_max_position, m.rope_yarn_beta_fast,
+                               m.rope_yarn_beta_slow, m.rope_yarn_mscale, m.rope_yarn_mscale_all_dim, m.rope_theta)
+    if m.rope_scaling == "llama3":
+        return Llama3RopeScaling(m.rope_scaling_factor, m.rope_low_freq_factor, m.rope_high_freq_factor,
+                                 m.rope_original_max_position)
+    return None
+
+
 def rope_tables(seq_len: int, head_dim: int, theta: float, device=None,
-                scaling: Llama3RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                scaling: Llama3RopeScaling | YarnRopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables [seq_len, head_dim] for rotary embeddings (half-split "rotate_half" layout),
-    computed in float64 (frequencies scaled by ``scaling`` if given) and returned in float32."""
+    computed in float64 (frequencies scaled, and with YaRN the tables multiplied by its attention factor, by
+    ``scaling`` if given) and returned in float32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    factor = 1.0
     if scaling is not None:
-        inv_freq = scaling.apply(inv_freq)
+        inv_freq, factor = scaling.apply(inv_freq), scaling.attention_factor
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * factor).float(), (angles.sin() * factor).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -141,14 +197,20 @@ class CoreAttention(nn.Module):
     its own module so that selective recompute (Megatron-LM's "core attention") and compilation can
     take exactly this part."""
 
+    def __init__(self, softmax_factor: float = 1.0):
+        super().__init__()
+        self.softmax_factor = softmax_factor
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
         """q/k [B, S, heads or kv_heads, d], v [B, S, kv_heads, d_v], cos/sin [>= S, r] (the last r of d
-        channels are rotated) -> [B, S, heads * d_v]. The scale is 1 / sqrt(d)."""
+        channels are rotated) -> [B, S, heads * d_v]. The scale is ``softmax_factor`` / sqrt(d)."""
         b, s = q.shape[:2]
         q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        scale = None if self.softmax_factor == 1.0 else self.softmax_factor / math.sqrt(q.shape[-1])
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1],
+                                             scale=scale)
         return out.transpose(1, 2).reshape(b, s, -1)
 
 
@@ -192,15 +254,17 @@ class LatentAttention(nn.Module):
     ``q_i = [wq c_q]_i`` (qk_head_dim channels without position, then qk_pos_emb_head_dim rotated ones),
     ``[k_i^C, v_i] = [wkv c_kv]_i``, ``k_i = [k_i^C, RoPE(wk_rope x)]`` (the rotated part is one
     qk_pos_emb_head_dim vector shared by every head), output ``wo [softmax(q_i k_i^T / sqrt(qk_head_dim +
-    qk_pos_emb_head_dim)) v_i]_i``. Heads are read from the (possibly sharded) up-projections. The latent
-    norms are None without ``model.qk_layernorm``. DeepSeek's checkpoints hold ``wkv_down`` and ``wk_rope``
+    qk_pos_emb_head_dim)) v_i]_i``, the softmax scale times YaRN's ``softmax_factor`` (DeepSeek-V3's mscale^2).
+    Heads are read from the (possibly sharded) up-projections. The latent norms are None without
+    ``model.qk_layernorm``. DeepSeek's checkpoints hold ``wkv_down`` and ``wk_rope``
     as one tensor (kv_a_proj_with_mqa) and lay the rotary channels out in interleaved pairs; the converters
     split and reorder them (:mod:`megatron_moe.convert.hf_tensors`).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, q_lora_rank: int, kv_lora_rank: int, qk_head_dim: int,
                  rope_dim: int, v_head_dim: int, out_bias: bool = False,
-                 q_latent_norm: nn.Module | None = None, kv_latent_norm: nn.Module | None = None):
+                 q_latent_norm: nn.Module | None = None, kv_latent_norm: nn.Module | None = None,
+                 softmax_factor: float = 1.0):
         super().__init__()
         self.qk_head_dim, self.rope_dim, self.v_head_dim = qk_head_dim, rope_dim, v_head_dim
         q_width = num_heads * (qk_head_dim + rope_dim)
@@ -212,7 +276,7 @@ class LatentAttention(nn.Module):
         self.wkv = nn.Linear(kv_lora_rank, num_heads * (qk_head_dim + v_head_dim), bias=False)
         self.wk_rope = nn.Linear(hidden_size, rope_dim, bias=False)
         self.wo = nn.Linear(num_heads * v_head_dim, hidden_size, bias=out_bias)
-        self.core = CoreAttention()
+        self.core = CoreAttention(softmax_factor)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, S, hidden] -> [B, S, hidden]; cos/sin [>= S, qk_pos_emb_head_dim]."""
@@ -272,8 +336,10 @@ def build_attention(m: ModelConfig) -> Attention | LatentAttention:
     if m.multi_latent_attention:
         q_norm = build_norm(m, m.q_lora_rank, m.latent_norm_eps) if m.qk_layernorm and m.q_lora_rank else None
         norms = (q_norm, build_norm(m, m.kv_lora_rank, m.latent_norm_eps) if m.qk_layernorm else None)
+        yarn = rope_scaling_of(m)
         return LatentAttention(m.hidden_size, m.num_attention_heads, m.q_lora_rank, m.kv_lora_rank, m.qk_head_dim,
-                               m.qk_pos_emb_head_dim, m.v_head_dim, m.add_bias_linear, *norms)
+                               m.qk_pos_emb_head_dim, m.v_head_dim, m.add_bias_linear, *norms,
+                               softmax_factor=yarn.softmax_factor if isinstance(yarn, YarnRopeScaling) else 1.0)
     qk_norms = (build_norm(m, m.head_dim), build_norm(m, m.head_dim)) if m.qk_layernorm else (None, None)
     return Attention(m.hidden_size, m.num_attention_heads, m.num_kv_heads, m.head_dim, m.add_qkv_bias,
                      m.add_bias_linear, *qk_norms)
@@ -299,7 +365,7 @@ class MoETransformer(nn.Module):
         self.norm: nn.Module | None = build_norm(m)
         self.output: nn.Linear | None = (
             None if m.tie_embeddings else nn.Linear(m.hidden_size, m.vocab_size, bias=m.lm_head_bias))
-        cos, sin = rope_tables(cfg.data.seq_length, m.rotary_dim, m.rope_theta, scaling=Llama3RopeScaling.of(m))
+        cos, sin = rope_tables(cfg.data.seq_length, m.rotary_dim, m.rope_theta, scaling=rope_scaling_of(m))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -322,7 +388,7 @@ class MoETransformer(nn.Module):
         m = self.cfg.model
         std, out_std = m.init_std, m.init_std / math.sqrt(2 * m.num_layers)
         cos, sin = rope_tables(self.cfg.data.seq_length, m.rotary_dim, m.rope_theta, device=self.rope_cos.device,
-                               scaling=Llama3RopeScaling.of(m))
+                               scaling=rope_scaling_of(m))
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         for module in self.modules():

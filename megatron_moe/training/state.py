@@ -212,6 +212,9 @@ def check_compatible(saved_config: dict, cfg, checkpoint, input_format: str = "n
             heads = saved_config["model"].get("num_attention_heads", cfg.model.num_attention_heads)
             saved = saved or saved_config["model"].get("hidden_size", cfg.model.hidden_size) // heads
             mine = cfg.model.head_dim
+        if dotted == "model.latent_norm_eps":  # 0 means norm_eps: compare the eps the latent norms use
+            saved = saved or saved_config["model"].get("norm_eps", cfg.model.norm_eps)
+            mine = mine or cfg.model.norm_eps
         if saved != mine:
             diffs.append(f"{dotted}: checkpoint {saved!r}, config {mine!r}")
     if diffs:

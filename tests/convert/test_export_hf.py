@@ -162,6 +162,8 @@ def test_sparsemixer_model_exports_to_phimoe_with_grin_fields(tmp_path):
     ({"add_qkv_bias": True}, "auto", "Qwen2ForCausalLM"),
     ({"add_qkv_bias": True, "add_bias_linear": True}, "auto", "LlamaForCausalLM"),
     ({"rope_scaling": "llama3", "rope_original_max_position": 16, "rope_theta": 5e5}, "auto", "LlamaForCausalLM"),
+    ({"rope_scaling": "yarn", "rope_scaling_factor": 4.0, "rope_yarn_original_max_position": 16}, "auto",
+     "LlamaForCausalLM"),
     ({}, "phi3", "Phi3ForCausalLM"),
     ({"qk_layernorm": True, "kv_channels": 12}, "auto", "Qwen3ForCausalLM"),
     ({"qk_layernorm": True, "tie_embeddings": True, "apply_layernorm_1p": True}, "qwen3", "Qwen3ForCausalLM"),
@@ -373,6 +375,9 @@ MLA_EXPORT = dict(num_attention_heads=4, num_query_groups=0, multi_latent_attent
     {"q_lora_rank": 16, "topk": 4, "router_num_groups": 4, "router_group_topk": 2, "topk_scaling_factor": 2.5},
     {"renormalize": False, "first_k_dense": 0, "num_layers": 3},  # queries straight from the hidden state
     {"norm_eps": 1e-5, "latent_norm_eps": 1e-6},  # Moonlight's eps, the latents' as transformers has them
+    # DeepSeek-V3's YaRN (its softmax scaled by m(40, 1)^2), positions beyond an original context of 16
+    {"rope_scaling": "yarn", "rope_scaling_factor": 40.0, "rope_yarn_mscale_all_dim": 1.0,
+     "rope_yarn_original_max_position": 16},
 ])
 def test_latent_attention_moe_exports_to_deepseek_v3_with_the_same_logits(tmp_path, settings):
     """DeepSeek-V3's architecture (latent attention, sigmoid routing with expert biases, groups, scaled weights, a
@@ -394,6 +399,20 @@ def test_latent_attention_moe_exports_to_deepseek_v3_with_the_same_logits(tmp_pa
         assert (DeepseekV3ForCausalLM.from_pretrained(tmp_path / "out").eval()(x).logits - ref).abs().max() > 1e-4
 
 
+def test_deepseek_v3_bf16_export_keeps_the_router_and_expert_bias_in_float32(tmp_path):
+    """transformers keeps DeepSeek-V3's router weight and e_score_correction_bias in float32 (a bf16 bias would choose
+    other experts for some tokens): a bf16 export writes them so, everything else in bf16."""
+    from safetensors import safe_open
+
+    save_native(tmp_path / "m", tiny_config(**MLA_EXPORT))
+    assert export(tmp_path / "m", tmp_path / "out", dtype="bf16")["model_type"] == "deepseek_v3"
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    kept = {k for k in dtypes if k.endswith(("mlp.gate.weight", "e_score_correction_bias"))}
+    assert len(kept) == 2 and all(dtypes[k] == torch.float32 for k in kept), kept  # the one MoE layer's
+    assert all(dtypes[k] == torch.bfloat16 for k in set(dtypes) - kept)
+
+
 @pytest.mark.parametrize("settings,arch,reason", [
     ({"score_function": "sigmoid", "topk_scaling_factor": 2.5}, "mixtral",
      "moe.score_function = 'sigmoid': mixtral routes by softmax (sigmoid routing exports as deepseek_v3)"),
@@ -404,6 +423,9 @@ def test_latent_attention_moe_exports_to_deepseek_v3_with_the_same_logits(tmp_pa
     ({**MLA_EXPORT, "norm_eps": 1e-5}, "deepseek_v3", "model.latent_norm_eps = 1e-05 (0: model.norm_eps)"),
     ({**MLA_EXPORT, "score_function": "softmax", "expert_bias": False}, "deepseek_v3", "top-K sigmoid scores"),
     (MLA_EXPORT, "qwen3_moe", "model.multi_latent_attention = true: qwen3_moe has grouped-query attention"),
+    ({**MLA_EXPORT, "rope_scaling": "yarn", "rope_scaling_factor": 4.0, "rope_yarn_mscale": 0.7}, "deepseek_v3",
+     "model.rope_yarn_mscale = 0.7 without model.rope_yarn_mscale_all_dim"),
+    ({"rope_scaling": "yarn", "rope_scaling_factor": 4.0}, "mixtral", "exported for llama and deepseek_v3 only"),
 ])
 def test_inexpressible_deepseek_exports_are_explained(tmp_path, settings, arch, reason):
     save_native(tmp_path / "m", tiny_config(**{"num_experts": 4, "topk": 2, **settings}))

@@ -71,6 +71,16 @@ def verified_relative_difference(out: str) -> float:
                          "score_function": "sigmoid", "expert_bias": True, "topk_scaling_factor": 2.5,
                          "router_num_groups": 4, "router_group_topk": 2, "shared_expert_ffn_hidden_size": 48,
                          "first_k_dense": 1, "renormalize": True}),
+    # DeepSeek-V3's and Kimi-K2's YaRN (mscales 1: cos/sin as they are, the softmax scaled by m(40, 1)^2 = 1.87), an
+    # original context of 16 so that the 24 positions compared reach beyond it; Qwen2.5's YaRN on a GQA model
+    pytest.param("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 40.0, "rope_theta": 1e4,
+                                                     "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32,
+                                                     "beta_slow": 1, "original_max_position_embeddings": 16}},
+                 {"rope_scaling": "yarn", "rope_scaling_factor": 40.0, "rope_yarn_original_max_position": 16,
+                  "rope_yarn_mscale": 1.0, "rope_yarn_mscale_all_dim": 1.0}, marks=pytest.mark.slow),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                   "original_max_position_embeddings": 16}},
+     {"rope_scaling": "yarn", "rope_scaling_factor": 4.0, "rope_yarn_mscale": 1.0, "rope_yarn_mscale_all_dim": 0.0}),
     # Moonlight's layout: no query latent, one group; here also weights as picked and rotary channels in halves
     # (and its rms_norm_eps 1e-5, which transformers does not apply to the latents: they keep 1e-6)
     pytest.param("deepseek_v3", {"q_lora_rank": None, "n_group": 1, "topk_group": 1, "norm_topk_prob": False,
@@ -130,10 +140,12 @@ def test_sliding_window_sets_the_sequence_length(tmp_path):
 @pytest.mark.parametrize("model_type,overrides,message", [
     ("llama", {"attention_bias": True}, "attention_bias = true with mlp_bias = false"),
     ("phi3", {"partial_rotary_factor": 0.5}, "partial_rotary_factor = 0.5"),
-    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, "'yarn'"),
+    ("llama", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4,
+                                   "long_factor": [1.0] * 4, "original_max_position_embeddings": 16}}, "'longrope'"),
     ("phimoe", {"num_experts_per_tok": 1}, "SparseMixer-v2 routes exactly 2"),
-    ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 40.0, "rope_theta": 1e4,
-                                         "original_max_position_embeddings": 16}}, "'yarn'"),
+    ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 40.0, "rope_theta": 1e4, "mscale": 1.0,
+                                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 16,
+                                         "attention_factor": 1.2}}, "explicit YaRN attention factor"),
     ("deepseek_v3", {"num_experts_per_tok": 2}, "scores each group by its 2 best experts"),
     ("deepseek_v3", {"num_key_value_heads": 2}, "latent attention has a key and value per head"),
     ("deepseek_v3", {"attention_bias": True}, "attention_bias/mlp_bias = true is not part of the deepseek_v3"),
@@ -142,6 +154,23 @@ def test_unrepresentable_inputs_name_the_field(tmp_path, model_type, overrides, 
     make_hf(tmp_path / "hf", model_type, **overrides)
     with pytest.raises(ConversionError, match=message):
         read_hf(tmp_path / "hf")
+
+
+def test_deepseek_v3_routing_fields_left_out_take_transformers_defaults():
+    """No tensor depends on routed_scaling_factor, n_group or topk_group: a config.json without them means
+    transformers' DeepseekV3Config defaults (2.5, 8 groups, 4 kept), not unscaled ungrouped routing."""
+    from transformers import DeepseekV3Config
+
+    from megatron_moe.convert.hf_config import config_from_hf
+
+    hf = {"model_type": "deepseek_v3", "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 4,
+          "intermediate_size": 64, "num_hidden_layers": 2, "vocab_size": 96, "q_lora_rank": None, "kv_lora_rank": 12,
+          "qk_nope_head_dim": 6, "qk_rope_head_dim": 4, "v_head_dim": 5, "n_routed_experts": 16,
+          "num_experts_per_tok": 8, "moe_intermediate_size": 24, "n_shared_experts": 1}
+    e = config_from_hf(hf).moe
+    defaults = DeepseekV3Config()
+    assert (e.topk_scaling_factor, e.router_num_groups, e.router_group_topk) == (
+        defaults.routed_scaling_factor, defaults.n_group, defaults.topk_group) == (2.5, 8, 4)
 
 
 def test_undeclared_bias_tensor_is_named(tmp_path):

@@ -49,10 +49,10 @@ def megatron_args(cfg, tp: int, **overrides) -> argparse.Namespace:
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, num_experts=cfg.moe.num_experts or None,
         attention_backend=AttnBackend.auto, params_dtype=torch.float32,
     )
-    if m.multi_latent_attention:  # Megatron-LM's DeepSeek-V3 arguments at the plain rotary embedding
+    if m.multi_latent_attention:  # Megatron-LM's DeepSeek-V3 arguments, at the plain rotary embedding or YaRN
         args.update(multi_latent_attention=True, q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank,
                     qk_head_dim=m.qk_head_dim, qk_pos_emb_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim,
-                    rope_type="rope", rotary_scaling_factor=1.0, group_query_attention=False)
+                    group_query_attention=False, **megatron_rope(m))
     if cfg.moe.num_experts:  # megatron-core's arguments of an MoE model (first_k_dense / layer_freq as a list)
         e = cfg.moe
         args.update(moe_router_topk=e.topk, moe_ffn_hidden_size=cfg.expert_ffn_size, moe_router_pre_softmax=False,
@@ -65,6 +65,15 @@ def megatron_args(cfg, tp: int, **overrides) -> argparse.Namespace:
                     moe_router_group_topk=e.router_group_topk or None, moe_aux_loss_coeff=0.0)
     args.update(overrides)
     return argparse.Namespace(**args)
+
+
+def megatron_rope(m) -> dict:
+    """Megatron-LM's rope arguments of a latent attention model: YaRN at its factor and mscales (the original
+    context and betas at megatron-core's defaults), or the plain rotary embedding."""
+    if m.rope_scaling != "yarn":
+        return dict(rope_type="rope", rotary_scaling_factor=1.0)
+    return dict(rope_type="yarn", rotary_scaling_factor=m.rope_scaling_factor, mscale=m.rope_yarn_mscale,
+                mscale_all_dim=m.rope_yarn_mscale_all_dim)
 
 
 def fused_qkv(state, i, cfg, kind: str = "weight") -> torch.Tensor:
@@ -506,7 +515,7 @@ def test_megatron_rope_scaling_reads_as_llama3_scaling_equal_to_megatron_cores(t
     and the scaled frequencies equal megatron-core's own RotaryEmbedding(rope_scaling=True) (float32: 1e-6)."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from megatron_moe.model.transformer import Llama3RopeScaling
+    from megatron_moe.model.transformer import rope_scaling_of
 
     cfg, state, _ = reference
     m = read_megatron(write_megatron(tmp_path / "m", state, cfg, 1, use_rope_scaling=True,
@@ -514,7 +523,7 @@ def test_megatron_rope_scaling_reads_as_llama3_scaling_equal_to_megatron_cores(t
     assert (m.rope_scaling, m.rope_scaling_factor) == ("llama3", 32.0)
     assert read_megatron(write_megatron(tmp_path / "n", state, cfg, 1)).cfg.model.rope_scaling == "none"
     head_dim, theta = 128, 500000.0
-    ours = Llama3RopeScaling.of(m).apply(
+    ours = rope_scaling_of(m).apply(
         1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     theirs = RotaryEmbedding(head_dim, 1.0, rotary_base=int(theta), rope_scaling=True, rope_scaling_factor=32.0,
                              use_cpu_initialization=True).inv_freq
@@ -606,8 +615,8 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
     latent = {}
     if m.multi_latent_attention:  # Megatron-LM's DeepSeek-V3 settings at the plain rotary embedding
         latent = dict(q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank, qk_head_dim=m.qk_head_dim,
-                      qk_pos_emb_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim, rope_type="rope",
-                      rotary_scaling_factor=1.0, rotary_base=m.rope_theta)
+                      qk_pos_emb_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim, rotary_base=m.rope_theta,
+                      **megatron_rope(m))
     config = (MLATransformerConfig if latent else TransformerConfig)(
         **latent, num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_kv_heads, ffn_hidden_size=m.ffn_hidden_size, gated_linear_unit=True,
@@ -914,6 +923,12 @@ MEGATRON_MOE = {
                          topk_scaling_factor=2.5, shared_expert_ffn_hidden_size=40, expert_ffn_hidden_size=24,
                          multi_latent_attention=True, num_query_groups=0, q_lora_rank=16, kv_lora_rank=12,
                          qk_head_dim=6, qk_pos_emb_head_dim=4, v_head_dim=5, qk_layernorm=True),
+    # and with DeepSeek-V3's YaRN (factor 40, mscales 1: the softmax scaled by (0.1 ln 40 + 1)^2), no query latent
+    "deepseek-mla-yarn": dict(num_experts=4, topk=2, score_function="sigmoid", expert_bias=True,
+                              expert_ffn_hidden_size=24, multi_latent_attention=True, num_query_groups=0,
+                              kv_lora_rank=12, qk_head_dim=6, qk_pos_emb_head_dim=8, v_head_dim=5, qk_layernorm=True,
+                              rope_scaling="yarn", rope_scaling_factor=40.0, rope_yarn_mscale=1.0,
+                              rope_yarn_mscale_all_dim=1.0),
 }
 
 
@@ -956,7 +971,8 @@ def test_torch_dist_moe_checkpoint_of_megatron_core_reads_with_its_logits(megatr
         assert getattr(got_cfg.moe, key) == getattr(want.moe, key), key
     assert got_cfg.expert_ffn_size == want.expert_ffn_size
     for key in ("head_dim", "qk_layernorm", "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim",
-                "qk_pos_emb_head_dim", "v_head_dim"):
+                "qk_pos_emb_head_dim", "v_head_dim", "rope_scaling", "rope_scaling_factor", "rope_yarn_mscale",
+                "rope_yarn_mscale_all_dim", "rope_yarn_original_max_position"):
         assert getattr(got_cfg.model, key) == getattr(want.model, key), key
     got = source.state_dict()
     assert set(got) == set(run["state"])
@@ -1003,8 +1019,8 @@ def test_megatron_moe_arguments_that_cannot_be_read_are_named(tmp_path, referenc
                               ({"moe_expert_capacity_factor": 1.0, "moe_token_drop_policy": "position"},
                                "moe_token_drop_policy = 'position'"),
                               ({"moe_layer_freq": [1, 1, 1]}, "expected an integer or one 0/1 entry per layer"),
-                              ({"multi_latent_attention": True, "rotary_scaling_factor": 40.0},
-                               "YaRN rotary scaling is not implemented"),
+                              ({"multi_latent_attention": True, "rope_type": "rope", "rotary_scaling_factor": 40.0,
+                                "mscale_all_dim": 1.0}, "scales the softmax as YaRN does without YaRN's frequencies"),
                               ({"multi_latent_attention": True, "use_rope_scaling": True},
                                "use_rope_scaling with multi_latent_attention")]:
         with pytest.raises(ConversionError, match=re.escape(needle)):

@@ -295,6 +295,60 @@ def test_llama3_rope_scaling_matches_transformers_and_a_loop(head_dim):
     torch.testing.assert_close(sin[:, head_dim // 2 :], angles.sin().float(), rtol=0, atol=1e-7)
 
 
+def _yarn_frequencies_loop(dim, theta, factor, original, beta_fast, beta_slow):
+    """YaRN's frequencies (arXiv 2309.00071 eq. 18-19 as DeepSeek-V3 and megatron-core apply them), one at a
+    time in Python floats: the wavelength ratio r_i = original / (2 pi theta^(2i/d)) against beta_slow/fast,
+    the ramp's ends at the dimensions of beta_fast and beta_slow rotations, floored / ceiled."""
+    def bound(rotations):
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = max(math.floor(bound(beta_fast)), 0), min(math.ceil(bound(beta_slow)), dim - 1)
+    out = []
+    for i in range(dim // 2):
+        freq = theta ** (-2 * i / dim)
+        interpolate = min(max((i - low) / (high - low), 0.0), 1.0)  # 0: keep f, 1: f / s
+        out.append(freq * (1 - interpolate) + freq / factor * interpolate)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dim,theta,factor,original,mscale,mscale_all_dim", [
+    (64, 10000.0, 40.0, 4096, 1.0, 1.0),  # DeepSeek-V3's rotary part
+    (64, 50000.0, 32.0, 4096, 1.0, 1.0),  # Kimi-K2's
+    (128, 1000000.0, 4.0, 32768, 1.0, 0.0),  # Qwen2.5's long-context YaRN (GQA)
+    (64, 10000.0, 40.0, 4096, 0.707, 0.707),  # DeepSeek-V2-Lite's
+])
+def test_yarn_matches_transformers_megatron_core_and_a_loop(dim, theta, factor, original, mscale, mscale_all_dim):
+    """YaRN's frequencies, cos/sin factor and latent attention's softmax factor against a float64 loop,
+    transformers' _compute_yarn_parameters (float32) and megatron-core's own YaRN functions."""
+    from megatron.core.models.common.embeddings import yarn_rotary_pos_embedding as mc
+    from transformers import DeepseekV3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megatron_moe.model.transformer import YarnRopeScaling
+
+    yarn = YarnRopeScaling(factor, original, 32.0, 1.0, mscale, mscale_all_dim, theta)
+    base = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    ours = yarn.apply(base)
+    torch.testing.assert_close(ours, _yarn_frequencies_loop(dim, theta, factor, original, 32.0, 1.0), rtol=1e-14,
+                               atol=0)
+    assert (ours == base).any() and (ours == base / factor).any() and ((ours != base) & (ours != base / factor)).any()
+    params = {"rope_type": "yarn", "rope_theta": theta, "factor": factor, "original_max_position_embeddings": original,
+              "beta_fast": 32, "beta_slow": 1, "mscale": mscale, "mscale_all_dim": mscale_all_dim}
+    hf_config = DeepseekV3Config(hidden_size=256, num_attention_heads=2, qk_rope_head_dim=dim,
+                                 max_position_embeddings=original * int(factor), rope_parameters=params)
+    hf, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_config, "cpu")
+    torch.testing.assert_close(ours.float(), hf, rtol=1e-6, atol=0)
+    assert yarn.attention_factor == pytest.approx(attention_factor, rel=1e-12)
+    low, high = mc._yarn_find_correction_range(32.0, 1.0, dim, theta, original, True)
+    keep = 1.0 - mc._yarn_linear_ramp_mask(low, high, dim // 2, device="cpu").double()
+    torch.testing.assert_close(ours, base / factor * (1 - keep) + base * keep, rtol=1e-6, atol=0)  # a float32 ramp
+    assert yarn.attention_factor == pytest.approx(mc._yarn_get_concentration_factor(factor, mscale, mscale_all_dim))
+    assert yarn.softmax_factor == pytest.approx(mc._yarn_get_mscale(factor, mscale_all_dim) ** 2)
+    cos, sin = rope_tables(8, dim, theta, scaling=yarn)
+    angles = torch.outer(torch.arange(8, dtype=torch.float64), ours)
+    torch.testing.assert_close(cos[:, : dim // 2].double(), angles.cos() * yarn.attention_factor, rtol=0, atol=1e-7)
+
+
 def _randomize(module: torch.nn.Module, seed: int) -> None:
     """Every parameter random (norm weights around 1, biases nonzero), so each one matters to the output."""
     g = torch.Generator().manual_seed(seed)

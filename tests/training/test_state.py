@@ -88,6 +88,19 @@ def test_incompatible_config_names_the_settings():
     for needle in ("model.kv_channels: checkpoint 64, config 128", "model.qk_layernorm: checkpoint False, config True",
                    "moe.shared_expert_ffn_hidden_size: checkpoint 0, config 64"):
         assert needle in str(err.value)
+    # latent attention: its widths shape the tensors; a latent-norm eps of 0 is norm_eps (an imported DeepSeek-V3
+    # resumed with Megatron-LM's --norm-epsilon 1e-6 is the same model)
+    saved.model = dataclasses.replace(saved.model, multi_latent_attention=True, qk_layernorm=True, norm_eps=1e-6,
+                                      latent_norm_eps=1e-6)
+    cfg = copy.deepcopy(saved)
+    cfg.model.latent_norm_eps = 0.0
+    check_compatible(dataclasses.asdict(saved), cfg, "ckpt")
+    cfg.model.kv_lora_rank, cfg.model.latent_norm_eps = 64, 1e-5
+    with pytest.raises(CheckpointError) as err:
+        check_compatible(dataclasses.asdict(saved), cfg, "ckpt")
+    for needle in ("model.kv_lora_rank: checkpoint 32, config 64",
+                   "model.latent_norm_eps: checkpoint 1e-06, config 1e-05"):
+        assert needle in str(err.value)
 
 
 def test_generator_states_missing_from_the_checkpoint_are_not_requested(tmp_path, monkeypatch):
