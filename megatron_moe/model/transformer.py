@@ -9,8 +9,8 @@ Options of released models (``model.*``, Megatron-LM's flags): every norm RMSNor
 LayerNorm with weight and bias (``normalization``); biases on q, k, v (``add_qkv_bias``: Qwen2,
 PhiMoE); biases on the attention output and the dense SwiGLU's linears (``add_bias_linear``); a
 bias on the output layer (``lm_head_bias``: PhiMoE); Llama 3.1's RoPE frequency scaling
-(``rope_scaling = "llama3"``); DeepSeek-V2/V3's multi-head latent attention (``multi_latent_attention``:
-:class:`LatentAttention`). Experts and router gates never have biases (Mixtral, PhiMoE and GRIN
+(``rope_scaling = "llama3"``) or YaRN (``"yarn"``: :class:`YarnRopeScaling`); DeepSeek-V2/V3's multi-head
+latent attention (``multi_latent_attention``: :class:`LatentAttention`). Experts and router gates never have biases (Mixtral, PhiMoE and GRIN
 have none there; DeepSeek-V3's expert bias only chooses experts, docs/routing.md §1b).
 
 Weight initialisation (:meth:`MoETransformer.init_weights`), deterministic for a generator:

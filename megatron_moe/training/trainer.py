@@ -112,7 +112,7 @@ def architecture_summary(cfg: Config) -> str:
     biases = [name for name, on in (("qkv", m.add_qkv_bias), ("linear", m.add_bias_linear), ("lm-head", m.lm_head_bias))
               if on]
     parts = [f"{m.normalization}{' (1p)' if m.apply_layernorm_1p else ''}", "SwiGLU",
-             f"RoPE theta {m.rope_theta:g}{' + llama3 scaling' if m.rope_scaling == 'llama3' else ''}",
+             f"RoPE theta {m.rope_theta:g}" + ("" if m.rope_scaling == "none" else f" + {m.rope_scaling} scaling"),
              f"{'biases: ' + ', '.join(biases) if biases else 'no biases'}",
              *([("latent norms" if m.multi_latent_attention else "QK norm")] if m.qk_layernorm else []),
              "tied embeddings" if m.tie_embeddings else "untied embeddings", _attention_summary(m)]
