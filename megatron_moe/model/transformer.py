@@ -10,8 +10,8 @@ LayerNorm with weight and bias (``normalization``); biases on q, k, v (``add_qkv
 PhiMoE); biases on the attention output and the dense SwiGLU's linears (``add_bias_linear``); a
 bias on the output layer (``lm_head_bias``: PhiMoE); Llama 3.1's RoPE frequency scaling
 (``rope_scaling = "llama3"``) or YaRN (``"yarn"``: :class:`YarnRopeScaling`); DeepSeek-V2/V3's multi-head
-latent attention (``multi_latent_attention``: :class:`LatentAttention`). Experts and router gates never have biases (Mixtral, PhiMoE and GRIN
-have none there; DeepSeek-V3's expert bias only chooses experts, docs/routing.md §1b).
+latent attention (``multi_latent_attention``: :class:`LatentAttention`). Experts and router gates never have
+biases (Mixtral, PhiMoE and GRIN have none there; DeepSeek-V3's expert bias only chooses experts, docs/routing.md §1b).
 
 Weight initialisation (:meth:`MoETransformer.init_weights`), deterministic for a generator:
 - embeddings, every input projection (q, k, v, SwiGLU gate/up, expert gate/up) and the output
