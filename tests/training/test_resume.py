@@ -7,6 +7,7 @@ layout is the same (single process, and 2x2 tp x pp); across layouts the toleran
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -45,8 +46,9 @@ def losses(run_dir) -> dict[int, tuple]:
 
 @pytest.mark.parametrize("variant", ["fp32", "bf16", "expert-bias"])
 def test_interrupted_and_resumed_equals_uninterrupted_bitwise(loop_corpus, tmp_path, variant):
-    """bf16: the fp32 master weights are what is checkpointed; expert-bias: DeepSeek-V3's routing, whose
-    expert biases (moved by 0.05 a step, so that routing depends on them) are checkpointed with the model."""
+    """bf16: the fp32 master weights are what is checkpointed; expert-bias: DeepSeek-V3's architecture, whose
+    expert biases (moved by 0.05 a step, so that routing depends on them) are checkpointed with the model, with
+    its multi-latent attention and YaRN."""
     corpus = loop_corpus
 
     def config(run_dir):
@@ -54,6 +56,10 @@ def test_interrupted_and_resumed_equals_uninterrupted_bitwise(loop_corpus, tmp_p
         cfg.training.bf16 = variant == "bf16"
         if variant == "expert-bias":
             cfg.moe.score_function, cfg.moe.expert_bias, cfg.moe.expert_bias_update_rate = "sigmoid", True, 0.05
+            cfg.model = dataclasses.replace(
+                cfg.model, multi_latent_attention=True, num_query_groups=0, q_lora_rank=16, kv_lora_rank=12,
+                qk_head_dim=6, qk_pos_emb_head_dim=4, v_head_dim=5, qk_layernorm=True, rope_scaling="yarn",
+                rope_scaling_factor=4.0, rope_yarn_original_max_position=8, rope_yarn_mscale_all_dim=1.0)
         return cfg
 
     train(config(tmp_path / "full"))
