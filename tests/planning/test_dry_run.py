@@ -89,9 +89,8 @@ def _dry_run_cpu_seconds(args: list[str]) -> tuple[int, str, float]:
 @pytest.mark.parametrize("args,code", [
     (["--config", "examples/grin_moe_16x3.8b.toml", "--world-size", "64"], 0),
     (["--config", "examples/qwen3_30b_a3b.toml", "--world-size", "64"], 0),
-    # at the example's micro-batches of 8 x 4096 tokens the plan takes 70 s (its cost grows with the tokens of a
-    # micro-batch); the model and layout are the example's
-    (["--config", "examples/moonlight_16b_a3b.toml", "--world-size", "32", "--micro-batch-size", "1"], 0),
+    # 8 x 4096 tokens per micro-batch: traced with the CPU's loss chunks this plan took 70 s (now 6 s)
+    (["--config", "examples/moonlight_16b_a3b.toml", "--world-size", "32"], 0),
     (["--config", "examples/skywork_moe_style.toml", "--world-size", "128", "--pipeline-model-parallel-size", "8",
       "--recompute-granularity", "full", "--use-torch-fsdp2"], 0),
 ])
