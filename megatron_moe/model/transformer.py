@@ -197,6 +197,11 @@ class CoreAttention(nn.Module):
     its own module so that selective recompute (Megatron-LM's "core attention") and compilation can
     take exactly this part."""
 
+    # Pad value heads narrower than the q/k heads with zeros to their width (latent attention: 128 vs 192) so that
+    # SDPA can take its flash kernel, which needs equal widths; the padded output channels are zero and dropped.
+    # None: on CUDA only (tests force it on CPU).
+    pad_values: bool | None = None
+
     def __init__(self, softmax_factor: float = 1.0):
         super().__init__()
         self.softmax_factor = softmax_factor
@@ -207,11 +212,15 @@ class CoreAttention(nn.Module):
         channels are rotated) -> [B, S, heads * d_v]. The scale is ``softmax_factor`` / sqrt(d)."""
         b, s = q.shape[:2]
         q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
+        d_v = v.shape[-1]
+        pad = self.pad_values if self.pad_values is not None else q.device.type == "cuda"
+        if pad and d_v < q.shape[-1]:
+            v = F.pad(v, (0, q.shape[-1] - d_v))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         scale = None if self.softmax_factor == 1.0 else self.softmax_factor / math.sqrt(q.shape[-1])
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1],
                                              scale=scale)
-        return out.transpose(1, 2).reshape(b, s, -1)
+        return out[..., :d_v].transpose(1, 2).reshape(b, s, -1)
 
 
 class Attention(nn.Module):

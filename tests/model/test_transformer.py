@@ -167,6 +167,26 @@ def test_latent_attention_matches_deepseek_equations_in_a_loop(q_lora_rank, late
     torch.testing.assert_close(out[0], torch.stack(rows), rtol=1e-5, atol=1e-5)
 
 
+def test_padding_value_heads_to_the_qk_width_changes_nothing():
+    """CUDA pads value heads narrower than q/k (latent attention) with zeros for SDPA's flash kernel; forced on
+    here, the output and every input gradient equal the unpadded core's (float64)."""
+    from megatron_moe.model.transformer import CoreAttention
+
+    torch.manual_seed(0)
+    q, k = (torch.randn(2, 6, 3, 10, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 6, 3, 5, dtype=torch.float64, requires_grad=True)
+    cos, sin = (t.double() for t in rope_tables(6, 4, 10000.0))
+    outs = []
+    for pad in (True, False):
+        core = CoreAttention(softmax_factor=1.3)
+        core.pad_values = pad
+        out = core(q, k, v, cos, sin)
+        outs.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    assert outs[0][0].shape == (2, 6, 15)
+    for padded, plain in zip(*outs, strict=True):
+        torch.testing.assert_close(padded, plain, rtol=1e-12, atol=1e-12)
+
+
 def test_latent_attention_model_settings(tiny_config):
     """model.multi_latent_attention builds LatentAttention in every layer with the configured widths, rotary
     tables over qk_pos_emb_head_dim only, latent norms with model.qk_layernorm; hidden 20 with 3 heads is fine."""

@@ -78,3 +78,23 @@ def test_attention_core_runs_on_the_flash_backend():
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         out = CoreAttention()(q, kv, kv, cos, sin)
     assert out.shape == (2, 128, 8 * 64)
+
+
+def test_latent_attention_core_runs_on_the_flash_backend():
+    """Latent attention's value heads (128) are narrower than its q/k heads (128 + 64): padded with zeros on
+    CUDA, the core still runs on the flash kernel, and equals the unpadded math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from megatron_moe.model.transformer import CoreAttention, rope_tables
+
+    q, k = (torch.randn(2, 128, 4, 192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(2, 128, 4, 128, device="cuda", dtype=torch.bfloat16)
+    cos, sin = (t.cuda() for t in rope_tables(128, 64, 10000.0))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = CoreAttention()(q, k, v, cos, sin)
+    unpadded = CoreAttention()
+    unpadded.pad_values = False
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = unpadded(q, k, v, cos, sin)
+    assert out.shape == (2, 128, 4 * 128)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
