@@ -80,6 +80,17 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
         raise ConversionError(f"{cfg_file}: invalid JSON: {e}") from None
 
 
+def _multi_token_prediction_tensors(hf: dict[str, Any], names: set[str]) -> set[str]:
+    """DeepSeek-V3's multi-token prediction modules (``num_nextn_predict_layers``): the layers after
+    ``num_hidden_layers`` among ``names``, which transformers does not load either."""
+    depth = hf.get("num_nextn_predict_layers") or 0
+    if hf.get("model_type") != "deepseek_v3" or not isinstance(depth, int) or depth <= 0:
+        return set()
+    layers = hf["num_hidden_layers"]
+    extra = {f"model.layers.{i}." for i in range(layers, layers + depth)}
+    return {name for name in names if name.startswith(tuple(extra))}
+
+
 def read_hf(path: str | Path) -> ModelSource:
     """A :class:`ModelSource` for the HF model directory ``path`` (tensors read on demand).
 
@@ -98,7 +109,12 @@ def read_hf(path: str | Path) -> ModelSource:
     missing = sorted(needed - set(files))
     if missing:
         raise ConversionError(f"{path}: {len(missing)} tensors the config implies are missing, e.g. {missing[:4]}")
-    for name in sorted(set(files) - needed):
+    mtp = _multi_token_prediction_tensors(hf, set(files) - needed)
+    if mtp:
+        notes.append(f"{len(mtp)} tensors of the multi-token prediction module(s) (num_nextn_predict_layers = "
+                     f"{hf['num_nextn_predict_layers']}: layers {cfg.model.num_layers} and on) not read: multi-token "
+                     "prediction is not built here, and the model's function does not use them")
+    for name in sorted(set(files) - needed - mtp):
         if name.endswith("rotary_emb.inv_freq"):
             continue  # a recomputed buffer some old checkpoints store
         if name == "lm_head.weight" and cfg.model.tie_embeddings:

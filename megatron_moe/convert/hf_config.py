@@ -186,6 +186,11 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json", notes: list[s
     for key in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers", "vocab_size"):
         if not isinstance(hf.get(key), int) or hf[key] <= 0:
             raise ConversionError(f"{where}: {key} = {hf.get(key)!r}; expected a positive integer")
+    quantization = hf.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization
+        raise ConversionError(f"{where}: quantization_config (quant_method {method!r}): quantized weights are not "
+                              "read; dequantize the checkpoint to bf16 or fp32 first")
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ConversionError(f"{where}: hidden_act = {act!r}; only silu (SwiGLU) is supported")

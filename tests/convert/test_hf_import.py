@@ -129,6 +129,64 @@ def test_grin_moe_released_config_imports_as_phimoe(tmp_path, capsys):
     assert (ours.cfg.data.seq_length, ours.cfg.model.rope_theta, ours.cfg.moe.router) == (32, 1e4, "sparsemixer")
 
 
+# DeepSeek-V3's released config.json (deepseek-ai/DeepSeek-V3), as its fields are, without the quantization.
+DEEPSEEK_V3_RELEASED = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "aux_loss_alpha": 0.001, "ep_size": 1,
+    "first_k_dense_replace": 3, "hidden_act": "silu", "hidden_size": 7168, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "moe_intermediate_size": 2048, "moe_layer_freq": 1,
+    "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128,
+    "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1,
+    "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "v_head_dim": 128, "vocab_size": 129280,
+}
+
+
+def test_deepseek_v3_released_config_maps_onto_the_model():
+    """Every field of DeepSeek-V3's released config.json that shapes the model (latent attention, YaRN with its
+    old ``type`` key, groups, scaling, shared expert, three dense layers) maps onto the settings; its fp8
+    checkpoint (quantization_config) is refused naming it."""
+    from megatron_moe.convert.hf_config import config_from_hf
+
+    cfg = config_from_hf(DEEPSEEK_V3_RELEASED)
+    m, e = cfg.model, cfg.moe
+    assert (m.multi_latent_attention, m.q_lora_rank, m.kv_lora_rank, m.qk_head_dim, m.qk_pos_emb_head_dim,
+            m.v_head_dim, m.qk_layernorm, m.latent_norm_eps) == (True, 1536, 512, 128, 64, 128, True, 1e-6)
+    assert (m.rope_scaling, m.rope_scaling_factor, m.rope_yarn_original_max_position, m.rope_yarn_mscale,
+            m.rope_yarn_mscale_all_dim, m.rope_theta) == ("yarn", 40.0, 4096, 1.0, 1.0, 10000.0)
+    assert (e.num_experts, e.topk, e.expert_ffn_hidden_size, e.shared_expert_ffn_hidden_size, e.first_k_dense,
+            e.router_num_groups, e.router_group_topk, e.topk_scaling_factor, e.score_function, e.expert_bias,
+            e.renormalize) == (256, 8, 2048, 2048, 3, 8, 4, 2.5, "sigmoid", True, True)
+    assert (m.num_layers, m.dense_ffn_size, m.vocab_size, m.num_attention_heads) == (61, 18432, 129280, 128)
+    quantized = {**DEEPSEEK_V3_RELEASED, "quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}}
+    with pytest.raises(ConversionError, match="quantization_config .quant_method 'fp8'.: quantized weights"):
+        config_from_hf(quantized)
+
+
+def test_deepseek_v3_multi_token_prediction_layers_are_left_with_a_note(tmp_path, capsys):
+    """A DeepSeek-V3 checkpoint holds its multi-token prediction module as the layer after the last
+    (num_nextn_predict_layers): read without it, with a note, as transformers does; without the field the same
+    tensors are refused."""
+    from safetensors.torch import load_file, save_file
+
+    make_hf(tmp_path / "hf", "deepseek_v3")
+    weights = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors.update({"model.layers.2.eh_proj.weight": torch.zeros(32, 64), "model.layers.2.enorm.weight": torch.ones(32),
+                    "model.layers.2.shared_head.norm.weight": torch.ones(32)})
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    source = read_hf(tmp_path / "hf")
+    assert any("3 tensors of the multi-token prediction module(s)" in note for note in source.notes), source.notes
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    with pytest.raises(ConversionError, match="model.layers.2.eh_proj.weight has no counterpart"):
+        read_hf(tmp_path / "hf")
+
+
 def test_sliding_window_sets_the_sequence_length(tmp_path):
     make_hf(tmp_path / "m", "mistral", sliding_window=16)
     source = read_hf(tmp_path / "m")
