@@ -742,10 +742,12 @@ def _common_state(ckpt: pathlib.Path) -> dict:
     return load_common_state_dict(str(ckpt))
 
 
-def _rewrite_torch_dist(src: pathlib.Path, dst: pathlib.Path, layout: str, common: dict | None = None) -> pathlib.Path:
-    """The torch_dist checkpoint ``src`` (a save directory) rewritten into the save directory ``dst``: its tensors,
-    and its common state (or ``common``) in ``common.pt`` (``layout="file"``, megatron-core 0.16) or as the DCP
-    bytes entry newer megatron-core writes instead (``layout="entry"``). Returns the iteration directory."""
+def _rewrite_torch_dist(src: pathlib.Path, dst: pathlib.Path, layout: str, common: dict | None = None,
+                        extra: dict | None = None) -> pathlib.Path:
+    """The torch_dist checkpoint ``src`` (a save directory) rewritten into the save directory ``dst``: its tensors
+    (and ``extra`` ones), and its common state (or ``common``) in ``common.pt`` (``layout="file"``, megatron-core
+    0.16) or as the DCP bytes entry newer megatron-core writes instead (``layout="entry"``). Returns the iteration
+    directory."""
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -758,6 +760,7 @@ def _rewrite_torch_dist(src: pathlib.Path, dst: pathlib.Path, layout: str, commo
     state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in metadata.state_dict_metadata.items()
              if isinstance(v, TensorStorageMetadata)}
     dcp.load(state, checkpoint_id=str(src_iter), no_dist=True)
+    state.update(extra or {})
     if layout == "entry":  # DCP's default planner torch.saves a non-tensor value: megatron-core's bytes
         state[DIST_COMMON_ENTRY] = [common]
     # unflattened: the list is one entry, as megatron-core's planner writes it
@@ -784,6 +787,21 @@ def test_torch_dist_common_state_in_common_pt_or_in_the_dcp_files(tmp_path, mega
         assert set(got) == set(state)
         for name in state:
             assert torch.equal(got[name], state[name]), (layout, name)
+
+
+@pytest.mark.slow
+def test_torch_dist_multi_token_prediction_layers_are_left_with_a_note(tmp_path, megatron_dist):
+    """Megatron-LM's --mtp-num-layers saves its multi-token prediction layers under ``mtp.``: the model reads
+    without them (its function does not use them) and says so."""
+    common = _common_state(megatron_dist["root"] / "iter_0000010")
+    common["args"].mtp_num_layers = 1
+    extra = {"mtp.layers.0.eh_proj.weight": torch.zeros(32, 64), "mtp.layers.0.enorm.weight": torch.ones(32)}
+    _rewrite_torch_dist(megatron_dist["root"], tmp_path / "mtp", "file", common, extra)
+    source = read_megatron(tmp_path / "mtp")
+    assert source.notes == ["2 tensors of the multi-token prediction layers (mtp_num_layers = 1) not read: "
+                            "multi-token prediction is not built here, and the model's function does not use them"]
+    got = source.state_dict()
+    assert all(torch.equal(got[name], t) for name, t in megatron_dist["state"].items())
 
 
 @pytest.mark.slow
