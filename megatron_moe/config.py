@@ -138,6 +138,11 @@ class ModelConfig:
     qk_head_dim: int = 128
     qk_pos_emb_head_dim: int = 64
     v_head_dim: int = 128
+    # Multi-token prediction (DeepSeek-V3 §2.2; Megatron-LM's --mtp-num-layers): D sequential modules after the last
+    # layer, depth k predicting the token k + 1 ahead of the main prediction from depth k - 1's hidden state and the
+    # embedding of the token k ahead, each with a transformer block of its own (layer num_layers + k - 1) and the
+    # shared embedding and output head; training adds training.mtp_loss_scaling_factor x their mean loss.
+    mtp_num_layers: int = 0
     # The latent norms' eps; 0 = norm_eps (megatron-core's). transformers' DeepSeek-V3 uses 1e-6 there whatever its
     # rms_norm_eps says (Moonlight: 1e-5): its import sets this.
     latent_norm_eps: float = 0.0
@@ -200,6 +205,7 @@ class ModelConfig:
             "model.num_query_groups": self.num_query_groups,
             "model.ffn_hidden_size": self.ffn_hidden_size,
             "model.kv_channels": self.kv_channels,
+            "model.mtp_num_layers": self.mtp_num_layers,
         })
         if self.multi_latent_attention:
             self._validate_latent_attention()
@@ -509,6 +515,9 @@ class TrainingConfig:
     # The LM loss as the mean over every unmasked token of the global batch (Megatron-LM's
     # --calculate-per-token-loss), not the mean over micro-batches of each one's token mean.
     calculate_per_token_loss: bool = False
+    # lambda of DeepSeek-V3 eq. 25: the multi-token prediction loss (model.mtp_num_layers) is lambda x the mean of
+    # the depths' cross entropies (Megatron-LM's --mtp-loss-scaling-factor and default)
+    mtp_loss_scaling_factor: float = 0.1
     device: str = "auto"  # one of DEVICES
     num_threads: int = 0  # CPU intra-op threads; 0 = torch default
     exit_interval: int = 0  # save a checkpoint and exit after this many steps (0 = run to train_iters)
@@ -552,6 +561,7 @@ class TrainingConfig:
             "training.exit_interval": self.exit_interval,
             "training.train_samples": self.train_samples,
             "training.exit_duration_in_mins": self.exit_duration_in_mins,
+            "training.mtp_loss_scaling_factor": self.mtp_loss_scaling_factor,
         })
         if self.train_samples and self.train_iters != self.train_samples // self.global_batch_size:
             raise ConfigError(
@@ -795,6 +805,8 @@ MEGATRON_FLAGS: dict[str, str] = {
     "rotary-scaling-factor": "model.rope_scaling_factor",  # YaRN's factor (parse_args: model.rope_scaling = yarn)
     "mscale": "model.rope_yarn_mscale",
     "mscale-all-dim": "model.rope_yarn_mscale_all_dim",
+    "mtp-num-layers": "model.mtp_num_layers",
+    "mtp-loss-scaling-factor": "training.mtp_loss_scaling_factor",
     "q-lora-rank": "model.q_lora_rank",
     "kv-lora-rank": "model.kv_lora_rank",
     "qk-head-dim": "model.qk_head_dim",

@@ -66,7 +66,6 @@ NO_EFFECT: dict[str, str] = {
     "no-create-attention-mask-in-dataloader": "attention is causal SDPA, no mask is built",
     "manual-gc": "Python's garbage collector is left alone",
     "manual-gc-interval": "Python's garbage collector is left alone",
-    "mtp-loss-scaling-factor": "there is no multi-token prediction (--mtp-num-layers above 0 is refused)",
     "logging-level": "this framework prints its own progress lines",
     "enable-experimental": "there are no experimental switches here",
     "no-bias-gelu-fusion": "there is no GeLU: the MLPs are SwiGLU",
@@ -165,7 +164,6 @@ REFUSED: dict[str, tuple[str | None, str]] = {
     "rotary-seq-len-interpolation-factor": (None, "rotary position interpolation is not implemented"),
     "squared-relu": (None, "the MLPs and experts are SwiGLU"),
     "window-size": (None, "attention is causal over the whole sequence (no sliding window)"),
-    "mtp-num-layers": ("0", "multi-token prediction is not implemented"),
     **dict.fromkeys(("enable-gpt-oss", "quick-geglu", "glu-linear-offset", "activation-func-clamp-value",
                      "softmax-type", "window-attn-skip-freq"), (None, "the gpt-oss architecture is not implemented")),
 }

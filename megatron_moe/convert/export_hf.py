@@ -72,6 +72,10 @@ def hf_state_dict(cfg: Config, state: dict[str, torch.Tensor], arch: str | None 
                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """HF tensor names -> contiguous ``dtype`` tensors for the native ``state`` (names of MoETransformer)."""
     arch = arch or choose_architecture(cfg)
+    # multi-token prediction (training only: the model's function does not use it) is not written
+    main = cfg.model.num_layers
+    state = {k: v for k, v in state.items()
+             if not k.startswith("mtp.") and not (k.startswith("layers.") and int(k.split(".")[1]) >= main)}
     if cfg.model.apply_layernorm_1p:  # Hugging Face's norms scale by their weight: store 1 + w
         state = {k: v + 1 if k.endswith("norm.weight") else v for k, v in state.items()}
     shapes = {name: tuple(t.shape) for name, t in state.items()}

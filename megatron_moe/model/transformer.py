@@ -354,6 +354,25 @@ def build_attention(m: ModelConfig) -> Attention | LatentAttention:
                      m.add_bias_linear, *qk_norms)
 
 
+class MultiTokenPrediction(nn.Module):
+    """Depth k's own parts of multi-token prediction (DeepSeek-V3 §2.2, eqs. 21-22; megatron-core's MTP layer):
+    ``combine`` gives ``proj [embedding_norm(Emb(t_{i+k})); hidden_norm(h_i^{k-1})]`` [2 hidden -> hidden], the
+    input of the depth's transformer block (a layer of :class:`MoETransformer` past the last), and ``norm`` is
+    applied before the shared output head. The embedding comes first, as DeepSeek's and megatron-core's code
+    concatenate it (the paper writes the other order)."""
+
+    def __init__(self, m: ModelConfig):
+        super().__init__()
+        self.embedding_norm = build_norm(m)
+        self.hidden_norm = build_norm(m)
+        self.proj = nn.Linear(2 * m.hidden_size, m.hidden_size, bias=False)
+        self.norm = build_norm(m)
+
+    def combine(self, hidden: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """hidden, embedded [B, S, H] -> [B, S, H]."""
+        return self.proj(torch.cat([self.embedding_norm(embedded), self.hidden_norm(hidden)], dim=-1))
+
+
 def is_moe_layer(cfg: Config, layer_idx: int) -> bool:
     """Whether layer ``layer_idx`` (0-based) has an MoE feed-forward: after the first k dense, every freq-th."""
     e = cfg.moe
@@ -361,7 +380,16 @@ def is_moe_layer(cfg: Config, layer_idx: int) -> bool:
 
 
 class MoETransformer(nn.Module):
-    """Token ids [B, S] -> logits [B, S, vocab]; pipeline stages may drop embedding/norm/output."""
+    """Token ids [B, S] -> logits [B, S, vocab]; pipeline stages may drop embedding/norm/output.
+
+    With multi-token prediction (``model.mtp_num_layers`` D > 0) ``layers`` also holds the D depths' blocks
+    (keys num_layers .. num_layers + D - 1, so that tensor parallelism, recompute, compilation and data
+    parallelism treat them as every block), ``mtp`` their own parts (:class:`MultiTokenPrediction`), and the
+    whole model returns ``(logits, [logits of depth 1 .. D])``: depth k's logits at position i predict token
+    i + k + 1. Its input at position i is the embedding of token i + k, the tokens rolled left by k: the last
+    k positions see wrapped-around tokens, so their predictions have no target and the loss masks them
+    (:func:`megatron_moe.parallel.loss.mtp_target`); causal attention keeps the others exact.
+    """
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -370,21 +398,35 @@ class MoETransformer(nn.Module):
             raise ValueError("model.vocab_size must be set (resolve it from the tokenizer first)")
         self.cfg = cfg
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(m.vocab_size, m.hidden_size)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(m.num_layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i)
+                                     for i in range(m.num_layers + m.mtp_num_layers)})
         self.norm: nn.Module | None = build_norm(m)
         self.output: nn.Linear | None = (
             None if m.tie_embeddings else nn.Linear(m.hidden_size, m.vocab_size, bias=m.lm_head_bias))
+        self.mtp = nn.ModuleDict({str(k): MultiTokenPrediction(m) for k in range(m.mtp_num_layers)})
         cos, sin = rope_tables(cfg.data.seq_length, m.rotary_dim, m.rope_theta, scaling=rope_scaling_of(m))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """tokens: int64 [B, S] (or hidden states [B, S, hidden] on a later pipeline stage)."""
+        main = self.cfg.model.num_layers
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, self.rope_cos, self.rope_sin)
-        if self.norm is not None:
-            h = self.norm(h)
+        for name, layer in self.layers.items():
+            if int(name) < main:
+                h = layer(h, self.rope_cos, self.rope_sin)
+        logits = self._head(self.norm(h)) if self.norm is not None else h
+        if not len(self.mtp) or self.tok_embeddings is None or self.norm is None:
+            return logits
+        predictions, x = [], h
+        for k, depth in enumerate(self.mtp.values(), start=1):
+            x = depth.combine(x, self.tok_embeddings(torch.roll(tokens, -k, dims=1)))
+            x = self.layers[str(main + k - 1)](x, self.rope_cos, self.rope_sin)
+            predictions.append(self._head(depth.norm(x)))
+        return logits, predictions
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """The output layer (tied to the embedding, or absent on a pipeline stage before the last: h)."""
         if self.output is not None:
             return self.output(h)
         if self.cfg.model.tie_embeddings and self.tok_embeddings is not None:

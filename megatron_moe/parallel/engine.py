@@ -51,7 +51,7 @@ from megatron_moe.parallel.data import (
     materialize_partial_grads,
     set_micro_batch,
 )
-from megatron_moe.parallel.loss import global_token_normalizer, lm_loss_from_target, loss_target
+from megatron_moe.parallel.loss import global_token_normalizer, lm_loss_from_target, loss_target, mtp_target
 from megatron_moe.parallel.mesh import ParallelSizes, build_mesh, check_grouped_gemm_shapes, parallel_sizes
 from megatron_moe.parallel.pipeline import Pipeline, build_stage_module, split_layers, stage_indices
 from megatron_moe.parallel.tensor import apply_tensor_parallel
@@ -70,6 +70,8 @@ class StepResult:
     params_norm: torch.Tensor | None = None
     # logging.log_num_zeros_in_grad: gradient elements exactly 0, after reduction and before clipping (num-zeros)
     num_zeros_in_grad: torch.Tensor | None = None
+    # model.mtp_num_layers: the mean over depths of the multi-token prediction cross entropies (unscaled)
+    mtp_loss: torch.Tensor | None = None
 
 
 def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
@@ -140,6 +142,7 @@ class ParallelEngine:
         self.cfg = cfg
         self._num_micro = 1
         self._token_normalizer: torch.Tensor | None = None  # per-token loss: global_token_normalizer
+        self._mtp_total: torch.Tensor | None = None  # model.mtp_num_layers: the step's multi-token prediction loss
         self.param_counts: dict[str, int] = {}
         world = dist.get_world_size() if dist.is_initialized() else 1
         cfg.parallel.validate()
@@ -271,6 +274,11 @@ class ParallelEngine:
             return lm_loss_from_target(logits, target, self._token_normalizer)
         return lm_loss_from_target(logits, target) / self._num_micro
 
+    def _mtp_loss(self, predictions: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """The mean over depths of each depth's loss (as :meth:`_loss_fn`, against :func:`mtp_target`)."""
+        losses = [self._loss_fn(logits, mtp_target(target, k)) for k, logits in enumerate(predictions, start=1)]
+        return torch.stack(losses).mean()
+
     # ------------------------------------------------------------------ steps
     def _stack(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = torch.cat([b["tokens"] for b in batches])
@@ -292,14 +300,20 @@ class ParallelEngine:
             return self.pipeline.run(tokens, target, train)
         (part,) = self.parts
         total = torch.zeros((), device=self.device)
+        self._mtp_total = torch.zeros((), device=self.device) if self.cfg.model.mtp_num_layers else None
         b = batches[0]["tokens"].shape[0]
         for i in range(len(batches)):
             if train:
                 set_micro_batch(self.parts, last=i == len(batches) - 1, shard=self.cfg.parallel.data_parallel_shard)
-            logits = part(tokens[i * b : (i + 1) * b])
-            loss = self._loss_fn(logits, target[i * b : (i + 1) * b])
+            output, micro_target = part(tokens[i * b : (i + 1) * b]), target[i * b : (i + 1) * b]
+            logits, predictions = output if isinstance(output, tuple) else (output, None)
+            loss = objective = self._loss_fn(logits, micro_target)
+            if predictions is not None:  # multi-token prediction (DeepSeek-V3 eq. 25)
+                mtp = self._mtp_loss(predictions, micro_target)
+                objective = loss + self.cfg.training.mtp_loss_scaling_factor * mtp
+                self._mtp_total += mtp.detach()
             if train:
-                loss.backward()
+                objective.backward()
             total += loss.detach()
         return total
 
@@ -318,10 +332,13 @@ class ParallelEngine:
         log = self.cfg.logging
         grad_norm, num_zeros = global_grad_norm(params, s.pp, self.device, count_zeros=log.log_num_zeros_in_grad)
         lm = self._reduce_loss(total)
+        mtp = self._reduce_loss(self._mtp_total) if self.cfg.model.mtp_num_layers else None
         stats = self._reduce_stats()
         aux = sum((st.mean("aux_loss") for st in stats), torch.zeros((), device=self.device))
         # Reduced values, identical on every rank: every rank takes the same decision.
         finite = torch.isfinite(grad_norm) & torch.isfinite(lm) & torch.isfinite(aux)
+        if mtp is not None:
+            finite &= torch.isfinite(mtp)
         if clip_grad > 0:
             clip_gradients(params, clip_grad, grad_norm)
         step_if_finite(optimizer, finite)
@@ -330,7 +347,7 @@ class ParallelEngine:
             self.moe.update_expert_biases(loads, self.cfg.moe.expert_bias_update_rate, finite)
         optimizer.zero_grad(set_to_none=True)
         params_norm = global_params_norm(params, s.pp, self.device) if log.log_params_norm else None
-        return StepResult(lm, aux, grad_norm.detach(), stats, finite, params_norm, num_zeros)
+        return StepResult(lm, aux, grad_norm.detach(), stats, finite, params_norm, num_zeros, mtp)
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict]) -> dict:

@@ -91,6 +91,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad, None, None, None
 
 
+def mtp_target(target: torch.Tensor, depth: int) -> torch.Tensor:
+    """The target [B, S] of multi-token prediction depth ``depth`` k: position i predicts token i + k + 1, the main
+    target of position i + k; the last k positions have none (``IGNORE_INDEX``)."""
+    shifted = torch.roll(target, -depth, dims=-1)
+    shifted[..., target.shape[-1] - depth:] = IGNORE_INDEX
+    return shifted
+
+
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross entropy (nats) per token, float32 [...], 0 where ``target`` is ``IGNORE_INDEX``.
 

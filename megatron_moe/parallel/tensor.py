@@ -13,6 +13,9 @@ Applied from outside to an unmodified model with DTensor parallel styles (torcht
 - embedding: vocabulary-parallel (:class:`RowwiseParallel` on the vocab dim) into sequence shards;
 - output: vocabulary-parallel :class:`ColwiseParallel` returning logits as a DTensor sharded on the
   vocab dim, for :func:`megatron_moe.parallel.loss.vocab_parallel_cross_entropy` (no full-logit gather);
+- multi-token prediction (``model.mtp_num_layers``): each depth's norms and ``[2H -> H]`` projection run on the
+  sequence shards with replicated weights (``Partial`` weight gradients, as the norms'); its block is sharded
+  as every block, its predictions go through the same output layer;
 - biases (``model.add_qkv_bias``, ``add_bias_linear``, ``lm_head_bias``), placed by the same styles:
   a column-parallel layer's bias is sharded with its output rows (q/k/v biases with their heads,
   w1/w3 with the ffn slice, the LM-head bias with the vocabulary slice, padded rows included); a
@@ -212,6 +215,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
         root_plan["output"] = ColwiseParallel(
             input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False
         )
+    for k in model.mtp:  # multi-token prediction's own parts: on the sequence shards, replicated weights
+        root_plan |= {f"mtp.{k}.embedding_norm": SequenceParallel(use_local_output=True),
+                      f"mtp.{k}.hidden_norm": SequenceParallel(use_local_output=True),
+                      f"mtp.{k}.proj": SequenceParallel(use_local_output=True), f"mtp.{k}.norm": SequenceParallel()}
     if root_plan:
         parallelize_module(model, tp_mesh, root_plan, src_data_rank=None)
     group = tp_mesh.get_group()

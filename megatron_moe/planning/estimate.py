@@ -27,9 +27,9 @@ Communication per step (payload bytes, :mod:`.comm` counts the same way on real 
   without a pipeline and once per step with one;
 - balance: the global load-balancing all-reduce of E fp32 token counts per MoE layer and micro-batch
   over dp (twice with full recompute or the MoE layers' selective recompute, which rerun the router);
-- world: LM loss (4 bytes), the gradient norm's float64 sum of squares (8 bytes; 16 with
-  ``--log-num-zeros-in-grad``; 8 more with ``--log-params-norm``) and the per-layer MoE statistics
-  (E + 4 floats).
+- world: LM loss (4 bytes; 4 more for the multi-token prediction loss), the gradient norm's float64 sum
+  of squares (8 bytes; 16 with ``--log-num-zeros-in-grad``; 8 more with ``--log-params-norm``) and the
+  per-layer MoE statistics (E + 4 floats).
 """
 
 from __future__ import annotations
@@ -135,12 +135,14 @@ def _comm(cfg: Config, sizes: ParallelSizes, sim: RankSim) -> dict[str, int]:
         # The gradient norm's float64 sum of squares (with the zero count beside it when it is logged),
         # the parameter norm's when it is logged (parallel/data.py).
         norms = 8 * (1 + cfg.logging.log_num_zeros_in_grad) + 8 * cfg.logging.log_params_norm
-        world = 4 + norms + _num_moe_layers(cfg) * (e.num_experts + 4) * 4
+        mtp = 4 if cfg.model.mtp_num_layers else 0  # the multi-token prediction loss
+        world = 4 + mtp + norms + _num_moe_layers(cfg) * (e.num_experts + 4) * 4
     return {"tp": tp, "pp": pp, "dp": dp, "balance": balance, "world": world}
 
 
 def _num_moe_layers(cfg: Config) -> int:
-    return sum(1 for i in range(cfg.model.num_layers) if is_moe_layer(cfg, i))
+    """MoE layers of the model, multi-token prediction's blocks included."""
+    return sum(1 for i in range(cfg.model.num_layers + cfg.model.mtp_num_layers) if is_moe_layer(cfg, i))
 
 
 def plan_rank(cfg: Config, sizes: ParallelSizes, sim: RankSim) -> RankPlan:

@@ -186,8 +186,18 @@ def _trace_chunk(cfg: Config, part: nn.Module, tp: int, mode: FakeTensorMode, ac
         out["blocks"][kind] = (counts[kind], traces)
     if part.output is not None:
         x = hidden()
-        out["head"] = trace_piece(mode, part, lambda: lm_loss_from_target(part.output(part.norm(x)), tokens))
+        out["head"] = trace_piece(mode, part, lambda: _head_loss(part, x, tokens))
     return out
+
+
+def _head_loss(part: nn.Module, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The last stage's head: the final norm, output layer and loss; with multi-token prediction also each
+    depth's embedding, norms, projection, output layer and loss (its block is traced with the others)."""
+    loss = lm_loss_from_target(part.output(part.norm(x)), tokens)
+    for depth in part.mtp.values():
+        y = depth.combine(x, part.tok_embeddings(tokens))
+        loss = loss + lm_loss_from_target(part.output(depth.norm(y)), tokens)
+    return loss
 
 
 def _total(trace: PieceTrace | None, attr: str) -> int:

@@ -88,9 +88,11 @@ class MetricsWriter:
             self._tensorboard = None
 
 
-def step_record(step: int, lr: float, result, coefficients: torch.Tensor, tokens_per_sec: float) -> dict[str, Any]:
+def step_record(step: int, lr: float, result, coefficients: torch.Tensor, tokens_per_sec: float,
+                mtp_scale: float = 0.0) -> dict[str, Any]:
     """The record of one optimizer step: losses, lr, grad norm, throughput, per-MoE-layer statistics; the
-    parameter norm (``params_norm``) and the gradient's zero count (``num_zeros_in_grad``) when the step has them.
+    parameter norm (``params_norm``), the gradient's zero count (``num_zeros_in_grad``) and the multi-token
+    prediction loss (``mtp_loss``, counted into ``loss`` times ``mtp_scale``) when the step has them.
 
     ``result`` is the engine's :class:`~megatron_moe.parallel.engine.StepResult`; ``coefficients``
     [num MoE layers] the aux-loss coefficients used in the step. Reads device values (a host sync).
@@ -111,6 +113,9 @@ def step_record(step: int, lr: float, result, coefficients: torch.Tensor, tokens
         })
     record = {"step": step, "loss": lm + aux, "lm_loss": lm, "aux_loss": aux, "lr": lr,
               "grad_norm": result.grad_norm.item(), "tokens_per_sec": tokens_per_sec, "moe": moe}
+    if result.mtp_loss is not None:  # the optimized loss adds lambda x the mean multi-token prediction loss
+        record["mtp_loss"] = result.mtp_loss.item()
+        record["loss"] += mtp_scale * record["mtp_loss"]
     if result.num_zeros_in_grad is not None:
         record["num_zeros_in_grad"] = int(result.num_zeros_in_grad.item())
     if result.params_norm is not None:
@@ -120,8 +125,9 @@ def step_record(step: int, lr: float, result, coefficients: torch.Tensor, tokens
 
 def progress_line(rec: dict[str, Any]) -> str:
     """The console line of a :func:`step_record`."""
+    mtp = f" | mtp {rec['mtp_loss']:.4f}" if "mtp_loss" in rec else ""
     line = (
-        f"step {rec['step']:>6} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f}"
+        f"step {rec['step']:>6} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f}{mtp}"
         f" | aux {rec['aux_loss']:.4f} | lr {rec['lr']:.2e} | gnorm {rec['grad_norm']:.3f}"
     )
     if "num_zeros_in_grad" in rec:  # Megatron-LM's order and names: grad norm, num zeros, params norm

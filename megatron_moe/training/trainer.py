@@ -125,6 +125,8 @@ def architecture_summary(cfg: Config) -> str:
         if e.shared_expert_ffn_hidden_size:
             gate = " (sigmoid-gated)" if e.shared_expert_gate else ""
             parts.append(f"a shared expert of {e.shared_expert_ffn_hidden_size}{gate}")
+    if m.mtp_num_layers:
+        parts.append(f"multi-token prediction of depth {m.mtp_num_layers}")
     return ", ".join(parts)
 
 
@@ -292,7 +294,8 @@ class Trainer:
                     coefficients.update(torch.stack([s.mean("drop_rate") for s in result.layer_stats]))
                     engine.moe.set_coefficients(coefficients.coefficients)
                 if applied and (step % cfg.logging.log_interval == 0 or step == t.train_iters):
-                    record = step_record(step, lr, result, coefficients.coefficients, throughput.pop())
+                    record = step_record(step, lr, result, coefficients.coefficients, throughput.pop(),
+                                         cfg.training.mtp_loss_scaling_factor)
                     self.writer.log(record, progress_line(record) if self.log else None)
                 if validate_every and (step % validate_every == 0 or step == t.train_iters):
                     self._validate(step)

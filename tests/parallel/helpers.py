@@ -74,6 +74,8 @@ def run_steps(cfg: Config, step_batches: list[list[dict]], mesh=None, validate_f
             out.setdefault("pnorm", []).append(res.params_norm.item())
         if res.num_zeros_in_grad is not None:
             out.setdefault("zeros", []).append(res.num_zeros_in_grad.item())
+        if res.mtp_loss is not None:
+            out.setdefault("mtp", []).append(res.mtp_loss.item())
         if i == 0:
             for name, p in module.named_parameters():
                 full = p.full_tensor() if hasattr(p, "full_tensor") else p
@@ -88,7 +90,9 @@ def compare(run: dict, ref: dict) -> dict:
     """Largest relative loss / grad-norm difference and largest absolute parameter difference; with
     parameter norms and zero counts in both runs, their largest relative / absolute differences too."""
     rel = 0.0
-    for key in ("lm", "aux", "gnorm"):
+    for key in ("lm", "aux", "gnorm", "mtp"):
+        if key not in ref and key not in run:
+            continue
         for a, b in zip(run[key], ref[key], strict=True):
             rel = max(rel, abs(a - b) / max(abs(b), 1e-12))
     missing = [n for n in run["params"] if n not in ref["params"]]

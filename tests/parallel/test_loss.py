@@ -101,3 +101,33 @@ def test_vocabulary_sharded_logits_give_the_single_process_loss_and_gradient(wor
         # float64 sums of shard partial sums: equal up to reassociation
         torch.testing.assert_close(ce, expected.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad, whole.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_multi_token_prediction_loss_is_the_mean_of_the_depths_shifted_cross_entropies():
+    """DeepSeek-V3 eqs. 24-25 through the engine: lm_loss is the main prediction's alone; mtp_loss the mean over
+    depths k of the cross entropy of depth k's logits at positions 0 .. S - k - 1 against the labels k positions
+    on (their loss mask too), written here with F.cross_entropy on slices; the step optimizes
+    lm + lambda x mtp (lambda 0 leaves the parameters as the plain objective moves them)."""
+    from megatron_moe.parallel.engine import ParallelEngine
+    from megatron_moe.parallel.loss import mtp_target
+    from tests.builders import tiny_config
+    from tests.parallel.helpers import make_batches
+
+    target = torch.arange(10).view(2, 5)
+    assert mtp_target(target, 2).tolist() == [[2, 3, 4, IGNORE_INDEX, IGNORE_INDEX], [7, 8, 9, IGNORE_INDEX,
+                                                                                      IGNORE_INDEX]]
+    cfg = tiny_config(mtp_num_layers=2, router="topk", micro=2, global_batch=2)
+    (batch,) = make_batches(num=1)
+    engine = ParallelEngine(cfg)
+    module = engine.build_model()
+    with torch.no_grad():
+        logits, predictions = module[0](batch["tokens"])
+    s, labels, mask = batch["tokens"].shape[1], batch["labels"], batch["loss_mask"].bool()
+
+    def ce(z, y, m):
+        return F.cross_entropy(z[m].double(), y[m])
+
+    want_mtp = sum(ce(predictions[k - 1][:, : s - k], labels[:, k:], mask[:, k:]) for k in (1, 2)) / 2
+    result = engine.train_step([batch], torch.optim.SGD(engine.parameters(), lr=0.0), 1.0)
+    assert result.lm_loss.item() == pytest.approx(ce(logits, labels, mask).item(), rel=1e-6)
+    assert result.mtp_loss.item() == pytest.approx(want_mtp.item(), rel=1e-6)

@@ -53,9 +53,10 @@ def _config(model: str, tp: int = 1, pp: int = 1):
     the sequence-wise balance loss) or "qk-norm" (Qwen3's attention: LayerNorm query/key norms on heads of
     12, not hidden / heads = 8, via model.kv_channels), "shared-expert" (Qwen2-MoE's sigmoid-gated shared
     expert beside top-K), "mla" / "mla-direct-q" (DeepSeek-V3's multi-latent attention with / without the query
-    latent and the latent norms) or "expert-bias" (DeepSeek-V3's sigmoid routing with an expert bias, moved after
-    every step by the global loads: a large rate, so that the second step routes by it; group-limited); parameter
-    norms and gradient zero counts logged."""
+    latent and the latent norms), "mtp" (DeepSeek-V3's multi-token prediction, two depths) or "expert-bias"
+    (DeepSeek-V3's sigmoid routing with an expert bias, moved after every step by the global loads: a large
+    rate, so that the second step routes by it; group-limited); parameter norms and gradient zero counts
+    logged."""
     settings = {"released": RELEASED, "released-1p": {**RELEASED, "apply_layernorm_1p": True},
                 "sequence-balance": {"router": "topk", "balance_loss": "sequence"},
                 "qk-norm": {"router": "topk", "qk_layernorm": True, "normalization": "LayerNorm",
@@ -64,6 +65,7 @@ def _config(model: str, tp: int = 1, pp: int = 1):
                                   "shared_expert_gate": True},
                 "mla": {**MLA, "q_lora_rank": 12, "qk_layernorm": True},
                 "mla-direct-q": MLA,
+                "mtp": {"router": "topk", "mtp_num_layers": 2},
                 "expert-bias": {"router": "topk", "score_function": "sigmoid", "expert_bias": True,
                                 "expert_bias_update_rate": 0.05, "topk_scaling_factor": 2.5, "router_num_groups": 2,
                                 "router_group_topk": 1},
@@ -119,6 +121,8 @@ def _variants(tp: int, pp: int, dp: int) -> list[tuple[str, str, dict]]:
         out.append(("mla", "topk/latent-attention", {}))
     if (tp, pp, dp) == (2, 1, 1):  # queries straight from the (gathered) hidden state
         out.append(("mla-direct-q", "topk/latent-attention-direct-q", {}))
+    if (tp, pp, dp) in ((2, 1, 1), (1, 1, 2), (2, 1, 2)):  # depths' parts on sequence shards; their blocks as all
+        out.append(("mtp", "topk/multi-token-prediction", {"data_parallel_shard": dp > 1}))
     if (tp, pp, dp) in ((1, 1, 2), (1, 2, 1), (2, 1, 1)):  # loads summed over dp; each stage moves its layers' biases
         out.append(("expert-bias", "sigmoid/expert-bias", {}))
     return out
@@ -231,7 +235,7 @@ def test_layouts_match_single_process(world, tmp_path):
     """Layouts (tp, pp, dp) of this world size: losses, grad norms and parameters after a step."""
     layouts = [lay for lay in LAYOUTS if lay[0] * lay[1] * lay[2] == world]
     refs = {m: reference(m) for m in ("topk", "sparsemixer", "released", "released-1p", "sequence-balance",
-                                      "qk-norm", "shared-expert", "expert-bias", "mla", "mla-direct-q")}
+                                      "qk-norm", "shared-expert", "expert-bias", "mla", "mla-direct-q", "mtp")}
     gb_ref = global_balance_reference() if (1, 1, 2) in layouts else None
     released_ckpt = _save_released_checkpoint(tmp_path / "released") if (2, 1, 1) in layouts else None
     results = run_distributed(_layouts_body, world, (layouts, refs, gb_ref, released_ckpt), timeout=400)

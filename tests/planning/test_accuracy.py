@@ -37,6 +37,8 @@ LAYOUTS = {
     "tp2pp2-mla": {"tp": 2, "pp": 2, "multi_latent_attention": True, "num_query_groups": 0, "q_lora_rank": 48,
                    "kv_lora_rank": 32, "qk_head_dim": 32, "qk_pos_emb_head_dim": 16, "v_head_dim": 24,
                    "qk_layernorm": True},
+    # DeepSeek-V3's multi-token prediction (one depth: its block, projection and second pass through the head)
+    "tp2dp2-mtp": {"tp": 2, "pp": 1, "mtp_num_layers": 1},
 }
 
 

@@ -42,6 +42,17 @@ def test_flops_per_token_with_latent_attention():
     assert model_flops_per_token(cfg, n) == 6 * n + 6 * layers * s * 4 * (48 + 24) / 2
 
 
+def test_flops_per_token_with_multi_token_prediction():
+    """One depth of multi-token prediction: its block (an MoE layer as the last), its [2H -> H] projection and the
+    output layer once more in N; its block in L."""
+    cfg = layout_config("tp2dp2-mtp")
+    h, kv, f, e, k, v, layers, s = 128, 2 * 32, 128, 4, 2, 512, 4, 64
+    per_layer = h * h + 2 * h * kv + h * h + h * e + k * 3 * h * f
+    n = (layers + 1) * per_layer + 2 * h * h + 2 * h * v
+    assert matmul_active_params(meta_model(cfg), cfg) == n
+    assert model_flops_per_token(cfg, n) == 6 * n + 6 * (layers + 1) * s * h
+
+
 @pytest.mark.slow
 def test_tensor_parallel_bytes_by_hand():
     """Per micro-batch and MoE block (fp32, B 2 x S 64 x H 128 gathered = 64 KiB): forward and backward

@@ -40,7 +40,8 @@ def losses(run_dir) -> dict[int, tuple]:
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         if "lm_loss" in r:
-            out[r["step"]] = (r["lm_loss"], r["aux_loss"], r["grad_norm"], [m["aux_coeff"] for m in r["moe"]])
+            out[r["step"]] = (r["lm_loss"], r["aux_loss"], r["grad_norm"], [m["aux_coeff"] for m in r["moe"]],
+                              r.get("mtp_loss"))
     return out
 
 
@@ -48,7 +49,7 @@ def losses(run_dir) -> dict[int, tuple]:
 def test_interrupted_and_resumed_equals_uninterrupted_bitwise(loop_corpus, tmp_path, variant):
     """bf16: the fp32 master weights are what is checkpointed; expert-bias: DeepSeek-V3's architecture, whose
     expert biases (moved by 0.05 a step, so that routing depends on them) are checkpointed with the model, with
-    its multi-latent attention and YaRN."""
+    its multi-latent attention, YaRN and a depth of multi-token prediction."""
     corpus = loop_corpus
 
     def config(run_dir):
@@ -59,7 +60,8 @@ def test_interrupted_and_resumed_equals_uninterrupted_bitwise(loop_corpus, tmp_p
             cfg.model = dataclasses.replace(
                 cfg.model, multi_latent_attention=True, num_query_groups=0, q_lora_rank=16, kv_lora_rank=12,
                 qk_head_dim=6, qk_pos_emb_head_dim=4, v_head_dim=5, qk_layernorm=True, rope_scaling="yarn",
-                rope_scaling_factor=4.0, rope_yarn_original_max_position=8, rope_yarn_mscale_all_dim=1.0)
+                rope_scaling_factor=4.0, rope_yarn_original_max_position=8, rope_yarn_mscale_all_dim=1.0,
+                mtp_num_layers=1)
         return cfg
 
     train(config(tmp_path / "full"))
@@ -74,6 +76,7 @@ def test_interrupted_and_resumed_equals_uninterrupted_bitwise(loop_corpus, tmp_p
     assert sorted(parts) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):  # SparseMixer-v2 samples too: the generators are checkpointed
         assert parts[step] == full[step], step
+    assert (full[6][-1] is not None) == (variant == "expert-bias")  # the multi-token prediction loss is logged
     meta = read_meta(resolve_checkpoint(tmp_path / "parts"))
     assert meta["step"] == 6 and meta["contents"] == ["model", "optimizer", "train_state"]
     if variant == "expert-bias":  # saved with the model: nonzero after 3 steps, the same after 6 either way
