@@ -802,9 +802,6 @@ MEGATRON_FLAGS: dict[str, str] = {
     "num-attention-heads": "model.num_attention_heads",
     "num-query-groups": "model.num_query_groups",
     "kv-channels": "model.kv_channels",
-    "rotary-scaling-factor": "model.rope_scaling_factor",  # YaRN's factor (parse_args: model.rope_scaling = yarn)
-    "mscale": "model.rope_yarn_mscale",
-    "mscale-all-dim": "model.rope_yarn_mscale_all_dim",
     "mtp-num-layers": "model.mtp_num_layers",
     "mtp-loss-scaling-factor": "training.mtp_loss_scaling_factor",
     "q-lora-rank": "model.q_lora_rank",
@@ -1005,6 +1002,7 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
     errors: list[str] = []
     derived: dict[str, list[str]] = {}  # flags checked against the finished configuration (mc.DERIVED)
     layer_pattern: list[str] | None = None
+    yarn_flags: dict[str, list[str]] = {}
     i = 0
     while i < len(args):
         flag = args[i]
@@ -1026,6 +1024,9 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
         if name in mc.DERIVED:
             derived[name] = values
             continue
+        if name in mc.YARN_FLAGS:  # read together once --multi-latent-attention is known
+            yarn_flags[name] = values
+            continue
         if name == "moe-layer-freq":  # Megatron-LM's argparse: the last one given counts
             layer_pattern = None
             if values and "[" in values[0]:  # Megatron-LM's list form: applied once --num-layers is known
@@ -1040,8 +1041,11 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
             _apply_moe_layer_pattern(cfg, " ".join(layer_pattern), given)
         except ConfigError as e:
             errors.append(str(e))
-    if "--rotary-scaling-factor" in args:
-        _apply_megatron_yarn(cfg, given, extras["notes"])
+    if yarn_flags:
+        try:
+            _apply_megatron_yarn(cfg, yarn_flags, given, extras["notes"])
+        except ConfigError as e:
+            errors.append(str(e))
     if cfg.model.multi_latent_attention and "--kv-channels" in args:
         # Megatron-LM's DeepSeek scripts pass --kv-channels, which its latent attention does not read either
         cfg.model.kv_channels = 0
@@ -1073,20 +1077,40 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
     return cfg, extras
 
 
-def _apply_megatron_yarn(cfg: Config, given: set[str], notes: list[str]) -> None:
-    """Megatron-LM's ``--rotary-scaling-factor`` is YaRN's factor (with ``--mscale``, ``--mscale-all-dim``): YaRN
-    for a factor other than 1; at 1 (its DeepSeek scripts' value) YaRN is the plain rotary embedding, so the
-    three are notes and the settings stay at their defaults."""
-    m, defaults = cfg.model, ModelConfig()
-    if m.rope_scaling_factor != 1.0:
-        m.rope_scaling = "yarn"
-        given.add("model.rope_scaling")
+def _apply_megatron_yarn(cfg: Config, flags: dict[str, list[str]], given: set[str], notes: list[str]) -> None:
+    """Megatron-LM's YaRN flags (:data:`megatron_moe.megatron_compat.YARN_FLAGS`) as megatron-core reads them: YaRN
+    with ``--rotary-scaling-factor`` s, ``--mscale``, ``--mscale-all-dim`` for latent attention, whose rope type
+    is YaRN unless ``--rope-type rope``; at s = 1 (Megatron-LM's DeepSeek scripts) the plain rotary embedding, so
+    the flags are a note. Other attention has no YaRN there (its --position-embedding-type yarn is refused)."""
+    def value(name: str, default: float | str, kind: type) -> float | str:
+        if name not in flags:
+            return default
+        if len(flags[name]) != 1:
+            raise ConfigError(f"--{name} takes one value, got {flags[name] or 'none'}")
+        return _convert(flags[name][0], kind, f"--{name}")
+
+    rope_type = value("rope-type", "yarn", str)
+    if rope_type not in ("rope", "yarn"):
+        raise ConfigError(f"--rope-type {rope_type}: choose one of ['rope', 'yarn']")
+    factor = value("rotary-scaling-factor", 1.0, float)
+    mscale, mscale_all_dim = value("mscale", 1.0, float), value("mscale-all-dim", 0.0, float)
+    if factor == 1.0:
+        if set(flags) - {"rope-type"}:
+            notes.append(f"{', '.join('--' + f for f in sorted(set(flags) - {'rope-type'}))}: YaRN at "
+                         "--rotary-scaling-factor 1 is the plain rotary embedding (as in Megatron-LM): no effect")
         return
-    for name in ("rope_scaling_factor", "rope_yarn_mscale", "rope_yarn_mscale_all_dim"):
-        setattr(m, name, getattr(defaults, name))
-        given.discard(f"model.{name}")
-    notes.append("--rotary-scaling-factor 1 is the plain rotary embedding (YaRN at factor 1, as in Megatron-LM): it, "
-                 "--mscale and --mscale-all-dim have no effect")
+    m = cfg.model
+    if not m.multi_latent_attention:
+        raise ConfigError(f"--rotary-scaling-factor {factor:g}: Megatron-LM applies it to latent attention "
+                          "(--multi-latent-attention) or with --position-embedding-type yarn, which is not available "
+                          "here; for YaRN on this model set --model.rope_scaling yarn --model.rope_scaling_factor")
+    if rope_type == "rope":
+        raise ConfigError(f"--rope-type rope with --rotary-scaling-factor {factor:g}: megatron-core then scales the "
+                          "softmax as YaRN does without YaRN's frequencies, which is not implemented")
+    m.rope_scaling, m.rope_scaling_factor, m.rope_yarn_mscale, m.rope_yarn_mscale_all_dim = (
+        "yarn", factor, mscale, mscale_all_dim)
+    given.update({"model.rope_scaling", "model.rope_scaling_factor", "model.rope_yarn_mscale",
+                  "model.rope_yarn_mscale_all_dim"})
 
 
 def _shorten(text: str, limit: int = 80) -> str:
@@ -1286,6 +1310,10 @@ def _check_no_ignored_settings(cfg: Config, given: set[str]) -> None:
     if "moe.expert_bias_update_rate" in given and not cfg.moe.expert_bias and moved:
         raise ConfigError("moe.expert_bias_update_rate (--moe-router-bias-update-rate): no effect without "
                           "moe.expert_bias (--moe-router-enable-expert-bias)")
+    if ("training.mtp_loss_scaling_factor" in given and not cfg.model.mtp_num_layers
+            and cfg.training.mtp_loss_scaling_factor != TrainingConfig().mtp_loss_scaling_factor):
+        raise ConfigError("training.mtp_loss_scaling_factor (--mtp-loss-scaling-factor): no effect without "
+                          "model.mtp_num_layers (--mtp-num-layers)")
     if not cfg.model.multi_latent_attention:
         defaults = ModelConfig()
         ignored = sorted(k for k in given if k[6:] in LATENT_ATTENTION_SETTINGS

@@ -183,9 +183,6 @@ VALUE_MAPS: dict[str, tuple[str, dict[str, str | None]]] = {
                                                                        "auto": None}),
     "megatron-fsdp-main-grads-dtype": ("parallel.grad_reduce_in_bf16", {"fp32": None, "auto": None}),
     "megatron-fsdp-main-params-dtype": ("training.bf16", {"fp32": None, "auto": None}),
-    # Megatron-LM's YaRN comes with --rotary-scaling-factor (which sets model.rope_scaling = yarn); megatron-core gives
-    # multi-latent attention YaRN by default, at factor 1 the plain rotary embedding
-    "rope-type": ("model.rope_scaling", {"rope": None, "yarn": None}),
     # Megatron-LM's tokenizer classes that read a SentencePiece model or a Hugging Face tokenizer; training
     # reads only the end-of-document id and the vocabulary size from them, which the classes agree on.
     "tokenizer-type": ("data.tokenizer_type", {"GPTSentencePieceTokenizer": "sentencepiece",
@@ -194,6 +191,10 @@ VALUE_MAPS: dict[str, tuple[str, dict[str, str | None]]] = {
                                                "HuggingFaceTokenizer": "huggingface"}),
 }
 
+
+# Megatron-LM's YaRN flags, read together once the attention is known (config._apply_megatron_yarn): YaRN for latent
+# attention (its default rope type) at --rotary-scaling-factor other than 1
+YARN_FLAGS = ("rotary-scaling-factor", "mscale", "mscale-all-dim", "rope-type")
 
 # (flag, value) of VALUE_MAPS refused with a reason rather than "not available here"
 VALUE_REFUSALS: dict[tuple[str, str], str] = {

@@ -256,7 +256,7 @@ def test_moonlight_megatron_arguments_give_the_example_model():
         assert getattr(cfg.moe, key) == getattr(example.moe, key), key
     assert (cfg.moe.router_num_groups, cfg.moe.router_group_topk) == (1, 1)  # one group: plain top-K
     notes = {n.split()[0] for n in extras["notes"]}
-    assert notes >= {"--kv-channels", "--rotary-scaling-factor", "--moe-router-pre-softmax"}
+    assert notes >= {"--kv-channels", "--mscale,", "--moe-router-pre-softmax"}
 
 
 def test_sigmoid_routing_flags():
@@ -361,7 +361,7 @@ def test_multi_latent_attention_flags_of_megatrons_deepseek_scripts():
     assert m.multi_latent_attention and m.qk_layernorm and m.kv_channels == 0 and m.rotary_dim == 64
     assert (m.q_lora_rank, m.kv_lora_rank, m.qk_head_dim, m.qk_pos_emb_head_dim, m.v_head_dim) == (1536, 512, 128, 64,
                                                                                                    128)
-    assert {n.split()[0] for n in extras["notes"]} == {"--kv-channels", "--rotary-scaling-factor"}
+    assert {n.split()[0] for n in extras["notes"]} == {"--kv-channels", "--mscale,"}  # the YaRN flags' one note
     assert m.rope_scaling == "none" and (m.rope_yarn_mscale, m.rope_yarn_mscale_all_dim) == (1.0, 0.0)
     m = parse_args(["--multi-latent-attention", "--rotary-scaling-factor", "40", "--mscale", "1.0",
                     "--mscale-all-dim", "1.0"])[0].model
@@ -372,7 +372,17 @@ def test_multi_latent_attention_flags_of_megatrons_deepseek_scripts():
     with pytest.raises(ConfigError, match="model.rope_scaling = 'llama3' .--use-rope-scaling. with model.multi_latent"):
         parse_args(["--multi-latent-attention", "--use-rope-scaling"])
     with pytest.raises(ConfigError, match="model.rope_low_freq_factor: no effect with model.rope_scaling = 'yarn'"):
-        parse_args(["--rotary-scaling-factor", "4", "--model.rope_low_freq_factor", "2"])
+        parse_args(["--model.rope_scaling", "yarn", "--model.rope_low_freq_factor", "2"])
+    # as megatron-core reads them: YaRN is latent attention's (not with --rope-type rope); a llama3 factor stays
+    for argv, needle in ([["--rotary-scaling-factor", "4"], "Megatron-LM applies it to latent attention"],
+                         [["--multi-latent-attention", "--rope-type", "rope", "--rotary-scaling-factor", "40"],
+                          "--rope-type rope with --rotary-scaling-factor 40"]):
+        with pytest.raises(ConfigError, match=needle):
+            parse_args(argv)
+    m = parse_args(["--use-rope-scaling", "--rope-scaling-factor", "16", "--rotary-scaling-factor", "1"])[0].model
+    assert (m.rope_scaling, m.rope_scaling_factor) == ("llama3", 16.0)
+    with pytest.raises(ConfigError, match="training.mtp_loss_scaling_factor .--mtp-loss-scaling-factor.: no effect"):
+        parse_args(["--mtp-loss-scaling-factor", "0.3"])
     with pytest.raises(ConfigError, match="model.kv_lora_rank, model.v_head_dim: no effect without multi-latent"):
         parse_args(["--kv-lora-rank", "64", "--v-head-dim", "32"])
     with pytest.raises(ConfigError, match="model.num_query_groups = 2 with model.multi_latent_attention"):
@@ -573,7 +583,8 @@ def test_every_flag_of_megatrons_example_scripts_is_classified_and_in_the_readme
     from megatron_moe import megatron_compat as mc
     from megatron_moe.config import IMPLIED_FLAGS, MEGATRON_FLAGS
 
-    tables = (MEGATRON_FLAGS, IMPLIED_FLAGS, mc.STATES, mc.NO_EFFECT, mc.REFUSED, mc.VALUE_MAPS, mc.DERIVED)
+    tables = (MEGATRON_FLAGS, IMPLIED_FLAGS, mc.STATES, mc.NO_EFFECT, mc.REFUSED, mc.VALUE_MAPS, mc.DERIVED,
+              mc.YARN_FLAGS)
     unclassified = [f for f in MEGATRON_EXAMPLE_FLAGS if not any(f in table for table in tables)]
     assert not unclassified
     readme = Path(__file__).parents[1].joinpath("README.md").read_text()

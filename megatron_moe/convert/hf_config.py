@@ -264,7 +264,7 @@ def _deepseek_moe_settings(cfg: Config, hf: dict[str, Any], where: str) -> None:
     e.renormalize = bool(hf.get("norm_topk_prob", True))
     # transformers' DeepseekV3Config defaults for what a config.json leaves out (no tensor depends on them)
     e.topk_scaling_factor = float(hf.get("routed_scaling_factor", 2.5))
-    e.first_k_dense = int(hf.get("first_k_dense_replace", 0))
+    e.first_k_dense = int(hf.get("first_k_dense_replace", 3))  # transformers' default
     if e.renormalize and e.topk == 1:
         raise ConversionError(f"{where}: norm_topk_prob with num_experts_per_tok = 1 gives every token the weight "
                               "routed_scaling_factor; this model normalises top-K weights only for K > 1")
@@ -395,6 +395,7 @@ def export_blockers(cfg: Config, arch: str) -> list[str]:
     if m.rope_scaling == "yarn" and arch in ("qwen2", "phi3", "mixtral"):  # the others refuse any rope scaling
         reasons.append(f"model.rope_scaling = 'yarn': exported for llama and deepseek_v3 only (checked against "
                        f"transformers there), not {arch}")
+    reasons += _yarn_mscale_blockers(m)
     if m.multi_latent_attention:
         reasons.append(f"model.multi_latent_attention = true: {arch} has grouped-query attention (export as "
                        "deepseek_v3)")
@@ -463,9 +464,7 @@ def _deepseek_v3_blockers(cfg: Config) -> list[str]:
     reasons = _rmsnorm_no_bias_blockers(cfg, "DeepSeek-V3")
     if m.rope_scaling == "llama3":
         reasons.append("model.rope_scaling = 'llama3': DeepSeek-V3's configs carry default RoPE or YaRN")
-    if m.rope_scaling == "yarn" and m.rope_yarn_mscale != 1.0 and not m.rope_yarn_mscale_all_dim:
-        reasons.append(f"model.rope_yarn_mscale = {m.rope_yarn_mscale:g} without model.rope_yarn_mscale_all_dim: "
-                       "transformers then scales cos/sin by m(s, 1)")
+    reasons += _yarn_mscale_blockers(m)
     if not (m.multi_latent_attention and m.qk_layernorm):
         reasons.append("model.multi_latent_attention / model.qk_layernorm: DeepSeek-V3 always has latent attention "
                        "with normalised latents")
@@ -492,6 +491,17 @@ def _deepseek_v3_blockers(cfg: Config) -> list[str]:
         reasons.append(f"moe.layer_freq = {e.layer_freq}: DeepSeek-V3's dense layers are the first ones only "
                        "(moe.first_k_dense)")
     return reasons
+
+
+def _yarn_mscale_blockers(m) -> list[str]:
+    """transformers scales YaRN's cos/sin by m(s, mscale) / m(s, mscale_all_dim) only when both are nonzero, else by
+    m(s, 1); this model always by the ratio (megatron-core's): they agree then, or with mscale 1 and no
+    mscale_all_dim."""
+    a, b = m.rope_yarn_mscale, m.rope_yarn_mscale_all_dim
+    if m.rope_scaling != "yarn" or (a and b) or (a == 1.0 and not b):
+        return []
+    return [f"model.rope_yarn_mscale = {a:g} with model.rope_yarn_mscale_all_dim = {b:g}: transformers scales YaRN's "
+            "cos/sin by m(s, 1) unless both are nonzero"]
 
 
 def _qwen2_moe_blockers(cfg: Config) -> list[str]:
@@ -609,7 +619,8 @@ def hf_config(cfg: Config, arch: str | None = None, dtype: str = "float32",
                    first_k_dense_replace=e.first_k_dense, norm_topk_prob=e.renormalize,
                    routed_scaling_factor=e.topk_scaling_factor, n_group=groups[0], topk_group=groups[1],
                    attention_bias=False, router_aux_loss_coef=e.aux_loss_coeff,
-                   scoring_func="sigmoid", topk_method="noaux_tc")  # DeepSeek's own code reads these two
+                   scoring_func="sigmoid", topk_method="noaux_tc",  # DeepSeek's own code reads these two
+                   num_nextn_predict_layers=0)  # multi-token prediction is not exported (transformers' default: 1)
     elif arch in ("qwen2", "qwen3"):
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.num_layers)
         if arch == "qwen3":

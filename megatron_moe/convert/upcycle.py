@@ -32,6 +32,7 @@ import torch
 
 from megatron_moe.config import Config, ConfigError
 from megatron_moe.convert.source import ConversionError, ModelSource, expected_shapes, require_dense
+from megatron_moe.model.transformer import main_logits
 
 
 @dataclass
@@ -160,7 +161,7 @@ def upcycle(source: ModelSource, opts: UpcycleOptions) -> tuple[Config, dict[str
     for name in source.loaders:
         if ".feed_forward." not in name:
             state[name] = source.get(name)
-    for i in range(cfg.model.num_layers):
+    for i in range(cfg.model.num_layers + cfg.model.mtp_num_layers):  # multi-token prediction's blocks too
         p = f"layers.{i}.feed_forward."
         w1, w3, w2 = (source.get(p + f"{w}.weight") for w in ("w1", "w3", "w2"))
         state[p + "router.gate.weight"] = init_router(opts.num_experts, cfg.model.hidden_size, opts.granularity,
@@ -182,4 +183,4 @@ def max_logit_difference(model_a: torch.nn.Module, model_b: torch.nn.Module, voc
                          batch: int = 2, seq_len: int = 32, seed: int = 0) -> float:
     """Largest |logit difference| of two models on the same random tokens [batch, seq_len]."""
     tokens = torch.randint(0, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
-    return (model_a(tokens).float() - model_b(tokens).float()).abs().max().item()
+    return (main_logits(model_a(tokens)).float() - main_logits(model_b(tokens)).float()).abs().max().item()

@@ -329,7 +329,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = build_norm(m)
         self.attention = build_attention(m)
         self.ffn_norm = build_norm(m)
-        if is_moe_layer(cfg, layer_idx):
+        if is_moe_block(cfg, layer_idx):
             self.feed_forward: nn.Module = MoELayer(m.hidden_size, cfg.expert_ffn_size, e)
         else:
             self.feed_forward = FeedForward(m.hidden_size, m.dense_ffn_size, m.add_bias_linear)
@@ -358,8 +358,8 @@ class MultiTokenPrediction(nn.Module):
     """Depth k's own parts of multi-token prediction (DeepSeek-V3 §2.2, eqs. 21-22; megatron-core's MTP layer):
     ``combine`` gives ``proj [embedding_norm(Emb(t_{i+k})); hidden_norm(h_i^{k-1})]`` [2 hidden -> hidden], the
     input of the depth's transformer block (a layer of :class:`MoETransformer` past the last), and ``norm`` is
-    applied before the shared output head. The embedding comes first, as DeepSeek's and megatron-core's code
-    concatenate it (the paper writes the other order)."""
+    applied to the block's output, which the shared output head and the next depth read. The embedding comes
+    first, as DeepSeek's (vLLM's) and megatron-core's code concatenate it (the paper writes the other order)."""
 
     def __init__(self, m: ModelConfig):
         super().__init__()
@@ -379,15 +379,29 @@ def is_moe_layer(cfg: Config, layer_idx: int) -> bool:
     return e.num_experts > 0 and layer_idx >= e.first_k_dense and (layer_idx - e.first_k_dense) % e.layer_freq == 0
 
 
+def is_moe_block(cfg: Config, block_idx: int) -> bool:
+    """Whether block ``block_idx`` of :class:`MoETransformer` has an MoE feed-forward: a layer's as
+    :func:`is_moe_layer`; a multi-token prediction depth's (blocks past the last layer) as the last layer's, as
+    megatron-core builds them from the last layer's spec."""
+    return is_moe_layer(cfg, min(block_idx, cfg.model.num_layers - 1))
+
+
+def main_logits(output: torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]) -> torch.Tensor:
+    """The main prediction's logits of a :class:`MoETransformer` output (with multi-token prediction a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 class MoETransformer(nn.Module):
     """Token ids [B, S] -> logits [B, S, vocab]; pipeline stages may drop embedding/norm/output.
 
     With multi-token prediction (``model.mtp_num_layers`` D > 0) ``layers`` also holds the D depths' blocks
     (keys num_layers .. num_layers + D - 1, so that tensor parallelism, recompute, compilation and data
-    parallelism treat them as every block), ``mtp`` their own parts (:class:`MultiTokenPrediction`), and the
-    whole model returns ``(logits, [logits of depth 1 .. D])``: depth k's logits at position i predict token
-    i + k + 1. Its input at position i is the embedding of token i + k, the tokens rolled left by k: the last
-    k positions see wrapped-around tokens, so their predictions have no target and the loss masks them
+    parallelism treat them as every block; MoE or dense as the last layer), ``mtp`` their own parts
+    (:class:`MultiTokenPrediction`), and the whole model returns ``(logits, [logits of depth 1 .. D])``: depth
+    k's logits at position i predict token i + k + 1. As megatron-core, depth 1 takes the main model's
+    normalised output (what the output layer reads) and depth k + 1 depth k's (after its own norm). Its input
+    at position i is the embedding of token i + k, the tokens rolled left by k: the last k positions see
+    wrapped-around tokens, so their predictions have no target and the loss masks them
     (:func:`megatron_moe.parallel.loss.mtp_target`); causal attention keeps the others exact.
     """
 
@@ -415,14 +429,17 @@ class MoETransformer(nn.Module):
         for name, layer in self.layers.items():
             if int(name) < main:
                 h = layer(h, self.rope_cos, self.rope_sin)
-        logits = self._head(self.norm(h)) if self.norm is not None else h
-        if not len(self.mtp) or self.tok_embeddings is None or self.norm is None:
+        if self.norm is None:
+            return h
+        x = self.norm(h)
+        logits = self._head(x)
+        if not len(self.mtp) or self.tok_embeddings is None:
             return logits
-        predictions, x = [], h
+        predictions = []
         for k, depth in enumerate(self.mtp.values(), start=1):
-            x = depth.combine(x, self.tok_embeddings(torch.roll(tokens, -k, dims=1)))
-            x = self.layers[str(main + k - 1)](x, self.rope_cos, self.rope_sin)
-            predictions.append(self._head(depth.norm(x)))
+            y = depth.combine(x, self.tok_embeddings(torch.roll(tokens, -k, dims=1)))
+            x = depth.norm(self.layers[str(main + k - 1)](y, self.rope_cos, self.rope_sin))
+            predictions.append(self._head(x))
         return logits, predictions
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_moe.config import Config
-from megatron_moe.model.transformer import is_moe_layer
+from megatron_moe.model.transformer import is_moe_block
 from megatron_moe.parallel.mesh import ParallelSizes
 from megatron_moe.planning.flops import model_flops_per_token
 from megatron_moe.planning.schedule import actions, bubble_fraction, fsdp_gathers, in_flight
@@ -142,7 +142,7 @@ def _comm(cfg: Config, sizes: ParallelSizes, sim: RankSim) -> dict[str, int]:
 
 def _num_moe_layers(cfg: Config) -> int:
     """MoE layers of the model, multi-token prediction's blocks included."""
-    return sum(1 for i in range(cfg.model.num_layers + cfg.model.mtp_num_layers) if is_moe_layer(cfg, i))
+    return sum(1 for i in range(cfg.model.num_layers + cfg.model.mtp_num_layers) if is_moe_block(cfg, i))
 
 
 def plan_rank(cfg: Config, sizes: ParallelSizes, sim: RankSim) -> RankPlan:

@@ -193,10 +193,11 @@ def _trace_chunk(cfg: Config, part: nn.Module, tp: int, mode: FakeTensorMode, ac
 def _head_loss(part: nn.Module, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """The last stage's head: the final norm, output layer and loss; with multi-token prediction also each
     depth's embedding, norms, projection, output layer and loss (its block is traced with the others)."""
-    loss = lm_loss_from_target(part.output(part.norm(x)), tokens)
+    x = part.norm(x)
+    loss = lm_loss_from_target(part.output(x), tokens)
     for depth in part.mtp.values():
-        y = depth.combine(x, part.tok_embeddings(tokens))
-        loss = loss + lm_loss_from_target(part.output(depth.norm(y)), tokens)
+        x = depth.norm(depth.combine(x, part.tok_embeddings(tokens)))
+        loss = loss + lm_loss_from_target(part.output(x), tokens)
     return loss
 
 

@@ -188,7 +188,9 @@ ARCHITECTURE_SETTINGS = (
     "model.rope_original_max_position", "model.kv_channels", "model.qk_layernorm",
     "moe.shared_expert_ffn_hidden_size", "moe.shared_expert_gate", "model.multi_latent_attention",
     "model.q_lora_rank", "model.kv_lora_rank", "model.qk_head_dim", "model.qk_pos_emb_head_dim", "model.v_head_dim",
-    "model.latent_norm_eps", "model.mtp_num_layers",
+    "model.latent_norm_eps", "model.mtp_num_layers", "model.rope_yarn_original_max_position",
+    "model.rope_yarn_beta_fast", "model.rope_yarn_beta_slow", "model.rope_yarn_mscale",
+    "model.rope_yarn_mscale_all_dim",
 )
 
 

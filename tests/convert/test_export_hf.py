@@ -439,7 +439,9 @@ def test_deepseek_v3_bf16_export_keeps_the_router_and_expert_bias_in_float32(tmp
     ({**MLA_EXPORT, "score_function": "softmax", "expert_bias": False}, "deepseek_v3", "top-K sigmoid scores"),
     (MLA_EXPORT, "qwen3_moe", "model.multi_latent_attention = true: qwen3_moe has grouped-query attention"),
     ({**MLA_EXPORT, "rope_scaling": "yarn", "rope_scaling_factor": 4.0, "rope_yarn_mscale": 0.7}, "deepseek_v3",
-     "model.rope_yarn_mscale = 0.7 without model.rope_yarn_mscale_all_dim"),
+     "model.rope_yarn_mscale = 0.7 with model.rope_yarn_mscale_all_dim = 0: transformers scales"),
+    ({"rope_scaling": "yarn", "rope_scaling_factor": 4.0, "rope_yarn_mscale": 0.0, "rope_yarn_mscale_all_dim": 1.0,
+      "num_experts": 0}, "llama", "model.rope_yarn_mscale = 0 with model.rope_yarn_mscale_all_dim = 1"),
     ({"rope_scaling": "yarn", "rope_scaling_factor": 4.0}, "mixtral", "exported for llama and deepseek_v3 only"),
 ])
 def test_inexpressible_deepseek_exports_are_explained(tmp_path, settings, arch, reason):

@@ -168,10 +168,11 @@ def test_latent_attention_matches_deepseek_equations_in_a_loop(q_lora_rank, late
 
 
 def test_multi_token_prediction_depths_match_a_truncated_sequence_reference(tiny_config):
-    """Depth k at position i predicts token i + k + 1 from depth k - 1's hidden state and the embedding of token
-    i + k (DeepSeek-V3 eqs. 21-23). Reference, float64: the depths run on sequences cut to the positions whose
-    inputs exist (no rolling, nothing masked), block by block from the model's own modules; the model's rolled
-    inputs give the same logits there (causal attention keeps the wrapped-around tail from reaching them)."""
+    """Depth k at position i predicts token i + k + 1 from depth k - 1's normalised hidden state (the main model's
+    final-norm output for k = 1, as megatron-core) and the embedding of token i + k (DeepSeek-V3 eqs. 21-23).
+    Reference, float64: the depths run on sequences cut to the positions whose inputs exist (no rolling, nothing
+    masked), block by block from the model's own modules; the model's rolled inputs give the same logits there
+    (causal attention keeps the wrapped-around tail from reaching them)."""
     cfg = tiny_config(vocab_size=96, mtp_num_layers=2, num_experts=0)  # dense: float64 (no grouped GEMM)
     model = build_model(cfg, "cpu", seed=2).double()
     _randomize(model, 3)
@@ -181,16 +182,20 @@ def test_multi_token_prediction_depths_match_a_truncated_sequence_reference(tiny
     h = model.tok_embeddings(tokens)
     for i in range(main):
         h = model.layers[str(i)](h, model.rope_cos.double(), model.rope_sin.double())
-    torch.testing.assert_close(logits, model.output(model.norm(h)), rtol=1e-12, atol=1e-12)
+    h = model.norm(h)
+    torch.testing.assert_close(logits, model.output(h), rtol=1e-12, atol=1e-12)
     for k in (1, 2):
         depth = model.mtp[str(k - 1)]
         h = h[:, : s - k]  # positions whose token i + k exists
         x = depth.proj(torch.cat([depth.embedding_norm(model.tok_embeddings(tokens[:, k:])), depth.hidden_norm(h)], -1))
-        h = model.layers[str(main + k - 1)](x, model.rope_cos.double(), model.rope_sin.double())
-        torch.testing.assert_close(predictions[k - 1][:, : s - k], model.output(depth.norm(h)), rtol=1e-10,
-                                   atol=1e-10)
-    moe = build_model(tiny_config(vocab_size=96, mtp_num_layers=1, first_k_dense=1), "cpu")  # depths as the last
-    assert hasattr(moe.layers[str(cfg.model.num_layers)].feed_forward, "experts")
+        h = depth.norm(model.layers[str(main + k - 1)](x, model.rope_cos.double(), model.rope_sin.double()))
+        torch.testing.assert_close(predictions[k - 1][:, : s - k], model.output(h), rtol=1e-10, atol=1e-10)
+    # a depth's block is MoE or dense as the last layer (megatron-core builds it from the last layer's spec)
+    for layer_freq, moe_depths in ((1, True), (2, False)):
+        moe = build_model(tiny_config(vocab_size=96, mtp_num_layers=2, layer_freq=layer_freq), "cpu")
+        last = cfg.model.num_layers
+        assert [hasattr(moe.layers[str(i)].feed_forward, "experts") for i in (last - 1, last, last + 1)] == [
+            moe_depths] * 3
 
 
 def test_padding_value_heads_to_the_qk_width_changes_nothing():
