@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from megatron_moe.config import Config, ConfigError
 from megatron_moe.convert.hf import hf_names_family
 from megatron_moe.convert.hf_config import EXPORT_ARCHITECTURES, ExportError, choose_architecture, hf_config
-from megatron_moe.convert.hf_tensors import interleaved_rope, tensor_links, to_hf
+from megatron_moe.convert.hf_tensors import MTP_COPIES, interleaved_rope, tensor_links, to_hf
 from megatron_moe.convert.hf_tokenizer import (
     load_tokenizer,
     special_token_ids,
@@ -72,10 +72,12 @@ def hf_state_dict(cfg: Config, state: dict[str, torch.Tensor], arch: str | None 
                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """HF tensor names -> contiguous ``dtype`` tensors for the native ``state`` (names of MoETransformer)."""
     arch = arch or choose_architecture(cfg)
-    # multi-token prediction (training only: the model's function does not use it) is not written
+    # multi-token prediction (training only: the model's function does not use it) is written in DeepSeek-V3's format
+    # only, which has a place for it (layers from num_hidden_layers on)
     main = cfg.model.num_layers
-    state = {k: v for k, v in state.items()
-             if not k.startswith("mtp.") and not (k.startswith("layers.") and int(k.split(".")[1]) >= main)}
+    if arch != "deepseek_v3":
+        state = {k: v for k, v in state.items()
+                 if not k.startswith("mtp.") and not (k.startswith("layers.") and int(k.split(".")[1]) >= main)}
     if cfg.model.apply_layernorm_1p:  # Hugging Face's norms scale by their weight: store 1 + w
         state = {k: v + 1 if k.endswith("norm.weight") else v for k, v in state.items()}
     shapes = {name: tuple(t.shape) for name, t in state.items()}
@@ -86,6 +88,10 @@ def hf_state_dict(cfg: Config, state: dict[str, torch.Tensor], arch: str | None 
     if arch == "deepseek_v3" and not cfg.moe.expert_bias:  # the format always has the bias: zero chooses as none
         for name in [n for n in out if n.endswith("mlp.gate.weight")]:
             out[name.replace(".weight", ".e_score_correction_bias")] = torch.zeros(cfg.moe.num_experts)
+    if arch == "deepseek_v3":  # each depth's layer holds copies of the embedding and output layer
+        for i in range(main, main + cfg.model.mtp_num_layers):
+            out.update({f"model.layers.{i}.{copy}": out.get(source, out["model.embed_tokens.weight"]).clone()
+                        for copy, source in MTP_COPIES.items()})  # tied: the embedding twice
     # DeepSeek-V3's router weight and expert bias stay float32, as transformers keeps and computes them: a bf16 bias
     # would choose other experts for some tokens
     fp32 = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias") if arch == "deepseek_v3" else ()

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from megatron_moe.convert.hf_config import config_from_hf
-from megatron_moe.convert.hf_tensors import from_hf, interleaved_rope, tensor_links
+from megatron_moe.convert.hf_tensors import MTP_COPIES, from_hf, interleaved_rope, tensor_links
 from megatron_moe.convert.source import ConversionError, ModelSource, expected_shapes
 
 INDEX = "model.safetensors.index.json"
@@ -80,15 +80,13 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
         raise ConversionError(f"{cfg_file}: invalid JSON: {e}") from None
 
 
-def _multi_token_prediction_tensors(hf: dict[str, Any], names: set[str]) -> set[str]:
-    """DeepSeek-V3's multi-token prediction modules (``num_nextn_predict_layers``): the layers after
-    ``num_hidden_layers`` among ``names``, which transformers does not load either."""
+def _multi_token_prediction_depths(hf: dict[str, Any], names: set[str]) -> int:
+    """DeepSeek-V3's multi-token prediction depths (``num_nextn_predict_layers``) whose modules the checkpoint holds
+    (layers from ``num_hidden_layers`` on); 0 for checkpoints without them (transformers saves none)."""
     depth = hf.get("num_nextn_predict_layers") or 0
     if hf.get("model_type") != "deepseek_v3" or not isinstance(depth, int) or depth <= 0:
-        return set()
-    layers = hf["num_hidden_layers"]
-    extra = {f"model.layers.{i}." for i in range(layers, layers + depth)}
-    return {name for name in names if name.startswith(tuple(extra))}
+        return 0
+    return depth if f"model.layers.{hf['num_hidden_layers']}.eh_proj.weight" in names else 0
 
 
 def read_hf(path: str | Path) -> ModelSource:
@@ -102,6 +100,7 @@ def read_hf(path: str | Path) -> ModelSource:
     notes: list[str] = []
     cfg = config_from_hf(hf, str(path / "config.json"), notes)
     files = _weight_files(path)
+    cfg.model.mtp_num_layers = _multi_token_prediction_depths(hf, set(files))
     shapes = expected_shapes(cfg)
     links = tensor_links(shapes, hf_names_family(hf["model_type"]), cfg.moe.num_experts,
                          interleaved_rope(cfg, bool(hf.get("rope_interleave", True))))
@@ -109,12 +108,10 @@ def read_hf(path: str | Path) -> ModelSource:
     missing = sorted(needed - set(files))
     if missing:
         raise ConversionError(f"{path}: {len(missing)} tensors the config implies are missing, e.g. {missing[:4]}")
-    mtp = _multi_token_prediction_tensors(hf, set(files) - needed)
-    if mtp:
-        notes.append(f"{len(mtp)} tensors of the multi-token prediction module(s) (num_nextn_predict_layers = "
-                     f"{hf['num_nextn_predict_layers']}: layers {cfg.model.num_layers} and on) not read: multi-token "
-                     "prediction is not built here, and the model's function does not use them")
-    for name in sorted(set(files) - needed - mtp):
+    layers = cfg.model.num_layers
+    copies = {f"model.layers.{i}.{copy}" for i in range(layers, layers + cfg.model.mtp_num_layers)
+              for copy in MTP_COPIES}
+    for name in sorted(set(files) - needed - copies):  # the depths' copies of the embedding and head: the main ones
         if name.endswith("rotary_emb.inv_freq"):
             continue  # a recomputed buffer some old checkpoints store
         if name == "lm_head.weight" and cfg.model.tie_embeddings:

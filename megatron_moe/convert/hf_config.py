@@ -620,7 +620,7 @@ def hf_config(cfg: Config, arch: str | None = None, dtype: str = "float32",
                    routed_scaling_factor=e.topk_scaling_factor, n_group=groups[0], topk_group=groups[1],
                    attention_bias=False, router_aux_loss_coef=e.aux_loss_coeff,
                    scoring_func="sigmoid", topk_method="noaux_tc",  # DeepSeek's own code reads these two
-                   num_nextn_predict_layers=0)  # multi-token prediction is not exported (transformers' default: 1)
+                   num_nextn_predict_layers=m.mtp_num_layers)  # written explicitly: transformers' default is 1
     elif arch in ("qwen2", "qwen3"):
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.num_layers)
         if arch == "qwen3":

@@ -16,6 +16,10 @@ Link kinds:
 - ``experts``: one stacked expert parameter ``[E, a, b]`` <-> E tensors ``[b, a]`` (expert ``e``'s
   nn.Linear weight is ``param[e].T``: ours store ``x @ W``, transformers' ``W @ x``).
 
+DeepSeek-V3's multi-token prediction depth k (``num_nextn_predict_layers``) is layer ``num_hidden_layers + k``: its
+block under the usual names, ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm`` (our ``mtp.k.*``), and copies of
+the embedding and output layer (``embed_tokens``, ``shared_head.head``: written on export, not read on import).
+
 DeepSeek-V3 (multi-latent attention): ``q_proj`` or ``q_a_proj`` / ``q_a_layernorm`` / ``q_b_proj``,
 ``kv_a_proj_with_mqa`` (the kv latent's rows, then the rotary key's: ``wkv_down`` and ``wk_rope`` stacked),
 ``kv_a_layernorm``, ``kv_b_proj``; the router's ``mlp.gate.e_score_correction_bias`` is ``expert_bias``, the
@@ -42,6 +46,10 @@ _QK_NORMS = {"q_norm": "q_norm", "k_norm": "k_norm"}
 # Per MoE format: the feed-forward module's name and the experts' projection names.
 _QWEN_EXPERT = ("mlp", {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"})
 _MOE_NAMES = {"qwen3_moe": _QWEN_EXPERT, "qwen2_moe": _QWEN_EXPERT, "deepseek_v3": _QWEN_EXPERT}
+# DeepSeek-V3's multi-token prediction depth k: layer num_hidden_layers + k holds the block and these (besides copies
+# of the embedding and output layer: MTP_COPIES)
+_MTP = {"embedding_norm": "enorm", "hidden_norm": "hnorm", "proj": "eh_proj", "norm": "shared_head.norm"}
+MTP_COPIES = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
 _LATENT = {"wq_down": "q_a_proj", "q_latent_norm": "q_a_layernorm", "kv_latent_norm": "kv_a_layernorm",
            "wkv": "kv_b_proj", "wo": "o_proj"}
 _MIXTRAL_MOE_NAMES = ("block_sparse_moe", {"w1": "w1", "w3": "w3", "w2": "w2"})
@@ -129,10 +137,16 @@ def tensor_links(shapes: dict[str, tuple[int, ...]], arch: str, num_experts: int
     """
     links: list[Link] = []
     fused: dict[str, list[str]] = {}
+    depths = {name.split(".")[1] for name in shapes if name.startswith("mtp.")}
+    main_layers = len({name.split(".")[1] for name in shapes if name.startswith("layers.")}) - len(depths)
     for name in shapes:
         module, _, leaf = name.rpartition(".")
         if module in _GLOBAL:
             links.append(Link("same", (name,), (f"{_GLOBAL[module]}.{leaf}",)))
+            continue
+        if name.startswith("mtp.") and arch == "deepseek_v3":
+            _, depth, part, leaf = name.split(".")
+            links.append(Link("same", (name,), (f"model.layers.{main_layers + int(depth)}.{_MTP[part]}.{leaf}",)))
             continue
         link = _layer_link(name, arch, num_experts) if name.startswith("layers.") else None
         if link is None:

@@ -399,19 +399,19 @@ def test_latent_attention_moe_exports_to_deepseek_v3_with_the_same_logits(tmp_pa
         assert (DeepseekV3ForCausalLM.from_pretrained(tmp_path / "out").eval()(x).logits - ref).abs().max() > 1e-4
 
 
-def test_multi_token_prediction_is_not_exported_and_the_main_model_is(tmp_path):
-    """Multi-token prediction is training only: a DeepSeek-V3 model with a depth of it exports without the depth
-    (transformers leaves it out too), and transformers computes the main model's logits."""
-    from transformers import DeepseekV3ForCausalLM
+def test_multi_token_prediction_is_left_out_of_formats_without_it(tmp_path):
+    """Multi-token prediction is training only: a Qwen3-MoE export of a model with a depth leaves the depth out, and
+    transformers computes the main model's logits (DeepSeek-V3's format holds it: tests/convert/test_hf_import.py)."""
+    from transformers import Qwen3MoeForCausalLM
 
-    ours = save_native(tmp_path / "m", tiny_config(**MLA_EXPORT, mtp_num_layers=1), seed=3)
-    export(tmp_path / "m", tmp_path / "out")
-    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ours = save_native(tmp_path / "m", tiny_config(num_experts=4, topk=2, qk_layernorm=True, mtp_num_layers=1), seed=3)
+    assert export(tmp_path / "m", tmp_path / "out")["model_type"] == "qwen3_moe"
+    hf = Qwen3MoeForCausalLM.from_pretrained(tmp_path / "out").eval()
     x = tokens(seq=24)
     with torch.no_grad():
         logits, predictions = ours(x)
         torch.testing.assert_close(logits, hf(x).logits, atol=ATOL, rtol=0)
-    assert len(predictions) == 1 and "layers.2.attention.wo.weight" in ours.state_dict()
+    assert len(predictions) == 1 and read_hf(tmp_path / "out").cfg.model.mtp_num_layers == 0
 
 
 def test_deepseek_v3_bf16_export_keeps_the_router_and_expert_bias_in_float32(tmp_path):

@@ -166,24 +166,62 @@ def test_deepseek_v3_released_config_maps_onto_the_model():
         config_from_hf(quantized)
 
 
-def test_deepseek_v3_multi_token_prediction_layers_are_left_with_a_note(tmp_path, capsys):
-    """A DeepSeek-V3 checkpoint holds its multi-token prediction module as the layer after the last
-    (num_nextn_predict_layers): read without it, with a note, as transformers does; without the field the same
-    tensors are refused."""
-    from safetensors.torch import load_file, save_file
+def test_deepseek_v3_multi_token_prediction_depths_read_back_and_transformers_leaves_them(tmp_path):
+    """DeepSeek-V3's multi-token prediction module is the layer after the last (num_nextn_predict_layers): an export
+    of a model with a depth writes it there (its block, enorm, hnorm, eh_proj, shared_head.norm and copies of the
+    embedding and output layer), transformers loads the main model and ignores it, and the import reads every tensor
+    back bit-exactly into the depth; a transformers-saved checkpoint (config says 1 depth, no tensors) imports without
+    one, and an MTP tensor the config does not declare is refused."""
+    from transformers import DeepseekV3ForCausalLM
 
-    make_hf(tmp_path / "hf", "deepseek_v3")
-    weights = tmp_path / "hf" / "model.safetensors"
-    tensors = load_file(str(weights))
-    tensors.update({"model.layers.2.eh_proj.weight": torch.zeros(32, 64), "model.layers.2.enorm.weight": torch.ones(32),
-                    "model.layers.2.shared_head.norm.weight": torch.ones(32)})
-    save_file(tensors, str(weights), metadata={"format": "pt"})
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    from megatron_moe.convert.export_hf import export
+    from tests.convert.helpers import save_native, tiny_config
+    from tests.convert.test_export_hf import MLA_EXPORT
+
+    ours = save_native(tmp_path / "m", tiny_config(**MLA_EXPORT, mtp_num_layers=1), seed=3)
+    config = export(tmp_path / "m", tmp_path / "hf")
+    assert config["num_nextn_predict_layers"] == 1
+    x = tokens(seq=24)
+    with torch.no_grad():
+        torch.testing.assert_close(DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf").eval()(x).logits,
+                                   ours(x)[0], atol=1e-5, rtol=0)
     source = read_hf(tmp_path / "hf")
-    assert any("3 tensors of the multi-token prediction module(s)" in note for note in source.notes), source.notes
+    assert source.cfg.model.mtp_num_layers == 1
+    got = source.state_dict()
+    assert set(got) == set(ours.state_dict()) and any(name.startswith("mtp.0.") for name in got)
+    for name, t in ours.state_dict().items():
+        assert torch.equal(got[name], t), name
+    # what the depth computes, from the exported tensors as vLLM's DeepSeek MTP reads them (transformers' decoder layer
+    # for the block, loaded as a third layer), with h the main model's final-norm output:
+    # logits(shared_head.norm(block(eh_proj [enorm(emb(t_{i+1})); hnorm(h_i)])))
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    big_config = {**json.loads((tmp_path / "hf" / "config.json").read_text()), "num_hidden_layers": 3}
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "config.json").write_text(json.dumps(big_config))
+    (tmp_path / "big" / "model.safetensors").symlink_to(tmp_path / "hf" / "model.safetensors")
+    big = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "big").eval()
+
+    def rms(t, name):
+        return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * weights[f"model.layers.2.{name}.weight"]
+
+    with torch.no_grad():
+        main = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        h = main(x, output_hidden_states=True).hidden_states[-1]
+        s = x.shape[1] - 1
+        y = torch.cat([rms(big.model.embed_tokens(x[:, 1:]), "enorm"), rms(h[:, :s], "hnorm")], -1)
+        y = y @ weights["model.layers.2.eh_proj.weight"].t()
+        positions = torch.arange(s)[None]
+        y = big.model.layers[2](y, position_ids=positions, position_embeddings=big.model.rotary_emb(y, positions))
+        y = y[0] if isinstance(y, tuple) else y
+        reference = rms(y, "shared_head.norm") @ weights["model.layers.2.shared_head.head.weight"].t()
+        torch.testing.assert_close(ours(x)[1][0][:, :s], reference, atol=1e-5, rtol=0)
+    make_hf(tmp_path / "saved", "deepseek_v3", num_nextn_predict_layers=1)
+    assert read_hf(tmp_path / "saved").cfg.model.mtp_num_layers == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
-    with pytest.raises(ConversionError, match="model.layers.2.eh_proj.weight has no counterpart"):
+    with pytest.raises(ConversionError, match="model.layers.2.* has no counterpart"):
         read_hf(tmp_path / "hf")
 
 
