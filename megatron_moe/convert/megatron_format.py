@@ -1051,8 +1051,8 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
     kind = ModelSource if cfg.moe.num_experts else DenseSource
     mtp = [key for key in metadata.state_dict_metadata if key.startswith("mtp.")]
     notes = [f"{len(mtp)} tensors of the multi-token prediction layers (mtp_num_layers = "
-             f"{_arg(args, 'mtp_num_layers', 0)}) not read: multi-token prediction is not built here, and the "
-             "model's function does not use them"] if mtp else []
+             f"{_arg(args, 'mtp_num_layers', 0)}) not read (Megatron-LM's layout of them is not mapped here yet): the "
+             "model's function does not use them; train with --mtp-num-layers for new depths"] if mtp else []
     source = kind(cfg, loaders, f"megatron:{ckpt}", extra={"megatron_args": sorted(args),
                                                             "megatron_format": "torch_dist"}, notes=notes)
     source.check()

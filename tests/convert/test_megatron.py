@@ -798,8 +798,9 @@ def test_torch_dist_multi_token_prediction_layers_are_left_with_a_note(tmp_path,
     extra = {"mtp.layers.0.eh_proj.weight": torch.zeros(32, 64), "mtp.layers.0.enorm.weight": torch.ones(32)}
     _rewrite_torch_dist(megatron_dist["root"], tmp_path / "mtp", "file", common, extra)
     source = read_megatron(tmp_path / "mtp")
-    assert source.notes == ["2 tensors of the multi-token prediction layers (mtp_num_layers = 1) not read: "
-                            "multi-token prediction is not built here, and the model's function does not use them"]
+    assert source.notes == ["2 tensors of the multi-token prediction layers (mtp_num_layers = 1) not read "
+                            "(Megatron-LM's layout of them is not mapped here yet): the model's function does not use "
+                            "them; train with --mtp-num-layers for new depths"]
     got = source.state_dict()
     assert all(torch.equal(got[name], t) for name, t in megatron_dist["state"].items())
 
