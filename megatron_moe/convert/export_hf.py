@@ -82,7 +82,7 @@ def hf_state_dict(cfg: Config, state: dict[str, torch.Tensor], arch: str | None 
         state = {k: v + 1 if k.endswith("norm.weight") else v for k, v in state.items()}
     shapes = {name: tuple(t.shape) for name, t in state.items()}
     out: dict[str, torch.Tensor] = {}
-    rope = interleaved_rope(cfg) if arch == "deepseek_v3" else None  # written as DeepSeek lays it out
+    rope = interleaved_rope(cfg) if arch in ("deepseek_v2", "deepseek_v3") else None  # as DeepSeek lays it out
     for link in tensor_links(shapes, hf_names_family(arch), cfg.moe.num_experts, rope):
         out.update(to_hf(link, state))
     if arch == "deepseek_v3" and not cfg.moe.expert_bias:  # the format always has the bias: zero chooses as none

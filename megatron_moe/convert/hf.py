@@ -1,8 +1,9 @@
 """Read a Hugging Face checkpoint (config.json + safetensors) as a :class:`ModelSource`.
 
 Dense llama, mistral, qwen2, qwen3, phi3 and MoE mixtral, phimoe (grinmoe), qwen3_moe, qwen2_moe,
-deepseek_v3 directories; the config mapping is :mod:`.hf_config`, the tensor layout :mod:`.hf_tensors`. Anything
-the project's model cannot compute exactly is refused with the config field (or tensor) at fault.
+deepseek_v2, deepseek_v3 directories; the config mapping is :mod:`.hf_config`, the tensor layout
+:mod:`.hf_tensors`. Anything the project's model cannot compute exactly is refused with the config field (or
+tensor) at fault.
 
 Tensors are read lazily with ``safetensors.safe_open`` (memory-mapped), one at a time, from a
 single ``model.safetensors`` or the shards listed in ``model.safetensors.index.json``.
@@ -24,7 +25,7 @@ from megatron_moe.convert.source import ConversionError, ModelSource, expected_s
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # Architectures sharing another's tensor names.
-_NAMES_OF = {"mistral": "llama", "qwen2": "llama", "qwen3": "llama", "grinmoe": "phimoe"}
+_NAMES_OF = {"mistral": "llama", "qwen2": "llama", "qwen3": "llama", "grinmoe": "phimoe", "deepseek_v2": "deepseek_v3"}
 
 
 def _weight_files(path: Path) -> dict[str, Path]:

@@ -28,6 +28,10 @@ qwen2_moe  MoE     Qwen1.5-MoE / Qwen2-MoE: q/k/v biases (``qkv_bias``, default 
                    norms; routing and layer placement as qwen3_moe; a shared expert of width
                    ``shared_expert_intermediate_size`` gated by sigmoid(``shared_expert_gate``)
                    (``moe.shared_expert_ffn_hidden_size``, ``moe.shared_expert_gate``)
+deepseek_v2 MoE     DeepSeek-V2 / V2-Lite: deepseek_v3's attention, experts and layout; top-K of the softmax
+                   probabilities as they are (transformers' DeepSeek-V2 ignores norm_topk_prob) x
+                   ``routed_scaling_factor``, ``group_limited_greedy`` groups scored by their best expert
+                   (so K = topk_group), no expert bias
 deepseek_v3 MoE     DeepSeek-V3 / Kimi-K2 / Moonlight: multi-latent attention (``q_lora_rank`` (null: no
                    query latent), ``kv_lora_rank``, ``qk_nope_head_dim`` -> ``qk_head_dim``,
                    ``qk_rope_head_dim`` -> ``qk_pos_emb_head_dim``, ``v_head_dim``; the latent norms
@@ -63,7 +67,8 @@ from megatron_moe.convert.source import ConversionError
 from megatron_moe.model.transformer import is_moe_layer
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-MOE_TYPES = ("mixtral", "phimoe", "grinmoe", "qwen3_moe", "qwen2_moe", "deepseek_v3")
+MOE_TYPES = ("mixtral", "phimoe", "grinmoe", "qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3")
+DEEPSEEK_TYPES = ("deepseek_v2", "deepseek_v3")  # multi-latent attention, experts and shared experts alike
 # transformers' DeepseekV3RMSNorm default: the eps of its latent norms, whatever rms_norm_eps says
 DEEPSEEK_LATENT_NORM_EPS = 1e-6
 QWEN3_TYPES = ("qwen3", "qwen3_moe")
@@ -197,7 +202,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json", notes: list[s
     if hf.get("pretraining_tp", 1) not in (None, 1):
         raise ConversionError(f"{where}: pretraining_tp = {hf['pretraining_tp']}; only 1 is supported")
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") if model_type != "deepseek_v3" else None  # there: the rotary width
+    head_dim = hf.get("head_dim") if model_type not in DEEPSEEK_TYPES else None  # there: the rotary width
     if head_dim is None and model_type == "qwen3":
         head_dim = 128  # transformers' Qwen3Config default (Qwen3MoeConfig has none: hidden / heads)
     if head_dim is None and hidden % heads:
@@ -220,7 +225,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json", notes: list[s
     if model_type in ("phimoe", "grinmoe"):
         m.normalization = "LayerNorm"
     m.norm_eps = float(hf.get("rms_norm_eps", 1e-6))
-    if model_type == "deepseek_v3":
+    if model_type in DEEPSEEK_TYPES:
         _latent_attention_settings(m, hf, where)
     m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
     m.init_std = float(hf.get("initializer_range", m.init_std))
@@ -251,16 +256,43 @@ def _latent_attention_settings(m, hf: dict[str, Any], where: str) -> None:
     m.qk_head_dim, m.qk_pos_emb_head_dim = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"]
 
 
-def _deepseek_moe_settings(cfg: Config, hf: dict[str, Any], where: str) -> None:
-    """Routing, experts and layer placement of a deepseek_v3 config (table in the module docstring)."""
+def _deepseek_v2_moe_settings(cfg: Config, hf: dict[str, Any], where: str) -> None:
+    """Routing of a deepseek_v2 config: softmax over the experts, the top K taken as they are (transformers'
+    DeepSeek-V2 never normalises them, whatever norm_topk_prob says) times routed_scaling_factor; group-limited
+    (``group_limited_greedy``) with groups scored by their best expert, this model's rule when K = topk_group."""
+    e = cfg.moe
+    for key, expected in (("scoring_func", "softmax"), ("moe_layer_freq", 1)):
+        if hf.get(key, expected) != expected:
+            raise ConversionError(f"{where}: {key} = {hf[key]!r}; DeepSeek-V2's format has {expected!r} only")
+    method = hf.get("topk_method") or "greedy"
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ConversionError(f"{where}: topk_method = {method!r}; expected 'greedy' or 'group_limited_greedy'")
+    e.score_function, e.expert_bias, e.renormalize = "softmax", False, False
+    e.topk_scaling_factor = float(hf.get("routed_scaling_factor") or 1.0)  # transformers' defaults from here on
+    e.first_k_dense = int(hf.get("first_k_dense_replace") or 0)
+    groups, kept = hf.get("n_group") or 1, hf.get("topk_group") or 1
+    if method == "group_limited_greedy" and kept < groups:
+        if e.topk != kept or not group_limited_routing_fits(e.num_experts, e.topk, groups, kept):
+            raise ConversionError(f"{where}: n_group = {groups}, topk_group = {kept} with num_experts_per_tok = "
+                                  f"{e.topk}: transformers scores each group by its best expert, this model by its "
+                                  "num_experts_per_tok / topk_group best; they agree when that is 1")
+        e.router_num_groups, e.router_group_topk = groups, kept
+
+
+def _deepseek_moe_settings(cfg: Config, hf: dict[str, Any], where: str, model_type: str) -> None:
+    """Routing, experts and layer placement of a deepseek_v3 (or deepseek_v2) config (module docstring)."""
     e = cfg.moe
     _positive_ints(hf, ("n_routed_experts", "moe_intermediate_size", "n_shared_experts"), where)
+    e.num_experts, e.expert_ffn_hidden_size = hf["n_routed_experts"], hf["moe_intermediate_size"]
+    e.shared_expert_ffn_hidden_size = hf["n_shared_experts"] * hf["moe_intermediate_size"]
+    e.router, e.input_jitter_eps = "topk", 0.0
+    if model_type == "deepseek_v2":
+        _deepseek_v2_moe_settings(cfg, hf, where)
+        return
     for key, expected in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
         if hf.get(key, expected) != expected:
             raise ConversionError(f"{where}: {key} = {hf[key]!r}; DeepSeek-V3's format has {expected!r} only")
-    e.num_experts, e.expert_ffn_hidden_size = hf["n_routed_experts"], hf["moe_intermediate_size"]
-    e.shared_expert_ffn_hidden_size = hf["n_shared_experts"] * hf["moe_intermediate_size"]
-    e.router, e.score_function, e.expert_bias, e.input_jitter_eps = "topk", "sigmoid", True, 0.0
+    e.score_function, e.expert_bias = "sigmoid", True
     e.renormalize = bool(hf.get("norm_topk_prob", True))
     # transformers' DeepseekV3Config defaults for what a config.json leaves out (no tensor depends on them)
     e.topk_scaling_factor = float(hf.get("routed_scaling_factor", 2.5))
@@ -286,7 +318,7 @@ def _moe_settings(cfg: Config, hf: dict[str, Any], model_type: str, where: str) 
         e.num_experts = 0
         return
     qwen_key = model_type in QWEN_MOE_TYPES and "num_local_experts" not in hf  # their config.json's name
-    experts_key = "num_experts" if qwen_key else "n_routed_experts" if model_type == "deepseek_v3" else \
+    experts_key = "num_experts" if qwen_key else "n_routed_experts" if model_type in DEEPSEEK_TYPES else \
         "num_local_experts"
     experts, topk = hf.get(experts_key), hf.get("num_experts_per_tok")
     for key, value in ((experts_key, experts), ("num_experts_per_tok", topk)):
@@ -297,8 +329,8 @@ def _moe_settings(cfg: Config, hf: dict[str, Any], model_type: str, where: str) 
     e.layer_freq, e.first_k_dense, e.logit_norm = 1, 0, False
     if model_type in QWEN_MOE_TYPES:
         _qwen_moe_settings(cfg, hf, model_type, where)
-    elif model_type == "deepseek_v3":
-        _deepseek_moe_settings(cfg, hf, where)
+    elif model_type in DEEPSEEK_TYPES:
+        _deepseek_moe_settings(cfg, hf, where, model_type)
     elif model_type == "mixtral":
         e.router, e.renormalize = "topk", True
         e.input_jitter_eps = float(hf.get("router_jitter_noise") or 0.0)
@@ -346,12 +378,12 @@ class ExportError(ConversionError):
 
 
 EXPORT_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "mixtral", "phimoe", "qwen3_moe", "qwen2_moe",
-                        "deepseek_v3")
-_MOE_EXPORTS = ("mixtral", "phimoe", "qwen3_moe", "qwen2_moe", "deepseek_v3")
+                        "deepseek_v2", "deepseek_v3")
+_MOE_EXPORTS = ("mixtral", "phimoe", "qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3")
 _CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
           "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM", "phimoe": "PhimoeForCausalLM",
           "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-          "deepseek_v3": "DeepseekV3ForCausalLM"}
+          "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 def _moe_layout_blockers(cfg: Config, fmt: str) -> list[str]:
@@ -389,8 +421,8 @@ def export_blockers(cfg: Config, arch: str) -> list[str]:
     if arch not in _MOE_EXPORTS and e.num_experts:
         return [f"moe.num_experts = {e.num_experts}: {arch} is a dense format (MoE exports as mixtral, phimoe, "
                 "qwen3_moe or qwen2_moe)"]
-    if arch == "deepseek_v3":
-        return _deepseek_v3_blockers(cfg)
+    if arch in DEEPSEEK_TYPES:
+        return _deepseek_blockers(cfg, arch)
     reasons: list[str] = []
     if m.rope_scaling == "yarn" and arch in ("qwen2", "phi3", "mixtral"):  # the others refuse any rope scaling
         reasons.append(f"model.rope_scaling = 'yarn': exported for llama and deepseek_v3 only (checked against "
@@ -456,12 +488,14 @@ def export_blockers(cfg: Config, arch: str) -> list[str]:
     return reasons
 
 
-def _deepseek_v3_blockers(cfg: Config) -> list[str]:
-    """Why ``cfg`` is not a DeepSeek-V3: latent attention with its latent norms, RMSNorm of eps 1e-6 and no biases,
-    sigmoid top-K routing (groups scored by their top 2), an ungated shared expert a whole number of experts wide,
-    dense layers only first, default RoPE."""
+def _deepseek_blockers(cfg: Config, arch: str) -> list[str]:
+    """Why ``cfg`` is not a DeepSeek-V3 (``arch`` deepseek_v3) or DeepSeek-V2: latent attention with its latent
+    norms, RMSNorm of eps 1e-6 and no biases, top-K routing by sigmoid scores (V3; groups scored by their top 2) or
+    by softmax probabilities taken as they are (V2; groups scored by their best), an ungated shared expert a whole
+    number of experts wide, dense layers only first, default RoPE or YaRN."""
     m, e = cfg.model, cfg.moe
-    reasons = _rmsnorm_no_bias_blockers(cfg, "DeepSeek-V3")
+    reasons = _deepseek_v2_router_blockers(e) if arch == "deepseek_v2" else _deepseek_v3_router_blockers(e)
+    reasons += _rmsnorm_no_bias_blockers(cfg, "DeepSeek-V2" if arch == "deepseek_v2" else "DeepSeek-V3")
     if m.rope_scaling == "llama3":
         reasons.append("model.rope_scaling = 'llama3': DeepSeek-V3's configs carry default RoPE or YaRN")
     reasons += _yarn_mscale_blockers(m)
@@ -472,17 +506,8 @@ def _deepseek_v3_blockers(cfg: Config) -> list[str]:
     if latent_eps != DEEPSEEK_LATENT_NORM_EPS:
         reasons.append(f"model.latent_norm_eps = {latent_eps:g} (0: model.norm_eps): transformers' DeepSeek-V3 "
                        f"normalises the latents with eps {DEEPSEEK_LATENT_NORM_EPS:g}")
-    if e.router != "topk" or e.score_function != "sigmoid":
-        reasons.append(f"moe.router = {e.router!r}, moe.score_function = {e.score_function!r}: DeepSeek-V3 routes by "
-                       "top-K sigmoid scores")
     if e.logit_norm:
-        reasons.append("moe.logit_norm = true: DeepSeek-V3 has no gating logit normalisation")
-    if e.renormalize and e.topk == 1:
-        reasons.append("moe.renormalize with moe.topk = 1: DeepSeek-V3's norm_topk_prob would give every token the "
-                       "weight 1")
-    if e.router_group_topk and e.topk != 2 * e.router_group_topk:
-        reasons.append(f"moe.router_group_topk = {e.router_group_topk} with moe.topk = {e.topk}: DeepSeek-V3 scores "
-                       "groups by their top 2 experts (moe.topk = 2 x moe.router_group_topk)")
+        reasons.append("moe.logit_norm = true: DeepSeek's formats have no gating logit normalisation")
     width, expert = e.shared_expert_ffn_hidden_size, cfg.expert_ffn_size
     if not width or width % expert or e.shared_expert_gate:
         reasons.append(f"moe.shared_expert_ffn_hidden_size = {width} (gate: {str(e.shared_expert_gate).lower()}): "
@@ -490,6 +515,33 @@ def _deepseek_v3_blockers(cfg: Config) -> list[str]:
     if e.layer_freq != 1:
         reasons.append(f"moe.layer_freq = {e.layer_freq}: DeepSeek-V3's dense layers are the first ones only "
                        "(moe.first_k_dense)")
+    return reasons
+
+
+def _deepseek_v3_router_blockers(e) -> list[str]:
+    reasons = []
+    if e.router != "topk" or e.score_function != "sigmoid":
+        reasons.append(f"moe.router = {e.router!r}, moe.score_function = {e.score_function!r}: DeepSeek-V3 routes by "
+                       "top-K sigmoid scores (softmax exports as deepseek_v2)")
+    if e.renormalize and e.topk == 1:
+        reasons.append("moe.renormalize with moe.topk = 1: DeepSeek-V3's norm_topk_prob would give every token the "
+                       "weight 1")
+    if e.router_group_topk and e.topk != 2 * e.router_group_topk:
+        reasons.append(f"moe.router_group_topk = {e.router_group_topk} with moe.topk = {e.topk}: DeepSeek-V3 scores "
+                       "groups by their top 2 experts (moe.topk = 2 x moe.router_group_topk)")
+    return reasons
+
+
+def _deepseek_v2_router_blockers(e) -> list[str]:
+    reasons = []
+    if e.router != "topk" or e.score_function != "softmax" or e.expert_bias:
+        reasons.append(f"moe.router = {e.router!r}, moe.score_function = {e.score_function!r}, moe.expert_bias = "
+                       f"{str(e.expert_bias).lower()}: DeepSeek-V2 routes by top-K softmax probabilities")
+    if e.renormalize:
+        reasons.append("moe.renormalize = true: transformers' DeepSeek-V2 takes the top-K probabilities as they are")
+    if e.router_group_topk and e.topk != e.router_group_topk:
+        reasons.append(f"moe.router_group_topk = {e.router_group_topk} with moe.topk = {e.topk}: DeepSeek-V2 scores "
+                       "groups by their best expert (moe.topk = moe.router_group_topk)")
     return reasons
 
 
@@ -556,6 +608,8 @@ def choose_architecture(cfg: Config) -> str:
     bias-free Llama; ``--architecture phi3`` writes its fused layout)."""
     m, e = cfg.model, cfg.moe
     if e.num_experts:
+        if m.multi_latent_attention and e.score_function == "softmax":
+            return "deepseek_v2"
         if m.multi_latent_attention or e.score_function == "sigmoid":
             return "deepseek_v3"
         if e.router == "sparsemixer":
@@ -608,19 +662,22 @@ def hf_config(cfg: Config, arch: str | None = None, dtype: str = "float32",
     }
     if arch == "llama":
         out.update(attention_bias=m.add_qkv_bias, mlp_bias=m.add_bias_linear, pretraining_tp=1)
-    elif arch == "deepseek_v3":
+    elif arch in DEEPSEEK_TYPES:
         groups = (e.router_num_groups, e.router_group_topk) if e.router_group_topk else (1, 1)
         del out["head_dim"]  # transformers sets it to the rotary width itself
         out.update(q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_head_dim,
-                   qk_rope_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim, rope_interleave=True,
+                   qk_rope_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim,
                    n_routed_experts=e.num_experts, num_experts_per_tok=e.topk,
                    moe_intermediate_size=cfg.expert_ffn_size, intermediate_size=m.dense_ffn_size,
                    n_shared_experts=e.shared_expert_ffn_hidden_size // cfg.expert_ffn_size,
                    first_k_dense_replace=e.first_k_dense, norm_topk_prob=e.renormalize,
                    routed_scaling_factor=e.topk_scaling_factor, n_group=groups[0], topk_group=groups[1],
-                   attention_bias=False, router_aux_loss_coef=e.aux_loss_coeff,
-                   scoring_func="sigmoid", topk_method="noaux_tc",  # DeepSeek's own code reads these two
-                   num_nextn_predict_layers=m.mtp_num_layers)  # written explicitly: transformers' default is 1
+                   attention_bias=False, router_aux_loss_coef=e.aux_loss_coeff, moe_layer_freq=1)
+        if arch == "deepseek_v3":  # DeepSeek's own code reads scoring_func and topk_method
+            out.update(rope_interleave=True, scoring_func="sigmoid", topk_method="noaux_tc",
+                       num_nextn_predict_layers=m.mtp_num_layers)  # written explicitly: transformers' default is 1
+        else:
+            out.update(scoring_func="softmax", topk_method="group_limited_greedy" if e.router_group_topk else "greedy")
     elif arch in ("qwen2", "qwen3"):
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.num_layers)
         if arch == "qwen3":

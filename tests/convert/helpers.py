@@ -19,7 +19,7 @@ TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_laye
 # Per architecture: transformers' config class name and the settings the tiny model adds.
 HF_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "phi3": "Phi3", "mixtral": "Mixtral",
               "phimoe": "Phimoe", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe",
-              "deepseek_v3": "DeepseekV3"}
+              "deepseek_v2": "DeepseekV2", "deepseek_v3": "DeepseekV3"}
 HF_DEFAULTS = {
     "mistral": {"sliding_window": None},
     "phi3": {"pad_token_id": None},
@@ -37,6 +37,14 @@ HF_DEFAULTS = {
     # DeepSeek-V3's layout: latent attention (query latent 16, kv latent 12, heads of 6 + 4 rotary channels, values
     # 5 wide, rotary channels interleaved), 16 experts in 4 groups of which 2 are kept, top-4, weights normalised and
     # scaled by 2.5, two shared experts' width, one dense layer first.
+    # DeepSeek-V2-Lite's layout: no query latent, 8 experts top-2 by softmax probabilities as they are, scaled,
+    # two shared experts' width, one dense layer first, DeepSeek-V2-Lite's YaRN (mscales 0.707).
+    "deepseek_v2": {"num_key_value_heads": 4, "q_lora_rank": None, "kv_lora_rank": 12, "qk_nope_head_dim": 6,
+                    "qk_rope_head_dim": 4, "v_head_dim": 5, "n_routed_experts": 8, "num_experts_per_tok": 2,
+                    "moe_intermediate_size": 24, "n_shared_experts": 2, "first_k_dense_replace": 1,
+                    "routed_scaling_factor": 1.5, "topk_method": "greedy",
+                    "rope_parameters": {"rope_type": "yarn", "factor": 40.0, "rope_theta": 1e4, "mscale": 0.707,
+                                        "mscale_all_dim": 0.707, "original_max_position_embeddings": 16}},
     "deepseek_v3": {"num_key_value_heads": 4, "q_lora_rank": 16, "kv_lora_rank": 12, "qk_nope_head_dim": 6,
                     "qk_rope_head_dim": 4, "v_head_dim": 5, "n_routed_experts": 16, "num_experts_per_tok": 4,
                     "moe_intermediate_size": 24, "n_shared_experts": 2, "first_k_dense_replace": 1, "n_group": 4,

@@ -399,6 +399,30 @@ def test_latent_attention_moe_exports_to_deepseek_v3_with_the_same_logits(tmp_pa
         assert (DeepseekV3ForCausalLM.from_pretrained(tmp_path / "out").eval()(x).logits - ref).abs().max() > 1e-4
 
 
+def test_latent_attention_with_softmax_routing_exports_to_deepseek_v2(tmp_path):
+    """DeepSeek-V2's architecture (latent attention, top-K softmax probabilities as they are, scaled, groups
+    scored by their best expert, shared experts, a dense layer first, V2-Lite's YaRN) exports as deepseek_v2 (auto):
+    transformers computes the same logits and the export reads back into the same weights."""
+    from transformers import DeepseekV2ForCausalLM
+
+    cfg = tiny_config(**{**MLA_EXPORT, "score_function": "softmax", "expert_bias": False, "renormalize": False,
+                         "topk_scaling_factor": 1.5, "router_num_groups": 4, "router_group_topk": 2,
+                         "rope_scaling": "yarn", "rope_scaling_factor": 40.0, "rope_yarn_mscale": 0.707,
+                         "rope_yarn_mscale_all_dim": 0.707, "rope_yarn_original_max_position": 16})
+    ours, config, x, ref = _auto_export_logits(tmp_path, cfg, DeepseekV2ForCausalLM)
+    assert config["model_type"] == "deepseek_v2" and config["topk_method"] == "group_limited_greedy"
+    source = read_hf(tmp_path / "out")
+    for name, t in ours.state_dict().items():
+        assert torch.equal(source.get(name), t), name
+    for settings, reason in (({"renormalize": True}, "takes the top-K probabilities as they are"),
+                             ({"router_group_topk": 1}, "scores groups by their best expert")):
+        save_native(tmp_path / "bad", tiny_config(**{**MLA_EXPORT, "score_function": "softmax", "expert_bias": False,
+                                                     "renormalize": False, "router_num_groups": 4,
+                                                     "router_group_topk": 2, **settings}))
+        with pytest.raises(ExportError, match=reason):
+            export(tmp_path / "bad", tmp_path / "bad_out", architecture="deepseek_v2")
+
+
 def test_multi_token_prediction_is_left_out_of_formats_without_it(tmp_path):
     """Multi-token prediction is training only: a Qwen3-MoE export of a model with a depth leaves the depth out, and
     transformers computes the main model's logits (DeepSeek-V3's format holds it: tests/convert/test_hf_import.py)."""

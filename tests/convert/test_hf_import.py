@@ -81,6 +81,15 @@ def verified_relative_difference(out: str) -> float:
     ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
                                    "original_max_position_embeddings": 16}},
      {"rope_scaling": "yarn", "rope_scaling_factor": 4.0, "rope_yarn_mscale": 1.0, "rope_yarn_mscale_all_dim": 0.0}),
+    # DeepSeek-V2-Lite's layout and YaRN; DeepSeek-V2's group-limited routing (groups scored by their best expert)
+    ("deepseek_v2", {}, {"multi_latent_attention": True, "q_lora_rank": 0, "score_function": "softmax",
+                         "renormalize": False, "expert_bias": False, "topk_scaling_factor": 1.5, "first_k_dense": 1,
+                         "shared_expert_ffn_hidden_size": 48, "rope_scaling": "yarn", "rope_yarn_mscale": 0.707,
+                         "rope_yarn_mscale_all_dim": 0.707}),
+    pytest.param("deepseek_v2", {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+                                 "q_lora_rank": 16, "norm_topk_prob": True},
+                 {"router_num_groups": 4, "router_group_topk": 2, "q_lora_rank": 16, "renormalize": False},
+                 marks=pytest.mark.slow),
     # Moonlight's layout: no query latent, one group; here also weights as picked and rotary channels in halves
     # (and its rms_norm_eps 1e-5, which transformers does not apply to the latents: they keep 1e-6)
     pytest.param("deepseek_v3", {"q_lora_rank": None, "n_group": 1, "topk_group": 1, "norm_topk_prob": False,
@@ -243,6 +252,9 @@ def test_sliding_window_sets_the_sequence_length(tmp_path):
                                          "mscale_all_dim": 1.0, "original_max_position_embeddings": 16,
                                          "attention_factor": 1.2}}, "explicit YaRN attention factor"),
     ("deepseek_v3", {"num_experts_per_tok": 2}, "scores each group by its 2 best experts"),
+    ("deepseek_v2", {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 1, "num_experts_per_tok": 2},
+     "scores each group by its best expert"),
+    ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method = 'noaux_tc'"),
     ("deepseek_v3", {"num_key_value_heads": 2}, "latent attention has a key and value per head"),
     ("deepseek_v3", {"attention_bias": True}, "attention_bias/mlp_bias = true is not part of the deepseek_v3"),
 ])
