@@ -215,14 +215,13 @@ def test_qwen3_30b_a3b_megatron_arguments_give_the_example_model():
 
 def test_multi_token_prediction_flags():
     """Megatron-LM's --mtp-num-layers / --mtp-loss-scaling-factor are DeepSeek-V3's multi-token prediction depths
-    and lambda; pipeline stages are refused with it (the depths need the embedding beside the output layer)."""
+    and lambda; pipeline stages take them (the last stage holds a copy of the embedding)."""
     from megatron_moe.parallel.mesh import parallel_sizes
 
     cfg, _ = parse_args(["--mtp-num-layers", "2", "--mtp-loss-scaling-factor", "0.3", "--num-experts", "4"])
     assert (cfg.model.mtp_num_layers, cfg.training.mtp_loss_scaling_factor) == (2, 0.3)
     cfg, _ = parse_args(["--mtp-num-layers", "1", "--pipeline-model-parallel-size", "2", "--global-batch-size", "8"])
-    with pytest.raises(ConfigError, match="model.mtp_num_layers = 1 with pipeline_model_parallel_size = 2"):
-        parallel_sizes(cfg, 2)
+    assert parallel_sizes(cfg, 2).pp == 2
     with pytest.raises(ConfigError, match="model.mtp_num_layers = -1; must not be negative"):
         parse_args(["--mtp-num-layers", "-1"])
 

@@ -386,7 +386,7 @@ def is_moe_block(cfg: Config, block_idx: int) -> bool:
     return is_moe_layer(cfg, min(block_idx, cfg.model.num_layers - 1))
 
 
-def main_logits(output: torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]) -> torch.Tensor:
+def main_logits(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The main prediction's logits of a :class:`MoETransformer` output (with multi-token prediction a tuple)."""
     return output[0] if isinstance(output, tuple) else output
 
@@ -394,10 +394,14 @@ def main_logits(output: torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]) 
 class MoETransformer(nn.Module):
     """Token ids [B, S] -> logits [B, S, vocab]; pipeline stages may drop embedding/norm/output.
 
+    A pipeline stage after the first has ``embeds_tokens = False``: its input is the previous stage's hidden
+    states. The last stage may still hold ``tok_embeddings``, a copy of the first stage's (tied output layer,
+    multi-token prediction), kept equal to it by :mod:`megatron_moe.parallel.pipeline`'s embedding sharing.
+
     With multi-token prediction (``model.mtp_num_layers`` D > 0) ``layers`` also holds the D depths' blocks
     (keys num_layers .. num_layers + D - 1, so that tensor parallelism, recompute, compilation and data
     parallelism treat them as every block; MoE or dense as the last layer), ``mtp`` their own parts
-    (:class:`MultiTokenPrediction`), and the whole model returns ``(logits, [logits of depth 1 .. D])``: depth
+    (:class:`MultiTokenPrediction`), and the whole model returns ``(logits, logits of depth 1, .., depth D)``: depth
     k's logits at position i predict token i + k + 1. As megatron-core, depth 1 takes the main model's
     normalised output (what the output layer reads) and depth k + 1 depth k's (after its own norm). Its input
     at position i is the embedding of token i + k, the tokens rolled left by k: the last k positions see
@@ -421,11 +425,14 @@ class MoETransformer(nn.Module):
         cos, sin = rope_tables(cfg.data.seq_length, m.rotary_dim, m.rope_theta, scaling=rope_scaling_of(m))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.embeds_tokens = True
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """tokens: int64 [B, S] (or hidden states [B, S, hidden] on a later pipeline stage)."""
+    def forward(self, tokens: torch.Tensor, mtp_tokens: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """tokens: int64 [B, S] (or hidden states [B, S, hidden] on a later pipeline stage); ``mtp_tokens``: the
+        token ids [B, S] that multi-token prediction embeds on a last pipeline stage (default ``tokens``)."""
         main = self.cfg.model.num_layers
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        h = self.tok_embeddings(tokens) if self.embeds_tokens else tokens
         for name, layer in self.layers.items():
             if int(name) < main:
                 h = layer(h, self.rope_cos, self.rope_sin)
@@ -433,14 +440,17 @@ class MoETransformer(nn.Module):
             return h
         x = self.norm(h)
         logits = self._head(x)
-        if not len(self.mtp) or self.tok_embeddings is None:
+        if not len(self.mtp):
             return logits
+        ids = tokens if self.embeds_tokens else mtp_tokens
+        if ids is None:
+            raise ValueError("a last pipeline stage with multi-token prediction needs the token ids (mtp_tokens)")
         predictions = []
         for k, depth in enumerate(self.mtp.values(), start=1):
-            y = depth.combine(x, self.tok_embeddings(torch.roll(tokens, -k, dims=1)))
+            y = depth.combine(x, self.tok_embeddings(torch.roll(ids, -k, dims=1)))
             x = depth.norm(self.layers[str(main + k - 1)](y, self.rope_cos, self.rope_sin))
             predictions.append(self._head(x))
-        return logits, predictions
+        return (logits, *predictions)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """The output layer (tied to the embedding, or absent on a pipeline stage before the last: h)."""

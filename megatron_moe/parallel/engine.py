@@ -53,7 +53,15 @@ from megatron_moe.parallel.data import (
 )
 from megatron_moe.parallel.loss import global_token_normalizer, lm_loss_from_target, loss_target, mtp_target
 from megatron_moe.parallel.mesh import ParallelSizes, build_mesh, check_grouped_gemm_shapes, parallel_sizes
-from megatron_moe.parallel.pipeline import Pipeline, build_stage_module, split_layers, stage_indices
+from megatron_moe.parallel.pipeline import (
+    Pipeline,
+    SharedEmbedding,
+    build_stage_module,
+    embedding_group,
+    last_stage_needs_embedding,
+    split_layers,
+    stage_indices,
+)
 from megatron_moe.parallel.tensor import apply_tensor_parallel
 
 
@@ -169,6 +177,9 @@ class ParallelEngine:
         self.parts: list[nn.Module] = []
         self.module = nn.ModuleList()
         self.pipeline: Pipeline | None = None
+        self.shared_embedding: SharedEmbedding | None = None  # pp > 1 with a tied output or multi-token prediction
+        self._lm_total: torch.Tensor | None = None  # the step's LM loss on a last pipeline stage
+        self._counting = True  # False while a pipeline schedule infers shapes on placeholder inputs
         self.moe = MoELayerSet()
 
     @property
@@ -236,6 +247,8 @@ class ParallelEngine:
             if s.dp > 1 or cfg.training.bf16:
                 apply_data_parallel(part, self.mesh["dp"], o.data_parallel_shard, cfg.training.bf16,
                                     o.grad_reduce_in_bf16)
+        if num_stages > 1 and last_stage_needs_embedding(cfg.model):
+            self.shared_embedding = self._share_embedding(parts, indices, num_stages)
         self.moe = MoELayerSet(local_moe, len(moe_names), cfg.moe.num_experts)
         self.moe.set_balance_group(self.dp_group)  # TP ranks route the same tokens: dp is the whole batch
         self.parts = parts
@@ -251,13 +264,30 @@ class ParallelEngine:
                 self.device,
                 o.pipeline_schedule,
                 s.num_microbatches,
-                self._loss_fn,
-                self.moe,
+                self._objective,
+                self._muted,
             )
         return self.module
 
+    def _share_embedding(self, parts: list[nn.Module], indices: list[int], num_stages: int) -> SharedEmbedding:
+        """The first and the last stage's embedding kept equal (:class:`.pipeline.SharedEmbedding`), its copy on
+        the last stage set to the first stage's weights (they differ after per-stage initialisation)."""
+        group = embedding_group(self.mesh)
+        weight, is_copy = None, False
+        for part, index in zip(parts, indices, strict=True):
+            if index in (0, num_stages - 1):
+                weight, is_copy = part.tok_embeddings.weight, index != 0
+        shared = SharedEmbedding(weight, is_copy, group)
+        shared.sync_weights()
+        return shared
+
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
+
+    def _norm_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose elements the norms count: all but a pipeline stage's copy of the embedding."""
+        params = self.parameters()
+        return params if self.shared_embedding is None else self.shared_embedding.norm_parameters(params)
 
     def _set_num_micro(self, n: int) -> None:
         """Every loss of a step, LM and auxiliary, is averaged over its ``n`` micro-batches."""
@@ -279,6 +309,32 @@ class ParallelEngine:
         losses = [self._loss_fn(logits, mtp_target(target, k)) for k, logits in enumerate(predictions, start=1)]
         return torch.stack(losses).mean()
 
+    def _objective(self, output, target: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's objective from the model's output: its LM loss (:meth:`_loss_fn`), plus with
+        multi-token prediction lambda x :meth:`_mtp_loss` (DeepSeek-V3 eq. 25). Adds the detached LM and MTP
+        losses to the step's totals."""
+        logits, predictions = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
+        loss = objective = self._loss_fn(logits, target)
+        if predictions:
+            mtp = self._mtp_loss(predictions, target)
+            objective = loss + self.cfg.training.mtp_loss_scaling_factor * mtp
+            if self._counting:
+                self._mtp_total += mtp.detach()
+        if self._counting:
+            self._lm_total += loss.detach()
+        return objective
+
+    @contextlib.contextmanager
+    def _muted(self):
+        """Neither the MoE statistics nor the step's losses count what runs inside (a pipeline schedule's shape
+        inference on placeholder inputs)."""
+        self._counting = False
+        try:
+            with self.moe.muted_stats():
+                yield
+        finally:
+            self._counting = True
+
     # ------------------------------------------------------------------ steps
     def _stack(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = torch.cat([b["tokens"] for b in batches])
@@ -296,26 +352,20 @@ class ParallelEngine:
         tokens, target = self._stack(batches)
         if self.cfg.training.calculate_per_token_loss:
             self._token_normalizer = global_token_normalizer(target, self.dp_group, self.sizes.dp)
-        if self.pipeline is not None:  # the schedule sets the data-parallel sync of each micro-batch itself
-            return self.pipeline.run(tokens, target, train)
-        (part,) = self.parts
-        total = torch.zeros((), device=self.device)
+        self._lm_total = torch.zeros((), device=self.device)
         self._mtp_total = torch.zeros((), device=self.device) if self.cfg.model.mtp_num_layers else None
+        if self.pipeline is not None:  # the schedule sets the data-parallel sync of each micro-batch itself
+            self.pipeline.run(tokens, target, train)
+            return self._lm_total if self.pipeline.has_last else None
+        (part,) = self.parts
         b = batches[0]["tokens"].shape[0]
         for i in range(len(batches)):
             if train:
                 set_micro_batch(self.parts, last=i == len(batches) - 1, shard=self.cfg.parallel.data_parallel_shard)
-            output, micro_target = part(tokens[i * b : (i + 1) * b]), target[i * b : (i + 1) * b]
-            logits, predictions = output if isinstance(output, tuple) else (output, None)
-            loss = objective = self._loss_fn(logits, micro_target)
-            if predictions is not None:  # multi-token prediction (DeepSeek-V3 eq. 25)
-                mtp = self._mtp_loss(predictions, micro_target)
-                objective = loss + self.cfg.training.mtp_loss_scaling_factor * mtp
-                self._mtp_total += mtp.detach()
+            objective = self._objective(part(tokens[i * b : (i + 1) * b]), target[i * b : (i + 1) * b])
             if train:
                 objective.backward()
-            total += loss.detach()
-        return total
+        return self._lm_total
 
     def train_step(self, batches: list[dict], optimizer: torch.optim.Optimizer, clip_grad: float) -> StepResult:
         """One optimizer step over this rank's ``num_microbatches`` micro-batches (dicts of [B, S] tensors).
@@ -329,8 +379,11 @@ class ParallelEngine:
         total = self._forward_backward(batches, train=True)
         params = self.parameters()
         materialize_partial_grads(params)
+        if self.shared_embedding is not None:
+            self.shared_embedding.reduce_grads()
         log = self.cfg.logging
-        grad_norm, num_zeros = global_grad_norm(params, s.pp, self.device, count_zeros=log.log_num_zeros_in_grad)
+        grad_norm, num_zeros = global_grad_norm(self._norm_parameters(), s.pp, self.device,
+                                                count_zeros=log.log_num_zeros_in_grad)
         lm = self._reduce_loss(total)
         mtp = self._reduce_loss(self._mtp_total) if self.cfg.model.mtp_num_layers else None
         stats = self._reduce_stats()
@@ -346,7 +399,7 @@ class ParallelEngine:
             loads = torch.stack([st.counts for st in stats])
             self.moe.update_expert_biases(loads, self.cfg.moe.expert_bias_update_rate, finite)
         optimizer.zero_grad(set_to_none=True)
-        params_norm = global_params_norm(params, s.pp, self.device) if log.log_params_norm else None
+        params_norm = global_params_norm(self._norm_parameters(), s.pp, self.device) if log.log_params_norm else None
         return StepResult(lm, aux, grad_norm.detach(), stats, finite, params_norm, num_zeros, mtp)
 
     @torch.no_grad()

@@ -88,12 +88,6 @@ def parallel_sizes(cfg: Config, world_size: int) -> ParallelSizes:
             f"pipeline_model_parallel_size ({pp}) x virtual stages ({virtual_stages}) = {stages} pipeline "
             f"stages exceed model.num_layers = {m.num_layers}: every stage needs at least one layer"
         )
-    if pp > 1 and m.tie_embeddings:
-        raise ConfigError("model.tie_embeddings is not supported with pipeline_model_parallel_size > 1")
-    if pp > 1 and m.mtp_num_layers:
-        raise ConfigError(f"model.mtp_num_layers = {m.mtp_num_layers} with pipeline_model_parallel_size = {pp}: "
-                          "multi-token prediction needs the embedding beside the output layer, which pipeline "
-                          "stages do not share here yet; use tensor and data parallelism")
     num_micro = cfg.training.num_microbatches(dp)
     if virtual_stages > 1 and num_micro % pp:
         raise ConfigError(

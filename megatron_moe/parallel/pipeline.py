@@ -17,18 +17,21 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
 )
+from torch.distributed.tensor import DTensor
 
-from megatron_moe.config import PIPELINE_SCHEDULES, ConfigError
-from megatron_moe.model.moe import MoELayerSet
+from megatron_moe.config import PIPELINE_SCHEDULES, ConfigError, ModelConfig
 
 
 def split_layers(num_layers: int, num_stages: int, first_last_fewer: bool = False) -> list[list[int]]:
@@ -69,19 +72,97 @@ def stage_indices(pp_rank: int, pp_size: int, virtual_stages: int) -> list[int]:
     return [pp_rank + i * pp_size for i in range(virtual_stages)]
 
 
+def last_stage_needs_embedding(m: ModelConfig) -> bool:
+    """Whether the last pipeline stage holds a copy of the embedding: the tied output layer reads its weight,
+    multi-token prediction embeds the shifted tokens (Megatron-LM's shared embedding of the last stage)."""
+    return m.tie_embeddings or m.mtp_num_layers > 0
+
+
 def build_stage_module(model: nn.Module, layer_ids: list[int], is_first: bool, is_last: bool) -> nn.Module:
-    """A deep copy of ``model`` keeping only ``layer_ids`` (and the embedding / head on the ends)."""
+    """A deep copy of ``model`` keeping only ``layer_ids`` (and the embedding / head on the ends).
+
+    The last stage also keeps the multi-token prediction depths (their blocks and parts) and, where
+    :func:`last_stage_needs_embedding`, the embedding; on a stage after the first it does not embed the
+    stage input (``embeds_tokens = False``).
+    """
     stage = copy.deepcopy(model)
+    m = model.cfg.model
     keep = {str(i) for i in layer_ids}
+    if is_last:
+        keep |= {str(i) for i in range(m.num_layers, m.num_layers + m.mtp_num_layers)}
     for name in list(stage.layers.keys()):
         if name not in keep:
             del stage.layers[name]
-    if not is_first:
+    stage.embeds_tokens = is_first
+    if not is_first and not (is_last and last_stage_needs_embedding(m)):
         stage.tok_embeddings = None
     if not is_last:
         stage.norm = None
         stage.output = None
+        stage.mtp = nn.ModuleDict()
     return stage
+
+
+class SharedEmbedding:
+    """The embedding the first and the last pipeline stage both hold (:func:`last_stage_needs_embedding`),
+    kept equal as Megatron-LM keeps its "embedding group": the last stage's copy starts as the first stage's
+    weights and, every step, both take the sum of their gradients, so the identical optimizer updates keep
+    them equal. The copy is left out of the gradient and parameter norms (each element once).
+
+    Args:
+        weight: this rank's embedding weight (first stage) or its copy (last stage); None on other ranks.
+        is_copy: ``weight`` is the last stage's copy.
+        group: the two ranks of this (dp, tp) position holding the first and the last stage
+            (:func:`embedding_group`).
+    """
+
+    def __init__(self, weight: torch.Tensor | None, is_copy: bool, group):
+        self.weight, self.is_copy, self.group = weight, is_copy, group
+
+    @torch.no_grad()
+    def sync_weights(self) -> None:
+        """Give the copy the first stage's weights (a sum with the copy zeroed: one all-reduce)."""
+        if self.weight is None:
+            return
+        local = _local(self.weight)
+        if self.is_copy:
+            local.zero_()
+        dist.all_reduce(local, group=self.group)
+
+    @torch.no_grad()
+    def reduce_grads(self) -> None:
+        """Sum the two stages' gradients of the embedding (after the data-parallel reduction)."""
+        if self.weight is not None and self.weight.grad is not None:
+            dist.all_reduce(_local(self.weight.grad), group=self.group)
+
+    def norm_parameters(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        """``params`` without the copy."""
+        if not self.is_copy:
+            return params
+        return [p for p in params if p is not self.weight]
+
+
+def embedding_group(mesh: DeviceMesh):
+    """The process group of the first and the last pipeline rank at this rank's (dp, tp) position, or None on a
+    rank between them. Every rank takes part in creating every such group (torch's ``new_group`` rule); with two
+    pipeline ranks it is the pipeline group."""
+    pp = mesh["pp"].size()
+    if pp == 2:
+        return mesh["pp"].get_group()
+    ranks = mesh.mesh
+    me = dist.get_rank()
+    mine = None
+    for d in range(ranks.shape[1]):
+        for t in range(ranks.shape[2]):
+            pair = [int(ranks[0, d, t]), int(ranks[pp - 1, d, t])]
+            group = dist.new_group(pair)
+            if me in pair:
+                mine = group
+    return mine
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def build_schedule(stages: list[PipelineStage], schedule: str, num_microbatches: int, loss_fn: Callable):
@@ -113,14 +194,14 @@ def _receive_buffers_require_grad(stage: PipelineStage) -> None:
                 buffer.requires_grad_(True)
 
 
-def _wrap_stage_infrastructure(stage: PipelineStage, moe: MoELayerSet) -> None:
+def _wrap_stage_infrastructure(stage: PipelineStage, muted: Callable[[], AbstractContextManager]) -> None:
     """Hooks around the stage's one-time set-up (private methods of torch.distributed.pipelining.PipelineStage,
     checked to exist here):
 
     - On its first step a schedule runs each stage once forward (and backward) on placeholder tensors to
       infer shapes (under ``fork_rng``, so random draws are not consumed). Those passes must not enter the
-      per-layer MoE statistics: ``_prepare_forward_infra`` / ``_prepare_backward_infra`` run inside
-      ``moe.muted_stats()``.
+      per-layer MoE statistics nor the step's losses: ``_prepare_forward_infra`` / ``_prepare_backward_infra``
+      run inside ``muted()``.
     - After ``_prepare_backward_infra`` (the first training call) the receive buffers require grad
       (:func:`_receive_buffers_require_grad`).
     """
@@ -130,7 +211,7 @@ def _wrap_stage_infrastructure(stage: PipelineStage, moe: MoELayerSet) -> None:
             raise RuntimeError(f"torch.distributed.pipelining.PipelineStage has no {name}; update the engine")
 
         def wrapped(*args, _original=original, _name=name, **kwargs):
-            with moe.muted_stats():
+            with muted():
                 result = _original(*args, **kwargs)
             if _name == "_prepare_backward_infra":
                 _receive_buffers_require_grad(stage)
@@ -150,35 +231,39 @@ class Pipeline:
         device: this rank's device.
         schedule: one of :data:`~megatron_moe.config.PIPELINE_SCHEDULES`.
         num_microbatches: micro-batches per step.
-        loss_fn: ``loss_fn(logits, target) -> scalar`` (already divided by ``num_microbatches``).
-        moe: this rank's MoE layers (their statistics are muted during shape inference).
+        loss_fn: ``loss_fn(output, target) -> scalar``: the last stage's output (logits, or with multi-token
+            prediction ``(logits, depth 1 logits, ..)``) -> the micro-batch's objective (already divided by
+            ``num_microbatches``).
+        muted: a context in which the step's statistics (MoE layers', losses) are not counted: the shape
+            inference of the schedule's first call runs in it.
     """
 
     def __init__(self, parts, indices, num_stages, group, device, schedule, num_microbatches, loss_fn,
-                 moe: MoELayerSet):
+                 muted: Callable[[], AbstractContextManager]):
         self.parts = parts
         self.stages = [
             PipelineStage(part, idx, num_stages, device, group=group)
             for part, idx in zip(parts, indices, strict=True)
         ]
         for stage in self.stages:
-            _wrap_stage_infrastructure(stage, moe)
+            _wrap_stage_infrastructure(stage, muted)
         self.has_first = any(s.is_first for s in self.stages)
         self.has_last = any(s.is_last for s in self.stages)
+        self.embeds_for_mtp = any(len(part.mtp) for part in parts)
         self.schedule = build_schedule(self.stages, schedule, num_microbatches, loss_fn)
         self.group = group
 
-    def run(self, tokens: torch.Tensor, target: torch.Tensor, train: bool) -> torch.Tensor | None:
+    def run(self, tokens: torch.Tensor, target: torch.Tensor, train: bool) -> None:
         """Run one global step over the micro-batches stacked in ``tokens``/``target`` [n_micro * B, S].
 
-        Returns the sum of the micro-batch losses on the rank holding the last stage, else None.
+        The loss function sees each micro-batch's last-stage output (what it reports is its own business).
+        With multi-token prediction the last stage also receives the micro-batch's token ids.
         """
         args = (tokens,) if self.has_first else ()
         kwargs = {"target": target, "losses": []} if self.has_last else {}
+        if self.has_last and self.embeds_for_mtp:
+            kwargs["mtp_tokens"] = tokens
         if train:
             self.schedule.step(*args, return_outputs=False, **kwargs)
         else:
             self.schedule.eval(*args, return_outputs=False, **kwargs)
-        if not self.has_last:
-            return None
-        return torch.stack([loss.detach() for loss in kwargs["losses"]]).sum()

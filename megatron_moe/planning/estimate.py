@@ -112,6 +112,9 @@ def _comm(cfg: Config, sizes: ParallelSizes, sim: RankSim) -> dict[str, int]:
     act = 2 if cfg.training.bf16 else 4
     tp = sum(c.tp_bytes[g] * m + c.tp_step_bytes for c in sim.chunks)
     pp = sum(m * c.boundary_bytes * ((not c.is_last) + (not c.is_first)) for c in sim.chunks) if sizes.pp > 1 else 0
+    # The first and last stage sum their gradients of the embedding they share (fp32 master gradients),
+    # on their own group: pipeline traffic (the pipeline group itself when pp = 2)
+    pp += 4 * sim.shared_embedding_params
     dp = 0
     grad_bytes = 2 if cfg.parallel.grad_reduce_in_bf16 else 4
     if sizes.dp > 1:

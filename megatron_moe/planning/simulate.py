@@ -71,6 +71,7 @@ class RankSim:
     largest_block_params: int  # elements of the largest transformer block on this rank (local)
     chunks: list[ChunkSim]
     model_params: dict[str, int]
+    shared_embedding_params: int = 0  # local elements of the embedding shared by the first and last stage
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -123,6 +124,9 @@ def _whole_world(cfg: Config, sizes: ParallelSizes, rank: int) -> dict:
             "fsdp_units": _fsdp_units(module, sizes.dp) if sizes.dp > 1 or cfg.training.bf16 else [],
             "largest_block_params": max((sum(_local(p).numel() for p in b.parameters()) for b in blocks), default=0),
             "model_params": dict(engine.param_counts),
+            "shared_embedding_params": (_local(engine.shared_embedding.weight).numel()
+                                        if engine.shared_embedding is not None
+                                        and engine.shared_embedding.weight is not None else 0),
         }
 
 
@@ -159,7 +163,7 @@ def _trace_chunk(cfg: Config, part: nn.Module, tp: int, mode: FakeTensorMode, ac
         with mode:
             return torch.zeros(b, s // tp, h, dtype=act_dtype, requires_grad=True)
 
-    if part.tok_embeddings is not None:
+    if part.embeds_tokens:
         out["embedding"] = trace_piece(mode, part, lambda: part.tok_embeddings(tokens))
     first_of_kind: dict[str, str] = {}  # kind -> name of its first block
     counts: dict[str, int] = {}
@@ -184,7 +188,7 @@ def _trace_chunk(cfg: Config, part: nn.Module, tp: int, mode: FakeTensorMode, ac
     for kind, name in first_of_kind.items():
         traces = {"none": none[kind], "full": full[kind], "selective": run_block(part.layers[name])}
         out["blocks"][kind] = (counts[kind], traces)
-    if part.output is not None:
+    if part.norm is not None:
         x = hidden()
         out["head"] = trace_piece(mode, part, lambda: _head_loss(part, x, tokens))
     return out
@@ -194,10 +198,10 @@ def _head_loss(part: nn.Module, x: torch.Tensor, tokens: torch.Tensor) -> torch.
     """The last stage's head: the final norm, output layer and loss; with multi-token prediction also each
     depth's embedding, norms, projection, output layer and loss (its block is traced with the others)."""
     x = part.norm(x)
-    loss = lm_loss_from_target(part.output(x), tokens)
+    loss = lm_loss_from_target(part._head(x), tokens)
     for depth in part.mtp.values():
         x = depth.norm(depth.combine(x, part.tok_embeddings(tokens)))
-        loss = loss + lm_loss_from_target(part.output(x), tokens)
+        loss = loss + lm_loss_from_target(part._head(x), tokens)
     return loss
 
 

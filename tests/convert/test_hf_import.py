@@ -225,7 +225,7 @@ def test_deepseek_v3_multi_token_prediction_depths_read_back_and_transformers_le
         y = big.model.layers[2](y, position_ids=positions, position_embeddings=big.model.rotary_emb(y, positions))
         y = y[0] if isinstance(y, tuple) else y
         reference = rms(y, "shared_head.norm") @ weights["model.layers.2.shared_head.head.weight"].t()
-        torch.testing.assert_close(ours(x)[1][0][:, :s], reference, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours(x)[1][:, :s], reference, atol=1e-5, rtol=0)
     make_hf(tmp_path / "saved", "deepseek_v3", num_nextn_predict_layers=1)
     assert read_hf(tmp_path / "saved").cfg.model.mtp_num_layers == 0
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

@@ -177,7 +177,7 @@ def test_multi_token_prediction_depths_match_a_truncated_sequence_reference(tiny
     model = build_model(cfg, "cpu", seed=2).double()
     _randomize(model, 3)
     tokens = torch.randint(0, 96, (2, 10))
-    logits, predictions = model(tokens)
+    logits, *predictions = model(tokens)
     main, s = cfg.model.num_layers, tokens.shape[1]
     h = model.tok_embeddings(tokens)
     for i in range(main):

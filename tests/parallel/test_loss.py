@@ -121,7 +121,7 @@ def test_multi_token_prediction_loss_is_the_mean_of_the_depths_shifted_cross_ent
     engine = ParallelEngine(cfg)
     module = engine.build_model()
     with torch.no_grad():
-        logits, predictions = module[0](batch["tokens"])
+        logits, *predictions = module[0](batch["tokens"])
     s, labels, mask = batch["tokens"].shape[1], batch["labels"], batch["loss_mask"].bool()
 
     def ce(z, y, m):

@@ -53,7 +53,8 @@ def _config(model: str, tp: int = 1, pp: int = 1):
     the sequence-wise balance loss) or "qk-norm" (Qwen3's attention: LayerNorm query/key norms on heads of
     12, not hidden / heads = 8, via model.kv_channels), "shared-expert" (Qwen2-MoE's sigmoid-gated shared
     expert beside top-K), "mla" / "mla-direct-q" (DeepSeek-V3's multi-latent attention with / without the query
-    latent and the latent norms), "mtp" (DeepSeek-V3's multi-token prediction, two depths) or "expert-bias"
+    latent and the latent norms), "mtp" (DeepSeek-V3's multi-token prediction, two depths), "tied" / "tied-mtp"
+    (the output layer tied to the embedding; with one depth) or "expert-bias"
     (DeepSeek-V3's sigmoid routing with an expert bias, moved after every step by the global loads: a large
     rate, so that the second step routes by it; group-limited); parameter norms and gradient zero counts
     logged."""
@@ -66,6 +67,8 @@ def _config(model: str, tp: int = 1, pp: int = 1):
                 "mla": {**MLA, "q_lora_rank": 12, "qk_layernorm": True},
                 "mla-direct-q": MLA,
                 "mtp": {"router": "topk", "mtp_num_layers": 2},
+                "tied": {"router": "topk", "tie_embeddings": True},
+                "tied-mtp": {"router": "topk", "tie_embeddings": True, "mtp_num_layers": 1},
                 "expert-bias": {"router": "topk", "score_function": "sigmoid", "expert_bias": True,
                                 "expert_bias_update_rate": 0.05, "topk_scaling_factor": 2.5, "router_num_groups": 2,
                                 "router_group_topk": 1},
@@ -121,8 +124,11 @@ def _variants(tp: int, pp: int, dp: int) -> list[tuple[str, str, dict]]:
         out.append(("mla", "topk/latent-attention", {}))
     if (tp, pp, dp) == (2, 1, 1):  # queries straight from the (gathered) hidden state
         out.append(("mla-direct-q", "topk/latent-attention-direct-q", {}))
-    if (tp, pp, dp) in ((2, 1, 1), (1, 1, 2), (2, 1, 2)):  # depths' parts on sequence shards; their blocks as all
+    if (tp, pp, dp) in ((2, 1, 1), (1, 1, 2), (2, 1, 2), (1, 2, 1), (2, 2, 1), (1, 2, 2)):
+        # depths' parts on sequence shards, their blocks as all; under pp on the last stage with its embedding copy
         out.append(("mtp", "topk/multi-token-prediction", {"data_parallel_shard": dp > 1}))
+    if (tp, pp, dp) in ((1, 2, 1), (1, 2, 2)):  # the output layer on the last stage reads the embedding's copy
+        out += [("tied", f"topk/tied-embeddings/{o.get('pipeline_schedule', default)}", o) for o in schedules]
     if (tp, pp, dp) in ((1, 1, 2), (1, 2, 1), (2, 1, 1)):  # loads summed over dp; each stage moves its layers' biases
         out.append(("expert-bias", "sigmoid/expert-bias", {}))
     return out
@@ -162,7 +168,14 @@ def _meta_init_trains(mesh, tp: int, pp: int) -> bool:
     if any(p.is_meta for p in module.parameters()):
         return False
     res = engine.train_step(STEP_BATCHES[0], torch.optim.SGD(engine.parameters(), lr=0.1), 1.0)
-    return math.isfinite(res.lm_loss.item()) and math.isfinite(res.grad_norm.item())
+    if not (math.isfinite(res.lm_loss.item()) and math.isfinite(res.grad_norm.item())):
+        return False
+    # Stages initialised from their own seeds: the last stage's copy of the embedding still starts as the first's.
+    engine = ParallelEngine(_config("tied-mtp", tp, pp), mesh=mesh)
+    (part,) = engine.build_model(meta_init=True)
+    embeddings = [None] * pp
+    dist.all_gather_object(embeddings, part.tok_embeddings.weight.detach().clone(), group=mesh["pp"].get_group())
+    return torch.equal(embeddings[0], embeddings[-1]) and bool(embeddings[0].abs().sum() > 0)
 
 
 def _released_checkpoint_logit_diff(mesh, ckpt: str, tokens: torch.Tensor, ref: torch.Tensor) -> float:
@@ -216,6 +229,10 @@ def _layouts_body(rank, world, layouts, refs, gb_ref, released_ckpt=None):
                 mesh, *released_ckpt)
         if (tp, pp, dp) == (1, 2, 1):
             results[f"{prefix} meta_init_trains"] = _meta_init_trains(mesh, tp, pp)
+        if (tp, pp, dp) == (2, 2, 1):  # four stages: the embedding's group is the first and last rank, not pp
+            pp4 = init_device_mesh("cpu", (4, 1, 1), mesh_dim_names=("pp", "dp", "tp"))
+            results["tp1-pp4-dp1 topk/tied-embeddings+multi-token-prediction"] = compare(
+                run_steps(_config("tied-mtp", 1, 4), STEP_BATCHES, pp4), refs["tied-mtp"])
         if (tp, pp, dp) == (1, 1, 2):
             cfg = tiny_config(micro=2, global_batch=4)
             cfg.moe.balance_scope = "global"
@@ -235,7 +252,8 @@ def test_layouts_match_single_process(world, tmp_path):
     """Layouts (tp, pp, dp) of this world size: losses, grad norms and parameters after a step."""
     layouts = [lay for lay in LAYOUTS if lay[0] * lay[1] * lay[2] == world]
     refs = {m: reference(m) for m in ("topk", "sparsemixer", "released", "released-1p", "sequence-balance",
-                                      "qk-norm", "shared-expert", "expert-bias", "mla", "mla-direct-q", "mtp")}
+                                      "qk-norm", "shared-expert", "expert-bias", "mla", "mla-direct-q", "mtp", "tied",
+                                      "tied-mtp")}
     gb_ref = global_balance_reference() if (1, 1, 2) in layouts else None
     released_ckpt = _save_released_checkpoint(tmp_path / "released") if (2, 1, 1) in layouts else None
     results = run_distributed(_layouts_body, world, (layouts, refs, gb_ref, released_ckpt), timeout=400)

@@ -39,6 +39,9 @@ LAYOUTS = {
                    "qk_layernorm": True},
     # DeepSeek-V3's multi-token prediction (one depth: its block, projection and second pass through the head)
     "tp2dp2-mtp": {"tp": 2, "pp": 1, "mtp_num_layers": 1},
+    # ... and under pipeline stages with the output layer tied: the last stage's copy of the embedding, its
+    # optimizer state and the two stages' gradient sum
+    "dp2pp2-tied-mtp": {"pp": 2, "tie_embeddings": True, "mtp_num_layers": 1},
 }
 
 

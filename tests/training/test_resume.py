@@ -27,9 +27,10 @@ from tests.builders import loop_config
 ROOT = Path(__file__).parents[2]
 
 
-def cfg_for(corpus, run_dir, tp=1, pp=1, router="sparsemixer", iters=6):
+def cfg_for(corpus, run_dir, tp=1, pp=1, router="sparsemixer", iters=6, mtp=0):
     cfg = loop_config(corpus, run_dir, tp, pp)
     cfg.moe.router = router
+    cfg.model.mtp_num_layers = mtp
     cfg.training.train_iters, cfg.training.eval_interval = iters, 3
     cfg.checkpoint.save_interval = 3
     return cfg
@@ -91,11 +92,11 @@ def test_interrupted_and_resumed_equals_uninterrupted_bitwise(loop_corpus, tmp_p
 
 
 def _layout_body(rank, world, corpus, root, mode):
-    cfg = cfg_for(corpus, root / mode, tp=2, pp=2, router="topk")
+    cfg = cfg_for(corpus, root / mode, tp=2, pp=2, router="topk", mtp=1)
     if mode == "parts":
         cfg.training.exit_interval = 3
         train(cfg)
-        cfg = cfg_for(corpus, root / mode, tp=2, pp=2, router="topk")
+        cfg = cfg_for(corpus, root / mode, tp=2, pp=2, router="topk", mtp=1)
         cfg.checkpoint.load = str(root / mode)
     elif mode == "from_single":
         cfg.checkpoint.load = str(root / "single_parts")
@@ -105,6 +106,8 @@ def _layout_body(rank, world, corpus, root, mode):
 
 @pytest.mark.slow
 def test_resume_in_2x2_layout_and_resharded_loads(loop_corpus, tmp_path):
+    """With a depth of multi-token prediction: the last pipeline stage's copy of the embedding is saved under the
+    embedding's name (once) and loaded into both stages."""
     corpus = loop_corpus
     # Uninterrupted and interrupted+resumed runs in tp=2 x pp=2 (4 ranks): identical losses.
     run_distributed(_layout_body, 4, (corpus, tmp_path, "full"), timeout=300)
@@ -112,20 +115,21 @@ def test_resume_in_2x2_layout_and_resharded_loads(loop_corpus, tmp_path):
     full, parts = losses(tmp_path / "full"), losses(tmp_path / "parts")
     for step in (4, 5, 6):
         assert parts[step] == full[step], step
+    assert full[6][4] is not None  # the multi-token prediction loss, from the last stage
     # Saved with tp=2, pp=2, resumed in one process: the continuation matches the 2x2 run.
-    single = cfg_for(corpus, tmp_path / "from_2x2", router="topk")
+    single = cfg_for(corpus, tmp_path / "from_2x2", router="topk", mtp=1)
     single.checkpoint.load = str(resolve_checkpoint(tmp_path / "full").parent / "iter_0000003")
     train(single)
     resharded = losses(tmp_path / "from_2x2")
     # ...and the reverse: saved by one process, resumed with tp=2, pp=2.
-    first = cfg_for(corpus, tmp_path / "single_parts", router="topk")
+    first = cfg_for(corpus, tmp_path / "single_parts", router="topk", mtp=1)
     first.training.exit_interval = 3
     train(first)
     run_distributed(_layout_body, 4, (corpus, tmp_path, "from_single"), timeout=300)
     reverse = losses(tmp_path / "from_single")
     for step in (4, 5, 6):
         for got in (resharded[step], reverse[step]):
-            for a, b in zip(got[:3], full[step][:3], strict=True):
+            for a, b in zip(got[:3] + got[4:], full[step][:3] + full[step][4:], strict=True):
                 assert a == pytest.approx(b, rel=1e-5), step
             assert got[3] == pytest.approx(full[step][3], rel=1e-5)
 
