@@ -373,6 +373,15 @@ class MultiTokenPrediction(nn.Module):
         return self.proj(torch.cat([self.embedding_norm(embedded), self.hidden_norm(hidden)], dim=-1))
 
 
+class TiedOutput(nn.Module):
+    """The output layer tied to the embedding (``model.tie_embeddings``): logits = h E^T with the embedding's
+    weight E passed in, so that the weight is held (and checkpointed) once, as the embedding's."""
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """h [B, S, H], weight [V, H] -> logits [B, S, V]."""
+        return F.linear(h, weight)
+
+
 def is_moe_layer(cfg: Config, layer_idx: int) -> bool:
     """Whether layer ``layer_idx`` (0-based) has an MoE feed-forward: after the first k dense, every freq-th."""
     e = cfg.moe
@@ -419,8 +428,8 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i)
                                      for i in range(m.num_layers + m.mtp_num_layers)})
         self.norm: nn.Module | None = build_norm(m)
-        self.output: nn.Linear | None = (
-            None if m.tie_embeddings else nn.Linear(m.hidden_size, m.vocab_size, bias=m.lm_head_bias))
+        self.output: nn.Linear | TiedOutput | None = (
+            TiedOutput() if m.tie_embeddings else nn.Linear(m.hidden_size, m.vocab_size, bias=m.lm_head_bias))
         self.mtp = nn.ModuleDict({str(k): MultiTokenPrediction(m) for k in range(m.mtp_num_layers)})
         cos, sin = rope_tables(cfg.data.seq_length, m.rotary_dim, m.rope_theta, scaling=rope_scaling_of(m))
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -453,12 +462,10 @@ class MoETransformer(nn.Module):
         return (logits, *predictions)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        """The output layer (tied to the embedding, or absent on a pipeline stage before the last: h)."""
-        if self.output is not None:
-            return self.output(h)
-        if self.cfg.model.tie_embeddings and self.tok_embeddings is not None:
-            return F.linear(h, self.tok_embeddings.weight)
-        return h
+        """The output layer (or tied to the embedding)."""
+        if isinstance(self.output, TiedOutput):
+            return self.output(h, self.tok_embeddings.weight)
+        return self.output(h)
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

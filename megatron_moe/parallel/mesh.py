@@ -80,8 +80,6 @@ def parallel_sizes(cfg: Config, world_size: int) -> ParallelSizes:
     for name, value, why in divisible:
         if value % tp:
             raise ConfigError(f"tensor_model_parallel_size = {tp} does not divide {name} = {value}: {why}")
-    if tp > 1 and m.tie_embeddings:
-        raise ConfigError("model.tie_embeddings is not supported with tensor_model_parallel_size > 1")
     stages = pp * virtual_stages
     if stages > m.num_layers:
         raise ConfigError(

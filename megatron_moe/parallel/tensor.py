@@ -62,13 +62,14 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
 )
 
 from megatron_moe.model.moe import MoELayer
-from megatron_moe.model.transformer import FeedForward, LatentAttention
+from megatron_moe.model.transformer import FeedForward, LatentAttention, TiedOutput
 
 
 def _all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -211,7 +212,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
         root_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
     if model.norm is not None:
         root_plan["norm"] = SequenceParallel()
-    if model.output is not None:
+    if isinstance(model.output, TiedOutput):  # the vocabulary-parallel embedding's weight shards: Shard(0)
+        root_plan["output"] = PrepareModuleInputOutput(
+            input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None),
+            output_layouts=Shard(-1), desired_output_layouts=Shard(-1), use_local_input=False,
+            use_local_output=False)
+    elif model.output is not None:
         root_plan["output"] = ColwiseParallel(
             input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False
         )

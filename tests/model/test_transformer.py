@@ -290,10 +290,11 @@ def test_tied_embeddings_share_weight(tiny_config):
     cfg = tiny_config(**SMALL)
     cfg.model.tie_embeddings = True
     model = build_model(cfg)
-    assert model.output is None
+    assert not list(model.output.parameters()) and "output.weight" not in model.state_dict()
     h = torch.randint(0, 96, (1, 4))
     logits = model(h)
     assert logits.shape == (1, 4, 96)
+    torch.testing.assert_close(logits, model.norm(_hidden(model, h)) @ model.tok_embeddings.weight.T)
 
 
 def test_missing_vocab_size_is_an_error(tiny_config):
@@ -535,3 +536,11 @@ def test_apply_layernorm_1p_is_the_plain_norm_with_its_weight_plus_one(tiny_conf
     with torch.no_grad():
         assert torch.equal(one_p.eval()(tokens), plain.eval()(tokens))
         assert not torch.equal(build_model(tiny_config(**settings)).eval()(tokens), plain(tokens))
+
+
+def _hidden(model, tokens):
+    """The last block's output, by hand."""
+    h = model.tok_embeddings(tokens)
+    for layer in model.layers.values():
+        h = layer(h, model.rope_cos, model.rope_sin)
+    return h

@@ -129,6 +129,10 @@ def _variants(tp: int, pp: int, dp: int) -> list[tuple[str, str, dict]]:
         out.append(("mtp", "topk/multi-token-prediction", {"data_parallel_shard": dp > 1}))
     if (tp, pp, dp) in ((1, 2, 1), (1, 2, 2)):  # the output layer on the last stage reads the embedding's copy
         out += [("tied", f"topk/tied-embeddings/{o.get('pipeline_schedule', default)}", o) for o in schedules]
+    if (tp, pp, dp) in ((2, 1, 1), (2, 1, 2)):  # the tied output layer reads the vocabulary-parallel embedding
+        out.append(("tied", "topk/tied-embeddings", {"data_parallel_shard": dp > 1}))
+    if (tp, pp, dp) == (2, 2, 1):  # ... and its copy on the last stage, sharded as the first stage's
+        out.append(("tied-mtp", "topk/tied-embeddings+multi-token-prediction", {}))
     if (tp, pp, dp) in ((1, 1, 2), (1, 2, 1), (2, 1, 1)):  # loads summed over dp; each stage moves its layers' biases
         out.append(("expert-bias", "sigmoid/expert-bias", {}))
     return out
