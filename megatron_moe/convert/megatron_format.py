@@ -47,6 +47,11 @@ into the up-projections: ``linear_*_up_proj.layer_norm_weight``). megatron-core 
 as interleaved pairs, as DeepSeek does; they are reordered to halves. Its default YaRN is read at
 ``rotary_scaling_factor`` 1 (plain RoPE); other factors are refused.
 
+Multi-token prediction (``mtp_num_layers``; torch_dist only) maps onto ``model.mtp_num_layers``: depth k's
+``mtp.layers.k.enorm`` / ``hnorm`` / ``eh_proj`` / ``final_layernorm`` onto ``mtp.k.embedding_norm`` /
+``hidden_norm`` / ``proj`` / ``norm``, and its ``mtp.layers.k.transformer_layer.*`` read as decoder layer
+``num_layers + k``.
+
 Both model layouts are read: megatron-core (``decoder.layers.N.self_attention.linear_qkv.weight`` / ``.bias``,
 Transformer Engine fused norms ``...linear_qkv.layer_norm_weight`` / ``layer_norm_bias`` and
 ``...linear_fc1.layer_norm_weight`` / ``layer_norm_bias``, or the local spec's ``input_layernorm`` /
@@ -122,7 +127,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from megatron_moe.config import Config
 from megatron_moe.convert.hf_tensors import interleaved_rope_rows
 from megatron_moe.convert.source import ConversionError, DenseSource, ModelSource
-from megatron_moe.model.transformer import is_moe_layer
+from megatron_moe.model.transformer import is_moe_block, is_moe_layer
 from megatron_moe.training.checkpoint_files import _SafeUnpickler
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -132,7 +137,7 @@ DIST_METADATA = ".metadata"
 DIST_CONFIG = "metadata.json"
 # Newer megatron-core (0.19 seen; 0.16 writes common.pt) keeps the common state as one DCP bytes entry instead.
 DIST_COMMON_ENTRY = "common_state/shard_0_1"
-_MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")  # megatron-core GPTModel's sharded keys
+_MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")  # megatron-core GPTModel's sharded keys
 
 
 class OpaqueObject:
@@ -306,9 +311,23 @@ _MOE_ROLES = [(_LAYER + module, role) for module, role in (
     (r"mlp\.experts\.experts\.linear_fc2\.weight", "exp_fc2"),
     (r"mlp\.shared_experts\.linear_fc1\.weight", "sh_fc1"), (r"mlp\.shared_experts\.linear_fc2\.weight", "sh_fc2"),
     (r"mlp\.shared_experts\.gate_weight", "sh_gate"))]
+# Multi-token prediction (torch_dist only; megatron-core's MultiTokenPredictionLayer k, our ``mtp.k``): its norms of
+# the embedding and the hidden state, the [2H -> H] projection, its final norm. Its transformer layer
+# (``mtp.layers.k.transformer_layer.*``) reads as the decoder layer num_layers + k (:func:`_mtp_block_key`).
+_MTP = r"mtp\.layers\.(\d+)\."
+_WEIGHT_ONLY.append((_MTP + r"eh_proj\.weight", "mtp_proj"))
+_WEIGHT_AND_BIAS += [(_MTP + module + r"\.weight", _MTP + module + r"\.bias", role) for module, role in (
+    ("enorm", "mtp_enorm"), ("hnorm", "mtp_hnorm"), ("final_layernorm", "mtp_norm"))]
 _KEY_PATTERNS = _WEIGHT_ONLY + _LATENT_ROLES + _MOE_ROLES + [pair for weight, bias, role in _WEIGHT_AND_BIAS
                                              for pair in ((weight, role), (bias, role + "_b"))]
 _COMPILED = [(re.compile(p + r"$"), role) for p, role in _KEY_PATTERNS]
+
+
+def _mtp_block_key(key: str, num_layers: int) -> str:
+    """A multi-token prediction depth's transformer layer key as the decoder layer it is here:
+    ``mtp.layers.k.transformer_layer.X`` -> ``decoder.layers.{num_layers + k}.X``; other keys unchanged."""
+    m = re.match(r"mtp\.layers\.(\d+)\.transformer_layer\.", key)
+    return f"decoder.layers.{num_layers + int(m.group(1))}.{key[m.end():]}" if m else key
 
 
 def _classify(key: str) -> tuple[str, int | None] | None:
@@ -610,7 +629,14 @@ def _model_loaders(cfg: Config, *, whole, vocab_parallel, row_parallel, qkv_part
     layer_norm = m.normalization == "LayerNorm"
     if layer_norm:
         loaders["norm.bias"] = whole("final_norm_b", None)
-    for i in range(m.num_layers):
+    for k in range(m.mtp_num_layers):  # the depths' own parts; their blocks are layers num_layers + k below
+        p = f"mtp.{k}."
+        for role, name in (("mtp_enorm", "embedding_norm"), ("mtp_hnorm", "hidden_norm"), ("mtp_norm", "norm")):
+            loaders[p + f"{name}.weight"] = whole(role, k)
+            if layer_norm:
+                loaders[p + f"{name}.bias"] = whole(role + "_b", k)
+        loaders[p + "proj.weight"] = whole("mtp_proj", k)
+    for i in range(m.num_layers + m.mtp_num_layers):
         p = f"layers.{i}."
         loaders[p + "attention_norm.weight"] = whole("norm1", i)
         loaders[p + "ffn_norm.weight"] = whole("norm2", i)
@@ -620,7 +646,7 @@ def _model_loaders(cfg: Config, *, whole, vocab_parallel, row_parallel, qkv_part
             for which, name in enumerate(("wq", "wk", "wv")):
                 loaders[p + f"attention.{name}.weight"] = qkv_part(i, which)
         loaders[p + "attention.wo.weight"] = row_parallel("proj", i)
-        if is_moe_layer(cfg, i):
+        if is_moe_block(cfg, i):
             loaders.update(_moe_loaders(cfg, i, whole))
         else:
             loaders[p + "feed_forward.w1.weight"] = fc1_part(i, 0)
@@ -967,6 +993,20 @@ class _ChunkPlanner(LoadPlanner):
         pass
 
 
+def _mtp_depths(metadata: Metadata, args: dict[str, Any], where: str) -> int:
+    """The multi-token prediction depths of a torch_dist checkpoint: those its ``mtp.layers.k.*`` tensors hold,
+    which Megatron-LM's ``mtp_num_layers`` argument must agree with."""
+    held = {int(m.group(1)) for key in metadata.state_dict_metadata
+            if (m := re.match(r"mtp\.layers\.(\d+)\.", key))}
+    depths = max(held) + 1 if held else 0
+    said = int(_arg(args, "mtp_num_layers", 0))
+    if held != set(range(depths)) or said != depths:
+        raise ConversionError(f"{where}: Megatron argument mtp_num_layers = {said}, but the checkpoint holds "
+                              f"multi-token prediction layers {sorted(held)} (mtp.layers.k.*); correct the arguments "
+                              "with upcycle_checkpoint.py --megatron-args")
+    return depths
+
+
 def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None = None) -> ModelSource:
     """A :class:`ModelSource` (a :class:`DenseSource` for a dense model) for the torch_dist checkpoint directory
     ``ckpt`` (see the module docstring)."""
@@ -989,6 +1029,7 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
     # The tensors are global: whatever tensor/pipeline layout wrote them reads as one model.
     cfg = config_from_megatron_args({**args, "pipeline_model_parallel_size": 1}, where)
     m = cfg.model
+    m.mtp_num_layers = _mtp_depths(metadata, args, where)
 
     table: dict[tuple[str, int | None], tuple[str, int | None]] = {}  # (role, layer) -> (key, stacked index)
     for key, entry in metadata.state_dict_metadata.items():
@@ -996,7 +1037,8 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
             continue  # optimizer state, RNG state, Transformer Engine extra state
         per_layer = re.match(r"decoder\.layers\.\d+\.", key)
         stacked = key.startswith("decoder.layers.") and not per_layer
-        found = _classify("decoder.layers.0." + key[len("decoder.layers."):] if stacked else key)
+        found = _classify("decoder.layers.0." + key[len("decoder.layers."):] if stacked
+                          else _mtp_block_key(key, m.num_layers))
         if found is None:
             raise ConversionError(f"{ckpt}: tensor {key} has no counterpart in this project's model")
         role, layer = found
@@ -1045,15 +1087,12 @@ def read_megatron_torch_dist(ckpt: str | Path, overrides: dict[str, Any] | None 
 
     loaders = _model_loaders(cfg, whole=plain, vocab_parallel=plain, row_parallel=plain, qkv_part=qkv_part,
                              fc1_part=fc1_part)
-    beyond = sorted(layer for (_, layer) in table if layer is not None and layer >= m.num_layers)
+    beyond = sorted(layer for (role, layer) in table if layer is not None and not role.startswith("mtp_")
+                    and layer >= m.num_layers + m.mtp_num_layers)
     if beyond:
         raise ConversionError(f"{ckpt}: holds layer {beyond[0]} but args say num_layers = {m.num_layers}")
     kind = ModelSource if cfg.moe.num_experts else DenseSource
-    mtp = [key for key in metadata.state_dict_metadata if key.startswith("mtp.")]
-    notes = [f"{len(mtp)} tensors of the multi-token prediction layers (mtp_num_layers = "
-             f"{_arg(args, 'mtp_num_layers', 0)}) not read (Megatron-LM's layout of them is not mapped here yet): the "
-             "model's function does not use them; train with --mtp-num-layers for new depths"] if mtp else []
     source = kind(cfg, loaders, f"megatron:{ckpt}", extra={"megatron_args": sorted(args),
-                                                            "megatron_format": "torch_dist"}, notes=notes)
+                                                            "megatron_format": "torch_dist"})
     source.check()
     return source

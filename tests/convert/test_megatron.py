@@ -47,7 +47,7 @@ def megatron_args(cfg, tp: int, **overrides) -> argparse.Namespace:
         rotary_interleaved=False, rotary_percent=1.0, rotary_base=int(m.rope_theta),
         norm_epsilon=m.norm_eps, untie_embeddings_and_output_weights=not m.tie_embeddings, qk_layernorm=m.qk_layernorm,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, num_experts=cfg.moe.num_experts or None,
-        attention_backend=AttnBackend.auto, params_dtype=torch.float32,
+        attention_backend=AttnBackend.auto, params_dtype=torch.float32, mtp_num_layers=m.mtp_num_layers or None,
     )
     if m.multi_latent_attention:  # Megatron-LM's DeepSeek-V3 arguments, at the plain rotary embedding or YaRN
         args.update(multi_latent_attention=True, q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank,
@@ -154,7 +154,7 @@ def shard_model(state, cfg, tp: int, r: int, layout: str, experts: tuple[int, in
         return t[:, r * n:(r + 1) * n].clone()
 
     layers, moe_keys = {}, {}
-    for i in range(m.num_layers):
+    for i in range(m.num_layers + m.mtp_num_layers):  # multi-token prediction's blocks after the layers
         p = f"layers.{i}."
         layers[i] = dict(proj=cols(state[p + "attention.wo.weight"]), norm1=state[p + "attention_norm.weight"].clone(),
                          norm2=state[p + "ffn_norm.weight"].clone())
@@ -195,7 +195,7 @@ def shard_model(state, cfg, tp: int, r: int, layout: str, experts: tuple[int, in
                  "qnorm": "self_attention.q_layernorm.weight", "knorm": "self_attention.k_layernorm.weight",
                  "qnorm_b": "self_attention.q_layernorm.bias", "knorm_b": "self_attention.k_layernorm.bias"}
         for i, t in layers.items():
-            d = f"decoder.layers.{i}."
+            d = f"decoder.layers.{i}." if i < m.num_layers else f"mtp.layers.{i - m.num_layers}.transformer_layer."
             model.update({d + names[role]: tensor for role, tensor in t.items()})
             model.update({d + key: tensor for key, tensor in moe_keys.get(i, {}).items()})
             if not m.multi_latent_attention:
@@ -204,6 +204,12 @@ def shard_model(state, cfg, tp: int, r: int, layout: str, experts: tuple[int, in
             model["decoder.final_layernorm.bias"] = final_b
         if out is not None:
             model["output_layer.weight"] = out
+        for k in range(m.mtp_num_layers):  # megatron-core's MultiTokenPredictionLayer: eh_proj column-parallel
+            for ours, theirs in (("embedding_norm", "enorm"), ("hidden_norm", "hnorm"), ("norm", "final_layernorm")):
+                for kind in ("weight", "bias"):
+                    if f"mtp.{k}.{ours}.{kind}" in state:
+                        model[f"mtp.layers.{k}.{theirs}.{kind}"] = state[f"mtp.{k}.{ours}.{kind}"].clone()
+            model[f"mtp.layers.{k}.eh_proj.weight"] = rows(state[f"mtp.{k}.proj.weight"])
         return model
     norm = "layernorm" if m.normalization == "LayerNorm" else "norm"
     encoder = {f"final_{norm}.weight": final}
@@ -575,7 +581,9 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
     ``cfg.model``'s normalization and biases, holding ``state`` split as Megatron splits it, saved with
     dist_checkpointing.save into ``root/iter_0000010`` with Megatron-LM's common state (``args``, ...) and an
     RNG ShardedObject holding pickled code that must never run. Returns megatron-core's own logits for
-    ``tokens_in`` (gathered over TP ranks).
+    ``tokens_in`` (gathered over TP ranks); with multi-token prediction (``model.mtp_num_layers``) a tuple of them
+    and each depth's logits (megatron-core computes those only with labels, then returns losses: its output
+    layer's outputs are taken, the depths' first, copied: the gathered logits live in a buffer it reuses).
 
     megatron-core 0.16.1 on a CPU-only torch, in this (spawned) process only: its torch_dist writer calls
     torch.cuda.synchronize() / current_device() even for CPU tensors, and its attention enters the CUDA RNG
@@ -624,7 +632,7 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
         add_bias_linear=m.add_bias_linear, add_qkv_bias=m.add_qkv_bias, bias_activation_fusion=False,
         kv_channels=m.head_dim, qk_layernorm=m.qk_layernorm, **moe_kwargs,
         bias_dropout_fusion=False, tensor_model_parallel_size=tp, use_cpu_initialization=True,
-        params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0)
+        params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0, mtp_num_layers=m.mtp_num_layers or None)
     spec = (get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=m.normalization)
             if e.num_experts or m.multi_latent_attention else
             get_gpt_layer_local_spec(normalization=m.normalization, qk_layernorm=m.qk_layernorm))
@@ -635,9 +643,15 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
             mla.TELinear = type("NoTransformerEngineLinear", (), {})
         for layer_spec in spec.layer_specs:
             layer_spec.submodules.self_attention.submodules.core_attention = _MlaCoreAttention
+    mtp_spec = None
+    if m.mtp_num_layers:  # the depths' layers built from the decoder's last layer spec, as Megatron-LM does
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+        mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
     model = GPTModel(config, spec, vocab_size=m.vocab_size,
                      max_sequence_length=64, position_embedding_type="rope", rotary_base=int(m.rope_theta),
-                     share_embeddings_and_output_weights=m.tie_embeddings, parallel_output=False).eval()
+                     share_embeddings_and_output_weights=m.tie_embeddings, parallel_output=False,
+                     mtp_block_spec=mtp_spec).eval()
     te_names = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
                 "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
                 "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
@@ -657,7 +671,15 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
             p.copy_(mine[name])
         seq = tokens_in.shape[1]
         causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]  # True: masked
-        logits = model(tokens_in, torch.arange(seq).expand_as(tokens_in), causal)
+        if m.mtp_num_layers:
+            heads = []
+            hook = model.output_layer.register_forward_hook(
+                lambda _m, _a, out: heads.append(out[0].transpose(0, 1).clone()))
+            model(tokens_in, torch.arange(seq).expand_as(tokens_in), causal, labels=tokens_in)
+            hook.remove()
+            logits = (heads[-1], *heads[:-1])
+        else:
+            logits = model(tokens_in, torch.arange(seq).expand_as(tokens_in), causal)
     ckpt = pathlib.Path(root) / "iter_0000010"
     if rank == 0:
         ckpt.mkdir(parents=True)
@@ -671,7 +693,7 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
         "rng_state": ShardedObject("rng_state", [evil], (world,), (rank,), replica_id=0),
     }
     dist_checkpointing.save(sharded, str(ckpt))
-    return logits.detach()
+    return tuple(t.detach() for t in logits) if isinstance(logits, tuple) else logits.detach()
 
 
 @pytest.fixture(scope="module")
@@ -790,19 +812,28 @@ def test_torch_dist_common_state_in_common_pt_or_in_the_dcp_files(tmp_path, mega
 
 
 @pytest.mark.slow
-def test_torch_dist_multi_token_prediction_layers_are_left_with_a_note(tmp_path, megatron_dist):
-    """Megatron-LM's --mtp-num-layers saves its multi-token prediction layers under ``mtp.``: the model reads
-    without them (its function does not use them) and says so."""
+def test_torch_dist_multi_token_prediction_layers_must_agree_with_the_arguments(tmp_path, megatron_dist):
+    """Megatron-LM's --mtp-num-layers saves its depths under ``mtp.layers.k.``, read into model.mtp_num_layers
+    (megatron-core's own save of one: the deepseek-mla case of test_torch_dist_moe_checkpoint_of_megatron_core_reads
+    _with_its_logits). Depths in the tensors that the arguments do not state, or the reverse, are named; a depth
+    missing a tensor fails naming it when it is read."""
     common = _common_state(megatron_dist["root"] / "iter_0000010")
-    common["args"].mtp_num_layers = 1
     extra = {"mtp.layers.0.eh_proj.weight": torch.zeros(32, 64), "mtp.layers.0.enorm.weight": torch.ones(32)}
-    _rewrite_torch_dist(megatron_dist["root"], tmp_path / "mtp", "file", common, extra)
-    source = read_megatron(tmp_path / "mtp")
-    assert source.notes == ["2 tensors of the multi-token prediction layers (mtp_num_layers = 1) not read "
-                            "(Megatron-LM's layout of them is not mapped here yet): the model's function does not use "
-                            "them; train with --mtp-num-layers for new depths"]
-    got = source.state_dict()
-    assert all(torch.equal(got[name], t) for name, t in megatron_dist["state"].items())
+    _rewrite_torch_dist(megatron_dist["root"], tmp_path / "unsaid", "file", common, extra)
+    with pytest.raises(ConversionError, match=re.escape("mtp_num_layers = 0, but the checkpoint holds multi-token "
+                                                        "prediction layers [0]")):
+        read_megatron(tmp_path / "unsaid")
+    common["args"].mtp_num_layers = 2
+    _rewrite_torch_dist(megatron_dist["root"], tmp_path / "more", "file", common, extra)
+    with pytest.raises(ConversionError, match=re.escape("mtp_num_layers = 2, but the checkpoint holds multi-token "
+                                                        "prediction layers [0]")):
+        read_megatron(tmp_path / "more")
+    common["args"].mtp_num_layers = 1
+    _rewrite_torch_dist(megatron_dist["root"], tmp_path / "partial", "file", common, extra)
+    source = read_megatron(tmp_path / "partial")
+    assert source.cfg.model.mtp_num_layers == 1
+    with pytest.raises(ConversionError, match="no tensor for layer 0 mtp_hnorm"):
+        source.state_dict()
 
 
 @pytest.mark.slow
@@ -937,11 +968,12 @@ MEGATRON_MOE = {
                           topk_scaling_factor=2.5, shared_expert_ffn_hidden_size=40, shared_expert_gate=True,
                           qk_layernorm=True, kv_channels=12, expert_ffn_hidden_size=24, router_num_groups=2,
                           router_group_topk=1),
-    # DeepSeek-V3's attention too: multi-latent attention with a query latent and the latent norms
+    # DeepSeek-V3's attention too: multi-latent attention with a query latent and the latent norms; a depth of
+    # multi-token prediction
     "deepseek-mla": dict(num_experts=4, topk=2, first_k_dense=1, score_function="sigmoid", expert_bias=True,
                          topk_scaling_factor=2.5, shared_expert_ffn_hidden_size=40, expert_ffn_hidden_size=24,
                          multi_latent_attention=True, num_query_groups=0, q_lora_rank=16, kv_lora_rank=12,
-                         qk_head_dim=6, qk_pos_emb_head_dim=4, v_head_dim=5, qk_layernorm=True),
+                         qk_head_dim=6, qk_pos_emb_head_dim=4, v_head_dim=5, qk_layernorm=True, mtp_num_layers=1),
     # and with DeepSeek-V3's YaRN (factor 40, mscales 1: the softmax scaled by (0.1 ln 40 + 1)^2), no query latent
     "deepseek-mla-yarn": dict(num_experts=4, topk=2, score_function="sigmoid", expert_bias=True,
                               expert_ffn_hidden_size=24, multi_latent_attention=True, num_query_groups=0,
@@ -999,6 +1031,13 @@ def test_torch_dist_moe_checkpoint_of_megatron_core_reads_with_its_logits(megatr
         assert torch.equal(got[name], tensor), name
     with torch.no_grad():
         ours = model_from_state(got_cfg, got).eval()(run["tokens"])
+    if got_cfg.model.mtp_num_layers:  # each depth's logits too, but at the last positions: megatron-core's rolled
+        # tokens end in id 0 there, ours wrap around; neither has a target there
+        assert got_cfg.model.mtp_num_layers == want.model.mtp_num_layers and len(ours) == len(run["logits"])
+        s = run["tokens"].shape[1]
+        for k, (mine, theirs) in enumerate(zip(ours, run["logits"], strict=True)):
+            torch.testing.assert_close(mine[:, : s - k], theirs[:, : s - k], atol=1e-5, rtol=0)
+    else:
         torch.testing.assert_close(ours, run["logits"], atol=1e-5, rtol=0)
 
 
