@@ -99,6 +99,9 @@ class ModelConfig:
     kv_channels: int = 0
     ffn_hidden_size: int = 0  # dense SwiGLU width; 0 = round(8/3 * hidden) to a multiple of 64
     rope_theta: float = 10000.0
+    # The fraction of each q/k head that rotary embeddings rotate: its first head_dim x rotary_percent channels
+    # (Megatron-LM's --rotary-percent; transformers' partial_rotary_factor: GLM-4.5's 0.5); the rest carry no position.
+    rotary_percent: float = 1.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -185,8 +188,10 @@ class ModelConfig:
     @property
     def rotary_dim(self) -> int:
         """Channels of each q/k head that rotary embeddings rotate: the last ``qk_pos_emb_head_dim`` with
-        multi-latent attention, else all ``head_dim``."""
-        return self.qk_pos_emb_head_dim if self.multi_latent_attention else self.head_dim
+        multi-latent attention, else the first ``head_dim x rotary_percent`` (all of them by default)."""
+        if self.multi_latent_attention:
+            return self.qk_pos_emb_head_dim
+        return int(self.head_dim * self.rotary_percent)
 
     @property
     def num_kv_heads(self) -> int:
@@ -218,6 +223,15 @@ class ModelConfig:
         if not self.multi_latent_attention and self.head_dim % 2:
             what = "model.kv_channels" if self.kv_channels else "model.hidden_size / model.num_attention_heads"
             raise ConfigError(f"head dimension {what} = {self.head_dim} must be even for rotary embeddings")
+        if not 0 < self.rotary_percent <= 1:
+            raise ConfigError(f"model.rotary_percent = {self.rotary_percent} (--rotary-percent); expected a fraction "
+                              "in (0, 1] of each head's channels")
+        if self.rotary_percent != 1 and self.multi_latent_attention:
+            raise ConfigError(f"model.rotary_percent = {self.rotary_percent} with model.multi_latent_attention: latent "
+                              "attention's rotary channels are model.qk_pos_emb_head_dim")
+        if not self.multi_latent_attention and (self.rotary_dim < 2 or self.rotary_dim % 2):
+            raise ConfigError(f"model.rotary_percent = {self.rotary_percent} of head dimension {self.head_dim} gives "
+                              f"{self.rotary_dim} rotary channels; rotary embeddings need an even number of them")
         if self.num_attention_heads % self.num_kv_heads:
             raise ConfigError(
                 f"model.num_query_groups = {self.num_kv_heads} does not divide "
@@ -802,6 +816,7 @@ MEGATRON_FLAGS: dict[str, str] = {
     "num-attention-heads": "model.num_attention_heads",
     "num-query-groups": "model.num_query_groups",
     "kv-channels": "model.kv_channels",
+    "rotary-percent": "model.rotary_percent",
     "mtp-num-layers": "model.mtp_num_layers",
     "mtp-loss-scaling-factor": "training.mtp_loss_scaling_factor",
     "q-lora-rank": "model.q_lora_rank",

@@ -24,7 +24,6 @@ STATES: dict[str, tuple[str | None, str]] = {
     "group-query-attention": (None, "attention is grouped-query with --num-query-groups KV heads"),
     "attention-dropout": ("0", "there is no dropout"),
     "hidden-dropout": ("0", "there is no dropout"),
-    "rotary-percent": ("1.0", "rotary embeddings cover the whole head dimension"),
     "sequence-parallel": (None, "tensor parallelism always shards the sequence between blocks"),
     "overlap-grad-reduce": (None, "data-parallel gradients are always reduced during backward"),
     "accumulate-allreduce-grads-in-fp32": (None, "gradients are accumulated and reduced in fp32"),

@@ -179,11 +179,14 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device=None,
     return (angles.cos() * factor).float(), (angles.sin() * factor).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, S, heads, d] by position; cos/sin [S, r] with r <= d: the last r channels of each head
-    are rotated (all of them unless multi-latent attention keeps the first d - r without position)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first: bool = False) -> torch.Tensor:
+    """Rotate x [B, S, heads, d] by position; cos/sin [S, r] with r <= d: r channels of each head are rotated,
+    the last r (multi-latent attention keeps the first d - r without position) or with ``first`` the first r
+    (partial rotary, ``model.rotary_percent``: Megatron-LM's and GLM's layout); all of them when r = d."""
     if cos.shape[-1] < x.shape[-1]:
         r = cos.shape[-1]
+        if first:
+            return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
         return torch.cat([x[..., :-r], apply_rope(x[..., -r:], cos, sin)], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -202,16 +205,17 @@ class CoreAttention(nn.Module):
     # None: on CUDA only (tests force it on CPU).
     pad_values: bool | None = None
 
-    def __init__(self, softmax_factor: float = 1.0):
+    def __init__(self, softmax_factor: float = 1.0, rope_first: bool = False):
         super().__init__()
         self.softmax_factor = softmax_factor
+        self.rope_first = rope_first  # rotate the first r channels of a head (else the last r): apply_rope
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
-        """q/k [B, S, heads or kv_heads, d], v [B, S, kv_heads, d_v], cos/sin [>= S, r] (the last r of d
-        channels are rotated) -> [B, S, heads * d_v]. The scale is ``softmax_factor`` / sqrt(d)."""
+        """q/k [B, S, heads or kv_heads, d], v [B, S, kv_heads, d_v], cos/sin [>= S, r] (r of the d channels are
+        rotated, :func:`apply_rope`) -> [B, S, heads * d_v]. The scale is ``softmax_factor`` / sqrt(d)."""
         b, s = q.shape[:2]
-        q, k = apply_rope(q, cos[:s], sin[:s]), apply_rope(k, cos[:s], sin[:s])
+        q, k = (apply_rope(t, cos[:s], sin[:s], self.rope_first) for t in (q, k))
         d_v = v.shape[-1]
         pad = self.pad_values if self.pad_values is not None else q.device.type == "cuda"
         if pad and d_v < q.shape[-1]:
@@ -242,7 +246,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(num_heads * self.head_dim, hidden_size, bias=out_bias)
         self.q_norm, self.k_norm = q_norm, k_norm
-        self.core = CoreAttention()
+        self.core = CoreAttention(rope_first=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, S, hidden] -> [B, S, hidden]."""

@@ -185,7 +185,7 @@ ARCHITECTURE_SETTINGS = (
     "model.normalization", "model.apply_layernorm_1p", "model.add_qkv_bias", "model.add_bias_linear",
     "model.lm_head_bias",
     "model.rope_scaling", "model.rope_scaling_factor", "model.rope_low_freq_factor", "model.rope_high_freq_factor",
-    "model.rope_original_max_position", "model.kv_channels", "model.qk_layernorm",
+    "model.rope_original_max_position", "model.kv_channels", "model.qk_layernorm", "model.rotary_percent",
     "moe.shared_expert_ffn_hidden_size", "moe.shared_expert_gate", "model.multi_latent_attention",
     "model.q_lora_rank", "model.kv_lora_rank", "model.qk_head_dim", "model.qk_pos_emb_head_dim", "model.v_head_dim",
     "model.latent_norm_eps", "model.mtp_num_layers", "model.rope_yarn_original_max_position",

@@ -132,7 +132,8 @@ def architecture_summary(cfg: Config) -> str:
 
 def _attention_summary(m) -> str:
     if not m.multi_latent_attention:
-        return f"{m.num_attention_heads} heads / {m.num_kv_heads} KV heads of {m.head_dim}"
+        partial = f" ({m.rotary_dim} rotary)" if m.rotary_dim != m.head_dim else ""
+        return f"{m.num_attention_heads} heads / {m.num_kv_heads} KV heads of {m.head_dim}{partial}"
     query = f"q latent {m.q_lora_rank}, " if m.q_lora_rank else ""
     return (f"latent attention: {m.num_attention_heads} heads of {m.qk_head_dim} + {m.qk_pos_emb_head_dim} rotary "
             f"(values {m.v_head_dim}), {query}kv latent {m.kv_lora_rank}")

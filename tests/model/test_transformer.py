@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from megatron_moe.config import ConfigError
 from megatron_moe.model.transformer import (
     Attention,
     LatentAttention,
@@ -125,6 +126,59 @@ def _rotate_pairs_complex(x: torch.Tensor, position: int, theta: float) -> torch
     freq = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / x.shape[0])
     z = z * torch.exp(1j * position * freq)
     return torch.cat([z.real, z.imag])
+
+
+@pytest.mark.parametrize("percent", [0.5, 0.25])
+def test_partial_rotary_rotates_the_first_channels_of_each_head(percent):
+    """model.rotary_percent (Megatron-LM's --rotary-percent, transformers' partial_rotary_factor): the first
+    head_dim x percent channels of every q/k head rotate, as complex pairs over that width (float64 loop), the rest
+    carry no position; the tables and rotation equal transformers' GLM-4-MoE ones (float32)."""
+    from transformers import Glm4MoeConfig
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeRotaryEmbedding
+    from transformers.models.glm4_moe.modeling_glm4_moe import apply_rotary_pos_emb as glm_rope
+
+    torch.manual_seed(0)
+    d, r, s = 16, int(16 * percent), 6
+    attn = Attention(hidden_size=16, num_heads=4, num_kv_heads=2, head_dim=d).double()
+    x = torch.randn(2, s, 16, dtype=torch.float64)
+    cos, sin = rope_tables(s, r, 10000.0)
+    out = attn(x, cos.double(), sin.double())
+
+    def rotate_first(t):
+        t = t.clone()
+        for pos in range(s):
+            for b in range(t.shape[0]):
+                for h in range(t.shape[2]):
+                    t[b, pos, h, :r] = _rotate_pairs_complex(t[b, pos, h, :r], pos, 10000.0)
+        return t
+
+    q, k = rotate_first(attn.wq(x).view(2, s, 4, d)), rotate_first(attn.wk(x).view(2, s, 2, d))
+    ref = attn.wo(naive_gqa_attention(q, k, attn.wv(x).view(2, s, 2, d)))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)  # the tables are float32 (values ~1e-3 here)
+    assert (out - ref).abs().max() < 1e-3 * (out - attn(x, *rope_tables(s, d, 10000.0))).abs().max()
+    config = Glm4MoeConfig(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=d,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                            "partial_rotary_factor": percent})
+    hf_cos, hf_sin = Glm4MoeRotaryEmbedding(config)(x.float(), torch.arange(s)[None])
+    torch.testing.assert_close(hf_cos[0], cos, rtol=0, atol=1e-6)
+    qf, kf = attn.wq(x).view(2, s, 4, d).float(), attn.wk(x).view(2, s, 2, d).float()
+    hf_q, hf_k = glm_rope(qf.transpose(1, 2), kf.transpose(1, 2), hf_cos, hf_sin)
+    torch.testing.assert_close(hf_q.transpose(1, 2).double(), q, rtol=0, atol=1e-5)
+    torch.testing.assert_close(hf_k.transpose(1, 2).double(), k, rtol=0, atol=1e-5)
+
+
+def test_rotary_percent_settings(tiny_config):
+    """The model builds its tables over the rotated channels; widths that do not give an even number are named."""
+    cfg = tiny_config(rotary_percent=0.5)  # head_dim 8 -> 4 rotary channels
+    model = build_model(cfg)
+    assert model.rope_cos.shape == (cfg.data.seq_length, 4) and model.layers["0"].attention.core.rope_first
+    tiny_config(rotary_percent=0.25).validate()  # 2 channels
+    for percent, needle in [(0.1, "gives 0 rotary channels"), (0.375, "gives 3 rotary channels"),
+                            (1.5, "expected a fraction")]:
+        with pytest.raises(ConfigError, match=needle):
+            tiny_config(rotary_percent=percent).validate()
+    with pytest.raises(ConfigError, match="latent attention's rotary channels"):
+        tiny_config(rotary_percent=0.5, multi_latent_attention=True, num_query_groups=0).validate()
 
 
 @pytest.mark.parametrize("q_lora_rank,latent_norms", [(0, False), (12, True)])
