@@ -44,7 +44,7 @@ def megatron_args(cfg, tp: int, **overrides) -> argparse.Namespace:
         kv_channels=m.head_dim, padded_vocab_size=m.vocab_size, seq_length=64,
         swiglu=True, normalization=m.normalization, apply_layernorm_1p=m.apply_layernorm_1p,
         position_embedding_type="rope", add_bias_linear=m.add_bias_linear, add_qkv_bias=m.add_qkv_bias,
-        rotary_interleaved=False, rotary_percent=1.0, rotary_base=int(m.rope_theta),
+        rotary_interleaved=False, rotary_percent=m.rotary_percent, rotary_base=int(m.rope_theta),
         norm_epsilon=m.norm_eps, untie_embeddings_and_output_weights=not m.tie_embeddings, qk_layernorm=m.qk_layernorm,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, num_experts=cfg.moe.num_experts or None,
         attention_backend=AttnBackend.auto, params_dtype=torch.float32, mtp_num_layers=m.mtp_num_layers or None,
@@ -650,7 +650,8 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
         mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False)
     model = GPTModel(config, spec, vocab_size=m.vocab_size,
                      max_sequence_length=64, position_embedding_type="rope", rotary_base=int(m.rope_theta),
-                     share_embeddings_and_output_weights=m.tie_embeddings, parallel_output=False,
+                     rotary_percent=m.rotary_percent, share_embeddings_and_output_weights=m.tie_embeddings,
+                     parallel_output=False,
                      mtp_block_spec=mtp_spec).eval()
     te_names = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
                 "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
@@ -960,14 +961,14 @@ def test_torch_dist_qk_layernorm_and_kv_channels_of_megatron_core(megatron_dist_
 # MoE checkpoints of megatron-core (torch_dist): Mixtral's layout (softmax top-2, renormalised, every layer MoE:
 # stacked layer tensors) and a DeepSeek-V3-like one (sigmoid scores with an expert bias and scaling factor,
 # group-limited routing, a sigmoid-gated shared expert, a dense first layer: per-layer tensors) with Qwen3's
-# attention.
+# attention and GLM-4.5's partial rotary embedding (--rotary-percent 0.5).
 MEGATRON_MOE = {
     "mixtral": dict(num_experts=4, topk=2),
     "mixtral-ep2": dict(num_experts=4, topk=2),  # TP = 1, EP = 2: each rank holds 2 experts
     "deepseek-like": dict(num_experts=4, topk=2, first_k_dense=1, score_function="sigmoid", expert_bias=True,
                           topk_scaling_factor=2.5, shared_expert_ffn_hidden_size=40, shared_expert_gate=True,
                           qk_layernorm=True, kv_channels=12, expert_ffn_hidden_size=24, router_num_groups=2,
-                          router_group_topk=1),
+                          router_group_topk=1, rotary_percent=0.5),
     # DeepSeek-V3's attention too: multi-latent attention with a query latent and the latent norms; a depth of
     # multi-token prediction
     "deepseek-mla": dict(num_experts=4, topk=2, first_k_dense=1, score_function="sigmoid", expert_bias=True,
@@ -1021,9 +1022,9 @@ def test_torch_dist_moe_checkpoint_of_megatron_core_reads_with_its_logits(megatr
                 "router_num_groups", "router_group_topk"):
         assert getattr(got_cfg.moe, key) == getattr(want.moe, key), key
     assert got_cfg.expert_ffn_size == want.expert_ffn_size
-    for key in ("head_dim", "qk_layernorm", "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim",
-                "qk_pos_emb_head_dim", "v_head_dim", "rope_scaling", "rope_scaling_factor", "rope_yarn_mscale",
-                "rope_yarn_mscale_all_dim", "rope_yarn_original_max_position"):
+    for key in ("head_dim", "rotary_percent", "qk_layernorm", "multi_latent_attention", "q_lora_rank", "kv_lora_rank",
+                "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_scaling", "rope_scaling_factor",
+                "rope_yarn_mscale", "rope_yarn_mscale_all_dim", "rope_yarn_original_max_position"):
         assert getattr(got_cfg.model, key) == getattr(want.model, key), key
     got = source.state_dict()
     assert set(got) == set(run["state"])
