@@ -150,6 +150,9 @@ class ParallelEngine:
         self.cfg = cfg
         self._num_micro = 1
         self._token_normalizer: torch.Tensor | None = None  # per-token loss: global_token_normalizer
+        # per-token loss with multi-token prediction: main / depth k token counts, so that the logged mtp_loss is
+        # each depth's loss per token of its own (its gradient stays megatron-core's: per main token)
+        self._mtp_log_scales: torch.Tensor | None = None
         self._mtp_total: torch.Tensor | None = None  # model.mtp_num_layers: the step's multi-token prediction loss
         self.param_counts: dict[str, int] = {}
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -304,22 +307,23 @@ class ParallelEngine:
             return lm_loss_from_target(logits, target, self._token_normalizer)
         return lm_loss_from_target(logits, target) / self._num_micro
 
-    def _mtp_loss(self, predictions: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        """The mean over depths of each depth's loss (as :meth:`_loss_fn`, against :func:`mtp_target`)."""
-        losses = [self._loss_fn(logits, mtp_target(target, k)) for k, logits in enumerate(predictions, start=1)]
-        return torch.stack(losses).mean()
+    def _mtp_losses(self, predictions: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """Each depth's loss [D] (as :meth:`_loss_fn`, against :func:`mtp_target`)."""
+        return torch.stack([self._loss_fn(logits, mtp_target(target, k))
+                            for k, logits in enumerate(predictions, start=1)])
 
     def _objective(self, output, target: torch.Tensor) -> torch.Tensor:
         """A micro-batch's objective from the model's output: its LM loss (:meth:`_loss_fn`), plus with
-        multi-token prediction lambda x :meth:`_mtp_loss` (DeepSeek-V3 eq. 25). Adds the detached LM and MTP
-        losses to the step's totals."""
+        multi-token prediction lambda x the mean of :meth:`_mtp_losses` (DeepSeek-V3 eq. 25). Adds the detached LM
+        and MTP losses to the step's totals (the MTP one per token of each depth's own with per-token loss)."""
         logits, predictions = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
         loss = objective = self._loss_fn(logits, target)
         if predictions:
-            mtp = self._mtp_loss(predictions, target)
-            objective = loss + self.cfg.training.mtp_loss_scaling_factor * mtp
+            losses = self._mtp_losses(predictions, target)
+            objective = loss + self.cfg.training.mtp_loss_scaling_factor * losses.mean()
             if self._counting:
-                self._mtp_total += mtp.detach()
+                scales = 1.0 if self._mtp_log_scales is None else self._mtp_log_scales
+                self._mtp_total += (losses.detach() * scales).mean()
         if self._counting:
             self._lm_total += loss.detach()
         return objective
@@ -351,7 +355,9 @@ class ParallelEngine:
         cross entropy / global_token_normalizer); None on ranks without the last stage."""
         tokens, target = self._stack(batches)
         if self.cfg.training.calculate_per_token_loss:
-            self._token_normalizer = global_token_normalizer(target, self.dp_group, self.sizes.dp)
+            depths = [mtp_target(target, k) for k in range(1, self.cfg.model.mtp_num_layers + 1)]
+            counts = global_token_normalizer([target, *depths], self.dp_group, self.sizes.dp)
+            self._token_normalizer, self._mtp_log_scales = counts[0], (counts[0] / counts[1:] if depths else None)
         self._lm_total = torch.zeros((), device=self.device)
         self._mtp_total = torch.zeros((), device=self.device) if self.cfg.model.mtp_num_layers else None
         if self.pipeline is not None:  # the schedule sets the data-parallel sync of each micro-batch itself

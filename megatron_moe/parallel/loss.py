@@ -128,14 +128,15 @@ def lm_loss_from_target(logits: torch.Tensor, target: torch.Tensor,
     return ce / count
 
 
-def global_token_normalizer(target: torch.Tensor, dp_group, dp: int) -> torch.Tensor:
-    """Megatron-LM's --calculate-per-token-loss: the unmasked tokens of this rank's ``target`` (all its
-    micro-batches) summed over the data-parallel group, divided by ``dp`` (float32 scalar, at least 1/dp).
+def global_token_normalizer(targets: list[torch.Tensor], dp_group, dp: int) -> torch.Tensor:
+    """Megatron-LM's --calculate-per-token-loss: the unmasked tokens of each of this rank's ``targets`` (all its
+    micro-batches) summed over the data-parallel group, divided by ``dp`` (float32 [len(targets)], each at least
+    1/dp; one all-reduce for all of them).
 
     Each micro-batch's summed cross entropy divided by this, summed over micro-batches, then averaged
     over dp (as the gradient reduction averages), is the sum over the global batch's tokens / their count.
     """
-    count = (target != IGNORE_INDEX).sum().float()
+    counts = torch.stack([(target != IGNORE_INDEX).sum().float() for target in targets])
     if dp_group is not None:
-        dist.all_reduce(count, group=dp_group)
-    return count.clamp_min(1) / dp
+        dist.all_reduce(counts, group=dp_group)
+    return counts.clamp_min(1) / dp

@@ -103,11 +103,14 @@ def test_vocabulary_sharded_logits_give_the_single_process_loss_and_gradient(wor
         torch.testing.assert_close(grad, whole.grad, rtol=1e-12, atol=1e-12)
 
 
-def test_multi_token_prediction_loss_is_the_mean_of_the_depths_shifted_cross_entropies():
+@pytest.mark.parametrize("per_token", [False, True])
+def test_multi_token_prediction_loss_is_the_mean_of_the_depths_shifted_cross_entropies(per_token):
     """DeepSeek-V3 eqs. 24-25 through the engine: lm_loss is the main prediction's alone; mtp_loss the mean over
     depths k of the cross entropy of depth k's logits at positions 0 .. S - k - 1 against the labels k positions
     on (their loss mask too), written here with F.cross_entropy on slices; the step optimizes
-    lm + lambda x mtp (lambda 0 leaves the parameters as the plain objective moves them)."""
+    lm + lambda x mtp (lambda 0 leaves the parameters as the plain objective moves them). With
+    --calculate-per-token-loss each depth's logged loss is per token of its own (megatron-core logs it so; divided
+    by the main prediction's count it read 0.94x here)."""
     from megatron_moe.parallel.engine import ParallelEngine
     from megatron_moe.parallel.loss import mtp_target
     from tests.builders import tiny_config
@@ -116,7 +119,7 @@ def test_multi_token_prediction_loss_is_the_mean_of_the_depths_shifted_cross_ent
     target = torch.arange(10).view(2, 5)
     assert mtp_target(target, 2).tolist() == [[2, 3, 4, IGNORE_INDEX, IGNORE_INDEX], [7, 8, 9, IGNORE_INDEX,
                                                                                       IGNORE_INDEX]]
-    cfg = tiny_config(mtp_num_layers=2, router="topk", micro=2, global_batch=2)
+    cfg = tiny_config(mtp_num_layers=2, router="topk", micro=2, global_batch=2, calculate_per_token_loss=per_token)
     (batch,) = make_batches(num=1)
     engine = ParallelEngine(cfg)
     module = engine.build_model()
