@@ -553,6 +553,9 @@ _OPTIONAL_ROLES = {
     "knorm_b": ("key norm bias", "normalization"), "qkv_b": ("QKV bias", "add_bias_linear / add_qkv_bias"),
     "proj_b": ("attention output (linear_proj) bias", "add_bias_linear"),
     "fc1_b": ("MLP linear_fc1 bias", "add_bias_linear"), "fc2_b": ("MLP linear_fc2 bias", "add_bias_linear"),
+    "mtp_enorm_b": ("multi-token prediction enorm bias", "normalization"),
+    "mtp_hnorm_b": ("multi-token prediction hnorm bias", "normalization"),
+    "mtp_norm_b": ("multi-token prediction final_layernorm bias", "normalization"),
 }
 
 
@@ -579,6 +582,7 @@ def _expected_roles(cfg: Config) -> set[str]:
     roles |= norms
     if m.normalization == "LayerNorm":
         roles |= {"final_norm_b", "norm1_b", "norm2_b"} | {n + "_b" for n in norms}
+        roles |= {"mtp_enorm_b", "mtp_hnorm_b", "mtp_norm_b"} if m.mtp_num_layers else set()
     if m.add_qkv_bias:
         roles.add("qkv_b")
     if m.add_bias_linear:
@@ -783,6 +787,10 @@ def read_megatron(path: str | Path, overrides: dict[str, Any] | None = None) -> 
         for key, value in _flatten(shard["model"]).items():
             if key.endswith("_extra_state") or not isinstance(value, torch.Tensor):
                 continue
+            if key.startswith("mtp."):
+                raise ConversionError(f"{file}: {key} is a multi-token prediction layer in the legacy torch format; "
+                                      "they are read from torch_dist checkpoints (Megatron-LM's default --ckpt-format; "
+                                      "convert with --ckpt-convert-format torch_dist)")
             found = _classify(key)
             if found is None:
                 raise ConversionError(f"{file}: tensor {key} has no counterpart in this project's model")

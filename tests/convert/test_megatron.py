@@ -835,6 +835,18 @@ def test_torch_dist_multi_token_prediction_layers_must_agree_with_the_arguments(
     assert source.cfg.model.mtp_num_layers == 1
     with pytest.raises(ConversionError, match="no tensor for layer 0 mtp_hnorm"):
         source.state_dict()
+    _rewrite_torch_dist(megatron_dist["root"], tmp_path / "biased", "file", common,
+                        {**extra, "mtp.layers.0.enorm.bias": torch.zeros(32)})  # an RMSNorm model: no norm biases
+    with pytest.raises(ConversionError, match=re.escape("holds mtp.layers.0.enorm.bias (a multi-token prediction "
+                                                        "enorm bias) but the Megatron arguments say there is none")):
+        read_megatron(tmp_path / "biased")
+    legacy = write_megatron(tmp_path / "legacy", megatron_dist["state"], megatron_dist["cfg"], 1)
+    shard = legacy / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt"
+    saved = torch.load(shard, weights_only=False)
+    saved["model"]["mtp.layers.0.eh_proj.weight"] = torch.zeros(32, 64)
+    torch.save(saved, shard)
+    with pytest.raises(ConversionError, match="multi-token prediction layer in the legacy torch format"):
+        read_megatron(legacy)
 
 
 @pytest.mark.slow

@@ -85,6 +85,8 @@ def measure_rank(rank: int, world: int, cfg: Config) -> dict:
         with counter:
             engine.train_step(batches, optimizer, 1.0)
     dims = group_dims(engine.mesh, counter.bytes)
+    if engine.shared_embedding is not None and engine.shared_embedding.group is not None:
+        dims[engine.shared_embedding.group.group_name] = "pp"  # the first and last stage's: pipeline traffic
     comm: dict[str, int] = {}
     for group, total in counter.by_group().items():
         comm[dims.get(group, group)] = comm.get(dims.get(group, group), 0) + total

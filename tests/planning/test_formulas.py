@@ -68,3 +68,17 @@ def test_tensor_parallel_bytes_by_hand():
     last = micro * (blocks * block + 2 * full + 3 * 128 * 4) + (2 * blocks + 1) * 128 * 4
     assert [r["comm"]["tp"] for r in ranks] == [first, last]
     assert [r["comm"]["pp"] for r in ranks] == [micro * full // 2] * 2  # [B, S/tp, H] per micro-batch
+
+
+def test_shared_embedding_gradient_sum_by_hand():
+    """Four pipeline stages with the output layer tied: the first and last rank also all-reduce the embedding's
+    fp32 gradient [V 512, H 128] (on their own group, booked as pipeline traffic: 4 x 512 x 128 bytes); the middle
+    ranks only send their micro-batches' hidden states [B 2, S 64, H 128] on (4 of them, forward and backward)."""
+    cfg = layout_config("tp2pp2")
+    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = 1, 4
+    cfg.model.tie_embeddings = True
+    ranks = plan(cfg, DryRunOptions(world_size=4, ranks=[0, 1, 2, 3]))["ranks"]
+    boundary, micro, embedding = 2 * 64 * 128 * 4, 4, 4 * 512 * 128
+    assert [r["comm"]["pp"] for r in ranks] == [micro * boundary + embedding, 2 * micro * boundary,
+                                                 2 * micro * boundary, micro * boundary + embedding]
+
