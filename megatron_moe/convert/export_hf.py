@@ -6,7 +6,9 @@ Usage::
         [--dtype {fp32,bf16}] [--max-shard-size 5GB] [--tokenizer-model FILE.model] [--overwrite]
 
 Architectures (``--architecture auto`` picks by the model, :func:`~.hf_config.choose_architecture`):
-multi-latent attention or sigmoid routing -> DeepSeek-V3, SparseMixer-v2 MoE -> PhiMoE (GRIN-MoE's format),
+multi-latent attention -> DeepSeek-V3 (DeepSeek-V2 with softmax routing), sigmoid routing with grouped-query
+attention -> GLM-4-MoE (also partial rotary embeddings, which no other format holds), SparseMixer-v2 MoE -> PhiMoE
+(GRIN-MoE's format),
 top-K MoE -> Qwen2-MoE with a shared expert, Qwen3-MoE with query/key norms, else Mixtral; dense -> Qwen3
 with query/key norms, Qwen2 (q/k/v biases only) or Llama; ``--architecture
 phi3`` writes a bias-free dense model in Phi-3's fused layout. A
@@ -38,7 +40,7 @@ from safetensors.torch import save_file
 from megatron_moe.config import Config, ConfigError
 from megatron_moe.convert.hf import hf_names_family
 from megatron_moe.convert.hf_config import EXPORT_ARCHITECTURES, ExportError, choose_architecture, hf_config
-from megatron_moe.convert.hf_tensors import MTP_COPIES, interleaved_rope, tensor_links, to_hf
+from megatron_moe.convert.hf_tensors import DEEPSEEK_MOE_FORMATS, MTP_COPIES, interleaved_rope, tensor_links, to_hf
 from megatron_moe.convert.hf_tokenizer import (
     load_tokenizer,
     special_token_ids,
@@ -72,10 +74,10 @@ def hf_state_dict(cfg: Config, state: dict[str, torch.Tensor], arch: str | None 
                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """HF tensor names -> contiguous ``dtype`` tensors for the native ``state`` (names of MoETransformer)."""
     arch = arch or choose_architecture(cfg)
-    # multi-token prediction (training only: the model's function does not use it) is written in DeepSeek-V3's format
-    # only, which has a place for it (layers from num_hidden_layers on)
+    # multi-token prediction (training only: the model's function does not use it) is written in DeepSeek-V3's and
+    # GLM-4-MoE's formats only, which have a place for it (layers from num_hidden_layers on)
     main = cfg.model.num_layers
-    if arch != "deepseek_v3":
+    if arch not in DEEPSEEK_MOE_FORMATS:
         state = {k: v for k, v in state.items()
                  if not k.startswith("mtp.") and not (k.startswith("layers.") and int(k.split(".")[1]) >= main)}
     if cfg.model.apply_layernorm_1p:  # Hugging Face's norms scale by their weight: store 1 + w
@@ -85,16 +87,16 @@ def hf_state_dict(cfg: Config, state: dict[str, torch.Tensor], arch: str | None 
     rope = interleaved_rope(cfg) if arch in ("deepseek_v2", "deepseek_v3") else None  # as DeepSeek lays it out
     for link in tensor_links(shapes, hf_names_family(arch), cfg.moe.num_experts, rope):
         out.update(to_hf(link, state))
-    if arch == "deepseek_v3" and not cfg.moe.expert_bias:  # the format always has the bias: zero chooses as none
+    if arch in DEEPSEEK_MOE_FORMATS and not cfg.moe.expert_bias:  # the format always has it: zero chooses as none
         for name in [n for n in out if n.endswith("mlp.gate.weight")]:
             out[name.replace(".weight", ".e_score_correction_bias")] = torch.zeros(cfg.moe.num_experts)
-    if arch == "deepseek_v3":  # each depth's layer holds copies of the embedding and output layer
+    if arch in DEEPSEEK_MOE_FORMATS:  # each depth's layer holds copies of the embedding and output layer
         for i in range(main, main + cfg.model.mtp_num_layers):
             out.update({f"model.layers.{i}.{copy}": out.get(source, out["model.embed_tokens.weight"]).clone()
                         for copy, source in MTP_COPIES.items()})  # tied: the embedding twice
-    # DeepSeek-V3's router weight and expert bias stay float32, as transformers keeps and computes them: a bf16 bias
-    # would choose other experts for some tokens
-    fp32 = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias") if arch == "deepseek_v3" else ()
+    # DeepSeek-V3's (GLM-4-MoE's) router weight and expert bias stay float32, as transformers keeps and computes them:
+    # a bf16 bias would choose other experts for some tokens
+    fp32 = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias") if arch in DEEPSEEK_MOE_FORMATS else ()
     return {k: v.detach().to(torch.float32 if k.endswith(fp32) else dtype).contiguous() for k, v in out.items()}
 
 
@@ -159,11 +161,13 @@ def export(load: str | Path, output: str | Path, max_shard_bytes: int = 5 * 10**
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description="Native checkpoint -> Hugging Face (PhiMoE, Mixtral, Qwen3-MoE, Llama, Qwen2, Qwen3, Phi-3).")
+        description="Native checkpoint -> Hugging Face (PhiMoE, Mixtral, Qwen3-MoE, Qwen2-MoE, DeepSeek-V2/V3, "
+                    "GLM-4-MoE, Llama, Qwen2, Qwen3, Phi-3).")
     p.add_argument("--load", required=True, help="save directory or checkpoint directory")
     p.add_argument("--output", required=True, help="directory for config.json, safetensors and tokenizer")
     p.add_argument("--architecture", default="auto", choices=("auto",) + EXPORT_ARCHITECTURES,
-                   help="HF architecture (auto: phimoe for SparseMixer-v2, qwen3_moe or mixtral for top-K, qwen3, "
+                   help="HF architecture (auto: deepseek_v3 or deepseek_v2 for latent attention, glm4_moe for "
+                        "sigmoid routing, phimoe for SparseMixer-v2, qwen2_moe, qwen3_moe or mixtral for top-K, qwen3, "
                         "qwen2 or llama dense)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the written weights")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (5GB, 500MB, 2GiB, bytes)")

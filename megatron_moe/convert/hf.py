@@ -1,7 +1,7 @@
 """Read a Hugging Face checkpoint (config.json + safetensors) as a :class:`ModelSource`.
 
 Dense llama, mistral, qwen2, qwen3, phi3 and MoE mixtral, phimoe (grinmoe), qwen3_moe, qwen2_moe,
-deepseek_v2, deepseek_v3 directories; the config mapping is :mod:`.hf_config`, the tensor layout
+deepseek_v2, deepseek_v3, glm4_moe directories; the config mapping is :mod:`.hf_config`, the tensor layout
 :mod:`.hf_tensors`. Anything the project's model cannot compute exactly is refused with the config field (or
 tensor) at fault.
 
@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from megatron_moe.convert.hf_config import config_from_hf
-from megatron_moe.convert.hf_tensors import MTP_COPIES, from_hf, interleaved_rope, tensor_links
+from megatron_moe.convert.hf_tensors import DEEPSEEK_MOE_FORMATS, MTP_COPIES, from_hf, interleaved_rope, tensor_links
 from megatron_moe.convert.source import ConversionError, ModelSource, expected_shapes
 
 INDEX = "model.safetensors.index.json"
@@ -82,10 +82,11 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
 
 
 def _multi_token_prediction_depths(hf: dict[str, Any], names: set[str]) -> int:
-    """DeepSeek-V3's multi-token prediction depths (``num_nextn_predict_layers``) whose modules the checkpoint holds
-    (layers from ``num_hidden_layers`` on); 0 for checkpoints without them (transformers saves none)."""
+    """DeepSeek-V3's (and GLM-4-MoE's) multi-token prediction depths (``num_nextn_predict_layers``) whose modules the
+    checkpoint holds (layers from ``num_hidden_layers`` on); 0 for checkpoints without them (transformers saves
+    none)."""
     depth = hf.get("num_nextn_predict_layers") or 0
-    if hf.get("model_type") != "deepseek_v3" or not isinstance(depth, int) or depth <= 0:
+    if hf.get("model_type") not in DEEPSEEK_MOE_FORMATS or not isinstance(depth, int) or depth <= 0:
         return 0
     return depth if f"model.layers.{hf['num_hidden_layers']}.eh_proj.weight" in names else 0
 

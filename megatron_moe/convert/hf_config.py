@@ -40,6 +40,12 @@ deepseek_v3 MoE     DeepSeek-V3 / Kimi-K2 / Moonlight: multi-latent attention (`
                    ``n_group`` / ``topk_group`` (kept groups scored by their top 2, so K / topk_group = 2
                    unless every group is kept); ``n_shared_experts`` x ``moe_intermediate_size`` wide ungated
                    shared expert; ``first_k_dense_replace`` dense layers of ``intermediate_size``
+glm4_moe   MoE     GLM-4.5 / GLM-4.5-Air / GLM-4.6: grouped-query attention, ``attention_bias`` -> q/k/v biases
+                   (``add_qkv_bias``; o_proj never has one), ``use_qk_norm`` -> ``qk_layernorm``, ``head_dim``,
+                   partial rotary ``partial_rotary_factor`` -> ``model.rotary_percent`` (the first head_dim x
+                   factor channels; transformers' default 0.5 when the config.json has none, written always on
+                   export); deepseek_v3's MoE layer, routing, groups and layer placement (defaults: scaling 1,
+                   one group, one dense layer) and multi-token prediction layers
 ========== ======= ================================================================================
 
 ``head_dim`` other than hidden_size / num_attention_heads (Qwen3's 128 on any hidden size,
@@ -48,8 +54,8 @@ Mistral-Nemo's) is ``model.kv_channels``, in every architecture; export writes `
 A sliding window ``W`` shorter than ``max_position_embeddings`` is kept exact by training on
 sequences of at most ``W`` tokens (``data.seq_length = W``): transformers masks key ``j`` for query
 ``i`` only when ``i - j >= W``, which never happens within ``W`` tokens. Anything else the project's
-model cannot compute exactly (other activations, rope types, partial rotary, biases a format puts
-elsewhere) is refused, naming the field. Balance-loss coefficients are training recipe, not architecture: they are
+model cannot compute exactly (other activations, rope types, partial rotary outside glm4_moe, biases a format
+puts elsewhere) is refused, naming the field. Balance-loss coefficients are training recipe, not architecture: they are
 not imported (the run's config sets them) and are exported as ``router_aux_loss_coef``.
 
 Input jitter is applied once per MoE layer in training here, as in GRIN's released code
@@ -67,12 +73,22 @@ from megatron_moe.convert.source import ConversionError
 from megatron_moe.model.transformer import is_moe_layer
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-MOE_TYPES = ("mixtral", "phimoe", "grinmoe", "qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3")
+MOE_TYPES = ("mixtral", "phimoe", "grinmoe", "qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "glm4_moe")
 DEEPSEEK_TYPES = ("deepseek_v2", "deepseek_v3")  # multi-latent attention, experts and shared experts alike
 # transformers' DeepseekV3RMSNorm default: the eps of its latent norms, whatever rms_norm_eps says
 DEEPSEEK_LATENT_NORM_EPS = 1e-6
 QWEN3_TYPES = ("qwen3", "qwen3_moe")
 QWEN_MOE_TYPES = ("qwen3_moe", "qwen2_moe")  # routing, expert names and layer placement alike
+# DeepSeek's MoE fields: n_routed_experts, moe_intermediate_size, n_shared_experts, first_k_dense_replace
+_DEEPSEEK_EXPERT_TYPES = DEEPSEEK_TYPES + ("glm4_moe",)
+# transformers' defaults (DeepseekV3Config, Glm4MoeConfig) of the routing fields a config.json may leave out
+_SIGMOID_MOE_DEFAULTS = {"deepseek_v3": {"routed_scaling_factor": 2.5, "first_k_dense_replace": 3, "n_group": 8,
+                                        "topk_group": 4},
+                         "glm4_moe": {"routed_scaling_factor": 1.0, "first_k_dense_replace": 1, "n_group": 1,
+                                      "topk_group": 1}}
+# transformers' default partial_rotary_factor of the config classes whose attention rotates part of each head
+# (Glm4MoeConfig sets 0.5 when the config.json has none); the other formats rotate every channel
+_PARTIAL_ROTARY_DEFAULT = {"glm4_moe": 0.5}
 # transformers' default rope theta per config class, used when a config.json has none.
 _DEFAULT_THETA = {"mixtral": 1e6, "phimoe": 1e6, "grinmoe": 1e6}
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -82,11 +98,8 @@ def _rope_settings(hf: dict[str, Any], model_type: str, where: str) -> dict[str,
     """ModelConfig rope fields from transformers 5 ``rope_parameters`` or 4.x ``rope_theta`` / ``rope_scaling``."""
     params = hf.get("rope_parameters")
     scaling = hf.get("rope_scaling")
-    out: dict[str, Any] = {"rope_theta": float(hf.get("rope_theta") or _DEFAULT_THETA.get(model_type, 1e4))}
-    partial = (params or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if partial not in (None, 1, 1.0):
-        raise ConversionError(f"{where}: partial_rotary_factor = {partial}; only full rotary embeddings (1.0) "
-                              "are supported")
+    out: dict[str, Any] = {"rope_theta": float(hf.get("rope_theta") or _DEFAULT_THETA.get(model_type, 1e4)),
+                           "rotary_percent": _rotary_percent(hf, model_type, where)}
     for field_name, value in (("rope_scaling", scaling), ("rope_parameters", params)):
         if value is None:
             continue
@@ -113,6 +126,23 @@ def _rope_settings(hf: dict[str, Any], model_type: str, where: str) -> dict[str,
             raise ConversionError(f"{where}: {field_name}.rope_type = {kind!r}; supported: 'default', 'llama3' "
                                   "and 'yarn'")
     return out
+
+
+def _rotary_percent(hf: dict[str, Any], model_type: str, where: str) -> float:
+    """model.rotary_percent: ``partial_rotary_factor`` of ``rope_parameters``, else of ``rope_scaling``, else of the
+    top level (transformers' order), else the config class's default; other than 1 only where transformers' attention
+    rotates part of each head (glm4_moe)."""
+    partial = _PARTIAL_ROTARY_DEFAULT.get(model_type, 1.0)
+    for fields in (hf, hf.get("rope_scaling"), hf.get("rope_parameters")):  # the later ones take precedence
+        if isinstance(fields, dict) and fields.get("partial_rotary_factor") is not None:
+            partial = fields["partial_rotary_factor"]
+    if not isinstance(partial, int | float) or not 0 < partial <= 1:
+        raise ConversionError(f"{where}: partial_rotary_factor = {partial!r}; expected a fraction in (0, 1]")
+    if partial != 1 and model_type not in _PARTIAL_ROTARY_DEFAULT:
+        raise ConversionError(f"{where}: partial_rotary_factor = {partial}; transformers' {model_type} rotates every "
+                              "channel of a head, so only full rotary embeddings (1.0) are supported (partial rotary: "
+                              "glm4_moe)")
+    return float(partial)
 
 
 def _yarn_settings(value: dict[str, Any], where: str) -> dict[str, Any]:
@@ -146,6 +176,10 @@ def _bias_settings(hf: dict[str, Any], model_type: str, where: str) -> dict[str,
         if attention or mlp:
             raise ConversionError(f"{where}: {model_type} with attention_bias/mlp_bias set is not its format")
         return {"add_qkv_bias": model_type == "qwen2" or bool(hf.get("qkv_bias", True))}
+    if model_type == "glm4_moe":  # attention_bias: q, k and v only; o_proj and the MLPs have none
+        if mlp:
+            raise ConversionError(f"{where}: mlp_bias = true is not part of the glm4_moe format")
+        return {"add_qkv_bias": attention}
     if model_type in ("phimoe", "grinmoe"):
         out = {"add_qkv_bias": attention, "add_bias_linear": attention}
         return out | {"lm_head_bias": bool(hf.get("lm_head_bias"))}
@@ -214,11 +248,14 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json", notes: list[s
     m = cfg.model
     m.hidden_size, m.num_attention_heads = hidden, heads
     m.kv_channels = 0 if head_dim is None or head_dim * heads == hidden else head_dim
-    m.qk_layernorm = model_type in QWEN3_TYPES
+    m.qk_layernorm = model_type in QWEN3_TYPES or (model_type == "glm4_moe" and bool(hf.get("use_qk_norm")))
     m.num_query_groups = hf.get("num_key_value_heads") or heads
     m.num_layers, m.ffn_hidden_size, m.vocab_size = hf["num_hidden_layers"], hf["intermediate_size"], hf["vocab_size"]
     for name, value in _rope_settings(hf, model_type, where).items():
         setattr(m, name, value)
+    if m.rotary_percent != 1 and (m.rotary_dim < 2 or m.rotary_dim % 2):
+        raise ConversionError(f"{where}: partial_rotary_factor = {m.rotary_percent:g} of head_dim {m.head_dim} gives "
+                              f"{m.rotary_dim} rotary channels; rotary embeddings need an even number of them")
     for name, value in _bias_settings(hf, model_type, where).items():
         if value:
             setattr(m, name, value)
@@ -280,7 +317,7 @@ def _deepseek_v2_moe_settings(cfg: Config, hf: dict[str, Any], where: str) -> No
 
 
 def _deepseek_moe_settings(cfg: Config, hf: dict[str, Any], where: str, model_type: str) -> None:
-    """Routing, experts and layer placement of a deepseek_v3 (or deepseek_v2) config (module docstring)."""
+    """Routing, experts and layer placement of a deepseek_v3, glm4_moe (or deepseek_v2) config (module docstring)."""
     e = cfg.moe
     _positive_ints(hf, ("n_routed_experts", "moe_intermediate_size", "n_shared_experts"), where)
     e.num_experts, e.expert_ffn_hidden_size = hf["n_routed_experts"], hf["moe_intermediate_size"]
@@ -290,17 +327,17 @@ def _deepseek_moe_settings(cfg: Config, hf: dict[str, Any], where: str, model_ty
         _deepseek_v2_moe_settings(cfg, hf, where)
         return
     for key, expected in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
-        if hf.get(key, expected) != expected:
+        if model_type == "deepseek_v3" and hf.get(key, expected) != expected:  # GLM's configs have none of them
             raise ConversionError(f"{where}: {key} = {hf[key]!r}; DeepSeek-V3's format has {expected!r} only")
     e.score_function, e.expert_bias = "sigmoid", True
     e.renormalize = bool(hf.get("norm_topk_prob", True))
-    # transformers' DeepseekV3Config defaults for what a config.json leaves out (no tensor depends on them)
-    e.topk_scaling_factor = float(hf.get("routed_scaling_factor", 2.5))
-    e.first_k_dense = int(hf.get("first_k_dense_replace", 3))  # transformers' default
+    defaults = _SIGMOID_MOE_DEFAULTS[model_type]  # transformers' config class's, for what a config.json leaves out
+    e.topk_scaling_factor = float(hf.get("routed_scaling_factor", defaults["routed_scaling_factor"]))
+    e.first_k_dense = int(hf.get("first_k_dense_replace", defaults["first_k_dense_replace"]))
     if e.renormalize and e.topk == 1:
         raise ConversionError(f"{where}: norm_topk_prob with num_experts_per_tok = 1 gives every token the weight "
                               "routed_scaling_factor; this model normalises top-K weights only for K > 1")
-    groups, kept = hf.get("n_group", 8), hf.get("topk_group", 4)
+    groups, kept = hf.get("n_group", defaults["n_group"]), hf.get("topk_group", defaults["topk_group"])
     if not (isinstance(groups, int) and isinstance(kept, int) and 1 <= kept <= groups):
         raise ConversionError(f"{where}: n_group = {groups!r}, topk_group = {kept!r}; expected 1 <= topk_group <= "
                               "n_group")
@@ -318,7 +355,7 @@ def _moe_settings(cfg: Config, hf: dict[str, Any], model_type: str, where: str) 
         e.num_experts = 0
         return
     qwen_key = model_type in QWEN_MOE_TYPES and "num_local_experts" not in hf  # their config.json's name
-    experts_key = "num_experts" if qwen_key else "n_routed_experts" if model_type in DEEPSEEK_TYPES else \
+    experts_key = "num_experts" if qwen_key else "n_routed_experts" if model_type in _DEEPSEEK_EXPERT_TYPES else \
         "num_local_experts"
     experts, topk = hf.get(experts_key), hf.get("num_experts_per_tok")
     for key, value in ((experts_key, experts), ("num_experts_per_tok", topk)):
@@ -329,7 +366,7 @@ def _moe_settings(cfg: Config, hf: dict[str, Any], model_type: str, where: str) 
     e.layer_freq, e.first_k_dense, e.logit_norm = 1, 0, False
     if model_type in QWEN_MOE_TYPES:
         _qwen_moe_settings(cfg, hf, model_type, where)
-    elif model_type in DEEPSEEK_TYPES:
+    elif model_type in _DEEPSEEK_EXPERT_TYPES:
         _deepseek_moe_settings(cfg, hf, where, model_type)
     elif model_type == "mixtral":
         e.router, e.renormalize = "topk", True
@@ -378,12 +415,13 @@ class ExportError(ConversionError):
 
 
 EXPORT_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "mixtral", "phimoe", "qwen3_moe", "qwen2_moe",
-                        "deepseek_v2", "deepseek_v3")
-_MOE_EXPORTS = ("mixtral", "phimoe", "qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3")
+                        "deepseek_v2", "deepseek_v3", "glm4_moe")
+_MOE_EXPORTS = ("mixtral", "phimoe", "qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "glm4_moe")
 _CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
           "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM", "phimoe": "PhimoeForCausalLM",
           "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-          "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+          "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+          "glm4_moe": "Glm4MoeForCausalLM"}
 
 
 def _moe_layout_blockers(cfg: Config, fmt: str) -> list[str]:
@@ -421,19 +459,21 @@ def export_blockers(cfg: Config, arch: str) -> list[str]:
     if arch not in _MOE_EXPORTS and e.num_experts:
         return [f"moe.num_experts = {e.num_experts}: {arch} is a dense format (MoE exports as mixtral, phimoe, "
                 "qwen3_moe or qwen2_moe)"]
+    if arch == "glm4_moe":
+        return _glm4_moe_blockers(cfg)
+    reasons = _rotary_percent_blockers(m, arch)
     if arch in DEEPSEEK_TYPES:
-        return _deepseek_blockers(cfg, arch)
-    reasons: list[str] = []
+        return reasons + _deepseek_blockers(cfg, arch)
     if m.rope_scaling == "yarn" and arch in ("qwen2", "phi3", "mixtral"):  # the others refuse any rope scaling
-        reasons.append(f"model.rope_scaling = 'yarn': exported for llama and deepseek_v3 only (checked against "
-                       f"transformers there), not {arch}")
+        reasons.append(f"model.rope_scaling = 'yarn': exported for llama, deepseek_v3 and glm4_moe only (checked "
+                       f"against transformers there), not {arch}")
     reasons += _yarn_mscale_blockers(m)
     if m.multi_latent_attention:
         reasons.append(f"model.multi_latent_attention = true: {arch} has grouped-query attention (export as "
-                       "deepseek_v3)")
+                       "deepseek_v3 or deepseek_v2)")
     if e.score_function != "softmax":
         reasons.append(f"moe.score_function = {e.score_function!r}: {arch} routes by softmax (sigmoid routing "
-                       "exports as deepseek_v3)")
+                       "exports as glm4_moe, or deepseek_v3 with latent attention)")
     if e.topk_scaling_factor != 1.0:
         reasons.append(f"moe.topk_scaling_factor = {e.topk_scaling_factor:g}: {arch} does not scale the routing "
                        "weights")
@@ -493,12 +533,13 @@ def _deepseek_blockers(cfg: Config, arch: str) -> list[str]:
     norms, RMSNorm of eps 1e-6 and no biases, top-K routing by sigmoid scores (V3; groups scored by their top 2) or
     by softmax probabilities taken as they are (V2; groups scored by their best), an ungated shared expert a whole
     number of experts wide, dense layers only first, default RoPE or YaRN."""
-    m, e = cfg.model, cfg.moe
-    reasons = _deepseek_v2_router_blockers(e) if arch == "deepseek_v2" else _deepseek_v3_router_blockers(e)
-    reasons += _rmsnorm_no_bias_blockers(cfg, "DeepSeek-V2" if arch == "deepseek_v2" else "DeepSeek-V3")
-    if m.rope_scaling == "llama3":
-        reasons.append("model.rope_scaling = 'llama3': DeepSeek-V3's configs carry default RoPE or YaRN")
-    reasons += _yarn_mscale_blockers(m)
+    m = cfg.model
+    if arch == "deepseek_v2":
+        name, reasons = "DeepSeek-V2", _deepseek_v2_router_blockers(cfg.moe)
+    else:
+        name, reasons = "DeepSeek-V3", _deepseek_v3_router_blockers(cfg.moe, "DeepSeek-V3", " (softmax exports as "
+                                                                                           "deepseek_v2)")
+    reasons += _rmsnorm_no_bias_blockers(cfg, name) + _deepseek_moe_layer_blockers(cfg, name)
     if not (m.multi_latent_attention and m.qk_layernorm):
         reasons.append("model.multi_latent_attention / model.qk_layernorm: DeepSeek-V3 always has latent attention "
                        "with normalised latents")
@@ -506,30 +547,69 @@ def _deepseek_blockers(cfg: Config, arch: str) -> list[str]:
     if latent_eps != DEEPSEEK_LATENT_NORM_EPS:
         reasons.append(f"model.latent_norm_eps = {latent_eps:g} (0: model.norm_eps): transformers' DeepSeek-V3 "
                        f"normalises the latents with eps {DEEPSEEK_LATENT_NORM_EPS:g}")
+    return reasons
+
+
+def _deepseek_moe_layer_blockers(cfg: Config, name: str) -> list[str]:
+    """Why the MoE layers and rotary embedding of ``cfg`` are not those of DeepSeek's formats and GLM-4-MoE (``name``):
+    no logit normalisation, an ungated shared expert a whole number of experts wide, dense layers only first,
+    default RoPE or YaRN."""
+    m, e = cfg.model, cfg.moe
+    reasons = []
+    if m.rope_scaling == "llama3":
+        reasons.append(f"model.rope_scaling = 'llama3': {name}'s configs carry default RoPE or YaRN")
+    reasons += _yarn_mscale_blockers(m)
     if e.logit_norm:
-        reasons.append("moe.logit_norm = true: DeepSeek's formats have no gating logit normalisation")
+        reasons.append(f"moe.logit_norm = true: {name} has no gating logit normalisation")
     width, expert = e.shared_expert_ffn_hidden_size, cfg.expert_ffn_size
     if not width or width % expert or e.shared_expert_gate:
         reasons.append(f"moe.shared_expert_ffn_hidden_size = {width} (gate: {str(e.shared_expert_gate).lower()}): "
-                       f"DeepSeek-V3 has an ungated shared expert of n_shared_experts x {expert} (the experts' width)")
+                       f"{name} has an ungated shared expert of n_shared_experts x {expert} (the experts' width)")
     if e.layer_freq != 1:
-        reasons.append(f"moe.layer_freq = {e.layer_freq}: DeepSeek-V3's dense layers are the first ones only "
+        reasons.append(f"moe.layer_freq = {e.layer_freq}: {name}'s dense layers are the first ones only "
                        "(moe.first_k_dense)")
     return reasons
 
 
-def _deepseek_v3_router_blockers(e) -> list[str]:
+def _deepseek_v3_router_blockers(e, name: str, hint: str = "") -> list[str]:
+    """Why the router of ``e`` (a MoEConfig) is not DeepSeek-V3's (and GLM-4-MoE's, ``name``): top-K sigmoid scores,
+    groups scored by their top 2."""
     reasons = []
     if e.router != "topk" or e.score_function != "sigmoid":
-        reasons.append(f"moe.router = {e.router!r}, moe.score_function = {e.score_function!r}: DeepSeek-V3 routes by "
-                       "top-K sigmoid scores (softmax exports as deepseek_v2)")
+        reasons.append(f"moe.router = {e.router!r}, moe.score_function = {e.score_function!r}: {name} routes by "
+                       f"top-K sigmoid scores{hint}")
     if e.renormalize and e.topk == 1:
-        reasons.append("moe.renormalize with moe.topk = 1: DeepSeek-V3's norm_topk_prob would give every token the "
+        reasons.append(f"moe.renormalize with moe.topk = 1: {name}'s norm_topk_prob would give every token the "
                        "weight 1")
     if e.router_group_topk and e.topk != 2 * e.router_group_topk:
-        reasons.append(f"moe.router_group_topk = {e.router_group_topk} with moe.topk = {e.topk}: DeepSeek-V3 scores "
+        reasons.append(f"moe.router_group_topk = {e.router_group_topk} with moe.topk = {e.topk}: {name} scores "
                        "groups by their top 2 experts (moe.topk = 2 x moe.router_group_topk)")
     return reasons
+
+
+def _glm4_moe_blockers(cfg: Config) -> list[str]:
+    """Why ``cfg`` is not a GLM-4-MoE: grouped-query attention (any head width, rotary fraction, optional query/key
+    norms) whose only biases are q/k/v's, RMSNorm, DeepSeek-V3's MoE layer (:func:`_deepseek_moe_layer_blockers`)."""
+    m = cfg.model
+    reasons = _deepseek_v3_router_blockers(cfg.moe, "GLM-4-MoE", " (softmax exports as qwen3_moe, qwen2_moe or "
+                                                                 "mixtral)")
+    reasons += _deepseek_moe_layer_blockers(cfg, "GLM-4-MoE") + _norm_blockers(m, "RMSNorm", "GLM-4-MoE")
+    if m.multi_latent_attention:
+        reasons.append("model.multi_latent_attention = true: GLM-4-MoE has grouped-query attention (export as "
+                       "deepseek_v3)")
+    if m.add_bias_linear or m.lm_head_bias:
+        reasons.append("model.add_bias_linear / model.lm_head_bias: GLM-4-MoE's only biases are on q, k and v "
+                       "(attention_bias; o_proj, the MLPs and the LM head have none)")
+    return reasons
+
+
+def _rotary_percent_blockers(m, arch: str) -> list[str]:
+    """Formats other than glm4_moe rotate every channel of a head (transformers' attention there has no partial
+    rotary)."""
+    if m.rotary_percent == 1:
+        return []
+    return [f"model.rotary_percent = {m.rotary_percent:g}: {arch} rotates every channel of a head (partial rotary "
+            "exports as glm4_moe)"]
 
 
 def _deepseek_v2_router_blockers(e) -> list[str]:
@@ -601,17 +681,18 @@ def _attention_bias_blockers(m, name: str, hint: str = "") -> list[str]:
 
 
 def choose_architecture(cfg: Config) -> str:
-    """The HF architecture a model exports to by default: deepseek_v3 for latent attention or sigmoid
-    routing; phimoe for SparseMixer-v2; for top-K, qwen2_moe with a shared expert, qwen3_moe with query/key
-    norms (it also holds dense layers and weights not renormalised), else mixtral; dense: qwen3 with
-    query/key norms, qwen2 for q/k/v-only biases, llama otherwise (Phi-3 computes the same function as a
-    bias-free Llama; ``--architecture phi3`` writes its fused layout)."""
+    """The HF architecture a model exports to by default: deepseek_v3 (deepseek_v2 with softmax routing) for latent
+    attention, glm4_moe for sigmoid routing with grouped-query attention; phimoe for SparseMixer-v2; for
+    top-K, qwen2_moe with a shared expert, qwen3_moe with query/key norms (it also holds dense layers and
+    weights not renormalised), else mixtral; dense: qwen3 with query/key norms, qwen2 for q/k/v-only
+    biases, llama otherwise (Phi-3 computes the same function as a bias-free Llama; ``--architecture phi3``
+    writes its fused layout)."""
     m, e = cfg.model, cfg.moe
     if e.num_experts:
-        if m.multi_latent_attention and e.score_function == "softmax":
-            return "deepseek_v2"
-        if m.multi_latent_attention or e.score_function == "sigmoid":
-            return "deepseek_v3"
+        if m.multi_latent_attention:
+            return "deepseek_v2" if e.score_function == "softmax" else "deepseek_v3"
+        if e.score_function == "sigmoid":
+            return "glm4_moe"
         if e.router == "sparsemixer":
             return "phimoe"
         if e.shared_expert_ffn_hidden_size:
@@ -635,6 +716,19 @@ def _rope_fields(cfg: Config) -> dict[str, Any]:
                       beta_fast=m.rope_yarn_beta_fast, beta_slow=m.rope_yarn_beta_slow, mscale=m.rope_yarn_mscale,
                       mscale_all_dim=m.rope_yarn_mscale_all_dim, truncate=True)
     return {"rope_theta": m.rope_theta, "rope_parameters": params}
+
+
+def _deepseek_moe_fields(cfg: Config) -> dict[str, Any]:
+    """config.json fields of DeepSeek's MoE layer (deepseek_v2, deepseek_v3, glm4_moe): experts, shared experts,
+    dense layers first, routing."""
+    m, e = cfg.model, cfg.moe
+    groups = (e.router_num_groups, e.router_group_topk) if e.router_group_topk else (1, 1)
+    return dict(n_routed_experts=e.num_experts, num_experts_per_tok=e.topk, moe_intermediate_size=cfg.expert_ffn_size,
+                intermediate_size=m.dense_ffn_size,
+                n_shared_experts=e.shared_expert_ffn_hidden_size // cfg.expert_ffn_size,
+                first_k_dense_replace=e.first_k_dense, norm_topk_prob=e.renormalize,
+                routed_scaling_factor=e.topk_scaling_factor, n_group=groups[0], topk_group=groups[1],
+                router_aux_loss_coef=e.aux_loss_coeff)
 
 
 def hf_config(cfg: Config, arch: str | None = None, dtype: str = "float32",
@@ -662,17 +756,15 @@ def hf_config(cfg: Config, arch: str | None = None, dtype: str = "float32",
     }
     if arch == "llama":
         out.update(attention_bias=m.add_qkv_bias, mlp_bias=m.add_bias_linear, pretraining_tp=1)
+    elif arch == "glm4_moe":  # the rotary fraction written always: transformers' default is 0.5
+        out.update(_deepseek_moe_fields(cfg), attention_bias=m.add_qkv_bias, use_qk_norm=m.qk_layernorm,
+                   partial_rotary_factor=m.rotary_percent, num_nextn_predict_layers=m.mtp_num_layers)
+        out["rope_parameters"]["partial_rotary_factor"] = m.rotary_percent
     elif arch in DEEPSEEK_TYPES:
-        groups = (e.router_num_groups, e.router_group_topk) if e.router_group_topk else (1, 1)
         del out["head_dim"]  # transformers sets it to the rotary width itself
-        out.update(q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_head_dim,
-                   qk_rope_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim,
-                   n_routed_experts=e.num_experts, num_experts_per_tok=e.topk,
-                   moe_intermediate_size=cfg.expert_ffn_size, intermediate_size=m.dense_ffn_size,
-                   n_shared_experts=e.shared_expert_ffn_hidden_size // cfg.expert_ffn_size,
-                   first_k_dense_replace=e.first_k_dense, norm_topk_prob=e.renormalize,
-                   routed_scaling_factor=e.topk_scaling_factor, n_group=groups[0], topk_group=groups[1],
-                   attention_bias=False, router_aux_loss_coef=e.aux_loss_coeff, moe_layer_freq=1)
+        out.update(_deepseek_moe_fields(cfg), q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank,
+                   qk_nope_head_dim=m.qk_head_dim, qk_rope_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim,
+                   attention_bias=False, moe_layer_freq=1)
         if arch == "deepseek_v3":  # DeepSeek's own code reads scoring_func and topk_method
             out.update(rope_interleave=True, scoring_func="sigmoid", topk_method="noaux_tc",
                        num_nextn_predict_layers=m.mtp_num_layers)  # written explicitly: transformers' default is 1

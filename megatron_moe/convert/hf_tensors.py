@@ -16,6 +16,9 @@ Link kinds:
 - ``experts``: one stacked expert parameter ``[E, a, b]`` <-> E tensors ``[b, a]`` (expert ``e``'s
   nn.Linear weight is ``param[e].T``: ours store ``x @ W``, transformers' ``W @ x``).
 
+GLM-4-MoE (``glm4_moe``) has Qwen3's attention names (q/k/v biases with ``attention_bias``, ``q_norm`` / ``k_norm``
+with ``use_qk_norm``) and DeepSeek-V3's MoE and multi-token prediction names below (:data:`DEEPSEEK_MOE_FORMATS`).
+
 DeepSeek-V3's multi-token prediction depth k (``num_nextn_predict_layers``) is layer ``num_hidden_layers + k``: its
 block under the usual names, ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm`` (our ``mtp.k.*``), and copies of
 the embedding and output layer (``embed_tokens``, ``shared_head.head``: written on export, not read on import).
@@ -45,7 +48,11 @@ _GLOBAL = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output
 _QK_NORMS = {"q_norm": "q_norm", "k_norm": "k_norm"}
 # Per MoE format: the feed-forward module's name and the experts' projection names.
 _QWEN_EXPERT = ("mlp", {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"})
-_MOE_NAMES = {"qwen3_moe": _QWEN_EXPERT, "qwen2_moe": _QWEN_EXPERT, "deepseek_v3": _QWEN_EXPERT}
+_MOE_NAMES = {"qwen3_moe": _QWEN_EXPERT, "qwen2_moe": _QWEN_EXPERT, "deepseek_v3": _QWEN_EXPERT,
+              "glm4_moe": _QWEN_EXPERT}
+# Formats with DeepSeek-V3's MoE layer (``mlp.shared_experts.*``, the router's ``e_score_correction_bias``, both kept
+# in float32 by transformers) and multi-token prediction layers
+DEEPSEEK_MOE_FORMATS = ("deepseek_v3", "glm4_moe")
 # DeepSeek-V3's multi-token prediction depth k: layer num_hidden_layers + k holds the block and these (besides copies
 # of the embedding and output layer: MTP_COPIES)
 _MTP = {"embedding_norm": "enorm", "hidden_norm": "hnorm", "proj": "eh_proj", "norm": "shared_head.norm"}
@@ -88,10 +95,10 @@ def _layer_link(name: str, arch: str, num_experts: int) -> Link | tuple[str, str
         return Link("same", (name,), (hf + f"mlp.shared_expert.{expert_names[proj]}.{leaf}",))
     if arch == "qwen2_moe" and module == "feed_forward.shared_gate":
         return Link("same", (name,), (hf + f"mlp.shared_expert_gate.{leaf}",))
-    if arch == "deepseek_v3" and module.startswith("feed_forward.shared_expert."):
+    if arch in DEEPSEEK_MOE_FORMATS and module.startswith("feed_forward.shared_expert."):
         proj = module[len("feed_forward.shared_expert."):]
         return Link("same", (name,), (hf + f"mlp.shared_experts.{expert_names[proj]}.{leaf}",))
-    if arch == "deepseek_v3" and name.endswith("feed_forward.router.expert_bias"):
+    if arch in DEEPSEEK_MOE_FORMATS and name.endswith("feed_forward.router.expert_bias"):
         return Link("same", (name,), (hf + "mlp.gate.e_score_correction_bias",))
     if module == "feed_forward.router.gate" and leaf == "weight":
         return Link("same", (name,), (hf + f"{moe_module}.gate.weight",))
@@ -144,7 +151,7 @@ def tensor_links(shapes: dict[str, tuple[int, ...]], arch: str, num_experts: int
         if module in _GLOBAL:
             links.append(Link("same", (name,), (f"{_GLOBAL[module]}.{leaf}",)))
             continue
-        if name.startswith("mtp.") and arch == "deepseek_v3":
+        if name.startswith("mtp.") and arch in DEEPSEEK_MOE_FORMATS:
             _, depth, part, leaf = name.split(".")
             links.append(Link("same", (name,), (f"model.layers.{main_layers + int(depth)}.{_MTP[part]}.{leaf}",)))
             continue

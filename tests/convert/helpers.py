@@ -19,7 +19,7 @@ TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_laye
 # Per architecture: transformers' config class name and the settings the tiny model adds.
 HF_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "phi3": "Phi3", "mixtral": "Mixtral",
               "phimoe": "Phimoe", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe",
-              "deepseek_v2": "DeepseekV2", "deepseek_v3": "DeepseekV3"}
+              "deepseek_v2": "DeepseekV2", "deepseek_v3": "DeepseekV3", "glm4_moe": "Glm4Moe"}
 HF_DEFAULTS = {
     "mistral": {"sliding_window": None},
     "phi3": {"pad_token_id": None},
@@ -49,6 +49,13 @@ HF_DEFAULTS = {
                     "qk_rope_head_dim": 4, "v_head_dim": 5, "n_routed_experts": 16, "num_experts_per_tok": 4,
                     "moe_intermediate_size": 24, "n_shared_experts": 2, "first_k_dense_replace": 1, "n_group": 4,
                     "topk_group": 2, "routed_scaling_factor": 2.5, "norm_topk_prob": True},
+    # GLM-4.5's layout: q/k/v biases, query/key norms, heads 12 wide on hidden 32 of which the first half rotates,
+    # DeepSeek-V3's MoE layer (16 experts in 4 groups of which 2 are kept, top-4, normalised, scaled by 2.5, two
+    # shared experts' width, one dense layer first)
+    "glm4_moe": {"head_dim": 12, "attention_bias": True, "use_qk_norm": True, "partial_rotary_factor": 0.5,
+                 "n_routed_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 24, "n_shared_experts": 2,
+                 "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5,
+                 "norm_topk_prob": True},
 }
 
 
@@ -83,6 +90,14 @@ def make_hf(path: Path, model_type: str = "llama", seed: int = 0, save_kwargs: d
 # This directory's model: vocab 96, 2 layers, dense ffn 64, sequence 64, Config's MoE and batch defaults.
 CONVERT_MODEL = dict(vocab_size=96, num_layers=2, ffn_hidden_size=64, seq_length=64, num_experts=8,
                      expert_ffn_hidden_size=0, aux_loss_coeff=0.01, z_loss_coeff=0.0, micro=4, global_batch=8)
+
+# GLM-4.5's architecture as this project's settings: grouped-query attention with q/k/v biases, query/key norms, heads
+# 12 wide of which the first half rotates; 8 experts top-4 by sigmoid scores with the expert bias in 4 groups of which
+# 2 are kept, weights normalised and scaled by 2.5, two experts' width of ungated shared expert, a dense layer first.
+GLM_EXPORT = dict(num_attention_heads=4, num_query_groups=2, kv_channels=12, rotary_percent=0.5, qk_layernorm=True,
+                  add_qkv_bias=True, norm_eps=1e-6, num_experts=8, topk=4, expert_ffn_hidden_size=16,
+                  score_function="sigmoid", expert_bias=True, router_num_groups=4, router_group_topk=2,
+                  topk_scaling_factor=2.5, shared_expert_ffn_hidden_size=32, first_k_dense=1)
 
 
 def tiny_config(**settings) -> Config:

@@ -1,4 +1,5 @@
-"""Export to Hugging Face: SparseMixer-v2 -> PhiMoE, top-K -> Mixtral, dense -> Llama / Qwen2 / Phi-3,
+"""Export to Hugging Face: SparseMixer-v2 -> PhiMoE, top-K -> Mixtral / Qwen3-MoE / Qwen2-MoE, latent attention ->
+DeepSeek-V2/V3, sigmoid routing with grouped-query attention -> GLM-4-MoE, dense -> Llama / Qwen2 / Qwen3 / Phi-3,
 loaded by transformers with the same logits; bf16, shards, tokenizer and generation config."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from megatron_moe.convert.hf import read_hf
 from megatron_moe.convert.native import load_model, save_model_checkpoint
 from megatron_moe.convert.source import ConversionError
 from megatron_moe.convert.upcycle import UpcycleOptions, upcycle
-from tests.convert.helpers import make_hf, save_native, tiny_config, tokens
+from tests.convert.helpers import GLM_EXPORT, make_hf, save_native, tiny_config, tokens
 
 ATOL = 1e-5  # float32 on both sides
 
@@ -438,13 +439,14 @@ def test_multi_token_prediction_is_left_out_of_formats_without_it(tmp_path):
     assert len(predictions) == 1 and read_hf(tmp_path / "out").cfg.model.mtp_num_layers == 0
 
 
-def test_deepseek_v3_bf16_export_keeps_the_router_and_expert_bias_in_float32(tmp_path):
-    """transformers keeps DeepSeek-V3's router weight and e_score_correction_bias in float32 (a bf16 bias would choose
-    other experts for some tokens): a bf16 export writes them so, everything else in bf16."""
+@pytest.mark.parametrize("arch,settings", [("deepseek_v3", MLA_EXPORT), ("glm4_moe", GLM_EXPORT)])
+def test_deepseek_v3_bf16_export_keeps_the_router_and_expert_bias_in_float32(tmp_path, arch, settings):
+    """transformers keeps DeepSeek-V3's (and GLM-4-MoE's) router weight and e_score_correction_bias in float32 (a bf16
+    bias would choose other experts for some tokens): a bf16 export writes them so, everything else in bf16."""
     from safetensors import safe_open
 
-    save_native(tmp_path / "m", tiny_config(**MLA_EXPORT))
-    assert export(tmp_path / "m", tmp_path / "out", dtype="bf16")["model_type"] == "deepseek_v3"
+    save_native(tmp_path / "m", tiny_config(**settings))
+    assert export(tmp_path / "m", tmp_path / "out", dtype="bf16")["model_type"] == arch
     with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
         dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
     kept = {k for k in dtypes if k.endswith(("mlp.gate.weight", "e_score_correction_bias"))}
@@ -454,8 +456,8 @@ def test_deepseek_v3_bf16_export_keeps_the_router_and_expert_bias_in_float32(tmp
 
 @pytest.mark.parametrize("settings,arch,reason", [
     ({"score_function": "sigmoid", "topk_scaling_factor": 2.5}, "mixtral",
-     "moe.score_function = 'sigmoid': mixtral routes by softmax (sigmoid routing exports as deepseek_v3)"),
-    ({"score_function": "sigmoid"}, "auto", "DeepSeek-V3 always has latent attention with normalised latents"),
+     "moe.score_function = 'sigmoid': mixtral routes by softmax (sigmoid routing exports as glm4_moe, or deepseek_v3"),
+    ({"score_function": "sigmoid"}, "deepseek_v3", "DeepSeek-V3 always has latent attention with normalised latents"),
     ({**MLA_EXPORT, "shared_expert_ffn_hidden_size": 24}, "deepseek_v3", "n_shared_experts x 16"),
     ({**MLA_EXPORT, "topk": 2, "router_num_groups": 4, "router_group_topk": 2}, "deepseek_v3",
      "groups by their top 2 experts"),
@@ -466,10 +468,86 @@ def test_deepseek_v3_bf16_export_keeps_the_router_and_expert_bias_in_float32(tmp
      "model.rope_yarn_mscale = 0.7 with model.rope_yarn_mscale_all_dim = 0: transformers scales"),
     ({"rope_scaling": "yarn", "rope_scaling_factor": 4.0, "rope_yarn_mscale": 0.0, "rope_yarn_mscale_all_dim": 1.0,
       "num_experts": 0}, "llama", "model.rope_yarn_mscale = 0 with model.rope_yarn_mscale_all_dim = 1"),
-    ({"rope_scaling": "yarn", "rope_scaling_factor": 4.0}, "mixtral", "exported for llama and deepseek_v3 only"),
+    ({"rope_scaling": "yarn", "rope_scaling_factor": 4.0}, "mixtral",
+     "exported for llama, deepseek_v3 and glm4_moe only"),
 ])
 def test_inexpressible_deepseek_exports_are_explained(tmp_path, settings, arch, reason):
     save_native(tmp_path / "m", tiny_config(**{"num_experts": 4, "topk": 2, **settings}))
+    with pytest.raises(ExportError, match=re.escape(reason)):
+        export(tmp_path / "m", tmp_path / "out", architecture=arch)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("settings", [
+    {},  # GLM-4.5's attention: q/k/v biases, query/key norms, half the channels rotated
+    # GLM-4.5-Air's: no query/key norms; here also all channels rotated, one group, weights as picked, no dense layer
+    {"qk_layernorm": False, "rotary_percent": 1.0, "router_num_groups": 0, "router_group_topk": 0, "topk": 2,
+     "renormalize": False, "first_k_dense": 0, "num_layers": 3, "topk_scaling_factor": 1.0},
+    {"add_qkv_bias": False, "kv_channels": 0, "rotary_percent": 0.25, "expert_bias": False},  # 2 of 8 channels
+    # YaRN with partial rotary (transformers' correction range over the rotated channels, as here)
+    {"rope_scaling": "yarn", "rope_scaling_factor": 4.0, "rope_yarn_original_max_position": 16},
+])
+def test_sigmoid_routing_with_grouped_query_attention_exports_to_glm4_moe(tmp_path, settings):
+    """GLM-4-MoE's architecture (grouped-query attention with q/k/v biases, query/key norms and partial rotary,
+    DeepSeek-V3's MoE layer) exports as glm4_moe (auto): partial_rotary_factor is written (transformers' default is
+    0.5), transformers computes the same logits, the rotary fraction and the routing matter, and the export reads back
+    into the same weights and settings."""
+    from transformers import Glm4MoeForCausalLM
+
+    cfg = tiny_config(**{**GLM_EXPORT, **settings})
+    ours, config, x, ref = _auto_export_logits(tmp_path, cfg, Glm4MoeForCausalLM)
+    m = cfg.model
+    assert (config["model_type"], config["partial_rotary_factor"], config["rope_parameters"]["partial_rotary_factor"],
+            config["attention_bias"], config["use_qk_norm"], config["head_dim"]) == (
+        "glm4_moe", m.rotary_percent, m.rotary_percent, m.add_qkv_bias, m.qk_layernorm, m.head_dim)
+    source = read_hf(tmp_path / "out")
+    read_back = {**vars(source.cfg.model), **vars(source.cfg.moe)}
+    for key in ("rotary_percent", "kv_channels", "qk_layernorm", "add_qkv_bias", "rope_scaling", "topk",
+                "router_group_topk", "renormalize", "topk_scaling_factor", "first_k_dense",
+                "shared_expert_ffn_hidden_size"):
+        assert read_back[key] == {**vars(cfg.model), **vars(cfg.moe)}[key], key
+    for name, t in ours.state_dict().items():
+        assert torch.equal(source.get(name), t), name
+    other = 1.0 if m.rotary_percent != 1 else 0.5  # the same tensors with another rotary fraction
+    config["rope_parameters"]["partial_rotary_factor"] = config["partial_rotary_factor"] = other
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        assert (Glm4MoeForCausalLM.from_pretrained(tmp_path / "out").eval()(x).logits - ref).abs().max() > 1e-4
+        for layer in ours.layers.values():  # routing matters: reversed experts give other logits
+            if hasattr(layer.feed_forward, "experts"):
+                layer.feed_forward.experts.w1.data = layer.feed_forward.experts.w1.data.flip(0)
+        assert (ours(x) - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("settings,arch,reason", [
+    ({"score_function": "softmax", "expert_bias": False, "topk_scaling_factor": 1.0}, "glm4_moe",
+     "GLM-4-MoE routes by top-K sigmoid scores (softmax exports as qwen3_moe, qwen2_moe or mixtral)"),
+    ({"add_bias_linear": True}, "glm4_moe", "GLM-4-MoE's only biases are on q, k and v"),
+    ({"lm_head_bias": True}, "glm4_moe", "GLM-4-MoE's only biases are on q, k and v"),
+    ({"normalization": "LayerNorm"}, "glm4_moe", "model.normalization = 'LayerNorm': GLM-4-MoE uses RMSNorm"),
+    ({"shared_expert_gate": True}, "glm4_moe", "GLM-4-MoE has an ungated shared expert of n_shared_experts x 16"),
+    ({"shared_expert_ffn_hidden_size": 0}, "auto", "GLM-4-MoE has an ungated shared expert"),
+    ({"shared_expert_ffn_hidden_size": 24}, "glm4_moe", "moe.shared_expert_ffn_hidden_size = 24"),
+    ({"first_k_dense": 0, "layer_freq": 2}, "glm4_moe", "moe.layer_freq = 2: GLM-4-MoE's dense layers are the first"),
+    ({"logit_norm": True}, "glm4_moe", "moe.logit_norm = true: GLM-4-MoE has no gating logit normalisation"),
+    ({"topk": 2}, "glm4_moe", "GLM-4-MoE scores groups by their top 2 experts"),
+    ({"rope_scaling": "llama3", "rope_original_max_position": 16}, "glm4_moe",
+     "model.rope_scaling = 'llama3': GLM-4-MoE's configs carry default RoPE or YaRN"),
+    ({"num_experts": 0}, "glm4_moe", "glm4_moe is an MoE format"),
+    ({**MLA_EXPORT, "rotary_percent": 1.0, "kv_channels": 0, "add_qkv_bias": False}, "glm4_moe",
+     "model.multi_latent_attention = true: GLM-4-MoE has grouped-query attention (export as deepseek_v3)"),
+    # partial rotary: every other format rotates whole heads
+    ({}, "deepseek_v3", "model.rotary_percent = 0.5: deepseek_v3 rotates every channel of a head (partial rotary "
+                        "exports as glm4_moe)"),
+    ({"score_function": "softmax", "expert_bias": False, "topk_scaling_factor": 1.0, "router_group_topk": 0,
+      "router_num_groups": 0, "shared_expert_ffn_hidden_size": 0, "first_k_dense": 0}, "auto",
+     "model.rotary_percent = 0.5: qwen3_moe rotates every channel of a head"),
+    ({"num_experts": 0, "qk_layernorm": False, "add_qkv_bias": False}, "auto",
+     "model.rotary_percent = 0.5: llama rotates every channel"),
+    ({"num_experts": 0, "qk_layernorm": False, "add_qkv_bias": False}, "phi3", "model.rotary_percent = 0.5: phi3"),
+])
+def test_inexpressible_glm4_moe_and_partial_rotary_exports_are_explained(tmp_path, settings, arch, reason):
+    save_native(tmp_path / "m", tiny_config(**{**GLM_EXPORT, **settings}))
     with pytest.raises(ExportError, match=re.escape(reason)):
         export(tmp_path / "m", tmp_path / "out", architecture=arch)
     assert not (tmp_path / "out").exists()

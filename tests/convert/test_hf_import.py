@@ -97,6 +97,26 @@ def verified_relative_difference(out: str) -> float:
                  {"q_lora_rank": 0, "router_group_topk": 0, "renormalize": False, "first_k_dense": 0,
                   "norm_eps": 1e-5, "latent_norm_eps": 1e-6},
                  marks=pytest.mark.slow),
+    # GLM-4.5's layout: q/k/v biases, query/key norms, 12-wide heads of which the first 6 channels rotate, DeepSeek-V3's
+    # MoE layer (groups, expert bias, scaling, shared experts, a dense layer first)
+    ("glm4_moe", {}, {"rotary_percent": 0.5, "kv_channels": 12, "qk_layernorm": True, "add_qkv_bias": True,
+                      "add_bias_linear": False, "multi_latent_attention": False, "num_query_groups": 2,
+                      "num_experts": 16, "topk": 4, "score_function": "sigmoid", "expert_bias": True,
+                      "topk_scaling_factor": 2.5, "router_num_groups": 4, "router_group_topk": 2,
+                      "shared_expert_ffn_hidden_size": 48, "first_k_dense": 1, "renormalize": True}),
+    # GLM-4.5-Air's: no query/key norms; here also no biases, one group, weights as picked, a quarter of 16 channels
+    pytest.param("glm4_moe", {"use_qk_norm": False, "attention_bias": False, "head_dim": 16,
+                              "partial_rotary_factor": 0.25, "n_group": 1, "topk_group": 1, "norm_topk_prob": False,
+                              "num_experts_per_tok": 2, "routed_scaling_factor": 1.0},
+                 {"rotary_percent": 0.25, "kv_channels": 16, "qk_layernorm": False, "add_qkv_bias": False,
+                  "router_group_topk": 0, "renormalize": False, "topk": 2, "topk_scaling_factor": 1.0},
+                 marks=pytest.mark.slow),
+    # YaRN over the rotated half (transformers' correction range over those channels, as here)
+    pytest.param("glm4_moe", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                                  "original_max_position_embeddings": 16,
+                                                  "partial_rotary_factor": 0.5}},
+                 {"rope_scaling": "yarn", "rope_scaling_factor": 4.0, "rotary_percent": 0.5},
+                 marks=pytest.mark.slow),
 ])
 def test_import_gives_transformers_logits(tmp_path, capsys, model_type, overrides, expect):
     hf = make_hf(tmp_path / "hf", model_type, **overrides)
@@ -175,24 +195,27 @@ def test_deepseek_v3_released_config_maps_onto_the_model():
         config_from_hf(quantized)
 
 
-def test_deepseek_v3_multi_token_prediction_depths_read_back_and_transformers_leaves_them(tmp_path):
-    """DeepSeek-V3's multi-token prediction module is the layer after the last (num_nextn_predict_layers): an export
-    of a model with a depth writes it there (its block, enorm, hnorm, eh_proj, shared_head.norm and copies of the
-    embedding and output layer), transformers loads the main model and ignores it, and the import reads every tensor
-    back bit-exactly into the depth; a transformers-saved checkpoint (config says 1 depth, no tensors) imports without
-    one, and an MTP tensor the config does not declare is refused."""
-    from transformers import DeepseekV3ForCausalLM
+@pytest.mark.parametrize("arch", ["deepseek_v3", "glm4_moe"])
+def test_multi_token_prediction_depths_read_back_and_transformers_leaves_them(tmp_path, arch):
+    """DeepSeek-V3's (and GLM-4-MoE's) multi-token prediction module is the layer after the last
+    (num_nextn_predict_layers): an export of a model with a depth writes it there (its block, enorm, hnorm, eh_proj,
+    shared_head.norm and copies of the embedding and output layer), transformers loads the main model and ignores it,
+    and the import reads every tensor back bit-exactly into the depth; a transformers-saved checkpoint (config says 1
+    depth, no tensors) imports without one, and an MTP tensor the config does not declare is refused."""
+    import transformers
 
     from megatron_moe.convert.export_hf import export
-    from tests.convert.helpers import save_native, tiny_config
+    from tests.convert.helpers import GLM_EXPORT, save_native, tiny_config
     from tests.convert.test_export_hf import MLA_EXPORT
 
-    ours = save_native(tmp_path / "m", tiny_config(**MLA_EXPORT, mtp_num_layers=1), seed=3)
+    hf_class = getattr(transformers, {"deepseek_v3": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}[arch])
+    settings = MLA_EXPORT if arch == "deepseek_v3" else GLM_EXPORT
+    ours = save_native(tmp_path / "m", tiny_config(**settings, mtp_num_layers=1), seed=3)
     config = export(tmp_path / "m", tmp_path / "hf")
-    assert config["num_nextn_predict_layers"] == 1
+    assert (config["model_type"], config["num_nextn_predict_layers"]) == (arch, 1)
     x = tokens(seq=24)
     with torch.no_grad():
-        torch.testing.assert_close(DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf").eval()(x).logits,
+        torch.testing.assert_close(hf_class.from_pretrained(tmp_path / "hf").eval()(x).logits,
                                    ours(x)[0], atol=1e-5, rtol=0)
     source = read_hf(tmp_path / "hf")
     assert source.cfg.model.mtp_num_layers == 1
@@ -200,8 +223,8 @@ def test_deepseek_v3_multi_token_prediction_depths_read_back_and_transformers_le
     assert set(got) == set(ours.state_dict()) and any(name.startswith("mtp.0.") for name in got)
     for name, t in ours.state_dict().items():
         assert torch.equal(got[name], t), name
-    # what the depth computes, from the exported tensors as vLLM's DeepSeek MTP reads them (transformers' decoder layer
-    # for the block, loaded as a third layer), with h the main model's final-norm output:
+    # what the depth computes, from the exported tensors as vLLM's DeepSeek (and GLM-4-MoE) MTP reads them
+    # (transformers' decoder layer for the block, loaded as a third layer), with h the main model's final-norm output:
     # logits(shared_head.norm(block(eh_proj [enorm(emb(t_{i+1})); hnorm(h_i)])))
     from safetensors.torch import load_file
 
@@ -210,13 +233,13 @@ def test_deepseek_v3_multi_token_prediction_depths_read_back_and_transformers_le
     (tmp_path / "big").mkdir()
     (tmp_path / "big" / "config.json").write_text(json.dumps(big_config))
     (tmp_path / "big" / "model.safetensors").symlink_to(tmp_path / "hf" / "model.safetensors")
-    big = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "big").eval()
+    big = hf_class.from_pretrained(tmp_path / "big").eval()
 
     def rms(t, name):
         return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * weights[f"model.layers.2.{name}.weight"]
 
     with torch.no_grad():
-        main = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        main = hf_class.from_pretrained(tmp_path / "hf").eval()
         h = main(x, output_hidden_states=True).hidden_states[-1]
         s = x.shape[1] - 1
         y = torch.cat([rms(big.model.embed_tokens(x[:, 1:]), "enorm"), rms(h[:, :s], "hnorm")], -1)
@@ -226,7 +249,7 @@ def test_deepseek_v3_multi_token_prediction_depths_read_back_and_transformers_le
         y = y[0] if isinstance(y, tuple) else y
         reference = rms(y, "shared_head.norm") @ weights["model.layers.2.shared_head.head.weight"].t()
         torch.testing.assert_close(ours(x)[1][:, :s], reference, atol=1e-5, rtol=0)
-    make_hf(tmp_path / "saved", "deepseek_v3", num_nextn_predict_layers=1)
+    make_hf(tmp_path / "saved", arch, num_nextn_predict_layers=1)
     assert read_hf(tmp_path / "saved").cfg.model.mtp_num_layers == 0
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
@@ -257,6 +280,10 @@ def test_sliding_window_sets_the_sequence_length(tmp_path):
     ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method = 'noaux_tc'"),
     ("deepseek_v3", {"num_key_value_heads": 2}, "latent attention has a key and value per head"),
     ("deepseek_v3", {"attention_bias": True}, "attention_bias/mlp_bias = true is not part of the deepseek_v3"),
+    ("qwen3", {"partial_rotary_factor": 0.5}, "transformers' qwen3 rotates every channel of a head"),
+    ("glm4_moe", {"partial_rotary_factor": 0.25}, "partial_rotary_factor = 0.25 of head_dim 12 gives 3 rotary"),
+    ("glm4_moe", {"num_experts_per_tok": 2}, "scores each group by its 2 best experts"),
+    ("glm4_moe", {"mlp_bias": True}, "mlp_bias = true is not part of the glm4_moe format"),
 ])
 def test_unrepresentable_inputs_name_the_field(tmp_path, model_type, overrides, message):
     make_hf(tmp_path / "hf", model_type, **overrides)
@@ -279,6 +306,67 @@ def test_deepseek_v3_routing_fields_left_out_take_transformers_defaults():
     defaults = DeepseekV3Config()
     assert (e.topk_scaling_factor, e.router_num_groups, e.router_group_topk) == (
         defaults.routed_scaling_factor, defaults.n_group, defaults.topk_group) == (2.5, 8, 4)
+
+
+def test_glm4_moe_config_without_partial_rotary_factor_rotates_half(tmp_path, capsys):
+    """transformers' Glm4MoeConfig sets partial_rotary_factor 0.5 when a config.json has none (GLM's released configs
+    write it): a config.json without it imports with model.rotary_percent 0.5 and transformers' logits."""
+    hf = make_hf(tmp_path / "hf", "glm4_moe")
+    path = tmp_path / "hf" / "config.json"
+    config = json.loads(path.read_text())
+    config.pop("partial_rotary_factor", None)
+    del config["rope_parameters"]["partial_rotary_factor"]
+    path.write_text(json.dumps(config))
+    rc, out, err = import_cli(capsys, tmp_path / "hf", tmp_path / "ours", "--verify")
+    assert rc == 0 and verified_relative_difference(out) < REL, err
+    ours, _ = load_model(tmp_path / "ours")
+    assert ours.cfg.model.rotary_percent == 0.5
+    x = tokens(seq=24)
+    with torch.no_grad():
+        ref = hf(x).logits
+        torch.testing.assert_close(ours(x), ref, atol=REL * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("fields", [
+    {"rope_theta": 1e6},  # transformers 4.x's fields, GLM-4.5's rope_theta, no factor
+    {"rope_theta": 1e6, "partial_rotary_factor": 0.25, "rope_scaling": None},  # GLM's released configs' layout
+    {"partial_rotary_factor": 1.0},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "partial_rotary_factor": 0.25},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0},
+     "partial_rotary_factor": 0.25},
+])
+def test_glm4_moe_rotary_fraction_is_read_where_transformers_reads_it(fields):
+    """partial_rotary_factor in rope_parameters, else at the top level, else Glm4MoeConfig's 0.5: the same fraction
+    (and rope theta) as transformers' own reading of the config."""
+    from transformers import Glm4MoeConfig
+
+    from megatron_moe.convert.hf_config import config_from_hf
+
+    hf = {"model_type": "glm4_moe", "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "head_dim": 16, "intermediate_size": 64, "num_hidden_layers": 2, "vocab_size": 96, "n_routed_experts": 8,
+          "num_experts_per_tok": 2, "moe_intermediate_size": 24, "n_shared_experts": 1, **fields}
+    m = config_from_hf(hf).model
+    theirs = Glm4MoeConfig.from_dict(hf).rope_parameters
+    assert (m.rotary_percent, m.rope_theta) == (theirs["partial_rotary_factor"], theirs["rope_theta"])
+
+
+def test_glm4_moe_routing_fields_left_out_take_transformers_defaults():
+    """A glm4_moe config.json without routed_scaling_factor, n_group, topk_group or first_k_dense_replace means
+    transformers' Glm4MoeConfig defaults (1.0, one group, one dense layer), not DeepSeek-V3's."""
+    from transformers import Glm4MoeConfig
+
+    from megatron_moe.convert.hf_config import config_from_hf
+
+    hf = {"model_type": "glm4_moe", "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64,
+          "num_hidden_layers": 2, "vocab_size": 96, "n_routed_experts": 8, "num_experts_per_tok": 2,
+          "moe_intermediate_size": 24, "n_shared_experts": 1}
+    e = config_from_hf(hf).moe
+    defaults = Glm4MoeConfig()
+    assert (e.topk_scaling_factor, e.router_group_topk, e.first_k_dense, e.renormalize) == (
+        defaults.routed_scaling_factor, 0, defaults.first_k_dense_replace, defaults.norm_topk_prob) == (
+        1.0, 0, 1, True)
+    assert (defaults.n_group, defaults.topk_group) == (1, 1)
 
 
 def test_undeclared_bias_tensor_is_named(tmp_path):
