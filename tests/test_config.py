@@ -258,6 +258,30 @@ def test_moonlight_megatron_arguments_give_the_example_model():
     assert notes >= {"--kv-channels", "--mscale,", "--moe-router-pre-softmax"}
 
 
+def test_glm45_air_megatron_arguments_give_the_example_model():
+    """GLM-4.5-Air's Megatron-LM model arguments as slime passes them (--rotary-percent 0.5, q/k/v biases, 128-wide
+    heads on hidden 4096, a frozen expert bias: rate 0) build the model of examples/glm45_air.toml, but for its
+    depth of multi-token prediction, which those arguments leave out."""
+    argv = shlex.split("""--disable-bias-linear --group-query-attention --num-attention-heads 96 --num-query-groups 8
+        --kv-channels 128 --num-layers 46 --hidden-size 4096 --ffn-hidden-size 10944 --add-qkv-bias
+        --normalization RMSNorm --position-embedding-type rope --rotary-percent 0.5 --swiglu
+        --untie-embeddings-and-output-weights --vocab-size 151552 --rotary-base 1000000 --moe-ffn-hidden-size 1408
+        --moe-shared-expert-intermediate-size 1408 --moe-router-pre-softmax --moe-router-score-function sigmoid
+        --moe-router-enable-expert-bias --moe-router-bias-update-rate 0 --moe-router-load-balancing-type seq_aux_loss
+        --moe-token-dispatcher-type alltoall --moe-router-topk 8 --moe-layer-freq [0]*1+[1]*45 --num-experts 128
+        --moe-grouped-gemm --moe-router-dtype fp32 --moe-permute-fusion --moe-aux-loss-coeff 0""")
+    cfg, _ = parse_args(argv)
+    example, _ = parse_args(["--config", str(Path(__file__).parents[1] / "examples" / "glm45_air.toml")])
+    assert (cfg.model.mtp_num_layers, example.model.mtp_num_layers) == (0, 1)
+    cfg.model.mtp_num_layers = 1
+    assert cfg.model == example.model
+    for key in ("num_experts", "topk", "expert_ffn_hidden_size", "shared_expert_ffn_hidden_size", "router",
+                "renormalize", "layer_freq", "first_k_dense", "score_function", "expert_bias", "topk_scaling_factor",
+                "balance_loss"):
+        assert getattr(cfg.moe, key) == getattr(example.moe, key), key
+    assert cfg.moe.expert_bias_update_rate == 0 and example.moe.expert_bias_update_rate > 0
+
+
 def test_sigmoid_routing_flags():
     """DeepSeek-V3's router flags as its Megatron-LM script passes them (pre-softmax included, which megatron-core
     ignores for sigmoid scores); a bias update rate without the bias, the bias without sigmoid scores, and

@@ -91,6 +91,7 @@ def _dry_run_cpu_seconds(args: list[str]) -> tuple[int, str, float]:
     (["--config", "examples/qwen3_30b_a3b.toml", "--world-size", "64"], 0),
     # 8 x 4096 tokens per micro-batch: traced with the CPU's loss chunks this plan took 70 s (now 6 s)
     (["--config", "examples/moonlight_16b_a3b.toml", "--world-size", "32"], 0),
+    (["--config", "examples/glm45_air.toml", "--world-size", "128"], 0),  # MTP and the embedding copy under PP
     (["--config", "examples/skywork_moe_style.toml", "--world-size", "128", "--pipeline-model-parallel-size", "8",
       "--recompute-granularity", "full", "--use-torch-fsdp2"], 0),
 ])
