@@ -594,6 +594,11 @@ class ParallelConfig:
     pipeline_schedule: str = "1f1b"  # one of PIPELINE_SCHEDULES
     virtual_pipeline_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
     pipeline_first_last_fewer_layers: bool = False  # embedding / output head count as one layer each
+    # Megatron-LM's uneven pipeline (--decoder-first-pipeline-num-layers, --decoder-last-pipeline-num-layers): the
+    # layers of the first / last pipeline rank (over its virtual stages); 0 = not set. The other ranks share the rest
+    # evenly (parallel/pipeline.py pipeline_layers).
+    pipeline_first_stage_layers: int = 0
+    pipeline_last_stage_layers: int = 0
     data_parallel_shard: bool = False  # FSDP2 over the data-parallel group instead of replication
     # bf16 mode: accumulate and reduce data-parallel gradients in bf16 (half the bytes) instead of fp32,
     # as Megatron-LM's --grad-reduce-in-bf16; the optimizer still steps fp32 master weights.
@@ -626,6 +631,20 @@ class ParallelConfig:
             )
         if self.virtual_pipeline_stages > 1 and self.pipeline_model_parallel_size == 1:
             raise ConfigError("parallel.virtual_pipeline_stages > 1 needs pipeline_model_parallel_size > 1")
+        _check_non_negative({"parallel.pipeline_first_stage_layers": self.pipeline_first_stage_layers,
+                             "parallel.pipeline_last_stage_layers": self.pipeline_last_stage_layers})
+        if self.uneven_pipeline and self.pipeline_model_parallel_size == 1:
+            raise ConfigError("parallel.pipeline_first_stage_layers / pipeline_last_stage_layers "
+                              "(--decoder-first/last-pipeline-num-layers) need pipeline_model_parallel_size > 1")
+        if self.uneven_pipeline and self.pipeline_first_last_fewer_layers:
+            raise ConfigError("parallel.pipeline_first_last_fewer_layers with parallel.pipeline_first_stage_layers / "
+                              "pipeline_last_stage_layers: give the layer counts of the first and last stage, or "
+                              "neither")
+
+    @property
+    def uneven_pipeline(self) -> bool:
+        """Whether the first or last pipeline rank's layer count is given (Megatron-LM's uneven pipeline)."""
+        return bool(self.pipeline_first_stage_layers or self.pipeline_last_stage_layers)
 
 
 @dataclass
@@ -836,6 +855,8 @@ MEGATRON_FLAGS: dict[str, str] = {
     "async-save": "checkpoint.async_save",
     "exit-interval": "training.exit_interval",
     "virtual-pipeline-model-parallel-size": "parallel.virtual_pipeline_stages",
+    "decoder-first-pipeline-num-layers": "parallel.pipeline_first_stage_layers",
+    "decoder-last-pipeline-num-layers": "parallel.pipeline_last_stage_layers",
     "recompute-granularity": "parallel.recompute_granularity",
     "recompute-modules": "parallel.recompute_modules",
     "compile": "training.compile",  # torchtitan's name; not a Megatron-LM flag

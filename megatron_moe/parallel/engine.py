@@ -59,7 +59,7 @@ from megatron_moe.parallel.pipeline import (
     build_stage_module,
     embedding_group,
     last_stage_needs_embedding,
-    split_layers,
+    pipeline_layers,
     stage_indices,
 )
 from megatron_moe.parallel.tensor import apply_tensor_parallel
@@ -230,7 +230,7 @@ class ParallelEngine:
         if num_stages == 1:
             parts, indices = [full], [0]
         else:
-            split = split_layers(cfg.model.num_layers, num_stages, o.pipeline_first_last_fewer_layers)
+            split = pipeline_layers(cfg)
             indices = stage_indices(self.pp_rank, s.pp, s.virtual_stages)
             parts = [build_stage_module(full, split[i], i == 0, i == num_stages - 1) for i in indices]
             del full

@@ -23,6 +23,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from megatron_moe.config import Config, ConfigError
+from megatron_moe.parallel.pipeline import pipeline_layers
 
 DEFAULT_MASTER_PORT = 29500  # torchrun's default; MASTER_PORT overrides it
 
@@ -86,6 +87,8 @@ def parallel_sizes(cfg: Config, world_size: int) -> ParallelSizes:
             f"pipeline_model_parallel_size ({pp}) x virtual stages ({virtual_stages}) = {stages} pipeline "
             f"stages exceed model.num_layers = {m.num_layers}: every stage needs at least one layer"
         )
+    if stages > 1:
+        pipeline_layers(cfg)  # raises if the layers do not split over the stages
     num_micro = cfg.training.num_microbatches(dp)
     if virtual_stages > 1 and num_micro % pp:
         raise ConfigError(

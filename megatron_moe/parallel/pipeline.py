@@ -31,7 +31,7 @@ from torch.distributed.pipelining import (
 )
 from torch.distributed.tensor import DTensor
 
-from megatron_moe.config import PIPELINE_SCHEDULES, ConfigError, ModelConfig
+from megatron_moe.config import PIPELINE_SCHEDULES, Config, ConfigError, ModelConfig
 
 
 def split_layers(num_layers: int, num_stages: int, first_last_fewer: bool = False) -> list[list[int]]:
@@ -64,6 +64,40 @@ def split_layers(num_layers: int, num_stages: int, first_last_fewer: bool = Fals
     for c in counts:
         stages.append(list(range(start, start + c)))
         start += c
+    return stages
+
+
+def pipeline_layers(cfg: Config) -> list[list[int]]:
+    """Layer indices of each of the pp x v pipeline stages (stage s is virtual stage s // pp of rank s % pp).
+
+    Even (:func:`split_layers`, with ``parallel.pipeline_first_last_fewer_layers``), or Megatron-LM's uneven
+    pipeline: the first / last pipeline rank holds ``parallel.pipeline_first_stage_layers`` /
+    ``pipeline_last_stage_layers`` layers (its virtual stages an equal share each), the ranks between share the
+    rest evenly, and the stages take the layers in order, as megatron-core's ``get_transformer_layer_offset``.
+    Raises ConfigError, as megatron-core's checks, when the counts do not divide or leave a stage without a layer.
+    """
+    p, n = cfg.parallel, cfg.model.num_layers
+    pp, v = p.pipeline_model_parallel_size, p.virtual_pipeline_stages
+    if not p.uneven_pipeline:
+        return split_layers(n, pp * v, p.pipeline_first_last_fewer_layers)
+    first, last = p.pipeline_first_stage_layers, p.pipeline_last_stage_layers
+    middle_ranks = pp - bool(first) - bool(last)
+    middle = n - first - last
+    given = (f"num_layers = {n}, parallel.pipeline_first_stage_layers = {first}, parallel.pipeline_last_stage_layers "
+             f"= {last} (--decoder-first/last-pipeline-num-layers), pipeline_model_parallel_size = {pp}")
+    if middle < 0 or (middle > 0) != (middle_ranks > 0) or (middle_ranks and middle % middle_ranks):
+        raise ConfigError(f"{given}: the {max(middle, 0)} other layers must split evenly over the "
+                          f"{middle_ranks} other pipeline ranks")
+    per_rank = [first or middle // middle_ranks] + [middle // max(middle_ranks, 1)] * (pp - 2) + [
+        last or middle // middle_ranks]
+    if any(count % v or count < v for count in per_rank):
+        raise ConfigError(f"{given}: each pipeline rank's layers {per_rank} must split evenly over its "
+                          f"{v} virtual stages, at least one layer each")
+    stages, start = [], 0
+    for stage in range(pp * v):
+        count = per_rank[stage % pp] // v
+        stages.append(list(range(start, start + count)))
+        start += count
     return stages
 
 

@@ -29,7 +29,7 @@ from megatron_moe.model.transformer import MoETransformer, is_moe_layer
 from megatron_moe.parallel.engine import ParallelEngine, apply_activation_checkpointing
 from megatron_moe.parallel.loss import lm_loss_from_target
 from megatron_moe.parallel.mesh import ParallelSizes
-from megatron_moe.parallel.pipeline import split_layers, stage_indices
+from megatron_moe.parallel.pipeline import pipeline_layers, stage_indices
 from megatron_moe.planning.trace import PieceTrace, to_fake, trace_piece
 from megatron_moe.planning.world import fake_world
 
@@ -233,7 +233,7 @@ def _slice(cfg: Config, sizes: ParallelSizes, pp_rank: int, tp_rank: int) -> lis
     slice_sizes = ParallelSizes(sizes.pp * sizes.tp, sizes.pp, 1, sizes.tp, sizes.virtual_stages, sizes.pp)
     act_dtype = torch.bfloat16 if cfg.training.bf16 else torch.float32
     num_stages = sizes.pp * sizes.virtual_stages
-    split = split_layers(cfg.model.num_layers, num_stages, cfg.parallel.pipeline_first_last_fewer_layers)
+    split = pipeline_layers(cfg)
     b, s, h = cfg.training.micro_batch_size, cfg.data.seq_length, cfg.model.hidden_size
     boundary = b * (s // sizes.tp) * h * torch.finfo(act_dtype).bits // 8
     slice_cfg = _slice_config(cfg)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from megatron_moe.config import ConfigError
@@ -73,6 +75,61 @@ def test_split_layers_even_and_first_last_fewer():
     assert stage_indices(1, 2, 2) == [1, 3]
     with pytest.raises(ConfigError):
         split_layers(2, 3)
+
+
+@pytest.mark.parametrize("layers,pp,vp,first,last", [
+    (46, 4, 1, 10, 12), (46, 4, 1, 0, 10), (46, 4, 1, 10, 0), (9, 2, 1, 4, 0), (24, 2, 2, 10, 0), (30, 4, 2, 6, 8),
+    (32, 4, 2, 0, 8), (7, 2, 1, 3, 4)])
+def test_uneven_pipeline_places_layers_as_megatron_core(layers, pp, vp, first, last):
+    """--decoder-first/last-pipeline-num-layers: every stage starts at the layer megatron-core's
+    get_transformer_layer_offset gives its (pipeline rank, virtual stage), the stages cover the layers in order."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from megatron_moe.parallel.pipeline import pipeline_layers
+
+    cfg = tiny_config(num_layers=layers, pp=pp, pipeline_first_stage_layers=first, pipeline_last_stage_layers=last,
+                      virtual_pipeline_stages=vp, pipeline_schedule="interleaved_1f1b" if vp > 1 else "1f1b")
+    cfg.parallel.validate()
+    stages = pipeline_layers(cfg)
+    assert [i for stage in stages for i in stage] == list(range(layers)) and all(stages)
+    theirs = SimpleNamespace(pipeline_model_parallel_size=pp, pipeline_model_parallel_layout=None, num_layers=layers,
+                             num_layers_in_first_pipeline_stage=first or None,
+                             num_layers_in_last_pipeline_stage=last or None,
+                             virtual_pipeline_model_parallel_size=vp if vp > 1 else None)
+    for index, stage in enumerate(stages):
+        rank, virtual = index % pp, index // pp
+        assert stage[0] == get_transformer_layer_offset(theirs, virtual if vp > 1 else None, rank), index
+
+
+@pytest.mark.parametrize("settings,needle", [
+    ({"num_layers": 46, "pp": 4, "pipeline_first_stage_layers": 11, "pipeline_last_stage_layers": 12},
+     "the 23 other layers must split evenly over the 2 other pipeline ranks"),
+    ({"num_layers": 8, "pp": 2, "pipeline_first_stage_layers": 3, "pipeline_last_stage_layers": 3},
+     "the 2 other layers must split evenly over the 0 other pipeline ranks"),
+    ({"num_layers": 8, "pp": 2, "pipeline_first_stage_layers": 3, "virtual_pipeline_stages": 2,
+      "pipeline_schedule": "interleaved_1f1b"}, "layers [3, 5] must split evenly over its 2 virtual stages"),
+    ({"num_layers": 8, "pipeline_first_stage_layers": 3}, "need pipeline_model_parallel_size > 1"),
+    ({"num_layers": 8, "pp": 2, "pipeline_first_stage_layers": 3, "pipeline_first_last_fewer_layers": True},
+     "give the layer counts of the first and last stage, or neither"),
+])
+def test_uneven_pipeline_counts_that_do_not_fit_are_named(settings, needle):
+    """Checked before any process group exists, naming the settings (megatron-core's rules)."""
+    from megatron_moe.parallel.mesh import parallel_sizes
+
+    cfg = tiny_config(**settings)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        cfg.parallel.validate()
+        parallel_sizes(cfg, cfg.parallel.pipeline_model_parallel_size)
+
+
+def test_megatron_uneven_pipeline_flags():
+    from megatron_moe.config import parse_args
+
+    cfg, _ = parse_args(["--num-layers", "46", "--pipeline-model-parallel-size", "4", "--decoder-first-pipeline-num-"
+                         "layers", "10", "--decoder-last-pipeline-num-layers", "12"])
+    assert (cfg.parallel.pipeline_first_stage_layers, cfg.parallel.pipeline_last_stage_layers) == (10, 12)
 
 
 def test_stage_modules_cover_the_model_once():

@@ -98,6 +98,8 @@ def _variants(tp: int, pp: int, dp: int) -> list[tuple[str, str, dict]]:
     out = [(r, f"{r}/{o.get('pipeline_schedule', default)}", o) for r in ("topk", "sparsemixer") for o in schedules]
     if (tp, pp, dp) == (1, 2, 1):
         out.append(("topk", "topk/gpipe", {"pipeline_schedule": "gpipe"}))
+        # Megatron-LM's uneven pipeline (--decoder-first/last-pipeline-num-layers): stages of 1 and 3 layers
+        out.append(("topk", "topk/uneven-1-3", {"pipeline_first_stage_layers": 1, "pipeline_last_stage_layers": 3}))
         # validation before the first training step (a fresh run's step 0): the schedule's first call is
         # then forward-only (torch 2.11 made receive buffers without requires_grad then)
         for o in schedules:
