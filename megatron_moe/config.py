@@ -593,7 +593,10 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     pipeline_schedule: str = "1f1b"  # one of PIPELINE_SCHEDULES
     virtual_pipeline_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
-    pipeline_first_last_fewer_layers: bool = False  # embedding / output head count as one layer each
+    # Megatron-LM's --account-for-embedding-in-pipeline-split / --account-for-loss-in-pipeline-split: the embedding
+    # (the output layer and loss) count as a layer of the first (last) stage, which holds one decoder layer fewer
+    account_for_embedding_in_pipeline_split: bool = False
+    account_for_loss_in_pipeline_split: bool = False
     # Megatron-LM's uneven pipeline (--decoder-first-pipeline-num-layers, --decoder-last-pipeline-num-layers): the
     # layers of the first / last pipeline rank (over its virtual stages); 0 = not set. The other ranks share the rest
     # evenly (parallel/pipeline.py pipeline_layers).
@@ -633,13 +636,15 @@ class ParallelConfig:
             raise ConfigError("parallel.virtual_pipeline_stages > 1 needs pipeline_model_parallel_size > 1")
         _check_non_negative({"parallel.pipeline_first_stage_layers": self.pipeline_first_stage_layers,
                              "parallel.pipeline_last_stage_layers": self.pipeline_last_stage_layers})
-        if self.uneven_pipeline and self.pipeline_model_parallel_size == 1:
+        accounted = self.account_for_embedding_in_pipeline_split or self.account_for_loss_in_pipeline_split
+        if (self.uneven_pipeline or accounted) and self.pipeline_model_parallel_size == 1:
             raise ConfigError("parallel.pipeline_first_stage_layers / pipeline_last_stage_layers "
-                              "(--decoder-first/last-pipeline-num-layers) need pipeline_model_parallel_size > 1")
-        if self.uneven_pipeline and self.pipeline_first_last_fewer_layers:
-            raise ConfigError("parallel.pipeline_first_last_fewer_layers with parallel.pipeline_first_stage_layers / "
-                              "pipeline_last_stage_layers: give the layer counts of the first and last stage, or "
-                              "neither")
+                              "(--decoder-first/last-pipeline-num-layers) and parallel.account_for_embedding/loss_in_"
+                              "pipeline_split need pipeline_model_parallel_size > 1")
+        if self.uneven_pipeline and accounted:
+            raise ConfigError("parallel.account_for_embedding/loss_in_pipeline_split with parallel.pipeline_first/"
+                              "last_stage_layers: give the layer counts of the first and last stage, or let the "
+                              "embedding and loss count as layers, not both (as Megatron-LM)")
 
     @property
     def uneven_pipeline(self) -> bool:
@@ -764,6 +769,8 @@ class Config:
 # Flags that imply a value: Megatron-LM's --recompute-activations is selective recompute.
 IMPLIED_FLAGS: dict[str, tuple[str, str]] = {
     "recompute-activations": ("parallel.recompute_granularity", "selective"),
+    "account-for-embedding-in-pipeline-split": ("parallel.account_for_embedding_in_pipeline_split", "true"),
+    "account-for-loss-in-pipeline-split": ("parallel.account_for_loss_in_pipeline_split", "true"),
     "untie-embeddings-and-output-weights": ("model.tie_embeddings", "false"),
     "disable-bias-linear": ("model.add_bias_linear", "false"),
     "use-rope-scaling": ("model.rope_scaling", "llama3"),

@@ -34,52 +34,42 @@ from torch.distributed.tensor import DTensor
 from megatron_moe.config import PIPELINE_SCHEDULES, Config, ConfigError, ModelConfig
 
 
-def split_layers(num_layers: int, num_stages: int, first_last_fewer: bool = False) -> list[list[int]]:
-    """Layer indices of each stage, balanced by layer count.
+def split_layers(num_layers: int, num_stages: int) -> list[list[int]]:
+    """Layer indices of each stage, balanced by layer count (the first ``num_layers % num_stages`` stages one more).
 
-    With ``first_last_fewer`` the embedding (first stage) and the output + loss (last stage) each
-    count as one layer's worth of work, so those stages get one layer fewer when the count allows
-    (e.g. 8 layers on 4 stages -> 1, 3, 3, 1); falls back to the even split otherwise.
     Raises ConfigError when there are more stages than layers.
     """
     if num_stages < 1 or num_stages > num_layers:
         raise ConfigError(f"{num_stages} pipeline stages for {num_layers} layers: each stage needs a layer")
+    base, rem = divmod(num_layers, num_stages)
+    return _contiguous([base + (s < rem) for s in range(num_stages)])
 
-    def even(units: int, bonus_order: list[int]) -> list[int]:
-        base, rem = divmod(units, num_stages)
-        counts = [base] * num_stages
-        for s in bonus_order[:rem]:
-            counts[s] += 1
-        return counts
 
-    counts = even(num_layers, list(range(num_stages)))
-    if first_last_fewer and num_stages > 1:
-        middle = list(range(1, num_stages - 1))
-        weighted = even(num_layers + 2, middle + [0, num_stages - 1])
-        weighted[0] -= 1
-        weighted[-1] -= 1
-        if min(weighted) >= 1:
-            counts = weighted
+def _contiguous(counts: list[int]) -> list[list[int]]:
+    """Consecutive layer indices in blocks of ``counts``."""
     stages, start = [], 0
-    for c in counts:
-        stages.append(list(range(start, start + c)))
-        start += c
+    for count in counts:
+        stages.append(list(range(start, start + count)))
+        start += count
     return stages
 
 
 def pipeline_layers(cfg: Config) -> list[list[int]]:
     """Layer indices of each of the pp x v pipeline stages (stage s is virtual stage s // pp of rank s % pp).
 
-    Even (:func:`split_layers`, with ``parallel.pipeline_first_last_fewer_layers``), or Megatron-LM's uneven
-    pipeline: the first / last pipeline rank holds ``parallel.pipeline_first_stage_layers`` /
+    Even (:func:`split_layers`), with the embedding and loss counted as layers (:func:`_accounted_split`), or
+    Megatron-LM's uneven pipeline: the first / last pipeline rank holds ``parallel.pipeline_first_stage_layers`` /
     ``pipeline_last_stage_layers`` layers (its virtual stages an equal share each), the ranks between share the
     rest evenly, and the stages take the layers in order, as megatron-core's ``get_transformer_layer_offset``.
     Raises ConfigError, as megatron-core's checks, when the counts do not divide or leave a stage without a layer.
     """
     p, n = cfg.parallel, cfg.model.num_layers
     pp, v = p.pipeline_model_parallel_size, p.virtual_pipeline_stages
+    embedding, loss = p.account_for_embedding_in_pipeline_split, p.account_for_loss_in_pipeline_split
+    if embedding or loss:
+        return _accounted_split(n, pp, v, embedding, loss)
     if not p.uneven_pipeline:
-        return split_layers(n, pp * v, p.pipeline_first_last_fewer_layers)
+        return split_layers(n, pp * v)
     first, last = p.pipeline_first_stage_layers, p.pipeline_last_stage_layers
     middle_ranks = pp - bool(first) - bool(last)
     middle = n - first - last
@@ -93,12 +83,22 @@ def pipeline_layers(cfg: Config) -> list[list[int]]:
     if any(count % v or count < v for count in per_rank):
         raise ConfigError(f"{given}: each pipeline rank's layers {per_rank} must split evenly over its "
                           f"{v} virtual stages, at least one layer each")
-    stages, start = [], 0
-    for stage in range(pp * v):
-        count = per_rank[stage % pp] // v
-        stages.append(list(range(start, start + count)))
-        start += count
-    return stages
+    return _contiguous([per_rank[stage % pp] // v for stage in range(pp * v)])
+
+
+def _accounted_split(n: int, pp: int, v: int, embedding: bool, loss: bool) -> list[list[int]]:
+    """Megatron-LM's split with the embedding (``embedding``) and the loss (``loss``) counted as layers: the
+    ``n + embedding + loss`` layers split evenly over the pp x v stages, the first stage holding one decoder layer
+    fewer for the embedding, the last one fewer for the loss."""
+    total = n + embedding + loss
+    given = (f"num_layers = {n} + {int(embedding) + int(loss)} (parallel.account_for_embedding/loss_in_pipeline_"
+             f"split) over pipeline_model_parallel_size = {pp} x {v} virtual stages")
+    if total % (pp * v):
+        raise ConfigError(f"{given}: {total} layers must split evenly over the {pp * v} stages")
+    counts = [total // (pp * v)] * (pp * v)
+    counts[0] -= embedding
+    counts[-1] -= loss  # at least 1: there are no more stages than layers (parallel_sizes)
+    return _contiguous(counts)
 
 
 def stage_indices(pp_rank: int, pp_size: int, virtual_stages: int) -> list[int]:

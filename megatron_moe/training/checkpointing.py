@@ -32,7 +32,7 @@ import torch
 
 from megatron_moe.config import Config, ConfigError
 from megatron_moe.model.transformer import padded_vocab_size
-from megatron_moe.parallel.pipeline import pipeline_layers
+from megatron_moe.parallel.pipeline import pipeline_layers, split_layers
 from megatron_moe.training.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -165,7 +165,8 @@ class CheckpointManager:
         self.cfg, self.engine, self.tokenizer_id, self.log = cfg, engine, tokenizer_id, log
         s = engine.sizes
         self.layout = {"tp": s.tp, "pp": s.pp, "dp": s.dp, "virtual_stages": s.virtual_stages}
-        if s.pp > 1 and (cfg.parallel.uneven_pipeline or cfg.parallel.pipeline_first_last_fewer_layers):
+        if s.pp > 1 and [len(layers) for layers in pipeline_layers(cfg)] != [
+                len(layers) for layers in split_layers(cfg.model.num_layers, s.pp * s.virtual_stages)]:
             self.layout["stage_layers"] = [len(layers) for layers in pipeline_layers(cfg)]  # which layers a rank runs
         self._pending: list = []
         self.run_id = uuid.uuid4().hex

@@ -67,22 +67,22 @@ def test_virtual_stages_need_interleaved_schedule():
     tiny_config(pp=2, pipeline_schedule="interleaved_1f1b", virtual_pipeline_stages=2).validate()
 
 
-def test_split_layers_even_and_first_last_fewer():
+def test_split_layers_even():
     assert split_layers(4, 2) == [[0, 1], [2, 3]]
     assert split_layers(5, 2) == [[0, 1, 2], [3, 4]]
-    assert [len(s) for s in split_layers(8, 4, first_last_fewer=True)] == [1, 3, 3, 1]
-    assert [len(s) for s in split_layers(3, 3, first_last_fewer=True)] == [1, 1, 1]  # falls back to even
     assert stage_indices(1, 2, 2) == [1, 3]
     with pytest.raises(ConfigError):
         split_layers(2, 3)
 
 
-@pytest.mark.parametrize("layers,pp,vp,first,last", [
-    (46, 4, 1, 10, 12), (46, 4, 1, 0, 10), (46, 4, 1, 10, 0), (9, 2, 1, 4, 0), (24, 2, 2, 10, 0), (30, 4, 2, 6, 8),
-    (32, 4, 2, 0, 8), (7, 2, 1, 3, 4)])
-def test_uneven_pipeline_places_layers_as_megatron_core(layers, pp, vp, first, last):
-    """--decoder-first/last-pipeline-num-layers: every stage starts at the layer megatron-core's
-    get_transformer_layer_offset gives its (pipeline rank, virtual stage), the stages cover the layers in order."""
+@pytest.mark.parametrize("layers,pp,vp,first,last,embedding,loss", [
+    (46, 4, 1, 10, 12, 0, 0), (46, 4, 1, 0, 10, 0, 0), (46, 4, 1, 10, 0, 0, 0), (9, 2, 1, 4, 0, 0, 0),
+    (24, 2, 2, 10, 0, 0, 0), (30, 4, 2, 6, 8, 0, 0), (32, 4, 2, 0, 8, 0, 0), (7, 2, 1, 3, 4, 0, 0),
+    (46, 4, 1, 0, 0, 1, 1), (47, 4, 1, 0, 0, 1, 0), (47, 4, 1, 0, 0, 0, 1), (30, 2, 2, 0, 0, 1, 1)])
+def test_pipeline_split_places_layers_as_megatron_core(layers, pp, vp, first, last, embedding, loss):
+    """--decoder-first/last-pipeline-num-layers and --account-for-embedding/loss-in-pipeline-split: every stage
+    starts at the layer megatron-core's get_transformer_layer_offset gives its (pipeline rank, virtual stage), the
+    stages cover the layers in order."""
     from types import SimpleNamespace
 
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
@@ -90,14 +90,18 @@ def test_uneven_pipeline_places_layers_as_megatron_core(layers, pp, vp, first, l
     from megatron_moe.parallel.pipeline import pipeline_layers
 
     cfg = tiny_config(num_layers=layers, pp=pp, pipeline_first_stage_layers=first, pipeline_last_stage_layers=last,
-                      virtual_pipeline_stages=vp, pipeline_schedule="interleaved_1f1b" if vp > 1 else "1f1b")
+                      virtual_pipeline_stages=vp, pipeline_schedule="interleaved_1f1b" if vp > 1 else "1f1b",
+                      account_for_embedding_in_pipeline_split=bool(embedding),
+                      account_for_loss_in_pipeline_split=bool(loss))
     cfg.parallel.validate()
     stages = pipeline_layers(cfg)
     assert [i for stage in stages for i in stage] == list(range(layers)) and all(stages)
     theirs = SimpleNamespace(pipeline_model_parallel_size=pp, pipeline_model_parallel_layout=None, num_layers=layers,
                              num_layers_in_first_pipeline_stage=first or None,
                              num_layers_in_last_pipeline_stage=last or None,
-                             virtual_pipeline_model_parallel_size=vp if vp > 1 else None)
+                             virtual_pipeline_model_parallel_size=vp if vp > 1 else None,
+                             account_for_embedding_in_pipeline_split=bool(embedding),
+                             account_for_loss_in_pipeline_split=bool(loss))
     for index, stage in enumerate(stages):
         rank, virtual = index % pp, index // pp
         assert stage[0] == get_transformer_layer_offset(theirs, virtual if vp > 1 else None, rank), index
@@ -111,8 +115,10 @@ def test_uneven_pipeline_places_layers_as_megatron_core(layers, pp, vp, first, l
     ({"num_layers": 8, "pp": 2, "pipeline_first_stage_layers": 3, "virtual_pipeline_stages": 2,
       "pipeline_schedule": "interleaved_1f1b"}, "layers [3, 5] must split evenly over its 2 virtual stages"),
     ({"num_layers": 8, "pipeline_first_stage_layers": 3}, "need pipeline_model_parallel_size > 1"),
-    ({"num_layers": 8, "pp": 2, "pipeline_first_stage_layers": 3, "pipeline_first_last_fewer_layers": True},
-     "give the layer counts of the first and last stage, or neither"),
+    ({"num_layers": 8, "pp": 2, "pipeline_first_stage_layers": 3, "account_for_loss_in_pipeline_split": True},
+     "give the layer counts of the first and last stage, or let the embedding and loss count as layers, not both"),
+    ({"num_layers": 8, "pp": 2, "account_for_loss_in_pipeline_split": True},
+     "9 layers must split evenly over the 2 stages"),
 ])
 def test_uneven_pipeline_counts_that_do_not_fit_are_named(settings, needle):
     """Checked before any process group exists, naming the settings (megatron-core's rules)."""
@@ -130,6 +136,9 @@ def test_megatron_uneven_pipeline_flags():
     cfg, _ = parse_args(["--num-layers", "46", "--pipeline-model-parallel-size", "4", "--decoder-first-pipeline-num-"
                          "layers", "10", "--decoder-last-pipeline-num-layers", "12"])
     assert (cfg.parallel.pipeline_first_stage_layers, cfg.parallel.pipeline_last_stage_layers) == (10, 12)
+    cfg, _ = parse_args(["--num-layers", "46", "--pipeline-model-parallel-size", "4",
+                         "--account-for-embedding-in-pipeline-split", "--account-for-loss-in-pipeline-split"])
+    assert cfg.parallel.account_for_embedding_in_pipeline_split and cfg.parallel.account_for_loss_in_pipeline_split
 
 
 def test_stage_modules_cover_the_model_once():
