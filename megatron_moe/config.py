@@ -597,6 +597,10 @@ class ParallelConfig:
     # (the output layer and loss) count as a layer of the first (last) stage, which holds one decoder layer fewer
     account_for_embedding_in_pipeline_split: bool = False
     account_for_loss_in_pipeline_split: bool = False
+    # Megatron-LM's --pipeline-model-parallel-layout: each stage's layers as a string, stages separated by "|",
+    # E the embedding, t a decoder layer, m a multi-token prediction depth, L the loss, (...)*n and x*n repeat,
+    # e.g. "Et*3|(tt|)*29m|L" (parallel/pipeline.py parse_pipeline_layout); "" = not set.
+    pipeline_layout: str = ""
     # Megatron-LM's uneven pipeline (--decoder-first-pipeline-num-layers, --decoder-last-pipeline-num-layers): the
     # layers of the first / last pipeline rank (over its virtual stages); 0 = not set. The other ranks share the rest
     # evenly (parallel/pipeline.py pipeline_layers).
@@ -641,6 +645,10 @@ class ParallelConfig:
             raise ConfigError("parallel.pipeline_first_stage_layers / pipeline_last_stage_layers "
                               "(--decoder-first/last-pipeline-num-layers) and parallel.account_for_embedding/loss_in_"
                               "pipeline_split need pipeline_model_parallel_size > 1")
+        if self.pipeline_layout and (self.uneven_pipeline or accounted):
+            raise ConfigError("parallel.pipeline_layout (--pipeline-model-parallel-layout) with the other pipeline "
+                              "split settings (--decoder-first/last-pipeline-num-layers, --account-for-*-in-pipeline-"
+                              "split): the layout places every layer itself (as Megatron-LM refuses them together)")
         if self.uneven_pipeline and accounted:
             raise ConfigError("parallel.account_for_embedding/loss_in_pipeline_split with parallel.pipeline_first/"
                               "last_stage_layers: give the layer counts of the first and last stage, or let the "
@@ -862,6 +870,7 @@ MEGATRON_FLAGS: dict[str, str] = {
     "async-save": "checkpoint.async_save",
     "exit-interval": "training.exit_interval",
     "virtual-pipeline-model-parallel-size": "parallel.virtual_pipeline_stages",
+    "pipeline-model-parallel-layout": "parallel.pipeline_layout",
     "decoder-first-pipeline-num-layers": "parallel.pipeline_first_stage_layers",
     "decoder-last-pipeline-num-layers": "parallel.pipeline_last_stage_layers",
     "recompute-granularity": "parallel.recompute_granularity",
@@ -1095,6 +1104,11 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
         given.discard("model.kv_channels")
         extras["notes"].append("--kv-channels has no effect with --multi-latent-attention (as in Megatron-LM): the "
                                "heads are --qk-head-dim + --qk-pos-emb-head-dim (q, k) and --v-head-dim (v) wide")
+    if "--pipeline-model-parallel-layout" in args and "parallel.virtual_pipeline_stages" not in given:
+        try:  # megatron-core takes the virtual stages from the layout
+            _virtual_stages_from_layout(cfg)
+        except ConfigError as e:
+            errors.append(str(e))
     if "--moe-router-pre-softmax" in args and cfg.moe.score_function == "sigmoid":
         # megatron-core's sigmoid routing ignores pre-softmax and always normalises the K picked scores (K > 1)
         cfg.moe.renormalize = True
@@ -1118,6 +1132,21 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
     _check_derived_flags(cfg, derived)
     extras["given"] = given
     return cfg, extras
+
+
+def _virtual_stages_from_layout(cfg: Config) -> None:
+    """Megatron-LM's --pipeline-model-parallel-layout of S stages sets the virtual stages to S / pp (more than one:
+    the interleaved 1F1B schedule), as megatron-core does."""
+    from megatron_moe.parallel.pipeline import parse_pipeline_layout
+
+    p = cfg.parallel
+    stages, pp = len(parse_pipeline_layout(p.pipeline_layout)), p.pipeline_model_parallel_size
+    if stages % pp:
+        raise ConfigError(f"--pipeline-model-parallel-layout has {stages} stages, not a multiple of "
+                          f"--pipeline-model-parallel-size {pp}")
+    p.virtual_pipeline_stages = stages // pp
+    if p.virtual_pipeline_stages > 1:
+        p.pipeline_schedule = "interleaved_1f1b"
 
 
 def _apply_megatron_yarn(cfg: Config, flags: dict[str, list[str]], given: set[str], notes: list[str]) -> None:

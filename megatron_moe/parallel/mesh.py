@@ -82,7 +82,7 @@ def parallel_sizes(cfg: Config, world_size: int) -> ParallelSizes:
         if value % tp:
             raise ConfigError(f"tensor_model_parallel_size = {tp} does not divide {name} = {value}: {why}")
     stages = pp * virtual_stages
-    if stages > m.num_layers:
+    if stages > m.num_layers and not cfg.parallel.pipeline_layout:  # a layout may have stages without a layer
         raise ConfigError(
             f"pipeline_model_parallel_size ({pp}) x virtual stages ({virtual_stages}) = {stages} pipeline "
             f"stages exceed model.num_layers = {m.num_layers}: every stage needs at least one layer"

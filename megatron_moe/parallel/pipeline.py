@@ -16,6 +16,7 @@ aux losses of every stage enter backward with the same weight as in the single-p
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -57,8 +58,9 @@ def _contiguous(counts: list[int]) -> list[list[int]]:
 def pipeline_layers(cfg: Config) -> list[list[int]]:
     """Layer indices of each of the pp x v pipeline stages (stage s is virtual stage s // pp of rank s % pp).
 
-    Even (:func:`split_layers`), with the embedding and loss counted as layers (:func:`_accounted_split`), or
-    Megatron-LM's uneven pipeline: the first / last pipeline rank holds ``parallel.pipeline_first_stage_layers`` /
+    Even (:func:`split_layers`), as ``parallel.pipeline_layout`` says (:func:`_layout_split`), with the embedding
+    and loss counted as layers (:func:`_accounted_split`), or Megatron-LM's uneven pipeline: the first / last
+    pipeline rank holds ``parallel.pipeline_first_stage_layers`` /
     ``pipeline_last_stage_layers`` layers (its virtual stages an equal share each), the ranks between share the
     rest evenly, and the stages take the layers in order, as megatron-core's ``get_transformer_layer_offset``.
     Raises ConfigError, as megatron-core's checks, when the counts do not divide or leave a stage without a layer.
@@ -66,6 +68,8 @@ def pipeline_layers(cfg: Config) -> list[list[int]]:
     p, n = cfg.parallel, cfg.model.num_layers
     pp, v = p.pipeline_model_parallel_size, p.virtual_pipeline_stages
     embedding, loss = p.account_for_embedding_in_pipeline_split, p.account_for_loss_in_pipeline_split
+    if p.pipeline_layout:
+        return _layout_split(cfg)
     if embedding or loss:
         return _accounted_split(n, pp, v, embedding, loss)
     if not p.uneven_pipeline:
@@ -84,6 +88,54 @@ def pipeline_layers(cfg: Config) -> list[list[int]]:
         raise ConfigError(f"{given}: each pipeline rank's layers {per_rank} must split evenly over its "
                           f"{v} virtual stages, at least one layer each")
     return _contiguous([per_rank[stage % pp] // v for stage in range(pp * v)])
+
+
+_LAYOUT_SYMBOLS = {"E": "embedding", "t": "decoder layer", "m": "multi-token prediction depth", "L": "loss"}
+
+
+def parse_pipeline_layout(layout: str) -> list[str]:
+    """Megatron-LM's --pipeline-model-parallel-layout as one string of symbols per stage: commas are cosmetic,
+    ``(...)*n`` and ``x*n`` repeat (as megatron-core's ``PipelineParallelLayerLayout.parse_str_to_list``), ``|``
+    separates stages. ``"Et*3|(tt|)*2m|L"`` -> ``["Ettt", "tt", "tt", "m", "L"]``. Raises ConfigError for another
+    symbol."""
+    text = layout.replace(",", "")
+    text = re.sub(r"\(([^)]+)\)\*(\d+)", lambda m: m.group(1) * int(m.group(2)), text)
+    text = re.sub(r"(.)\*(\d+)", lambda m: m.group(1) * int(m.group(2)), text)
+    stages = text.split("|")
+    unknown = sorted({c for stage in stages for c in stage} - set(_LAYOUT_SYMBOLS))
+    if unknown:
+        raise ConfigError(f"parallel.pipeline_layout = {layout!r}: unknown symbols {unknown}; expected "
+                          + ", ".join(f"{k} ({v})" for k, v in _LAYOUT_SYMBOLS.items()))
+    return stages
+
+
+def _layout_split(cfg: Config) -> list[list[int]]:
+    """The decoder layers of each stage of ``parallel.pipeline_layout`` (:func:`parse_pipeline_layout`). As here the
+    embedding is the first stage's and the output layer, loss and multi-token prediction depths the last one's,
+    the layout must put E first, m and L in the last stage, and every decoder layer in order before them. A stage
+    may hold no decoder layer (Megatron-LM's DeepSeek-V3 layouts end in a stage of the depths and the loss alone)."""
+    p, m = cfg.parallel, cfg.model
+    layout = p.pipeline_layout
+    stages = parse_pipeline_layout(layout)
+    where = f"parallel.pipeline_layout (--pipeline-model-parallel-layout) = {layout!r}"
+    expected = p.pipeline_model_parallel_size * p.virtual_pipeline_stages
+    if len(stages) != expected:
+        raise ConfigError(f"{where}: {len(stages)} stages; pipeline_model_parallel_size x virtual stages = {expected}")
+    flat = "".join(stages)
+    if flat.count("t") != m.num_layers or flat.count("m") != m.mtp_num_layers:
+        raise ConfigError(f"{where}: {flat.count('t')} decoder layers (t) and {flat.count('m')} multi-token "
+                          f"prediction depths (m); the model has model.num_layers = {m.num_layers} and "
+                          f"model.mtp_num_layers = {m.mtp_num_layers}")
+    if not (flat.count("E") == 1 and stages[0].startswith("E") and flat.count("L") == 1 and flat.endswith("L")):
+        raise ConfigError(f"{where}: the embedding (E) must open the first stage and the loss (L) close the last, "
+                          "once each")
+    last = stages[-1]
+    if any("m" in stage for stage in stages[:-1]) or ("m" in last and "t" in last[last.index("m"):]):
+        raise ConfigError(f"{where}: the multi-token prediction depths (m) run in the last stage after its decoder "
+                          "layers here (beside the output layer and the embedding's copy)")
+    if "" in stages:
+        raise ConfigError(f"{where}: stage {stages.index('')} holds nothing")
+    return _contiguous([stage.count("t") for stage in stages])
 
 
 def _accounted_split(n: int, pp: int, v: int, embedding: bool, loss: bool) -> list[list[int]]:

@@ -48,6 +48,13 @@ def does_not_fit(cfg: Config, sizes: ParallelSizes, plan: RankPlan, capacity: fl
             f"have {_gb(capacity)}: {advice}")
 
 
+def _layer_range(layers: list[int]) -> str:
+    """"3-7", "3", or "none" for a stage without decoder layers (a pipeline layout's embedding or loss stage)."""
+    if not layers:
+        return "none"
+    return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+
+
 def _fits(option: str, capacity: float) -> bool:
     amount, unit = option.rsplit("(", 1)[1].rstrip(")").split()[-2:]
     return float(amount) * (GB if unit == "GB" else 1e6) <= capacity
@@ -69,8 +76,7 @@ def table(result: dict, source: str = "") -> str:
     rows: list[tuple[str, list[str]]] = [
         ("rank", [str(r["rank"]) for r in ranks]),
         ("pipeline stage(s)", [", ".join(map(str, r["stages"])) for r in ranks]),
-        ("layers", [", ".join(f"{ls[0]}-{ls[-1]}" if len(ls) > 1 else f"{ls[0]}" for ls in r["layers"])
-                    for r in ranks]),
+        ("layers", [", ".join(_layer_range(ls) for ls in r["layers"]) for r in ranks]),
         ("parameters on the rank", [_count(r["params_local"]) for r in ranks]),
         ("weights (fp32)", [_gb(r["memory"]["weights"]) for r in ranks]),
         ("gradients (fp32)", [_gb(r["memory"]["gradients"]) for r in ranks]),

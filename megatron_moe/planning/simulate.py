@@ -223,7 +223,7 @@ def _fill_chunk(chunk: ChunkSim, traces: dict) -> None:
         # A block in backward holds the gradients of its activations (at most what it saved without
         # recompute) and, recomputed, those activations again: briefly, one block at a time.
         chunk.backward_transient[g] = max(
-            2 * _total(by["none"], "saved_bytes") - _total(by[g], "saved_bytes") for _, by in blocks)
+            (2 * _total(by["none"], "saved_bytes") - _total(by[g], "saved_bytes") for _, by in blocks), default=0)
     chunk.tp_step_bytes = (sum(_total(t, "step_comm") for t in ends)
                            + sum(n * _total(by["none"], "step_comm") for n, by in blocks))
 

@@ -130,6 +130,55 @@ def test_uneven_pipeline_counts_that_do_not_fit_are_named(settings, needle):
         parallel_sizes(cfg, cfg.parallel.pipeline_model_parallel_size)
 
 
+@pytest.mark.parametrize("layout,pp,layers,mtp", [
+    ("Et|(tt|)*30mL", 4, 61, 1), ("Ettt|(tt|)*29,m|L", 1, 61, 0), ("E|t*4mmL", 2, 4, 2), ("Et*3|t*2|tmL", 3, 6, 1),
+    ("Et|t|t|tmL", 2, 4, 1), ("Et*7|(t*8|)*2t*8L", 4, 31, 0)])
+def test_pipeline_layout_reads_as_megatron_core(layout, pp, layers, mtp):
+    """--pipeline-model-parallel-layout: the stages' symbols as megatron-core's PipelineParallelLayerLayout parses
+    them, and each stage's decoder layers (its 't's, in order; a stage may have none) as its layout counts them."""
+    from megatron.core.transformer.enums import LayerType
+    from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+    from megatron_moe.parallel.pipeline import parse_pipeline_layout, pipeline_layers
+
+    symbols = {LayerType.embedding: "E", LayerType.decoder: "t", LayerType.mtp: "m", LayerType.loss: "L"}
+    theirs = PipelineParallelLayerLayout.parse_str_to_list(layout)
+    assert parse_pipeline_layout(layout) == ["".join(symbols[x] for x in stage) for stage in theirs]
+    if pp == 1:  # a layout megatron-core reads with MTP in a stage of its own: refused here
+        return
+    v = len(theirs) // pp
+    cfg = tiny_config(num_layers=layers, pp=pp, mtp_num_layers=mtp, pipeline_layout=layout, virtual_pipeline_stages=v,
+                      pipeline_schedule="interleaved_1f1b" if v > 1 else "1f1b")
+    grid = PipelineParallelLayerLayout(layout, pp)
+    grid.validate_layer_layout(layers, mtp or None)
+    stages = pipeline_layers(cfg)
+    assert [i for stage in stages for i in stage] == list(range(layers))
+    assert [len(stage) for stage in stages] == [grid.layout[s % pp][s // pp].count(LayerType.decoder)
+                                                for s in range(len(stages))]
+
+
+@pytest.mark.parametrize("layout,settings,needle", [
+    ("Ettt|tmL", {"mtp_num_layers": 1, "num_layers": 3}, "4 decoder layers (t) and 1 multi-token prediction"),
+    ("tEt|ttL", {}, "the embedding (E) must open the first stage"),
+    ("Ettm|ttL", {"mtp_num_layers": 1}, "run in the last stage after its decoder layers"),
+    ("Ett|tmtL", {"mtp_num_layers": 1}, "run in the last stage after its decoder layers"),
+    ("Ett||t|tL", {"virtual_pipeline_stages": 2}, "stage 1 holds nothing"),
+    ("Ett|ttX", {}, "unknown symbols ['X']"),
+    ("Ett|tt|L", {}, "3 stages; pipeline_model_parallel_size x virtual stages = 2"),
+    ("Ett|ttL", {"pipeline_last_stage_layers": 2}, "places every layer itself"),
+])
+def test_pipeline_layouts_this_model_cannot_run_are_named(layout, settings, needle):
+    from megatron_moe.parallel.mesh import parallel_sizes
+
+    settings = {"pp": 2, "pipeline_layout": layout, **settings}
+    if settings.get("virtual_pipeline_stages", 1) > 1:
+        settings["pipeline_schedule"] = "interleaved_1f1b"
+    cfg = tiny_config(**settings)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        cfg.parallel.validate()
+        parallel_sizes(cfg, 2)
+
+
 def test_megatron_uneven_pipeline_flags():
     from megatron_moe.config import parse_args
 
@@ -139,6 +188,10 @@ def test_megatron_uneven_pipeline_flags():
     cfg, _ = parse_args(["--num-layers", "46", "--pipeline-model-parallel-size", "4",
                          "--account-for-embedding-in-pipeline-split", "--account-for-loss-in-pipeline-split"])
     assert cfg.parallel.account_for_embedding_in_pipeline_split and cfg.parallel.account_for_loss_in_pipeline_split
+    # a layout of 4 stages on 2 pipeline ranks: 2 virtual stages each, interleaved, as megatron-core takes it
+    cfg, _ = parse_args(["--num-layers", "5", "--pipeline-model-parallel-size", "2", "--mtp-num-layers", "1",
+                         "--global-batch-size", "8", "--pipeline-model-parallel-layout", "Et|(tt|)*2mL"])
+    assert (cfg.parallel.virtual_pipeline_stages, cfg.parallel.pipeline_schedule) == (2, "interleaved_1f1b")
 
 
 def test_stage_modules_cover_the_model_once():

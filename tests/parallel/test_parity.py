@@ -129,6 +129,12 @@ def _variants(tp: int, pp: int, dp: int) -> list[tuple[str, str, dict]]:
     if (tp, pp, dp) in ((2, 1, 1), (1, 1, 2), (2, 1, 2), (1, 2, 1), (2, 2, 1), (1, 2, 2)):
         # depths' parts on sequence shards, their blocks as all; under pp on the last stage with its embedding copy
         out.append(("mtp", "topk/multi-token-prediction", {"data_parallel_shard": dp > 1}))
+    if (tp, pp, dp) == (1, 2, 1):  # Megatron-LM's layouts: a first stage of the embedding alone, a last stage of the
+        # depths and the loss alone (4 virtual stages)
+        out += [("mtp", "topk/multi-token-prediction/layout-E|t*4mmL", {"pipeline_layout": "E|t*4mmL"}),
+                ("mtp", "topk/multi-token-prediction/layout-Ett|t|t|mmL",
+                 {"pipeline_layout": "Ett|t|t|mmL", "virtual_pipeline_stages": 2,
+                  "pipeline_schedule": "interleaved_1f1b"})]
     if (tp, pp, dp) in ((1, 2, 1), (1, 2, 2)):  # the output layer on the last stage reads the embedding's copy
         out += [("tied", f"topk/tied-embeddings/{o.get('pipeline_schedule', default)}", o) for o in schedules]
     if (tp, pp, dp) in ((2, 1, 1), (2, 1, 2)):  # the tied output layer reads the vocabulary-parallel embedding
