@@ -17,6 +17,7 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -800,9 +801,13 @@ ALSO_SETS: dict[str, tuple[str, str]] = {
     "moe-expert-capacity-factor": ("moe.dropless", "false"),
 }
 
-# Settings renamed since checkpoints were first written: old dotted name -> (new name, value mapping).
-RENAMED_SETTINGS: dict[str, tuple[str, Any]] = {
-    "parallel.activation_checkpointing": ("parallel.recompute_granularity", lambda on: "full" if on else "none"),
+# Settings renamed since checkpoints were first written: old dotted name -> its value -> {new name: value}.
+RENAMED_SETTINGS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "parallel.activation_checkpointing": lambda on: {"parallel.recompute_granularity": "full" if on else "none"},
+    # the embedding and the output layer counted as a layer each, now Megatron-LM's two settings (without the old
+    # fallback to an even split where the counts do not divide)
+    "parallel.pipeline_first_last_fewer_layers": lambda on: {"parallel.account_for_embedding_in_pipeline_split": on,
+                                                              "parallel.account_for_loss_in_pipeline_split": on},
 }
 
 # Megatron-LM flag name -> dotted setting.
@@ -1020,12 +1025,11 @@ def apply_settings(cfg: Config, data: dict[str, Any], source: str, given: set[st
             raise ConfigError(f"{source}: {group_name!r} must be a table of settings like [{group_name}]")
         for key, value in table.items():
             dotted = f"{group_name}.{key}"
-            if dotted in RENAMED_SETTINGS:
-                dotted, translate = RENAMED_SETTINGS[dotted]
-                value = translate(value)
-            set_value(cfg, dotted, value)
-            if given is not None:
-                given.add(dotted)
+            settings = RENAMED_SETTINGS[dotted](value) if dotted in RENAMED_SETTINGS else {dotted: value}
+            for dotted, value in settings.items():
+                set_value(cfg, dotted, value)
+                if given is not None:
+                    given.add(dotted)
     return cfg
 
 

@@ -258,6 +258,19 @@ def test_moonlight_megatron_arguments_give_the_example_model():
     assert notes >= {"--kv-channels", "--mscale,", "--moe-router-pre-softmax"}
 
 
+def test_renamed_settings_of_older_files_and_checkpoints_read_as_their_successors(tmp_path):
+    """Settings renamed since checkpoints were first written (their meta.json holds the old names) still read:
+    parallel.activation_checkpointing and parallel.pipeline_first_last_fewer_layers (now Megatron-LM's two
+    account-for settings)."""
+    path = tmp_path / "old.toml"
+    path.write_text("[parallel]\npipeline_model_parallel_size = 2\nactivation_checkpointing = true\n"
+                    "pipeline_first_last_fewer_layers = true\n")
+    cfg, _ = parse_args(["--config", str(path)])
+    p = cfg.parallel
+    assert p.recompute_granularity == "full"
+    assert p.account_for_embedding_in_pipeline_split and p.account_for_loss_in_pipeline_split
+
+
 def test_glm45_air_megatron_arguments_give_the_example_model():
     """GLM-4.5-Air's Megatron-LM model arguments as slime passes them (--rotary-percent 0.5, q/k/v biases, 128-wide
     heads on hidden 4096, a frozen expert bias: rate 0) build the model of examples/glm45_air.toml, but for its

@@ -89,6 +89,8 @@ _SIGMOID_MOE_DEFAULTS = {"deepseek_v3": {"routed_scaling_factor": 2.5, "first_k_
 # transformers' default partial_rotary_factor of the config classes whose attention rotates part of each head
 # (Glm4MoeConfig sets 0.5 when the config.json has none); the other formats rotate every channel
 _PARTIAL_ROTARY_DEFAULT = {"glm4_moe": 0.5}
+# transformers' default rms_norm_eps per config class where it is not 1e-6, used when a config.json has none.
+_DEFAULT_NORM_EPS = {"glm4_moe": 1e-5}
 # transformers' default rope theta per config class, used when a config.json has none.
 _DEFAULT_THETA = {"mixtral": 1e6, "phimoe": 1e6, "grinmoe": 1e6}
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -261,7 +263,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json", notes: list[s
             setattr(m, name, value)
     if model_type in ("phimoe", "grinmoe"):
         m.normalization = "LayerNorm"
-    m.norm_eps = float(hf.get("rms_norm_eps", 1e-6))
+    m.norm_eps = float(hf.get("rms_norm_eps", _DEFAULT_NORM_EPS.get(model_type, 1e-6)))
     if model_type in DEEPSEEK_TYPES:
         _latent_attention_settings(m, hf, where)
     m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
@@ -459,6 +461,9 @@ def export_blockers(cfg: Config, arch: str) -> list[str]:
     if arch not in _MOE_EXPORTS and e.num_experts:
         return [f"moe.num_experts = {e.num_experts}: {arch} is a dense format (MoE exports as mixtral, phimoe, "
                 "qwen3_moe or qwen2_moe)"]
+    if arch in _MOE_EXPORTS and not e.dropless:  # the capacity applies in evaluation too (Megatron-LM's)
+        return [f"moe.dropless = false (capacity factor {e.capacity_factor:g}): this model drops tokens over an "
+                f"expert's capacity, in evaluation too; {arch} in transformers never does"]
     if arch == "glm4_moe":
         return _glm4_moe_blockers(cfg)
     reasons = _rotary_percent_blockers(m, arch)

@@ -397,8 +397,12 @@ def config_from_megatron_args(args: dict[str, Any], where: str) -> Config:
     m.init_std = float(_arg(args, "init_method_std", m.init_std))
     m.normalization = normalization
     m.apply_layernorm_1p = bool(_arg(args, "apply_layernorm_1p", False))  # both store w and scale by 1 + w
-    # megatron-core rotates the first kv_channels x rotary_percent channels of each head (latent attention: its own)
-    m.rotary_percent = 1.0 if latent else float(_arg(args, "rotary_percent", 1.0))
+    # megatron-core rotates the first kv_channels x rotary_percent channels of each head
+    m.rotary_percent = float(_arg(args, "rotary_percent", 1.0))
+    if latent and m.rotary_percent != 1.0:
+        raise ConversionError(f"{where}: Megatron argument rotary_percent = {m.rotary_percent} with "
+                              "multi_latent_attention: megatron-core then rotates part of the qk_pos_emb_head_dim "
+                              "channels, which this model does not")
     if _arg(args, "use_rope_scaling", False):
         # megatron-core's RotaryEmbedding(rope_scaling=True): Llama 3.1's scaling with --rope-scaling-factor and
         # its fixed low/high frequency factors 1 and 4 over an original context of 8192 (our defaults)

@@ -318,6 +318,10 @@ def test_qwen3_upcycled_to_moe_exports_as_qwen3_moe_computing_the_dense_models_f
     ({"num_experts": 0}, "qwen3", "model.qk_layernorm = false: Qwen3 always normalises"),
     ({"num_experts": 0, "qk_layernorm": True, "add_qkv_bias": True}, "qwen3", "Qwen3 has no attention or MLP biases"),
     ({"num_experts": 0, "qk_layernorm": True}, "qwen3_moe", "qwen3_moe is an MoE format"),
+    # token dropping applies in evaluation too (as Megatron-LM's capacity); transformers' MoE models never drop
+    ({"num_experts": 4, "dropless": False, "capacity_factor": 1.0}, "mixtral", "moe.dropless = false"),
+    ({"num_experts": 4, "dropless": False, "capacity_factor": 1.0, "score_function": "sigmoid", "expert_bias": True,
+      "shared_expert_ffn_hidden_size": 32}, "glm4_moe", "in transformers never does"),
 ])
 def test_inexpressible_qwen3_exports_are_explained(tmp_path, settings, arch, reason):
     save_native(tmp_path / "m", tiny_config(**settings))

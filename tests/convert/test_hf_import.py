@@ -352,8 +352,9 @@ def test_glm4_moe_rotary_fraction_is_read_where_transformers_reads_it(fields):
 
 
 def test_glm4_moe_routing_fields_left_out_take_transformers_defaults():
-    """A glm4_moe config.json without routed_scaling_factor, n_group, topk_group or first_k_dense_replace means
-    transformers' Glm4MoeConfig defaults (1.0, one group, one dense layer), not DeepSeek-V3's."""
+    """A glm4_moe config.json without routed_scaling_factor, n_group, topk_group, first_k_dense_replace or
+    rms_norm_eps means transformers' Glm4MoeConfig defaults (1.0, one group, one dense layer, 1e-5), not
+    DeepSeek-V3's or the other formats'."""
     from transformers import Glm4MoeConfig
 
     from megatron_moe.convert.hf_config import config_from_hf
@@ -367,6 +368,7 @@ def test_glm4_moe_routing_fields_left_out_take_transformers_defaults():
         defaults.routed_scaling_factor, 0, defaults.first_k_dense_replace, defaults.norm_topk_prob) == (
         1.0, 0, 1, True)
     assert (defaults.n_group, defaults.topk_group) == (1, 1)
+    assert config_from_hf(hf).model.norm_eps == defaults.rms_norm_eps == 1e-5  # not the generic 1e-6
 
 
 def test_undeclared_bias_tensor_is_named(tmp_path):

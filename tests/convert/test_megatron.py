@@ -1093,7 +1093,9 @@ def test_megatron_moe_arguments_that_cannot_be_read_are_named(tmp_path, referenc
                               ({"multi_latent_attention": True, "rope_type": "rope", "rotary_scaling_factor": 40.0,
                                 "mscale_all_dim": 1.0}, "scales the softmax as YaRN does without YaRN's frequencies"),
                               ({"multi_latent_attention": True, "use_rope_scaling": True},
-                               "use_rope_scaling with multi_latent_attention")]:
+                               "use_rope_scaling with multi_latent_attention"),
+                              ({"multi_latent_attention": True, "rotary_percent": 0.5},
+                               "rotary_percent = 0.5 with multi_latent_attention")]:
         with pytest.raises(ConversionError, match=re.escape(needle)):
             config_from_megatron_args({**args, **overrides}, "args")
     assert config_from_megatron_args({**args, "moe_layer_freq": 2}, "args").moe.layer_freq == 2
