@@ -36,7 +36,10 @@ def does_not_fit(cfg: Config, sizes: ParallelSizes, plan: RankPlan, capacity: fl
     if pp * sizes.virtual_stages <= cfg.model.num_layers and sizes.world % (sizes.tp * pp) == 0:
         # model state per rank halves; the first stage holds twice the micro-batches of half the layers
         peak = mem["peak"] - (states + mem["compute_copies"]) / 2
-        options.append(f"raise pp to {pp} (about {_gb(peak)})")
+        p = cfg.parallel
+        split = (" with a pipeline split for it" if p.pipeline_layout or p.uneven_pipeline
+                 or p.account_for_embedding_in_pipeline_split or p.account_for_loss_in_pipeline_split else "")
+        options.append(f"raise pp to {pp}{split} (about {_gb(peak)})")
     if cfg.training.micro_batch_size > 1:
         peak = mem["peak"] - (mem["activations"] + mem["backward_transient"]) * (1 - 1 / cfg.training.micro_batch_size)
         options.append(f"--micro-batch-size 1 (about {_gb(peak)})")
