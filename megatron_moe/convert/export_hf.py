@@ -9,8 +9,8 @@ Architectures (``--architecture auto`` picks by the model, :func:`~.hf_config.ch
 multi-latent attention -> DeepSeek-V3 (DeepSeek-V2 with softmax routing), sigmoid routing with grouped-query
 attention -> GLM-4-MoE (also partial rotary embeddings, which no other format holds), SparseMixer-v2 MoE -> PhiMoE
 (GRIN-MoE's format),
-top-K MoE -> Qwen2-MoE with a shared expert, Qwen3-MoE with query/key norms, else Mixtral; dense -> Qwen3
-with query/key norms, Qwen2 (q/k/v biases only) or Llama; ``--architecture
+top-K MoE -> Qwen2-MoE with a shared expert, Qwen3-MoE with query/key norms, else Mixtral; dense -> Phi-3 with
+partial rotary embeddings, Qwen3 with query/key norms, Qwen2 (q/k/v biases only) or Llama; ``--architecture
 phi3`` writes a bias-free dense model in Phi-3's fused layout. A
 model not expressible exactly in the chosen architecture is refused with every reason listed
 (:func:`~.hf_config.export_blockers`) and nothing is written. Training-only settings map where the

@@ -10,7 +10,8 @@ llama      dense   RMSNorm; ``attention_bias`` + ``mlp_bias`` (both or neither) 
 mistral    dense   RMSNorm, no biases
 qwen2      dense   RMSNorm, q/k/v biases (``add_qkv_bias``)
 qwen3      dense   RMSNorm, query/key norms over head_dim (``qk_layernorm``), no biases
-phi3       dense   RMSNorm, no biases, fused ``qkv_proj`` / ``gate_up_proj`` tensors (split on import)
+phi3       dense   RMSNorm, no biases, fused ``qkv_proj`` / ``gate_up_proj`` tensors (split on import),
+                   ``partial_rotary_factor`` -> ``model.rotary_percent`` (Phi-4-mini's 0.75)
 mixtral    MoE     top-K softmax router, renormalised; ``router_jitter_noise`` is Mixtral's
                    multiplicative input jitter -> ``moe.input_jitter_eps``
 phimoe     MoE     LayerNorm (weight and bias, eps ``rms_norm_eps``), ``attention_bias`` (q, k, v and
@@ -54,7 +55,7 @@ Mistral-Nemo's) is ``model.kv_channels``, in every architecture; export writes `
 A sliding window ``W`` shorter than ``max_position_embeddings`` is kept exact by training on
 sequences of at most ``W`` tokens (``data.seq_length = W``): transformers masks key ``j`` for query
 ``i`` only when ``i - j >= W``, which never happens within ``W`` tokens. Anything else the project's
-model cannot compute exactly (other activations, rope types, partial rotary outside glm4_moe, biases a format
+model cannot compute exactly (other activations, rope types, partial rotary outside glm4_moe and phi3, biases a format
 puts elsewhere) is refused, naming the field. Balance-loss coefficients are training recipe, not architecture: they are
 not imported (the run's config sets them) and are exported as ``router_aux_loss_coef``.
 
@@ -88,7 +89,7 @@ _SIGMOID_MOE_DEFAULTS = {"deepseek_v3": {"routed_scaling_factor": 2.5, "first_k_
                                       "topk_group": 1}}
 # transformers' default partial_rotary_factor of the config classes whose attention rotates part of each head
 # (Glm4MoeConfig sets 0.5 when the config.json has none); the other formats rotate every channel
-_PARTIAL_ROTARY_DEFAULT = {"glm4_moe": 0.5}
+_PARTIAL_ROTARY_DEFAULT = {"glm4_moe": 0.5, "phi3": 1.0}  # phi3: Phi-4-mini's 0.75
 # transformers' default rms_norm_eps per config class where it is not 1e-6, used when a config.json has none.
 _DEFAULT_NORM_EPS = {"glm4_moe": 1e-5}
 # transformers' default rope theta per config class, used when a config.json has none.
@@ -143,7 +144,7 @@ def _rotary_percent(hf: dict[str, Any], model_type: str, where: str) -> float:
     if partial != 1 and model_type not in _PARTIAL_ROTARY_DEFAULT:
         raise ConversionError(f"{where}: partial_rotary_factor = {partial}; transformers' {model_type} rotates every "
                               "channel of a head, so only full rotary embeddings (1.0) are supported (partial rotary: "
-                              "glm4_moe)")
+                              "glm4_moe, phi3)")
     return float(partial)
 
 
@@ -609,12 +610,12 @@ def _glm4_moe_blockers(cfg: Config) -> list[str]:
 
 
 def _rotary_percent_blockers(m, arch: str) -> list[str]:
-    """Formats other than glm4_moe rotate every channel of a head (transformers' attention there has no partial
-    rotary)."""
-    if m.rotary_percent == 1:
+    """Formats other than glm4_moe and phi3 rotate every channel of a head (transformers' attention there has no
+    partial rotary)."""
+    if m.rotary_percent == 1 or arch in _PARTIAL_ROTARY_DEFAULT:
         return []
     return [f"model.rotary_percent = {m.rotary_percent:g}: {arch} rotates every channel of a head (partial rotary "
-            "exports as glm4_moe)"]
+            "exports as glm4_moe, or phi3 for dense models)"]
 
 
 def _deepseek_v2_router_blockers(e) -> list[str]:
@@ -689,9 +690,9 @@ def choose_architecture(cfg: Config) -> str:
     """The HF architecture a model exports to by default: deepseek_v3 (deepseek_v2 with softmax routing) for latent
     attention, glm4_moe for sigmoid routing with grouped-query attention; phimoe for SparseMixer-v2; for
     top-K, qwen2_moe with a shared expert, qwen3_moe with query/key norms (it also holds dense layers and
-    weights not renormalised), else mixtral; dense: qwen3 with query/key norms, qwen2 for q/k/v-only
-    biases, llama otherwise (Phi-3 computes the same function as a bias-free Llama; ``--architecture phi3``
-    writes its fused layout)."""
+    weights not renormalised), else mixtral; dense: phi3 for partial rotary (the one dense format holding it),
+    qwen3 with query/key norms, qwen2 for q/k/v-only biases, llama otherwise (Phi-3 computes the same function as a
+    bias-free Llama; ``--architecture phi3`` writes its fused layout)."""
     m, e = cfg.model, cfg.moe
     if e.num_experts:
         if m.multi_latent_attention:
@@ -703,6 +704,8 @@ def choose_architecture(cfg: Config) -> str:
         if e.shared_expert_ffn_hidden_size:
             return "qwen2_moe"
         return "qwen3_moe" if m.qk_layernorm else "mixtral"
+    if m.rotary_percent != 1:
+        return "phi3"
     if m.qk_layernorm:
         return "qwen3"
     return "qwen2" if m.add_qkv_bias and not m.add_bias_linear else "llama"
@@ -791,8 +794,8 @@ def hf_config(cfg: Config, arch: str | None = None, dtype: str = "float32",
             out.update(qkv_bias=m.add_qkv_bias, shared_expert_intermediate_size=e.shared_expert_ffn_hidden_size)
     elif arch == "phi3":
         out.update(original_max_position_embeddings=cfg.data.seq_length, resid_pdrop=0.0, embd_pdrop=0.0,
-                   sliding_window=None, partial_rotary_factor=1.0)
-        out["rope_parameters"]["partial_rotary_factor"] = 1.0
+                   sliding_window=None, partial_rotary_factor=m.rotary_percent)
+        out["rope_parameters"]["partial_rotary_factor"] = m.rotary_percent
     elif arch == "mixtral":
         out.update(num_local_experts=e.num_experts, num_experts_per_tok=e.topk, router_jitter_noise=e.input_jitter_eps,
                    router_aux_loss_coef=e.aux_loss_coeff, output_router_logits=False, sliding_window=None)

@@ -166,6 +166,7 @@ def test_sparsemixer_model_exports_to_phimoe_with_grin_fields(tmp_path):
     ({"rope_scaling": "yarn", "rope_scaling_factor": 4.0, "rope_yarn_original_max_position": 16}, "auto",
      "LlamaForCausalLM"),
     ({}, "phi3", "Phi3ForCausalLM"),
+    ({"rotary_percent": 0.75}, "auto", "Phi3ForCausalLM"),  # Phi-4-mini's partial rotary: the dense format for it
     ({"qk_layernorm": True, "kv_channels": 12}, "auto", "Qwen3ForCausalLM"),
     ({"qk_layernorm": True, "tie_embeddings": True, "apply_layernorm_1p": True}, "qwen3", "Qwen3ForCausalLM"),
     ({"kv_channels": 12}, "auto", "LlamaForCausalLM"),  # head_dim apart from hidden / heads
@@ -542,13 +543,12 @@ def test_sigmoid_routing_with_grouped_query_attention_exports_to_glm4_moe(tmp_pa
      "model.multi_latent_attention = true: GLM-4-MoE has grouped-query attention (export as deepseek_v3)"),
     # partial rotary: every other format rotates whole heads
     ({}, "deepseek_v3", "model.rotary_percent = 0.5: deepseek_v3 rotates every channel of a head (partial rotary "
-                        "exports as glm4_moe)"),
+                        "exports as glm4_moe, or phi3 for dense models)"),
     ({"score_function": "softmax", "expert_bias": False, "topk_scaling_factor": 1.0, "router_group_topk": 0,
       "router_num_groups": 0, "shared_expert_ffn_hidden_size": 0, "first_k_dense": 0}, "auto",
      "model.rotary_percent = 0.5: qwen3_moe rotates every channel of a head"),
-    ({"num_experts": 0, "qk_layernorm": False, "add_qkv_bias": False}, "auto",
+    ({"num_experts": 0, "qk_layernorm": False, "add_qkv_bias": False}, "llama",
      "model.rotary_percent = 0.5: llama rotates every channel"),
-    ({"num_experts": 0, "qk_layernorm": False, "add_qkv_bias": False}, "phi3", "model.rotary_percent = 0.5: phi3"),
 ])
 def test_inexpressible_glm4_moe_and_partial_rotary_exports_are_explained(tmp_path, settings, arch, reason):
     save_native(tmp_path / "m", tiny_config(**{**GLM_EXPORT, **settings}))

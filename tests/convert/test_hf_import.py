@@ -111,6 +111,8 @@ def verified_relative_difference(out: str) -> float:
                  {"rotary_percent": 0.25, "kv_channels": 16, "qk_layernorm": False, "add_qkv_bias": False,
                   "router_group_topk": 0, "renormalize": False, "topk": 2, "topk_scaling_factor": 1.0},
                  marks=pytest.mark.slow),
+    # Phi-4-mini's partial rotary: the first 6 of 8 channels
+    ("phi3", {"partial_rotary_factor": 0.75}, {"rotary_percent": 0.75}),
     # YaRN over the rotated half (transformers' correction range over those channels, as here)
     pytest.param("glm4_moe", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
                                                   "original_max_position_embeddings": 16,
@@ -267,7 +269,6 @@ def test_sliding_window_sets_the_sequence_length(tmp_path):
 
 @pytest.mark.parametrize("model_type,overrides,message", [
     ("llama", {"attention_bias": True}, "attention_bias = true with mlp_bias = false"),
-    ("phi3", {"partial_rotary_factor": 0.5}, "partial_rotary_factor = 0.5"),
     ("llama", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4,
                                    "long_factor": [1.0] * 4, "original_max_position_embeddings": 16}}, "'longrope'"),
     ("phimoe", {"num_experts_per_tok": 1}, "SparseMixer-v2 routes exactly 2"),
