@@ -103,3 +103,39 @@ def test_example_layouts_at_their_world_size_in_under_a_minute(args, code):
     assert rc == code, output
     assert cpu < 60, cpu
     assert "PEAK (of 80 GB)" in output
+
+
+# DeepSeek-V3's Megatron-LM model arguments as slime passes them (its deepseek-v3.sh), with a depth of multi-token
+# prediction and a pipeline layout of 16 stages (3 layers first, 2 and the depth and loss last)
+DEEPSEEK_V3_ARGS = """--disable-bias-linear --num-layers 61 --hidden-size 7168 --ffn-hidden-size 18432
+    --num-attention-heads 128 --kv-channels 128 --normalization RMSNorm --position-embedding-type rope
+    --norm-epsilon 1e-6 --swiglu --untie-embeddings-and-output-weights --vocab-size 129280 --multi-latent-attention
+    --q-lora-rank 1536 --kv-lora-rank 512 --qk-head-dim 128 --qk-pos-emb-head-dim 64 --v-head-dim 128 --qk-layernorm
+    --rotary-scaling-factor 40 --rotary-base 10000 --mscale 1.0 --mscale-all-dim 1.0 --attention-softmax-in-fp32
+    --num-experts 256 --moe-layer-freq [0]*3+[1]*58 --moe-ffn-hidden-size 2048 --moe-router-topk 8
+    --moe-shared-expert-intermediate-size 2048 --moe-router-pre-softmax --moe-router-score-function sigmoid
+    --moe-router-enable-expert-bias --moe-router-load-balancing-type seq_aux_loss --moe-token-dispatcher-type alltoall
+    --moe-aux-loss-coeff 0 --moe-router-bias-update-rate 0 --moe-router-group-topk 4 --moe-router-num-groups 8
+    --moe-grouped-gemm --moe-router-topk-scaling-factor 2.5 --moe-router-dtype fp32 --moe-permute-fusion
+    --mtp-num-layers 1 --tensor-model-parallel-size 8 --pipeline-model-parallel-size 16
+    --pipeline-model-parallel-layout Et*3|(tttt|)*14ttmL --seq-length 4096 --micro-batch-size 1
+    --global-batch-size 4096 --bf16 --use-torch-fsdp2 --recompute-granularity full --recompute-method uniform
+    --recompute-num-layers 1 --lr 1e-4 --train-iters 1000 --training.device cuda --training.meta_init true"""
+
+
+@pytest.mark.slow
+def test_deepseek_v3_megatron_command_line_plans_at_1024_gpus():
+    """The whole model (61 layers, 256 experts, latent attention with YaRN, one MTP depth: 682.6 B parameters here;
+    DeepSeek-V3's 671 B + 14 B for its MTP module, which also holds embedding and head copies) from its Megatron-LM
+    arguments, planned on 1024 H100s as TP 8 x PP 16 x FSDP2 8: every rank fits, the layout's stages hold 3, 4 x 14
+    and 2 layers. Without expert parallelism FSDP2 re-gathers each micro-batch: terabytes of data-parallel traffic
+    per rank and step, which the plan shows (the reason to keep such models' micro-batches large)."""
+    import shlex
+
+    rc, output, cpu = _dry_run_cpu_seconds(shlex.split(DEEPSEEK_V3_ARGS) + ["--world-size", "1024", "--dry-run"])
+    assert rc == 0, output
+    assert cpu < 60, cpu
+    assert "682.636 B total" in output and "pp 16 x dp 8 x tp 8" in output
+    layers = next(line for line in output.splitlines() if line.startswith("layers "))
+    assert layers.split()[1:] == ["0-2", "31-34", "59-60"]  # ranks 0, 512, 960: stages 0, 8, 15
+
