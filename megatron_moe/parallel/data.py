@@ -7,7 +7,11 @@ overlapped with the backward of the blocks before it):
   its (pp, tp) slice; gradients are all-reduced (averaged) over dp on the last micro-batch of a step
   only (:func:`set_micro_batch`);
 - shard: ``fully_shard`` - parameters, gradients and optimizer state sharded over dp (with TP, the
-  2-D (dp, tp) layout); gradients are reduce-scattered after each micro-batch.
+  2-D (dp, tp) layout); without pipeline stages the parameters are gathered for each micro-batch's forward and
+  backward and gradients reduce-scattered after each micro-batch; on a pipeline stage they are gathered once per
+  step (the first forward) and stay gathered until the step's last backward, which reduce-scatters the gradients
+  accumulated unsharded (torch's pipelining schedules keep them so between backwards; ``reshard_after_forward``
+  off keeps them between a forward and its backward too: one gather per step instead of one per micro-batch).
 
 bf16 (``training.bf16``), as Megatron-LM's distributed optimizer and FSDP2 do it: the parameters the
 optimizer owns stay fp32 (master weights, fp32 optimizer state), a ``MixedPrecisionPolicy`` casts them
@@ -36,18 +40,20 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def apply_data_parallel(part: nn.Module, dp_mesh: DeviceMesh, shard: bool, bf16: bool,
-                        reduce_in_bf16: bool = False) -> nn.Module:
+                        reduce_in_bf16: bool = False, pipelined: bool = False) -> nn.Module:
     """Wrap ``part`` (a model or pipeline stage) for data parallelism over ``dp_mesh``, one unit per block.
 
     ``shard``: FSDP2 ``fully_shard`` (else FSDP2's ``replicate``); ``bf16``: bf16 compute copies of
     the fp32 parameters, fp32 gradient reduction (module docstring), or with ``reduce_in_bf16`` bf16
     gradient accumulation and reduction (Megatron-LM's --grad-reduce-in-bf16: half the bytes, gradients
-    rounded to bf16). Works for a 1-rank ``dp_mesh`` too (the bf16 mechanism of a single process).
+    rounded to bf16). ``pipelined``: ``part`` is a pipeline stage; sharded parameters then stay gathered from the
+    step's first forward to its last backward (module docstring). Works for a 1-rank ``dp_mesh`` too (the bf16
+    mechanism of a single process).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if shard:
-        wrap = functools.partial(fully_shard, reshard_after_forward=True)
+        wrap = functools.partial(fully_shard, reshard_after_forward=not pipelined)
     else:
         try:
             from torch.distributed._composable.replicate_with_fsdp import replicate

@@ -249,7 +249,7 @@ class ParallelEngine:
                 compile_blocks(part, tensor_parallel=s.tp > 1)
             if s.dp > 1 or cfg.training.bf16:
                 apply_data_parallel(part, self.mesh["dp"], o.data_parallel_shard, cfg.training.bf16,
-                                    o.grad_reduce_in_bf16)
+                                    o.grad_reduce_in_bf16, pipelined=num_stages > 1)
         if num_stages > 1 and last_stage_needs_embedding(cfg.model):
             self.shared_embedding = self._share_embedding(parts, indices, num_stages)
         self.moe = MoELayerSet(local_moe, len(moe_names), cfg.moe.num_experts)

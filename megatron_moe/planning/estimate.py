@@ -21,9 +21,9 @@ Communication per step (payload bytes, :mod:`.comm` counts the same way on real 
   elements in the activation dtype per direction and chunk boundary;
 - dp: replication all-reduces the fp32 gradients once per step (``4 P``; ``2 P`` in bf16 with
   ``--grad-reduce-in-bf16``, as are FSDP2's reduce-scatters); FSDP2 all-gathers each
-  unit's parameters (compute dtype, dim 0 padded to a multiple of dp) as often as the schedule's
-  order of forwards and backwards requires (:func:`.schedule.fsdp_gathers`; interleaved: bounded
-  by one per chunk forward and backward) and reduce-scatters the fp32 gradients, per micro-batch
+  unit's parameters (compute dtype, dim 0 padded to a multiple of dp) for each micro-batch's forward and
+  backward without a pipeline, once per step on a pipeline stage (they stay gathered from its first forward to
+  its last backward: :mod:`megatron_moe.parallel.data`), and reduce-scatters the fp32 gradients, per micro-batch
   without a pipeline and once per step with one;
 - balance: the global load-balancing all-reduce of E fp32 token counts per MoE layer and micro-batch
   over dp (twice with full recompute or the MoE layers' selective recompute, which rerun the router);
@@ -40,7 +40,7 @@ from megatron_moe.config import Config
 from megatron_moe.model.transformer import is_moe_block
 from megatron_moe.parallel.mesh import ParallelSizes
 from megatron_moe.planning.flops import model_flops_per_token
-from megatron_moe.planning.schedule import actions, bubble_fraction, fsdp_gathers, in_flight
+from megatron_moe.planning.schedule import bubble_fraction, in_flight
 from megatron_moe.planning.simulate import RankSim
 
 GB = 1e9
@@ -120,11 +120,7 @@ def _comm(cfg: Config, sizes: ParallelSizes, sim: RankSim) -> dict[str, int]:
     if sizes.dp > 1:
         if cfg.parallel.data_parallel_shard:
             units = sum(sim.fsdp_units)
-            if sizes.virtual_stages > 1:  # interleaved: bounded by a gather per forward and backward
-                gathers = 2 * m * sizes.virtual_stages
-            else:
-                gathers = fsdp_gathers(actions(cfg.parallel.pipeline_schedule, sizes.pp, sim.pp_rank, m), sizes.pp > 1)
-            reductions = 1 if sizes.pp > 1 else m
+            gathers, reductions = (1, 1) if sizes.pp > 1 else (2 * m, m)
             dp = gathers * units * act + reductions * units * grad_bytes
         else:
             dp = grad_bytes * sim.local_params

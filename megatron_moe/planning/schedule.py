@@ -38,33 +38,3 @@ def in_flight(schedule: str, pp: int, pp_rank: int, num_micro: int, virtual: int
 def bubble_fraction(pp: int, num_micro: int, virtual: int = 1) -> float:
     """Share of a step the pipeline ranks sit idle: ``(p - 1) / (v m + p - 1)`` (module docstring)."""
     return (pp - 1) / (virtual * num_micro + pp - 1)
-
-
-def actions(schedule: str, pp: int, pp_rank: int, num_micro: int) -> str:
-    """A rank's order of micro-batch forwards ("F") and backwards ("B") in one step (one chunk per rank).
-
-    1F1B: ``min(p - 1 - r, m)`` warm-up forwards, then forward/backward pairs, then the remaining
-    backwards; GPipe: all forwards, then all backwards; no pipeline: F, B per micro-batch.
-    """
-    if pp == 1:
-        return "FB" * num_micro
-    if schedule == "gpipe":
-        return "F" * num_micro + "B" * num_micro
-    warmup = min(pp - 1 - pp_rank, num_micro)
-    return "F" * warmup + "FB" * (num_micro - warmup) + "B" * warmup
-
-
-def fsdp_gathers(order: str, pipelined: bool) -> int:
-    """How often FSDP2 (``reshard_after_forward=True``) all-gathers a unit's parameters in a step.
-
-    After a forward the parameters are freed again; a backward gathers them unless they are still
-    gathered. Under the pipelining schedules a backward other than the last keeps them gathered
-    (``set_reshard_after_backward(False)``), so a forward right after a backward needs no gather;
-    without a pipeline every backward frees them.
-    """
-    gathered, count = False, 0
-    for action in order:
-        if not gathered:
-            count += 1
-        gathered = action == "B" and pipelined
-    return count

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import pretrain_moe
-from megatron_moe.planning.schedule import actions, bubble_fraction, fsdp_gathers, in_flight
+from megatron_moe.planning.schedule import bubble_fraction, in_flight
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--num-experts", "4",
@@ -70,10 +70,6 @@ def test_schedule_figures():
     # interleaved, torch's warm-up: (v - 1) * m_round + 2 * (p - 1 - r) chunk-forwards, then one more
     assert in_flight("interleaved_1f1b", 2, 0, 4, 2) == [3, 2] and in_flight("interleaved_1f1b", 2, 1, 4, 2) == [2, 1]
     assert bubble_fraction(4, 12) == pytest.approx(3 / 15) and bubble_fraction(4, 12, 2) == pytest.approx(3 / 27)
-    assert actions("1f1b", 2, 0, 4) == "FFBFBFBB" and actions("gpipe", 2, 0, 2) == "FFBB"
-    # FSDP2 under 1F1B with 4 micro-batches gathers 5 times (also counted on real ranks in test_accuracy)
-    assert fsdp_gathers(actions("1f1b", 2, 0, 4), True) == fsdp_gathers(actions("1f1b", 2, 1, 4), True) == 5
-    assert fsdp_gathers(actions("1f1b", 1, 0, 4), False) == 8
 
 
 def _dry_run_cpu_seconds(args: list[str]) -> tuple[int, str, float]:
@@ -128,8 +124,8 @@ def test_deepseek_v3_megatron_command_line_plans_at_1024_gpus():
     """The whole model (61 layers, 256 experts, latent attention with YaRN, one MTP depth: 682.6 B parameters here;
     DeepSeek-V3's 671 B + 14 B for its MTP module, which also holds embedding and head copies) from its Megatron-LM
     arguments, planned on 1024 H100s as TP 8 x PP 16 x FSDP2 8: every rank fits, the layout's stages hold 3, 4 x 14
-    and 2 layers. Without expert parallelism FSDP2 re-gathers each micro-batch: terabytes of data-parallel traffic
-    per rank and step, which the plan shows (the reason to keep such models' micro-batches large)."""
+    and 2 layers. Under pipeline stages FSDP2 gathers a stage's parameters once per step: 35 GB of data-parallel
+    traffic for the heaviest rank, where gathering them for every micro-batch (512 of them) took 6 TB."""
     import shlex
 
     rc, output, cpu = _dry_run_cpu_seconds(shlex.split(DEEPSEEK_V3_ARGS) + ["--world-size", "1024", "--dry-run"])
@@ -138,4 +134,6 @@ def test_deepseek_v3_megatron_command_line_plans_at_1024_gpus():
     assert "682.636 B total" in output and "pp 16 x dp 8 x tp 8" in output
     layers = next(line for line in output.splitlines() if line.startswith("layers "))
     assert layers.split()[1:] == ["0-2", "31-34", "59-60"]  # ranks 0, 512, 960: stages 0, 8, 15
+    dp = next(line for line in output.splitlines() if line.startswith("comm/step DP gradients"))
+    assert max(float(v) for v in dp.split()[3::2]) < 40  # GB
 
