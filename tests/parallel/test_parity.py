@@ -32,7 +32,7 @@ import torch.distributed as dist
 from megatron_moe.config import ParallelConfig
 from megatron_moe.testing import run_distributed
 from tests.builders import RELEASED_OPTIONS, tiny_config
-from tests.parallel.helpers import LOSS_RTOL, PARAM_ATOL, compare, make_batches, run_steps
+from tests.parallel.helpers import LOSS_RTOL, PARAM_ATOL, compare, make_batches, run_steps, set_deterministic_routing
 
 STEP_BATCHES = [make_batches(seed=0), make_batches(seed=1)]
 # Layer 0 dense (first_k_dense = 1) so that the dense MLP's biases are there too.
@@ -190,6 +190,25 @@ def _meta_init_trains(mesh, tp: int, pp: int) -> bool:
     return torch.equal(embeddings[0], embeddings[-1]) and bool(embeddings[0].abs().sum() > 0)
 
 
+def _train_and_evaluate_alternately(mesh=None) -> list[float]:
+    """AdamW steps (lr 1e-2: the parameters move) each followed by an evaluation: the losses of both. FSDP2 on
+    pipeline stages keeps parameters gathered after a forward; an evaluation must not leave stale ones for the next
+    step (nor a step for the next evaluation)."""
+    from megatron_moe.parallel.engine import ParallelEngine
+
+    cfg = tiny_config(pp=mesh["pp"].size() if mesh is not None else 1, router="topk", data_parallel_shard=True)
+    engine = ParallelEngine(cfg, mesh=mesh)
+    module = engine.build_model()
+    optimizer = torch.optim.AdamW(engine.parameters(), lr=1e-2)
+    dp, r = engine.sizes.dp, engine.dp_rank
+    out = []
+    for batches in STEP_BATCHES:
+        set_deterministic_routing(module)
+        out.append(engine.train_step(batches[r::dp], optimizer, 1.0).lm_loss.item())
+        out.append(engine.evaluate(STEP_BATCHES[0][r::dp])["loss"])
+    return out
+
+
 def _released_checkpoint_logit_diff(mesh, ckpt: str, tokens: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest |logit difference| of the checkpoint at ``ckpt`` loaded into this tp layout vs ``ref``."""
     from megatron_moe.parallel.engine import ParallelEngine
@@ -220,7 +239,7 @@ def _save_released_checkpoint(path) -> tuple[str, torch.Tensor, torch.Tensor]:
     return str(save_model_checkpoint(path, cfg, model.state_dict(), "test")), tokens, ref
 
 
-def _layouts_body(rank, world, layouts, refs, gb_ref, released_ckpt=None):
+def _layouts_body(rank, world, layouts, refs, gb_ref, released_ckpt=None, alternating=None):
     """Every variant of every layout in ``layouts`` (all of this world size) in one spawn."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -245,6 +264,9 @@ def _layouts_body(rank, world, layouts, refs, gb_ref, released_ckpt=None):
             pp4 = init_device_mesh("cpu", (4, 1, 1), mesh_dim_names=("pp", "dp", "tp"))
             results["tp1-pp4-dp1 topk/tied-embeddings+multi-token-prediction"] = compare(
                 run_steps(_config("tied-mtp", 1, 4), STEP_BATCHES, pp4), refs["tied-mtp"])
+        if (tp, pp, dp) == (1, 2, 2):
+            results[f"{prefix} fsdp2_train_eval_alternating_rel"] = max(
+                abs(a - b) / abs(b) for a, b in zip(_train_and_evaluate_alternately(mesh), alternating, strict=True))
         if (tp, pp, dp) == (1, 1, 2):
             cfg = tiny_config(micro=2, global_batch=4)
             cfg.moe.balance_scope = "global"
@@ -268,7 +290,8 @@ def test_layouts_match_single_process(world, tmp_path):
                                       "tied-mtp")}
     gb_ref = global_balance_reference() if (1, 1, 2) in layouts else None
     released_ckpt = _save_released_checkpoint(tmp_path / "released") if (2, 1, 1) in layouts else None
-    results = run_distributed(_layouts_body, world, (layouts, refs, gb_ref, released_ckpt), timeout=400)
+    alternating = _train_and_evaluate_alternately() if (1, 2, 2) in layouts else None
+    results = run_distributed(_layouts_body, world, (layouts, refs, gb_ref, released_ckpt, alternating), timeout=400)
     expected = {f"tp{t}-pp{p}-dp{d} {name}" for t, p, d in layouts for _, name, _ in _variants(t, p, d)}
     for rank, res in enumerate(results):
         assert expected <= set(res), f"rank {rank}: missing variants {expected - set(res)}"
@@ -276,7 +299,8 @@ def test_layouts_match_single_process(world, tmp_path):
             if isinstance(r, bool):  # tp_same_sparsemixer_samples, meta_init_trains
                 assert r, f"rank {rank}: {name} failed"
                 continue
-            if isinstance(r, float):  # released_checkpoint_logit_abs: fp32 TP sums in another order
+            if isinstance(r, float):  # released_checkpoint_logit_abs, fsdp2_train_eval_alternating_rel: fp32 sums in
+                # another order
                 assert r <= 1e-5, f"rank {rank} {name}: {r:.2e}"
                 continue
             assert r["num_params"] > 0, (rank, name)
