@@ -197,6 +197,38 @@ class MoETensorParallel(ParallelStyle):
         return module
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous (a transposed one must not reach a pipeline stage's
+    input gradient: torch's pipelining receives into buffers of the inferred strides, which must be contiguous)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _sequence_first(x: torch.Tensor) -> torch.Tensor:
+    """[B, S, ...] -> contiguous [S, B, ...] whose gradient comes back contiguous [B, S, ...]."""
+    return _ContiguousGrad.apply(x).transpose(0, 1).contiguous()
+
+
+class SequenceParallelLinear(SequenceParallel):
+    """``SequenceParallel`` for an ``nn.Linear`` on the sequence shards [B, S/tp, in] (latent attention's
+    down-projections, multi-token prediction's projection): the replicated weight multiplies this rank's tokens, its
+    gradient coming out ``Partial``. The tokens are laid sequence-first around the matmul, [S/tp, B], so that the
+    linear's flattening of the leading dimensions keeps the shard on the first one: torch 2.11's DTensor cannot
+    flatten [B, S] sharded on S (2.13 can)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        module = super()._apply(module, device_mesh)
+        module.register_forward_pre_hook(lambda _module, args: (_sequence_first(args[0]), *args[1:]))
+        module.register_forward_hook(lambda _module, _args, out: _sequence_first(out))
+        return module
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     """Shard ``model`` (a full model or a pipeline stage) in place over ``tp_mesh`` (1-D, "tp").
 
@@ -224,7 +256,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     for k in model.mtp:  # multi-token prediction's own parts: on the sequence shards, replicated weights
         root_plan |= {f"mtp.{k}.embedding_norm": SequenceParallel(use_local_output=True),
                       f"mtp.{k}.hidden_norm": SequenceParallel(use_local_output=True),
-                      f"mtp.{k}.proj": SequenceParallel(use_local_output=True), f"mtp.{k}.norm": SequenceParallel()}
+                      f"mtp.{k}.proj": SequenceParallelLinear(use_local_output=True),
+                      f"mtp.{k}.norm": SequenceParallel()}
     if root_plan:
         parallelize_module(model, tp_mesh, root_plan, src_data_rank=None)
     group = tp_mesh.get_group()
@@ -275,13 +308,15 @@ def _latent_attention_plan(attention: LatentAttention) -> dict[str, ParallelStyl
     plan: dict[str, ParallelStyle] = {
         "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
                                         desired_input_layouts=(Shard(1), None, None)),
-        "attention.wkv_down": SequenceParallel(),
+        "attention.wkv_down": SequenceParallelLinear(),
         "attention.wkv": ColwiseParallel(input_layouts=Shard(1)),
-        "attention.wk_rope": SequenceParallel(use_local_output=True),
+        "attention.wk_rope": SequenceParallelLinear(use_local_output=True),
         "attention.wq": ColwiseParallel(input_layouts=Shard(1)),
         "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
     }
-    for name in ("wq_down", "q_latent_norm", "kv_latent_norm"):
+    for name in ("q_latent_norm", "kv_latent_norm"):
         if getattr(attention, name) is not None:
             plan[f"attention.{name}"] = SequenceParallel()
+    if attention.wq_down is not None:
+        plan["attention.wq_down"] = SequenceParallelLinear()
     return plan
