@@ -49,8 +49,8 @@ as interleaved pairs, as DeepSeek does; they are reordered to halves. Its defaul
 
 Multi-token prediction (``mtp_num_layers``; torch_dist only) maps onto ``model.mtp_num_layers``: depth k's
 ``mtp.layers.k.enorm`` / ``hnorm`` / ``eh_proj`` / ``final_layernorm`` onto ``mtp.k.embedding_norm`` /
-``hidden_norm`` / ``proj`` / ``norm``, and its ``mtp.layers.k.transformer_layer.*`` read as decoder layer
-``num_layers + k``.
+``hidden_norm`` / ``proj`` / ``norm``, and its ``mtp.layers.k.transformer_layer.*`` (``mtp_model_layer.*`` from
+megatron-core 0.19 on) read as decoder layer ``num_layers + k``.
 
 Both model layouts are read: megatron-core (``decoder.layers.N.self_attention.linear_qkv.weight`` / ``.bias``,
 Transformer Engine fused norms ``...linear_qkv.layer_norm_weight`` / ``layer_norm_bias`` and
@@ -313,7 +313,8 @@ _MOE_ROLES = [(_LAYER + module, role) for module, role in (
     (r"mlp\.shared_experts\.gate_weight", "sh_gate"))]
 # Multi-token prediction (torch_dist only; megatron-core's MultiTokenPredictionLayer k, our ``mtp.k``): its norms of
 # the embedding and the hidden state, the [2H -> H] projection, its final norm. Its transformer layer
-# (``mtp.layers.k.transformer_layer.*``) reads as the decoder layer num_layers + k (:func:`_mtp_block_key`).
+# (``mtp.layers.k.transformer_layer.*``, ``mtp_model_layer`` in newer megatron-core) reads as the decoder layer
+# num_layers + k (:func:`_mtp_block_key`).
 _MTP = r"mtp\.layers\.(\d+)\."
 _WEIGHT_ONLY.append((_MTP + r"eh_proj\.weight", "mtp_proj"))
 _WEIGHT_AND_BIAS += [(_MTP + module + r"\.weight", _MTP + module + r"\.bias", role) for module, role in (
@@ -325,8 +326,9 @@ _COMPILED = [(re.compile(p + r"$"), role) for p, role in _KEY_PATTERNS]
 
 def _mtp_block_key(key: str, num_layers: int) -> str:
     """A multi-token prediction depth's transformer layer key as the decoder layer it is here:
-    ``mtp.layers.k.transformer_layer.X`` -> ``decoder.layers.{num_layers + k}.X``; other keys unchanged."""
-    m = re.match(r"mtp\.layers\.(\d+)\.transformer_layer\.", key)
+    ``mtp.layers.k.transformer_layer.X`` (megatron-core 0.16; ``mtp_model_layer`` from 0.19 on) ->
+    ``decoder.layers.{num_layers + k}.X``; other keys unchanged."""
+    m = re.match(r"mtp\.layers\.(\d+)\.(?:transformer_layer|mtp_model_layer)\.", key)
     return f"decoder.layers.{num_layers + int(m.group(1))}.{key[m.end():]}" if m else key
 
 

@@ -641,8 +641,12 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
 
         if not isinstance(mla.TELinear, type):  # without Transformer Engine a placeholder 0.16.1 isinstance()s
             mla.TELinear = type("NoTransformerEngineLinear", (), {})
+        from megatron.core.transformer.identity_op import IdentityOp
+
         for layer_spec in spec.layer_specs:
             layer_spec.submodules.self_attention.submodules.core_attention = _MlaCoreAttention
+            if not m.q_lora_rank:  # no query latent, so no norm of it (megatron-core 0.19 refuses one given)
+                layer_spec.submodules.self_attention.submodules.q_layernorm = IdentityOp
     mtp_spec = None
     if m.mtp_num_layers:  # the depths' layers built from the decoder's last layer spec, as Megatron-LM does
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
@@ -659,10 +663,12 @@ def _megatron_core_save(rank: int, world: int, state: dict, cfg, root: str, toke
                 "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias"}
     mine = {}
     experts = (rank * e.num_experts // ep, e.num_experts // ep) if expert_parallel else None
+    # megatron-core 0.19 names a depth's transformer layer mtp_model_layer (0.16: transformer_layer)
+    mtp_layer = "mtp_model_layer" if any(".mtp_model_layer." in n for n, _ in model.named_parameters()) else None
     for key, value in shard_model(state, cfg, tp, rank % tp, "mcore", experts).items():
         for te, local in te_names.items():
             key = key.replace(te, local)
-        mine[key] = value
+        mine[key.replace(".transformer_layer.", f".{mtp_layer}.") if mtp_layer else key] = value
     with torch.no_grad():
         params = dict(model.named_parameters())
         buffers = {k: b for k, b in model.named_buffers() if k.endswith("expert_bias")}
