@@ -1138,11 +1138,28 @@ def parse_args(argv: list[str], cfg: Config | None = None) -> tuple[Config, dict
     return cfg, extras
 
 
+_LAYOUT_SYMBOLS = {"E": "embedding", "t": "decoder layer", "m": "multi-token prediction depth", "L": "loss"}
+
+
+def parse_pipeline_layout(layout: str) -> list[str]:
+    """Megatron-LM's --pipeline-model-parallel-layout as one string of symbols per stage: commas are cosmetic,
+    ``(...)*n`` and ``x*n`` repeat (as megatron-core's ``PipelineParallelLayerLayout.parse_str_to_list``), ``|``
+    separates stages. ``"Et*3|(tt|)*2m|L"`` -> ``["Ettt", "tt", "tt", "m", "L"]``. Raises ConfigError for another
+    symbol."""
+    text = layout.replace(",", "")
+    text = re.sub(r"\(([^)]+)\)\*(\d+)", lambda m: m.group(1) * int(m.group(2)), text)
+    text = re.sub(r"(.)\*(\d+)", lambda m: m.group(1) * int(m.group(2)), text)
+    stages = text.split("|")
+    unknown = sorted({c for stage in stages for c in stage} - set(_LAYOUT_SYMBOLS))
+    if unknown:
+        raise ConfigError(f"parallel.pipeline_layout = {layout!r}: unknown symbols {unknown}; expected "
+                          + ", ".join(f"{k} ({v})" for k, v in _LAYOUT_SYMBOLS.items()))
+    return stages
+
+
 def _virtual_stages_from_layout(cfg: Config) -> None:
     """Megatron-LM's --pipeline-model-parallel-layout of S stages sets the virtual stages to S / pp (more than one:
     the interleaved 1F1B schedule), as megatron-core does."""
-    from megatron_moe.parallel.pipeline import parse_pipeline_layout
-
     p = cfg.parallel
     stages, pp = len(parse_pipeline_layout(p.pipeline_layout)), p.pipeline_model_parallel_size
     if stages % pp:

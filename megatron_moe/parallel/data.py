@@ -35,7 +35,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: a DTensor's local tensor, a plain tensor itself."""
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
@@ -126,7 +127,7 @@ def _local_by_copies(tensors: list[tuple[torch.Tensor, torch.Tensor]], world: in
     by on how many ranks each element lives (:func:`_copies` of the parameter)."""
     by_copies: dict[int, list[torch.Tensor]] = {}
     for p, t in tensors:
-        by_copies.setdefault(_copies(p, world, pp), []).append(_local(t))
+        by_copies.setdefault(_copies(p, world, pp), []).append(local_tensor(t))
     return by_copies
 
 

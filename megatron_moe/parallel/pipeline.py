@@ -16,7 +16,6 @@ aux losses of every stage enter backward with the same weight as in the single-p
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -30,9 +29,9 @@ from torch.distributed.pipelining import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
 )
-from torch.distributed.tensor import DTensor
 
-from megatron_moe.config import PIPELINE_SCHEDULES, Config, ConfigError, ModelConfig
+from megatron_moe.config import PIPELINE_SCHEDULES, Config, ConfigError, ModelConfig, parse_pipeline_layout
+from megatron_moe.parallel.data import local_tensor
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[list[int]]:
@@ -82,31 +81,12 @@ def pipeline_layers(cfg: Config) -> list[list[int]]:
     if middle < 0 or (middle > 0) != (middle_ranks > 0) or (middle_ranks and middle % middle_ranks):
         raise ConfigError(f"{given}: the {max(middle, 0)} other layers must split evenly over the "
                           f"{middle_ranks} other pipeline ranks")
-    per_rank = [first or middle // middle_ranks] + [middle // max(middle_ranks, 1)] * (pp - 2) + [
-        last or middle // middle_ranks]
+    share = middle // middle_ranks if middle_ranks else 0  # each rank between the first and the last
+    per_rank = [first or share] + [share] * (pp - 2) + [last or share]
     if any(count % v or count < v for count in per_rank):
         raise ConfigError(f"{given}: each pipeline rank's layers {per_rank} must split evenly over its "
                           f"{v} virtual stages, at least one layer each")
     return _contiguous([per_rank[stage % pp] // v for stage in range(pp * v)])
-
-
-_LAYOUT_SYMBOLS = {"E": "embedding", "t": "decoder layer", "m": "multi-token prediction depth", "L": "loss"}
-
-
-def parse_pipeline_layout(layout: str) -> list[str]:
-    """Megatron-LM's --pipeline-model-parallel-layout as one string of symbols per stage: commas are cosmetic,
-    ``(...)*n`` and ``x*n`` repeat (as megatron-core's ``PipelineParallelLayerLayout.parse_str_to_list``), ``|``
-    separates stages. ``"Et*3|(tt|)*2m|L"`` -> ``["Ettt", "tt", "tt", "m", "L"]``. Raises ConfigError for another
-    symbol."""
-    text = layout.replace(",", "")
-    text = re.sub(r"\(([^)]+)\)\*(\d+)", lambda m: m.group(1) * int(m.group(2)), text)
-    text = re.sub(r"(.)\*(\d+)", lambda m: m.group(1) * int(m.group(2)), text)
-    stages = text.split("|")
-    unknown = sorted({c for stage in stages for c in stage} - set(_LAYOUT_SYMBOLS))
-    if unknown:
-        raise ConfigError(f"parallel.pipeline_layout = {layout!r}: unknown symbols {unknown}; expected "
-                          + ", ".join(f"{k} ({v})" for k, v in _LAYOUT_SYMBOLS.items()))
-    return stages
 
 
 def _layout_split(cfg: Config) -> list[list[int]]:
@@ -210,7 +190,7 @@ class SharedEmbedding:
         """Give the copy the first stage's weights (a sum with the copy zeroed: one all-reduce)."""
         if self.weight is None:
             return
-        local = _local(self.weight)
+        local = local_tensor(self.weight)
         if self.is_copy:
             local.zero_()
         dist.all_reduce(local, group=self.group)
@@ -219,7 +199,7 @@ class SharedEmbedding:
     def reduce_grads(self) -> None:
         """Sum the two stages' gradients of the embedding (after the data-parallel reduction)."""
         if self.weight is not None and self.weight.grad is not None:
-            dist.all_reduce(_local(self.weight.grad), group=self.group)
+            dist.all_reduce(local_tensor(self.weight.grad), group=self.group)
 
     def norm_parameters(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
         """``params`` without the copy."""
@@ -245,10 +225,6 @@ def embedding_group(mesh: DeviceMesh):
             if me in pair:
                 mine = group
     return mine
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def build_schedule(stages: list[PipelineStage], schedule: str, num_microbatches: int, loss_fn: Callable):

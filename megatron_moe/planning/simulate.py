@@ -26,6 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from megatron_moe.config import RECOMPUTE_GRANULARITIES, Config
 from megatron_moe.model.moe import MoELayer
 from megatron_moe.model.transformer import MoETransformer, is_moe_layer
+from megatron_moe.parallel.data import local_tensor
 from megatron_moe.parallel.engine import ParallelEngine, apply_activation_checkpointing
 from megatron_moe.parallel.loss import lm_loss_from_target
 from megatron_moe.parallel.mesh import ParallelSizes
@@ -74,10 +75,6 @@ class RankSim:
     shared_embedding_params: int = 0  # local elements of the embedding shared by the first and last stage
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t._local_tensor if hasattr(t, "_local_tensor") else t
-
-
 def _fsdp_units(module: nn.Module, dp: int) -> list[int]:
     """Elements each FSDP2 unit gathers / reduces over dp: its parameters' local (TP) shapes with dim 0
     padded to a multiple of dp, as FSDP2 shards. Reads FSDP2's parameter groups (private attributes of
@@ -118,13 +115,14 @@ def _whole_world(cfg: Config, sizes: ParallelSizes, rank: int) -> dict:
             "pp_rank": engine.pp_rank,
             "dp_rank": engine.dp_rank,
             "tp_rank": mesh["tp"].get_local_rank(),
-            "local_params": sum(_local(p).numel() for p in params),
+            "local_params": sum(local_tensor(p).numel() for p in params),
             "param_tensors": len(params),
-            "buffer_bytes": sum(_local(b).numel() * _local(b).element_size() for b in module.buffers()),
+            "buffer_bytes": sum(local_tensor(b).numel() * local_tensor(b).element_size() for b in module.buffers()),
             "fsdp_units": _fsdp_units(module, sizes.dp) if sizes.dp > 1 or cfg.training.bf16 else [],
-            "largest_block_params": max((sum(_local(p).numel() for p in b.parameters()) for b in blocks), default=0),
+            "largest_block_params": max((sum(local_tensor(p).numel() for p in b.parameters()) for b in blocks),
+                                        default=0),
             "model_params": dict(engine.param_counts),
-            "shared_embedding_params": (_local(engine.shared_embedding.weight).numel()
+            "shared_embedding_params": (local_tensor(engine.shared_embedding.weight).numel()
                                         if engine.shared_embedding is not None
                                         and engine.shared_embedding.weight is not None else 0),
         }

@@ -23,16 +23,12 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from megatron_moe.parallel.data import materialize_partial_grads
+from megatron_moe.parallel.data import local_tensor, materialize_partial_grads
 from megatron_moe.planning.comm import CommCounter
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t._local_tensor if hasattr(t, "_local_tensor") else t
-
-
 def _storage_key(t: torch.Tensor) -> int:
-    return _local(t).untyped_storage()._cdata
+    return local_tensor(t).untyped_storage()._cdata
 
 
 @dataclass
@@ -103,7 +99,7 @@ def trace_piece(mode: FakeTensorMode, module: nn.Module, run: Callable[[], torch
     def keep(t: torch.Tensor) -> None:
         key = _storage_key(t)
         if key not in held:
-            saved[key] = _local(t).untyped_storage().nbytes()
+            saved[key] = local_tensor(t).untyped_storage().nbytes()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         keep(t)

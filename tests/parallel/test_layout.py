@@ -139,7 +139,8 @@ def test_pipeline_layout_reads_as_megatron_core(layout, pp, layers, mtp):
     from megatron.core.transformer.enums import LayerType
     from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
 
-    from megatron_moe.parallel.pipeline import parse_pipeline_layout, pipeline_layers
+    from megatron_moe.config import parse_pipeline_layout
+    from megatron_moe.parallel.pipeline import pipeline_layers
 
     symbols = {LayerType.embedding: "E", LayerType.decoder: "t", LayerType.mtp: "m", LayerType.loss: "L"}
     theirs = PipelineParallelLayerLayout.parse_str_to_list(layout)
