@@ -78,9 +78,11 @@ def pipeline_layers(cfg: Config) -> list[list[int]]:
     middle = n - first - last
     given = (f"num_layers = {n}, parallel.pipeline_first_stage_layers = {first}, parallel.pipeline_last_stage_layers "
              f"= {last} (--decoder-first/last-pipeline-num-layers), pipeline_model_parallel_size = {pp}")
-    if middle < 0 or (middle > 0) != (middle_ranks > 0) or (middle_ranks and middle % middle_ranks):
-        raise ConfigError(f"{given}: the {max(middle, 0)} other layers must split evenly over the "
-                          f"{middle_ranks} other pipeline ranks")
+    if middle < 0:
+        raise ConfigError(f"{given}: the first and last stage's {first + last} layers exceed the model's {n}")
+    if (middle > 0) != (middle_ranks > 0) or (middle_ranks and middle % middle_ranks):
+        raise ConfigError(f"{given}: the {middle} other layers must split evenly over the {middle_ranks} other "
+                          "pipeline ranks")
     share = middle // middle_ranks if middle_ranks else 0  # each rank between the first and the last
     per_rank = [first or share] + [share] * (pp - 2) + [last or share]
     if any(count % v or count < v for count in per_rank):

@@ -114,6 +114,8 @@ def test_pipeline_split_places_layers_as_megatron_core(layers, pp, vp, first, la
      "the 2 other layers must split evenly over the 0 other pipeline ranks"),
     ({"num_layers": 8, "pp": 2, "pipeline_first_stage_layers": 3, "virtual_pipeline_stages": 2,
       "pipeline_schedule": "interleaved_1f1b"}, "layers [3, 5] must split evenly over its 2 virtual stages"),
+    ({"num_layers": 5, "pp": 2, "pipeline_first_stage_layers": 3, "pipeline_last_stage_layers": 3},
+     "the first and last stage's 6 layers exceed the model's 5"),
     ({"num_layers": 8, "pipeline_first_stage_layers": 3}, "need pipeline_model_parallel_size > 1"),
     ({"num_layers": 8, "pp": 2, "pipeline_first_stage_layers": 3, "account_for_loss_in_pipeline_split": True},
      "give the layer counts of the first and last stage, or let the embedding and loss count as layers, not both"),
